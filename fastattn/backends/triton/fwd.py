@@ -1,0 +1,526 @@
+"""Triton forward attention: kernel ``_attn_fwd_kernel``, launcher ``attn_fwd``, op ``fastattn::triton_attn_fwd``.
+
+Design note (FlashAttention-2 schedule):
+
+* One program per (query tile of ``BLOCK_M`` rows, batch·query-head). The query tile, the fp32
+  accumulator ``(BLOCK_M, Dv)`` and the running max/sum live in registers; key/value tiles of
+  ``BLOCK_N`` rows stream through shared memory (Triton pipelines them over ``num_stages``).
+* Online softmax in fp32 in the exp2 domain: scores are multiplied by ``scale·log2(e)`` once, in
+  fp32, right after the ``QKᵀ`` dot (folding the factor into ``q`` before the dot would round it
+  to fp16/bf16 and add an error of the order of the dtype's epsilon to every score).
+* Masks: causal and window are one band ``[i+q_offset-left, i+q_offset+right]`` (``MaskSpec.bounds``).
+  Without a mask tensor the key-tile range is computed analytically and split into masked edge
+  stages and an unmasked middle stage (``_common.band_k_tile_range``): tiles outside the band are
+  never loaded, tiles inside it run without any mask arithmetic. With a mask tensor (bool or
+  additive, any broadcast strides, never expanded) the program walks the tile summary's list of
+  non-empty key tiles (``kv_index[:kv_count]``); FULL tiles skip the mask load.
+* GQA: query head ``h`` reads K/V head ``h // (Hq // Hkv)`` through strides; nothing is copied.
+* Fully masked rows: the running max stays ``-inf``; exponentials use a max of 0 instead, so
+  they give 0 rather than NaN; output 0 and lse ``-inf``.
+* Head dims are padded to the next power of two (at least 16) with masked loads; ``Dv`` may
+  differ from ``D``. Sequence lengths and the scale are runtime values, never constexpr.
+
+Cost: ``4·B·Hq·Lq·Lk·D``-ish FLOPs (``2·D`` for ``QKᵀ`` plus ``2·Dv`` for ``PV`` per attended pair;
+halved by causal tile skipping). Minimum bytes: read Q, K, V once, write O and lse:
+``elt·(B·Hq·Lq·(D+Dv) + B·Hkv·Lk·(D+Dv)) + 4·B·Hq·Lq``, plus the mask tensor's own size when
+given (its PARTIAL tiles only). Arithmetic intensity is about ``BLOCK_M`` FLOPs per K/V byte, so
+for L ≥ a few hundred the kernel is bound by tensor-core throughput (H100 bf16: ~990 TFLOP/s
+peak), not by HBM.
+
+fp32 inputs use TF32 tensor cores when ``torch.backends.cuda.matmul.allow_tf32`` is set (as
+``torch.set_float32_matmul_precision("high")`` does), IEEE fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...masks import MaskSpec
+from ._common import (
+    apply_tensor_mask,
+    band_allowed,
+    band_k_tile_range,
+    load_tensor_mask,
+    summary_tile,
+)
+from .dropout import dropout_keep, philox_seed_offset
+
+__all__ = ["attn_fwd", "triton_attn_fwd", "forward", "fwd_tiles", "fwd_configs", "INTERPRET_TILE"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Under TRITON_INTERPRET=1 one fixed tile: the interpreter's cost is per numpy op, so few large-ish tiles.
+INTERPRET_TILE = (32, 32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def fwd_tiles(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: Optional[int]) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for a head dim, dtype and compute capability (``arch`` = 90, 80, 75; None = interpreter).
+
+    Fixed per (arch, dtype, head dim) rather than autotuned so that the tile summary of a mask can be
+    built for the kernel's block before launch; autotuning picks warps and pipeline stages.
+    """
+    if arch is None:
+        return INTERPRET_TILE
+    d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
+    wide = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
+    if arch >= 90:
+        if d <= 64:
+            m, n = 128, 128
+        elif d <= 128:
+            m, n = 128, 64 if wide else 128
+        else:
+            m, n = (64, 32) if wide else (128, 64)
+    elif arch >= 80:
+        if d <= 64:
+            m, n = 128, 64
+        elif d <= 128:
+            m, n = (64, 64) if wide else (128, 64)
+        else:
+            m, n = (64, 32) if wide else (64, 64)
+    else:  # sm_75: FMA code from Triton; small tiles, 64 KB of shared memory
+        m, n = (64, 32) if d <= 128 else (32, 32)
+    return m, n
+
+
+def fwd_configs(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int) -> list[tuple[int, int]]:
+    """The (num_warps, num_stages) pairs autotuned for one (arch, dtype, head dim)."""
+    d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
+    if arch >= 80:
+        if d >= 256:
+            return [(8, 2), (4, 2)]
+        return [(4, 3), (8, 3)] if d <= 64 else [(8, 3), (4, 2)]
+    return [(4, 2)] if d <= 128 else [(4, 1)]
+
+
+def _seq_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    """Autotune key: a power-of-two bucket of the longer length (raw lengths would retune every call)."""
+    return min(16384, triton.next_power_of_2(max(seqlen_q, seqlen_k, 1)))
+
+
+@triton.jit
+def _attn_fwd_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    mask_base,
+    stride_mm,
+    stride_mn,
+    philox_ptr,
+    bh,
+    start_n,
+    offs_m,
+    offs_d,
+    offs_dv,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    left,
+    right,
+    q_offset,
+    dropout_p,
+    need_mask,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key tile: scores, masks (when ``MASKED``), online-softmax update, ``acc += P V``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    # K loaded transposed: (BLOCK_D, BLOCK_N).
+    k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
+    v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :]
+    if MASKED:
+        if BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
+    else:
+        if BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        allowed = band_allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
+        if MASK_KIND != 0:
+            mask_tile = load_tensor_mask(
+                mask_base, stride_mm, stride_mn, offs_m, offs_n, seqlen_q, seqlen_k, need_mask, MASK_KIND
+            )
+            qk = apply_tensor_mask(qk, allowed, mask_tile, 1.4426950408889634, MASK_KIND)
+        else:
+            qk = tl.where(allowed, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row with nothing visible yet keeps m = -inf; subtracting 0 instead gives exp2(-inf) = 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        keep = dropout_keep(philox_ptr, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
+        p = tl.where(keep, p, 0.0)  # the 1/(1-p) factor is applied once to the output
+    if MASKED:
+        if BLOCK_DV != HEAD_DIM_V:
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < seqlen_k, other=0.0)
+    else:
+        if BLOCK_DV != HEAD_DIM_V:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    Mask,
+    TileState,
+    KvCount,
+    KvIndex,
+    Philox,
+    Visited,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_sb,
+    stride_sh,
+    stride_sm,
+    stride_cb,
+    stride_ch,
+    heads_q,
+    group,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    left,
+    right,
+    q_offset,
+    dropout_p,
+    seq_bucket,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    COUNT_VISITED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program (query tile ``program_id(0)``, batch·head ``program_id(1)``); see the module docstring."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads_q).to(tl.int64)
+    h = bh % heads_q
+    h_kv = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    if MASK_KIND == 0:
+        lo, full_lo, full_hi, hi = band_k_tile_range(
+            start_m, seqlen_q, seqlen_k, left, right, q_offset, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+        )
+        for tile_n in range(lo, full_lo):  # left edge of a window: band-masked
+            acc, l_i, m_i = _attn_fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
+                Philox, bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale,
+                left, right, q_offset, dropout_p, True,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, MASK_KIND, HAS_LEFT, HAS_RIGHT,
+                DROPOUT, DOT_PRECISION,
+            )  # fmt: skip
+        for tile_n in range(full_lo, full_hi):  # inside the band for every row: no mask arithmetic
+            acc, l_i, m_i = _attn_fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
+                Philox, bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale,
+                left, right, q_offset, dropout_p, True,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, MASK_KIND, HAS_LEFT, HAS_RIGHT,
+                DROPOUT, DOT_PRECISION,
+            )  # fmt: skip
+        for tile_n in range(full_hi, hi):  # diagonal / right edge / the last partial tile
+            acc, l_i, m_i = _attn_fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
+                Philox, bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale,
+                left, right, q_offset, dropout_p, True,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, MASK_KIND, HAS_LEFT, HAS_RIGHT,
+                DROPOUT, DOT_PRECISION,
+            )  # fmt: skip
+        n_visited = hi - lo
+    else:
+        # Walk the summary's non-empty key tiles; its (batch, head) dims broadcast with stride 0.
+        summary_off = b * stride_sb + h * stride_sh
+        state_base = TileState + summary_off
+        index_base = KvIndex + summary_off
+        n_visited = tl.load(KvCount + b * stride_cb + h * stride_ch + pid_m)
+        for it in range(0, n_visited):
+            tile_n, state = summary_tile(state_base, index_base, it, stride_sm, pid_m)
+            acc, l_i, m_i = _attn_fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
+                Philox, bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale,
+                left, right, q_offset, dropout_p, state != 2,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, MASK_KIND, HAS_LEFT, HAS_RIGHT,
+                DROPOUT, DOT_PRECISION,
+            )  # fmt: skip
+
+    # Epilogue: rows that saw nothing (l = 0) give out 0 and lse -inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(Lse + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+    if COUNT_VISITED:
+        tl.store(Visited + bh.to(tl.int64) * tl.num_programs(0) + pid_m, n_visited.to(tl.int32))
+
+
+def _autotuned(arch: int, head_dim: int, head_dim_v: int, dtype: torch.dtype):
+    """``_attn_fwd_kernel`` wrapped in ``triton.autotune`` over this (arch, head dim, dtype)'s configs."""
+    key = (arch, _pow2_dim(head_dim), _pow2_dim(head_dim_v), dtype)
+    if key not in _TUNED:
+        configs = [
+            triton.Config({}, num_warps=w, num_stages=s) for w, s in fwd_configs(head_dim, head_dim_v, dtype, arch)
+        ]
+        _TUNED[key] = triton.autotune(
+            configs, key=["HEAD_DIM", "HEAD_DIM_V", "seq_bucket", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "DROPOUT"]
+        )(_attn_fwd_kernel)
+    return _TUNED[key]
+
+
+_TUNED: dict = {}
+
+
+def _arch(device: torch.device) -> Optional[int]:
+    """Compute capability as 90/80/75, or None when interpreting on CPU tensors."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    if dtype == torch.float32 and (device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    tile_state: Optional[Tensor],
+    kv_count: Optional[Tensor],
+    kv_index: Optional[Tensor],
+    philox: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    q_offset: int,
+    dropout_p: float,
+    block_m: int,
+    block_n: int,
+    visited: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Launch ``_attn_fwd_kernel``: ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)``.
+
+    ``q`` ``(B, Hq, Lq, D)``, ``k`` ``(B, Hkv, Lk, D)``, ``v`` ``(B, Hkv, Lk, Dv)``, any strides;
+    ``mask`` is ``MaskSpec.tensor`` (the ``(B, Hq, Lq, Lk)`` broadcast view) or None; with a mask,
+    ``tile_state``/``kv_count``/``kv_index`` are its ``TileSummary`` for ``(block_m, block_n)``.
+    ``window_left``/``window_right`` are ``MaskSpec.bounds`` (causal folded in, -1 unbounded).
+    ``philox`` is ``dropout.philox_seed_offset``'s tensor when ``dropout_p > 0``. ``visited``
+    (int32 ``(B, Hq, n_q_tiles)``, optional) receives the number of key tiles each program loaded.
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(batch, heads_q, seqlen_q, head_dim_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
+    n_q_tiles = triton.cdiv(seqlen_q, block_m)
+    dummy = torch.empty(2, dtype=torch.int64, device=q.device)
+    if mask is None:
+        mask_kind, mask_arg, mstrides = 0, q, (0, 0, 0, 0)
+        state_arg, count_arg, index_arg = dummy, dummy, dummy
+        sstrides, cstrides = (0, 0, 0), (0, 0)
+    else:
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        # Bool is read as bytes; a same-size view keeps the broadcast (stride-0) strides.
+        mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mstrides = tuple(mask_arg.stride())
+        if tile_state is None or kv_count is None or kv_index is None:
+            raise ValueError("tile_state, kv_count, kv_index: expected the mask's TileSummary, got None")
+        bm, hm, nq, nk = tile_state.shape
+        if nq != n_q_tiles or nk != triton.cdiv(seqlen_k, block_n):
+            raise ValueError(
+                f"tile_state: expected a summary for block ({block_m}, {block_n}) with "
+                f"({n_q_tiles}, {triton.cdiv(seqlen_k, block_n)}) tiles, got {nq} x {nk}"
+            )
+        tile_state, kv_count, kv_index = tile_state.contiguous(), kv_count.contiguous(), kv_index.contiguous()
+        state_arg, count_arg, index_arg = tile_state, kv_count, kv_index
+        # Broadcast summary dims (size 1) are read with stride 0.
+        sstrides = (nq * nk if bm > 1 else 0, nq * nk if hm > 1 else 0, nk)
+        cstrides = (hm * nq if bm > 1 else 0, nq if hm > 1 else 0)
+    dropout = dropout_p > 0.0
+    if dropout and philox is None:
+        raise ValueError("philox: expected the [seed, offset] int64 tensor when dropout_p > 0, got None")
+    philox_arg = philox if dropout else dummy
+    visited_arg = visited if visited is not None else dummy
+    if visited is not None and tuple(visited.shape) != (batch, heads_q, n_q_tiles):
+        raise ValueError(f"visited: expected shape {(batch, heads_q, n_q_tiles)}, got {tuple(visited.shape)}")
+    left, right = int(window_left), int(window_right)
+    args = (
+        q, k, v, out, lse, mask_arg, state_arg, count_arg, index_arg, philox_arg, visited_arg,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *mstrides, *sstrides, *cstrides,
+        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, float(scale) * LOG2E,
+        left, right, int(q_offset), float(dropout_p), _seq_bucket(seqlen_q, seqlen_k),
+    )  # fmt: skip
+    meta = dict(
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=_pow2_dim(head_dim),
+        BLOCK_DV=_pow2_dim(head_dim_v),
+        MASK_KIND=mask_kind,
+        HAS_LEFT=left >= 0,
+        HAS_RIGHT=right >= 0,
+        DROPOUT=dropout,
+        COUNT_VISITED=visited is not None,
+        DOT_PRECISION=_dot_precision(q.dtype, q.device),
+    )
+    grid = (n_q_tiles, batch * heads_q)
+    arch = _arch(q.device)
+    if arch is None:
+        _attn_fwd_kernel[grid](*args, **meta, num_warps=4, num_stages=1)
+    else:
+        with torch.cuda.device(q.device):
+            _autotuned(arch, head_dim, head_dim_v, q.dtype)[grid](*args, **meta)
+    return out, lse
+
+
+@torch.library.custom_op("fastattn::triton_attn_fwd", mutates_args=())
+def triton_attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    tile_state: Optional[Tensor],
+    kv_count: Optional[Tensor],
+    kv_index: Optional[Tensor],
+    philox: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    q_offset: int,
+    dropout_p: float,
+    block_m: int,
+    block_n: int,
+) -> tuple[Tensor, Tensor]:
+    return attn_fwd(
+        q, k, v, mask, tile_state, kv_count, kv_index, philox, scale,
+        window_left, window_right, q_offset, dropout_p, block_m, block_n,
+    )  # fmt: skip
+
+
+@triton_attn_fwd.register_fake
+def _(q, k, v, mask, tile_state, kv_count, kv_index, philox, scale, window_left, window_right, q_offset, dropout_p,
+      block_m, block_n):  # fmt: skip
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, scale: float, dropout_p: float, *, count_visited: bool = False
+):
+    """The backend's forward: ``(out, lse, saved)`` (plus the visited-tile counts when ``count_visited``).
+
+    Picks the block for this device, builds (or reuses, cached on ``spec``) the tile summary for it,
+    draws the dropout seed on the device, and calls the op. ``saved = (philox,)`` with dropout, else ``()``.
+    """
+    block_m, block_n = fwd_tiles(q.shape[-1], v.shape[-1], q.dtype, _arch(q.device))
+    state = count = index = None
+    if spec.tensor is not None:
+        summary = spec.tile_summary(block_m, block_n)
+        state, count, index = summary.state, summary.kv_count, summary.kv_index
+    philox = philox_seed_offset(q.device) if dropout_p > 0.0 else None
+    left, right = spec.bounds
+    call = (q, k, v, spec.tensor, state, count, index, philox, scale, left, right, spec.q_offset, dropout_p)
+    saved = () if philox is None else (philox,)
+    if count_visited:
+        visited = torch.full(
+            (q.shape[0], q.shape[1], math.ceil(q.shape[2] / block_m)), -1, dtype=torch.int32, device=q.device
+        )
+        out, lse = attn_fwd(*call, block_m, block_n, visited=visited)
+        return out, lse, saved, visited
+    out, lse = triton_attn_fwd(*call, block_m, block_n)
+    return out, lse, saved
