@@ -17,6 +17,8 @@ The per-tile summary says, for each (query tile, key tile) pair of a block size,
 is EMPTY (skip it), FULL (no mask arithmetic needed) or PARTIAL. The structural part (causal,
 window, offset) is analytic; the tensor part is one reduction over the mask, at a cost
 proportional to the mask's own size, and keeps the mask's broadcast (size-1) batch and head dims.
+The two combine per tile as ``min(band, tensor)``: always sound, though a tile that only their
+conjunction empties stays PARTIAL (exactness would cost ``Lq × Lk`` work for a padding mask).
 It is plain tensors, so it passes through op schemas, and it never syncs with the host.
 """
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["assert_close", "floor_for", "poison", "random_qkv"]
+__all__ = ["assert_close", "floor_for", "poison", "random_qkv", "runnable_backends"]
 
 # Absolute floor per dtype, relative to max(1, |reference|.max()).
 _FLOORS = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -109,3 +109,32 @@ def assert_close(
             f"(max error {float(diff[~torch.isinf(e)].max()) if (~torch.isinf(e)).any() else 0.0:.3g}, "
             f"dtype {actual.dtype})\n{_describe(bad, a, e)}"
         )
+
+
+def runnable_backends(query: Tensor, key: Tensor, value: Tensor, **kwargs) -> list[str]:
+    """Names of the registered backends that accept this call on this machine."""
+    from ._validate import validate
+    from .backends import registry
+
+    args = {
+        k: kwargs.get(k, d)
+        for k, d in (
+            ("attn_mask", None),
+            ("dropout_p", 0.0),
+            ("is_causal", False),
+            ("scale", None),
+            ("enable_gqa", False),
+            ("window", None),
+            ("q_offset", 0),
+        )
+    }
+    problem, _, _, _, spec = validate(query, key, value, **args)
+    names = []
+    for name in registry.names():
+        backend = registry.get(name)
+        if (
+            backend.unavailable_reason() is None
+            and backend.unsupported_reason(problem, spec, args["dropout_p"]) is None
+        ):
+            names.append(name)
+    return names

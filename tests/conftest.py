@@ -1,10 +1,20 @@
-"""Shared test set-up: the interpreter's bf16 dot shim and a fixed seed per test."""
+"""Shared test set-up: Triton's interpreter, its bf16 dot shim, a fixed seed per test.
+
+``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` function is defined (triton reads it
+at decoration time), so it is set here, first, for the whole session: Triton kernels then run on
+CPU tensors, and the automatic backend choice on CPU prefers "triton", as it does for users.
+Tests that must stay fast name their backend.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def _install_bf16_dot_shim() -> None:
