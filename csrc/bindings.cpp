@@ -1,0 +1,174 @@
+// Torch bindings of the CUDA backend: op schemas, argument checks, device guard, stream.
+//
+// The only file of the extension that includes torch headers; kernels take plain params structs
+// (cuda/params.h). Built two ways (see fastattn/_ext):
+//  * with nvcc's host compiler next to the .cu kernels: impls for CUDA tensors, launched on the
+//    current stream under a device guard;
+//  * with FASTATTN_EMULATE, next to the same kernel sources compiled as host C++: impls for CPU
+//    tensors, run by the emulator (csrc/emulate).
+// In each build the impl is registered for both the CPU and the CUDA dispatch keys, so that a
+// tensor on the wrong device gets fastattn's own error (with the way out) instead of the
+// dispatcher's "could not run ... with arguments from the 'CPU' backend".
+//
+// TORCH_LIBRARY_FRAGMENT, not TORCH_LIBRARY: the "fastattn" namespace is shared with the ops that
+// Python (torch.library.custom_op) and the CPU backend's library define.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <initializer_list>
+#include <limits>
+#include <sstream>
+#include <string>
+
+#ifndef FASTATTN_EMULATE
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "cuda/params.h"
+
+namespace fastattn {
+namespace {
+
+#ifdef FASTATTN_EMULATE
+constexpr bool kEmulate = true;
+constexpr const char* kDeviceHint =
+    " (this is the emulation build, FASTATTN_CUDA_EMULATE=1: it runs the CUDA kernel source on CPU "
+    "tensors; unset FASTATTN_CUDA_EMULATE for CUDA tensors)";
+#else
+constexpr bool kEmulate = false;
+constexpr const char* kDeviceHint =
+    " (the CUDA backend runs on CUDA tensors; set FASTATTN_CUDA_EMULATE=1 to run its kernel source "
+    "on CPU tensors, slowly, for testing)";
+#endif
+
+inline bool on_backend_device(const at::Tensor& t) { return kEmulate ? t.device().is_cpu() : t.is_cuda(); }
+
+// torch's Python names (float16, not Half), as users write them.
+std::string dtype_name(at::ScalarType d) {
+    switch (d) {
+        case at::kHalf: return "torch.float16";
+        case at::kBFloat16: return "torch.bfloat16";
+        case at::kFloat: return "torch.float32";
+        case at::kDouble: return "torch.float64";
+        default: return std::string("torch.") + c10::toString(d);
+    }
+}
+
+std::string dtype_list(std::initializer_list<at::ScalarType> allowed) {
+    std::ostringstream s;
+    size_t i = 0;
+    for (at::ScalarType d : allowed) {
+        s << (i == 0 ? "" : (i + 1 == allowed.size() ? " or " : ", ")) << dtype_name(d);
+        ++i;
+    }
+    return s.str();
+}
+
+std::string int_list(std::initializer_list<int64_t> allowed) {
+    std::ostringstream s;
+    size_t i = 0;
+    for (int64_t v : allowed) s << (i++ ? ", " : "") << v;
+    return s.str();
+}
+
+bool contains(std::initializer_list<at::ScalarType> set, at::ScalarType v) {
+    for (auto x : set)
+        if (x == v) return true;
+    return false;
+}
+bool contains(std::initializer_list<int64_t> set, int64_t v) {
+    for (auto x : set)
+        if (x == v) return true;
+    return false;
+}
+
+// Stream to launch on: the current CUDA stream of the tensor's device (none under emulation).
+inline void* launch_stream() {
+#ifdef FASTATTN_EMULATE
+    return nullptr;
+#else
+    return c10::cuda::getCurrentCUDAStream().stream();
+#endif
+}
+
+}  // namespace
+}  // namespace fastattn
+
+// Argument checks. Each names the op, the argument, what was expected and what was received.
+#define CHECK_DEVICE(op, t)                                                                            \
+    TORCH_CHECK(::fastattn::on_backend_device(t), op, ": argument '" #t "' must be a ",                \
+                ::fastattn::kEmulate ? "CPU" : "CUDA", " tensor, got a tensor on ", (t).device(),       \
+                ::fastattn::kDeviceHint)
+#define CHECK_SAME_DEVICE(op, t, ref)                                                                  \
+    TORCH_CHECK((t).device() == (ref).device(), op, ": argument '" #t "' must be on ", (ref).device(), \
+                " like '" #ref "', got ", (t).device())
+#define CHECK_DTYPE(op, t, ...)                                                                        \
+    TORCH_CHECK(::fastattn::contains({__VA_ARGS__}, (t).scalar_type()), op, ": argument '" #t         \
+                "' must have dtype ", ::fastattn::dtype_list({__VA_ARGS__}), ", got ",                        \
+                ::fastattn::dtype_name((t).scalar_type()))
+#define CHECK_SAME_DTYPE(op, t, ref)                                                                   \
+    TORCH_CHECK((t).scalar_type() == (ref).scalar_type(), op, ": argument '" #t "' must have dtype ",  \
+                ::fastattn::dtype_name((ref).scalar_type()), " like '" #ref "', got ",                  \
+                ::fastattn::dtype_name((t).scalar_type()))
+#define CHECK_DIM(op, t, n)                                                                            \
+    TORCH_CHECK((t).dim() == (n), op, ": argument '" #t "' must have ", n, " dimensions, got shape ",  \
+                (t).sizes())
+#define CHECK_CONTIGUOUS(op, t)                                                                        \
+    TORCH_CHECK((t).is_contiguous(), op, ": argument '" #t "' must be contiguous, got strides ",       \
+                (t).strides(), " for shape ", (t).sizes())
+#define CHECK_MULTIPLE(op, what, value, m)                                                             \
+    TORCH_CHECK((value) % (m) == 0, op, ": ", what, " must be a multiple of ", m, ", got ", value)
+// For sizes the kernels are compiled for, e.g. CHECK_IN_SET(op, "head dim", d, 64, 128).
+#define CHECK_IN_SET(op, what, value, ...)                                                             \
+    TORCH_CHECK(::fastattn::contains({__VA_ARGS__}, int64_t(value)), op, ": ", what,                  \
+                " must be one of ", ::fastattn::int_list({__VA_ARGS__}), " (the sizes this backend is " \
+                "compiled for), got ", value)
+
+namespace fastattn {
+namespace {
+
+// C = A @ B through the test GEMM kernel (every primitive of primitives.cuh); C is fp32.
+at::Tensor cuda_test_gemm(const at::Tensor& a, const at::Tensor& b) {
+    constexpr const char* op = "fastattn::cuda_test_gemm";
+    CHECK_DEVICE(op, a);
+    CHECK_SAME_DEVICE(op, b, a);
+    CHECK_DTYPE(op, a, at::kHalf, at::kBFloat16);
+    CHECK_SAME_DTYPE(op, b, a);
+    CHECK_DIM(op, a, 2);
+    CHECK_DIM(op, b, 2);
+    TORCH_CHECK(a.size(1) == b.size(0), op, ": a (m, k) @ b (k, n) needs a.size(1) == b.size(0), got shapes ",
+                a.sizes(), " and ", b.sizes());
+    CHECK_CONTIGUOUS(op, a);
+    CHECK_CONTIGUOUS(op, b);
+    const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+    CHECK_MULTIPLE(op, "m (a.size(0))", m, test_gemm::kBlockM);
+    CHECK_MULTIPLE(op, "n (b.size(1))", n, test_gemm::kBlockN);
+    CHECK_MULTIPLE(op, "k (a.size(1))", k, test_gemm::kBlockK);
+    TORCH_CHECK(m > 0 && n > 0 && k > 0, op, ": empty operands, shapes ", a.sizes(), " and ", b.sizes());
+
+#ifndef FASTATTN_EMULATE
+    const c10::cuda::OptionalCUDAGuard guard(a.device());
+#endif
+    // Poisoned, so that an element the kernel fails to write reads NaN.
+    at::Tensor c = at::full({m, n}, std::numeric_limits<float>::quiet_NaN(), a.options().dtype(at::kFloat));
+    TestGemmParams p{a.data_ptr(), b.data_ptr(), c.data_ptr<float>(), int(m), int(n), int(k),
+                     k, n, n, a.scalar_type() == at::kHalf ? DType::f16 : DType::bf16};
+    const char* err = test_gemm::launch(p, launch_stream());
+    TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+    return c;
+}
+
+std::string cuda_ext_info() { return kEmulate ? "emulate" : "cuda"; }
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+    m.def("cuda_test_gemm(Tensor a, Tensor b) -> Tensor");
+    // "cuda" or "emulate": which build of the CUDA backend's library is loaded.
+    m.def("cuda_ext_info() -> str", &fastattn::cuda_ext_info);
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("cuda_test_gemm", &fastattn::cuda_test_gemm); }
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) { m.impl("cuda_test_gemm", &fastattn::cuda_test_gemm); }

@@ -1,0 +1,143 @@
+"""CI check of the real CUDA build (no GPU needed): build time, tensor-core SASS, no register spills.
+
+``python -m fastattn._ext.ci_check [--arch "8.0;9.0"] [--fresh]`` builds the ``cuda`` library through
+the same JIT path users take, then fails (exit 1) if
+
+* any kernel's ptxas report (``-Xptxas -v``) shows spill stores or loads, or
+* the test GEMM kernel's SASS (``cuobjdump -sass``) has no ``HMMA`` (tensor-core mma) for some arch.
+
+It prints the build time (the goal is under a minute), and per kernel and arch the registers, shared
+memory, spills and the HMMA / LDSM (ldmatrix) / LDGSTS (cp.async) instruction counts. Without nvcc it
+says why and exits 0, so that ``make test`` passes on a machine without the CUDA toolkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
+_USED = re.compile(r"Used (\d+) registers.*?(?:(\d+) bytes smem)?")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def find_cuobjdump(cuda_home: Optional[str]) -> Optional[str]:
+    """cuobjdump from PATH, the toolkit, or the copy Triton ships (minimal toolkits lack it)."""
+    candidates = [shutil.which("cuobjdump")]
+    if cuda_home:
+        candidates.append(str(Path(cuda_home) / "bin" / "cuobjdump"))
+    try:
+        import triton
+
+        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def parse_ptxas(log: str) -> list[dict]:
+    """Per (kernel, arch): registers, shared bytes, stack, spill stores/loads, from ptxas -v lines."""
+    rows, cur = [], None
+    for line in log.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            cur = {"kernel": m.group(1), "arch": m.group(2), "registers": None, "smem": 0, "spill": None}
+            rows.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = _SPILL.search(line)
+        if m:
+            cur["stack"], cur["spill_stores"], cur["spill_loads"] = map(int, m.groups())
+            cur["spill"] = cur["spill_stores"] + cur["spill_loads"]
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            cur["smem"] = int(s.group(1)) if s else 0
+    return rows
+
+
+def sass_counts(cuobjdump: str, library: str) -> dict[tuple[str, str], dict[str, int]]:
+    """(kernel, arch) -> counts of HMMA, LDSM and LDGSTS instructions in the library's SASS."""
+    out = subprocess.run([cuobjdump, "-sass", library], capture_output=True, text=True, check=True).stdout
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    arch, fn = "?", None
+    for line in out.splitlines():
+        m = re.search(r"arch = (sm_\d+a?)", line)
+        if m:
+            arch = m.group(1)
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            fn = m.group(1)
+            counts[(fn, arch)] = {"HMMA": 0, "LDSM": 0, "LDGSTS": 0}
+            continue
+        if fn is not None:
+            for op in ("HMMA", "LDSM", "LDGSTS"):
+                if re.search(rf"\b{op}\b", line):
+                    counts[(fn, arch)][op] += 1
+    return counts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="8.0;9.0")
+    parser.add_argument("--fresh", action="store_true", help="rebuild even if cached, to time a clean build")
+    args = parser.parse_args(argv)
+
+    from fastattn import _ext
+
+    reason = _ext.unavailable_reason("cuda")
+    if reason:
+        print(f"ci_check: SKIPPED, the cuda extension cannot be built here: {reason}")
+        return 0
+    start = time.perf_counter()
+    library = _ext.build("cuda", arch=args.arch, force=args.fresh)
+    elapsed = time.perf_counter() - start
+    stamp = Path(library).with_name("build.json")
+    built = json.loads(stamp.read_text()).get("seconds") if stamp.is_file() else None
+    if built is not None and elapsed < 0.5 * built:
+        print(f"ci_check: build time {built:.1f} s (cached build from earlier; --fresh rebuilds)")
+    else:
+        print(f"ci_check: build time {elapsed:.1f} s (goal: under 60 s)")
+
+    failures = []
+    rows = parse_ptxas(_ext.build_log("cuda", arch=args.arch))
+    if not rows:
+        failures.append("no ptxas resource report in the build log (-Xptxas=-v missing?)")
+    cuobjdump = find_cuobjdump(_ext.find_cuda_home())
+    counts = sass_counts(cuobjdump, library) if cuobjdump else {}
+    if not cuobjdump:
+        failures.append("cuobjdump not found (CUDA toolkit bin/ or triton/backends/nvidia/bin/)")
+    print(f"{'kernel':60} {'arch':6} {'regs':>4} {'smem':>6} {'spill':>5} {'HMMA':>5} {'LDSM':>5} {'LDGSTS':>6}")
+    for r in rows:
+        c = counts.get((r["kernel"], r["arch"]), {})
+        print(
+            f"{r['kernel'][:60]:60} {r['arch']:6} {r['registers'] or 0:>4} {r['smem']:>6} {r['spill'] or 0:>5} "
+            f"{c.get('HMMA', '?'):>5} {c.get('LDSM', '?'):>5} {c.get('LDGSTS', '?'):>6}"
+        )
+        if r["spill"]:
+            failures.append(f"{r['kernel']} ({r['arch']}) spills {r['spill']} bytes")
+    archs = {f"sm_{a.replace('.', '').removesuffix('+PTX')}" for a in _ext.arch_list(args.arch)}
+    for arch in sorted(archs):
+        gemm = [c for (fn, a), c in counts.items() if "test_gemm" in fn and "gemm_kernel" in fn and a == arch]
+        if not gemm:
+            failures.append(f"test GEMM kernel not found in the SASS for {arch}")
+        elif any(c["HMMA"] == 0 for c in gemm):
+            failures.append(f"test GEMM kernel has no HMMA instruction for {arch}")
+    for f in failures:
+        print(f"ci_check: FAIL: {f}")
+    print("ci_check: OK" if not failures else f"ci_check: {len(failures)} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""``fastattn build``: build the CUDA backend's extension ahead of its first use."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+_RESOURCE_LINE = re.compile(r"ptxas info\s*:\s*(Compiling entry|Function properties|Used)|bytes stack frame|spill")
+
+
+def add_build_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``build`` subcommand to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "build",
+        help="build the CUDA extension now (it is otherwise built on first use)",
+        description=(
+            "JIT-build fastattn's C++/CUDA extension with torch.utils.cpp_extension and ninja into the per-user "
+            "cache. Works without a GPU (compile and link only) given nvcc."
+        ),
+    )
+    p.add_argument(
+        "--kind",
+        choices=("cuda", "cuda_emulate", "cpu"),
+        default=None,
+        help="which library (default: cuda, or cuda_emulate when FASTATTN_CUDA_EMULATE=1)",
+    )
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="CUDA archs, e.g. '8.0;9.0' or 'sm_90' (default: the visible GPU's, else $TORCH_CUDA_ARCH_LIST, "
+        "else 8.0;9.0)",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="show the compiler output and ptxas's registers/spills/shared memory"
+    )
+    p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    p.set_defaults(func=run_build)
+    return p
+
+
+def resource_report(log: str) -> list[str]:
+    """The ptxas ``-v`` lines of a build log (per kernel: registers, spill bytes, shared memory)."""
+    return [line.strip() for line in log.splitlines() if _RESOURCE_LINE.search(line)]
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from fastattn import _ext
+
+    kind = args.kind or _ext.cuda_kind()
+    reason = _ext.unavailable_reason(kind)
+    if reason:
+        print(f"fastattn build: cannot build the {kind} extension: {reason}", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    try:
+        path = _ext.build(kind, verbose=False, arch=args.arch, force=getattr(args, "force", False))
+    except (RuntimeError, ValueError) as e:
+        print(f"fastattn build: {e}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    if args.verbose:
+        log = _ext.build_log(kind, arch=args.arch)
+        report = resource_report(log)
+        print("\n".join(report) if report else log)
+    print(f"{kind} extension: {path} ({seconds:.1f} s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Standalone entry (``python -m fastattn._ext.cli build ...``) until the main CLI wires it in."""
+    parser = argparse.ArgumentParser(prog="fastattn")
+    add_build_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
