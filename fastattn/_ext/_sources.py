@@ -39,14 +39,19 @@ def kernel_sources(root: Optional[Path] = None) -> list[Path]:
     return sorted((root or csrc_root()).glob("cuda/*.cu"))
 
 
+def binding_sources(root: Optional[Path] = None) -> list[Path]:
+    """The torch-facing files (``csrc/*.cpp``: ``bindings.cpp`` and one per op family), sorted."""
+    return sorted((root or csrc_root()).glob("*.cpp"))
+
+
 def sources(kind: str, root: Optional[Path] = None) -> list[Path]:
     """The translation units of a build kind (for ``cuda_emulate``, the .cu files are compiled as C++)."""
     check_kind(kind)
     root = root or csrc_root()
     if kind == "cuda":
-        return [root / "bindings.cpp", *kernel_sources(root)]
+        return [*binding_sources(root), *kernel_sources(root)]
     if kind == "cuda_emulate":
-        return [root / "bindings.cpp", *sorted(root.glob("emulate/*.cpp")), *kernel_sources(root)]
+        return [*binding_sources(root), *sorted(root.glob("emulate/*.cpp")), *kernel_sources(root)]
     return sorted(root.glob("cpu/*.cpp"))
 
 
@@ -56,7 +61,7 @@ def hashed_files(kind: str, root: Optional[Path] = None, extra: tuple[Path, ...]
     if kind == "cpu":
         files = [p for p in root.glob("cpu/**/*") if p.is_file()]
     else:
-        files = [root / "bindings.cpp"]
+        files = binding_sources(root)
         for sub in ("cuda", "emulate"):
             files += [p for p in (root / sub).glob("**/*") if p.is_file()]
     files += [p for p in root.glob("*.h") if p.is_file()]
