@@ -50,7 +50,8 @@ __all__ = [
     "build_log",
 ]
 
-_loaded: dict[str, str] = {}  # kind -> path of the library loaded into this process
+# (kind, explicit sources or None) -> path of the library loaded into this process
+_loaded: dict[tuple[str, Optional[tuple[str, ...]]], str] = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,8 +353,8 @@ def build_log(kind: str = "cuda", arch=None, sources=None) -> str:
 
 def library_path(kind: str = "cuda", arch=None, *, sources=None) -> str:
     """Path of the built library for ``kind`` (as :func:`load` would load it); FileNotFoundError if not built."""
-    if kind in _loaded and arch is None and sources is None:
-        return _loaded[kind]
+    if (kind, None) in _loaded and arch is None and sources is None:
+        return _loaded[(kind, None)]
     if kind == "cuda" and arch is None and sources is None:
         aot = _aot_library(kind)
         if aot is not None:
@@ -370,10 +371,11 @@ def library_path(kind: str = "cuda", arch=None, *, sources=None) -> str:
 def load(kind: str = "cuda", *, sources: Optional[Sequence[str | os.PathLike]] = None) -> str:
     """Build ``kind`` if needed (one line on stderr when it does), load it into torch, return its path."""
     check_kind(kind)
-    if kind in _loaded:
-        return _loaded[kind]
+    key = (kind, tuple(str(Path(s).resolve()) for s in sources) if sources else None)
+    if key in _loaded:
+        return _loaded[key]
     other = {"cuda": "cuda_emulate", "cuda_emulate": "cuda"}.get(kind)
-    if other in _loaded:
+    if any(k == other for k, _ in _loaded):
         raise RuntimeError(
             f"fastattn: the {other} extension is already loaded in this process and registers the same ops as "
             f"{kind}; use one per process (FASTATTN_CUDA_EMULATE selects the emulated one)"
@@ -382,7 +384,7 @@ def load(kind: str = "cuda", *, sources: Optional[Sequence[str | os.PathLike]] =
 
     path = build(kind, sources=sources)
     torch.ops.load_library(path)
-    _loaded[kind] = path
+    _loaded[key] = path
     return path
 
 

@@ -58,6 +58,9 @@ def sources(kind: str, root: Optional[Path] = None) -> list[Path]:
 def hashed_files(kind: str, root: Optional[Path] = None, extra: tuple[Path, ...] = ()) -> list[Path]:
     """Every file whose content the build depends on: the sources and the headers beside them."""
     root = root or csrc_root()
+    if extra:  # sources given explicitly (tests): they and the headers next to them, nothing else
+        files = [h for p in extra for h in (p, *p.parent.glob("*.h")) if h.is_file()]
+        return sorted({p.resolve() for p in files})
     if kind == "cpu":
         files = [p for p in root.glob("cpu/**/*") if p.is_file()]
     else:
@@ -65,9 +68,6 @@ def hashed_files(kind: str, root: Optional[Path] = None, extra: tuple[Path, ...]
         for sub in ("cuda", "emulate"):
             files += [p for p in (root / sub).glob("**/*") if p.is_file()]
     files += [p for p in root.glob("*.h") if p.is_file()]
-    for p in extra:  # sources given explicitly, and the headers next to them
-        files.append(p)
-        files += [h for h in p.parent.glob("*.h") if h.is_file()]
     return sorted({p.resolve() for p in files})
 
 
