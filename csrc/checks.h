@@ -31,7 +31,7 @@ constexpr const char* kDeviceHint =
 inline bool on_backend_device(const at::Tensor& t) { return kEmulate ? t.device().is_cpu() : t.is_cuda(); }
 
 // torch's Python names (float16, not Half), as users write them.
-std::string dtype_name(at::ScalarType d) {
+inline std::string dtype_name(at::ScalarType d) {
     switch (d) {
         case at::kHalf: return "torch.float16";
         case at::kBFloat16: return "torch.bfloat16";
@@ -41,7 +41,7 @@ std::string dtype_name(at::ScalarType d) {
     }
 }
 
-std::string dtype_list(std::initializer_list<at::ScalarType> allowed) {
+inline std::string dtype_list(std::initializer_list<at::ScalarType> allowed) {
     std::ostringstream s;
     size_t i = 0;
     for (at::ScalarType d : allowed) {
@@ -51,19 +51,19 @@ std::string dtype_list(std::initializer_list<at::ScalarType> allowed) {
     return s.str();
 }
 
-std::string int_list(std::initializer_list<int64_t> allowed) {
+inline std::string int_list(std::initializer_list<int64_t> allowed) {
     std::ostringstream s;
     size_t i = 0;
     for (int64_t v : allowed) s << (i++ ? ", " : "") << v;
     return s.str();
 }
 
-bool contains(std::initializer_list<at::ScalarType> set, at::ScalarType v) {
+inline bool contains(std::initializer_list<at::ScalarType> set, at::ScalarType v) {
     for (auto x : set)
         if (x == v) return true;
     return false;
 }
-bool contains(std::initializer_list<int64_t> set, int64_t v) {
+inline bool contains(std::initializer_list<int64_t> set, int64_t v) {
     for (auto x : set)
         if (x == v) return true;
     return false;
