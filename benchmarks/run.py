@@ -93,6 +93,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--markdown", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     p.add_argument("--save-results", metavar="DIR", help="write DIR/<hardware>-<date>.{json,md,png}")
+    p.add_argument("--rep-seconds", type=float, help="CPU: time spent on timed reps per row (0.25; --quick 0.05)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--strict", action="store_true", help="exit 1 when any point ends in 'error'")
     args = p.parse_args(argv)
@@ -100,6 +101,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: expected a visible CUDA device, found none")
     args.device = torch.device(device)
+    if args.rep_seconds is None:
+        args.rep_seconds = 0.05 if args.quick else 0.25
     base = dict(DEFAULTS[device])
     if args.quick:
         base.update(QUICK[device])
@@ -192,8 +195,9 @@ def _first_call(timed, device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
+def _free(device: torch.device, collect: bool = True) -> None:
+    if collect:
+        gc.collect()  # about 0.5 s with torch loaded: only where memory may be held by cycles
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -218,17 +222,21 @@ def measure(args, runner, shape, mode, fn, extra, sets, maskin, pairs, row) -> N
                 extra_peak = _measure.peak_extra_cuda(mem_step)
             else:
                 extra_peak = _measure.peak_extra_cpu(mem_step)
-            row["peak_mem_mb"] = round((live + extra_peak) / 2**20, 2)
+            row["peak_mem_mb"] = _sig((live + extra_peak) / 2**20, 5)
         if device.type == "cuda":
             ms = _measure.time_cuda(timed, len(sets), **_cuda_timing(args))
         else:
-            ms = _measure.time_cpu(timed, len(sets), target_s=0.05 if args.quick else 0.25)
+            ms = _measure.time_cpu(timed, len(sets), target_s=args.rep_seconds)
     except Exception as exc:  # an OOM in the timing loop is recorded, the run goes on
         _classify(row, exc, [])
         return
     row["flops"] = _points.flops(shape, mode, pairs)
-    row["ms"] = round(ms, 5)
-    row["tflops"] = round(row["flops"] / (ms * 1e-3) / 1e12, 5)
+    row["ms"] = _sig(ms)
+    row["tflops"] = _sig(row["flops"] / (ms * 1e-3) / 1e12)
+
+
+def _sig(x: float, digits: int = 6) -> float:
+    return float(f"{x:.{digits}g}")
 
 
 def _cuda_timing(args) -> dict:
@@ -305,10 +313,11 @@ def run(args) -> tuple[dict, list[dict]]:
                     measure(args, runner, shape, mode, fn, extra, sets, maskin, pairs, row)
                 except Exception as exc:
                     _classify(row, exc, [])
-                _free(device)
+                if row["status"] == "oom":
+                    _free(device)
             fn = extra = None
         sets = maskin = None
-        _free(device)
+        _free(device, collect=device.type == "cuda")
     progress.close()
     return head, rows
 

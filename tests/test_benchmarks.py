@@ -1,0 +1,261 @@
+"""The benchmark suite's own logic: FLOP counts, every mask kind against the oracle's semantics,
+the JSON schema, skip/oom handling and a tiny end-to-end run (``benchmarks/run.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+from fastattn._validate import validate
+from fastattn.backends.registry import _REGISTRY, Backend
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import _measure  # noqa: E402
+import _points  # noqa: E402
+import _report  # noqa: E402
+import _runners  # noqa: E402
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("fastattn_bench_run", os.path.join(BENCH, "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_run = _load_run()
+
+TINY = ["--device", "cpu", "--quick", "--seqlens", "17,64", "--tokens", "64", "--heads", "2", "--head-dims", "16"]
+TINY += ["--rep-seconds", "0.005"]
+
+
+def _shape(mask="none", causal=False, b=2, h=3, lq=65, lk=None, d=8, **kw):
+    return _points.Shape("float32", b, h, lq, lk or lq, d, causal, mask, **kw)
+
+
+def _oracle_allowed(shape, maskin):
+    """The oracle's (B, H, Lq, Lk) attended set for the same call fastattn receives."""
+    q = torch.randn(shape.batch, shape.heads, shape.seqlen, shape.head_dim)
+    k = torch.randn(shape.batch, shape.heads, shape.seqlen_k, shape.head_dim)
+    kw = maskin.fastattn_kwargs()
+    _, *_, spec = validate(q, k, k, kw["attn_mask"], 0.0, kw["is_causal"], None, False, kw["window"], 0)
+    allowed, bias = reference.allowed_and_bias(spec, "cpu", torch.float64)
+    assert bias is None
+    return allowed.expand(shape.batch, shape.heads, shape.seqlen, shape.seqlen_k), spec
+
+
+def _flex_allowed(shape, maskin):
+    """FlexAttention's mask_mod evaluated densely over (B, H, Lq, Lk) index grids (no compile)."""
+    mod = _runners.flex_mask_mod(maskin)
+    full = (shape.batch, shape.heads, shape.seqlen, shape.seqlen_k)
+    if mod is None:
+        return torch.ones(full, dtype=torch.bool)
+    b = torch.arange(shape.batch).view(-1, 1, 1, 1)
+    h = torch.arange(shape.heads).view(1, -1, 1, 1)
+    qi = torch.arange(shape.seqlen).view(1, 1, -1, 1)
+    kv = torch.arange(shape.seqlen_k).view(1, 1, 1, -1)
+    return mod(b, h, qi, kv).expand(full)
+
+
+def _sdpa_allowed(shape, maskin):
+    dense = maskin.dense(shape.seqlen, shape.seqlen_k, "cpu")
+    full = (shape.batch, shape.heads, shape.seqlen, shape.seqlen_k)
+    if dense is None:
+        ones = torch.ones(shape.seqlen, shape.seqlen_k, dtype=torch.bool)
+        return (ones.tril() if maskin.causal else ones).expand(full)
+    return dense.expand(full)
+
+
+# Every mask kind with and without causal; odd lengths, Lk != Lq, a window wider than the sequence.
+MASK_CASES = [
+    ("none", False, 65, 65, 256),
+    ("none", True, 17, 17, 256),
+    ("padding", False, 65, 65, 256),
+    ("padding", True, 33, 47, 256),
+    ("boolean", False, 129, 129, 256),
+    ("boolean", True, 100, 130, 256),
+    ("window", True, 129, 129, 16),
+    ("window", False, 65, 65, 9),
+    ("window", True, 17, 17, 256),
+]
+
+
+@pytest.mark.parametrize("mask,causal,lq,lk,window", MASK_CASES)
+def test_every_backend_form_of_a_mask_is_the_oracles(mask, causal, lq, lk, window):
+    shape = _shape(mask, causal, lq=lq, lk=lk, window=window, block=16, density=0.3)
+    maskin = _points.build_mask(shape, "cpu")
+    allowed, spec = _oracle_allowed(shape, maskin)
+    assert torch.equal(_sdpa_allowed(shape, maskin), allowed)
+    assert torch.equal(_flex_allowed(shape, maskin), allowed)
+    # The FLOP count's pair count is the oracle's, without expanding to B·H·Lq·Lk.
+    assert _points.attended_pairs(shape, maskin) == spec.attended_pairs(shape.batch, shape.heads)
+    assert _points.attended_pairs(shape, maskin) == int(allowed.sum())
+
+
+@pytest.mark.parametrize("mask,causal", [("padding", True), ("boolean", False), ("window", True)])
+def test_sdpa_with_the_dense_mask_matches_fastattn_reference(mask, causal):
+    shape = _shape(mask, causal, b=2, h=2, lq=70, d=16, window=12, block=16, density=0.2)
+    maskin = _points.build_mask(shape, "cpu")
+    q, k, v = (torch.randn(2, 2, 70, 16, dtype=torch.float64) for _ in range(3))
+    ours = fastattn.scaled_dot_product_attention(q, k, v, **maskin.fastattn_kwargs(), backend="reference")
+    sdpa_fn, _ = _runners.SdpaRunner("math").make_call(shape, maskin, torch.device("cpu"))
+    torch.testing.assert_close(sdpa_fn(q, k, v), ours, rtol=1e-10, atol=1e-10)
+
+
+def test_mask_kinds_have_their_documented_shape():
+    pad = _points.build_mask(_shape("padding", b=4, lq=100), "cpu")
+    assert pad.tensor.shape == (4, 1, 1, 100)
+    kept = pad.tensor.sum((1, 2, 3)).tolist()
+    assert kept == _points.padding_lengths(4, 100) and all(50 <= n <= 100 for n in kept)
+    assert kept == sorted(kept, reverse=True) and kept[0] < 100
+
+    sparse = _points.block_sparse(1024, 1024, 64, 0.1, seed=0)
+    tiles = sparse.view(16, 64, 16, 64).any(3).any(1)
+    assert torch.equal(sparse.view(16, 64, 16, 64).all(3).all(1), tiles)  # whole 64x64 tiles only
+    assert tiles.diagonal().all()
+    assert 0.1 < tiles.float().mean().item() < 0.25  # ~10% plus the diagonal's 1/16
+
+    win = _points.build_mask(_shape("window", causal=True, lq=300, window=256), "cpu")
+    assert win.window == (255, 0) and win.bounds == (255, 0)  # cpu_peers' point: is_causal + (255, 0)
+    rows = win.band(300, 300, "cpu").sum(1)
+    assert rows[:256].tolist() == list(range(1, 257)) and (rows[256:] == 256).all()
+    assert _points.build_mask(_shape("window", causal=False, window=256), "cpu").window == (128, 128)
+
+
+def test_flop_counts_follow_notes():
+    dense = _shape(b=2, h=3, lq=128, d=64)
+    assert _points.flops(dense, "fwd") == 4 * 2 * 3 * 128 * 128 * 64
+    causal = _shape(causal=True, b=2, h=3, lq=128, d=64)
+    assert _points.flops(causal, "fwd") == 2 * 2 * 3 * 128 * 128 * 64
+    assert _points.flops(dense, "bwd") == 2.5 * _points.flops(dense, "fwd")
+    assert _points.flops(dense, "fwd+bwd") == 3.5 * _points.flops(dense, "fwd")
+    win = _shape("window", causal=True, b=1, h=2, lq=100, d=32, window=10)
+    pairs = _points.attended_pairs(win, _points.build_mask(win, "cpu"))
+    assert pairs == 2 * (sum(range(1, 11)) + 90 * 10)
+    assert _points.flops(win, "fwd+bwd", pairs) == 3.5 * 4 * 32 * pairs
+    with pytest.raises(ValueError, match="pair count"):
+        _points.flops(win, "fwd")
+    with pytest.raises(ValueError, match="mode"):
+        _points.flops(dense, "sideways")
+
+
+def test_grid_uses_the_token_budget_and_aliases():
+    kinds = _points.mask_kinds(["none", "causal", "window"], [False, True])
+    assert kinds == [("none", False), ("none", True), ("window", False), ("window", True)]
+    shapes = _points.grid(
+        dtypes=["bfloat16"], seqlens=[512, 16384, 32768], head_dims=[128], masks=[("none", True)],
+        tokens=16384, batch=None, heads=None, hidden=2048,
+    )  # fmt: skip
+    assert [(s.batch, s.heads) for s in shapes] == [(32, 16), (1, 16), (1, 16)]
+    with pytest.raises(ValueError, match="--masks"):
+        _points.mask_kinds(["diagonal"], [False])
+    with pytest.raises(ValueError, match="--dtypes"):
+        _points.parse_dtype("float8")
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--device", "cpu", "--modes", "fwd,sideways"])
+
+
+def test_cpu_peak_memory_sees_the_score_matrix():
+    """The reference backend materialises B·H·L·L scores; torch's flash CPU kernel does not."""
+    shape = _shape(b=1, h=4, lq=512, d=32)
+    sets = _measure.make_inputs(shape, torch.device("cpu"), 1)
+    maskin = _points.build_mask(shape, "cpu")
+    scores = 4 * 512 * 512 * 4
+    peaks = {}
+    for name in ("reference", "sdpa"):
+        runner = _runners.all_runners()[name]
+        fn, _ = runner.make_call(shape, maskin, torch.device("cpu"))
+        timed, mem_step, _ = _measure.steps("fwd", fn, sets)
+        peaks[name] = _measure.peak_extra_cpu(mem_step)
+    assert peaks["reference"] >= scores
+    assert 0 < peaks["sdpa"] < scores / 2
+
+
+class _Refuser(Backend):
+    """A test backend: refuses tensor masks, has no backward, and runs out of memory on causal."""
+
+    name = "bench_test_refuser"
+    description = "test only"
+
+    def unsupported_reason(self, problem, spec, dropout_p):
+        return "takes no mask tensor" if spec.tensor is not None else None
+
+    def forward(self, q, k, v, spec, scale, dropout_p):
+        if spec.causal:
+            raise torch.OutOfMemoryError("test: out of memory")
+        out, lse = reference.attention_forward(q, k, v, spec, scale)
+        return out, lse, ()
+
+
+def test_quick_run_end_to_end_json_markdown_and_skips(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(_REGISTRY, _Refuser.name, _Refuser())
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = TINY + ["--backends", f"reference,sdpa,efficient,{_Refuser.name}", "--masks", "none,padding"]
+    argv += ["--json", str(out_json), "--markdown", str(out_md), "--no-memory"]
+    assert bench_run.main(argv) == 0
+    data = json.loads(out_json.read_text())
+    head = data["header"]
+    for key in ("cpu", "gpu", "torch", "triton", "cuda", "date", "command", "wall_s"):
+        assert key in head
+    assert "--quick" in head["command"] and head["device"] == "cpu"
+    rows = data["rows"]
+    # 2 seqlens x (none, padding) x (causal, not) x 4 backends x (fwd, fwd+bwd)
+    assert len(rows) == 2 * 2 * 2 * 4 * 2
+    for r in rows:
+        assert set(_report.ROW_FIELDS) <= set(r)
+        assert r["status"] in _report.STATUSES
+        assert (r["status"] == "ok") == (r["reason"] is None)
+        if r["status"] == "ok":
+            assert r["ms"] > 0 and r["tflops"] > 0
+            assert math.isclose(r["tflops"], r["flops"] / r["ms"] / 1e9, rel_tol=1e-3)
+    by = lambda **kw: [r for r in rows if all(r[k] == v for k, v in kw.items())]  # noqa: E731
+    assert all(r["status"] == "ok" for r in by(backend="reference") + by(backend="sdpa"))
+    assert all(r["reason"] == "SDPA's efficient kernel runs on CUDA only" for r in by(backend="efficient"))
+    ref = by(backend=_Refuser.name)
+    assert all(r["reason"] == "takes no mask tensor" for r in ref if r["mask"] == "padding" and r["mode"] == "fwd")
+    assert all(r["status"] == "oom" for r in ref if r["mask"] == "none" and r["causal"] and r["mode"] == "fwd")
+    assert all("has no backward" in r["reason"] for r in ref if r["mode"] == "fwd+bwd")
+    assert all(r["status"] == "ok" for r in ref if r["mask"] == "none" and not r["causal"] and r["mode"] == "fwd")
+    md = out_md.read_text()
+    assert "(1.00x)" in md and "takes no mask tensor" in md and "| 17 |" in md
+    captured = capsys.readouterr()
+    assert "64/64" in captured.err  # the progress bar, on stderr
+    assert "oom" in captured.out
+
+
+def test_memory_budget_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png, out_json = tmp_path / "r.png", tmp_path / "r.json"
+    argv = TINY + ["--backends", "reference,sdpa", "--modes", "fwd", "--plot", str(png), "--json", str(out_json)]
+    assert bench_run.main(argv) == 0
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads(out_json.read_text())["rows"]
+    assert all(r["peak_mem_mb"] > 0 for r in rows)
+    # The reference's L x L scores make its peak the larger one at every point.
+    for r in rows:
+        if r["backend"] == "reference":
+            twin = next(s for s in rows if s["backend"] == "sdpa" and s["seqlen"] == r["seqlen"])
+            assert r["peak_mem_mb"] > twin["peak_mem_mb"]
+    assert bench_run.main(TINY + ["--backends", "sdpa", "--max-minutes", "0", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert rows and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quick_run_on_cuda(tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--device", "cuda", "--quick", "--seqlens", "256", "--backends", "sdpa,math,flash,reference"]
+    assert bench_run.main(argv + ["--json", str(out), "--strict"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["status"] == "ok" for r in rows if r["backend"] in ("sdpa", "math"))
+    assert all(r["peak_mem_mb"] > 0 for r in rows if r["status"] == "ok")
