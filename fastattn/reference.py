@@ -55,6 +55,21 @@ def _probabilities(
     return probs, lse
 
 
+def _probabilities_from_lse(
+    q: Tensor, k: Tensor, spec: MaskSpec, scale: float, compute_dtype: torch.dtype, lse: Tensor
+) -> Tensor:
+    """``exp(S - lse)`` with a given log-sum-exp; 0 where masked and in rows whose lse is -inf."""
+    group = q.shape[1] // k.shape[1]
+    k = k.to(compute_dtype).repeat_interleave(group, dim=1)
+    scores = (q.to(compute_dtype) @ k.transpose(-1, -2)) * scale
+    allowed, bias = allowed_and_bias(spec, q.device, compute_dtype)
+    if bias is not None:
+        scores = scores + bias
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = lse.to(compute_dtype).unsqueeze(-1)
+    return torch.where(torch.isneginf(lse), 0.0, torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse)))
+
+
 def _default_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -97,18 +112,29 @@ def attention_backward(
     keep_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     compute_dtype: Optional[torch.dtype] = None,
+    *,
+    out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """4-D oracle backward: ``(dq, dk, dv, dscores)``.
 
     ``dscores`` ``(B, Hq, Lq, Lk)`` is the gradient of the scores after scaling, which is also the
     gradient of an additive mask before it is reduced over its broadcast dims. K/V gradients are
     summed over each GQA group.
+
+    Given ``out`` and ``lse`` it works as the fused kernels do: ``P = exp(S - lse)`` and
+    ``delta = rowsum(dO ∘ out)``. Those may then belong to a larger problem than these keys (a
+    block of ring attention, whose softmax normalises over every rank's keys); without them the
+    softmax is recomputed over these keys alone.
     """
     compute_dtype = compute_dtype or _default_compute_dtype(q.dtype)
     batch, heads_q = q.shape[:2]
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
-    probs, _ = _probabilities(q, k, spec, scale, compute_dtype)
+    if lse is None:
+        probs, _ = _probabilities(q, k, spec, scale, compute_dtype)
+    else:
+        probs = _probabilities_from_lse(q, k, spec, scale, compute_dtype, lse)
     do = grad_out.to(compute_dtype)
     kk = k.to(compute_dtype).repeat_interleave(group, dim=1)
     vv = v.to(compute_dtype).repeat_interleave(group, dim=1)
@@ -118,7 +144,10 @@ def attention_backward(
     dp = do @ vv.transpose(-1, -2)
     if drop is not None:
         dp = dp * drop
-    delta = (probs * dp).sum(-1, keepdim=True)  # = rowsum(dO ∘ O)
+    if out is None:
+        delta = (probs * dp).sum(-1, keepdim=True)  # = rowsum(dO ∘ O) over these keys
+    else:
+        delta = (do * out.to(compute_dtype)).sum(-1, keepdim=True)
     ds = probs * (dp - delta)
     dq = (ds @ kk) * scale
     dk = (ds.transpose(-1, -2) @ q.to(compute_dtype)) * scale

@@ -164,9 +164,11 @@ def test_opcheck_reference_ops():
     keep = torch.rand(2, 4, 7, 11) > 0.2
     for mask_arg, keep_arg, p in ((None, None, 0.0), (mask, keep, 0.2)):
         torch.library.opcheck(torch.ops.fastattn.reference_fwd.default, (q, k, v, mask_arg, keep_arg, 0.25, 3, 0, 2, p))
+        out, lse = torch.ops.fastattn.reference_fwd(q, k, v, mask_arg, keep_arg, 0.25, 3, 0, 2, p)
         grad_out = torch.randn(2, 4, 7, 16)
         torch.library.opcheck(
-            torch.ops.fastattn.reference_bwd.default, (grad_out, q, k, v, mask_arg, keep_arg, 0.25, 3, 0, 2, p)
+            torch.ops.fastattn.reference_bwd.default,
+            (grad_out, q, k, v, out, lse, mask_arg, keep_arg, 0.25, 3, 0, 2, p),
         )
 
 

@@ -125,3 +125,36 @@ def test_low_precision_oracle_computes_in_requested_dtype():
     err_up = (upcast.double() - exact).abs().max()
     assert half.dtype == upcast.dtype == torch.float16
     assert err_half > err_up  # fp16 arithmetic is measurably worse than fp32 arithmetic
+
+
+def test_backward_from_global_lse_decomposes_over_key_blocks():
+    """Given the whole problem's out and lse, per-block gradients add up to the whole (ring attention's premise)."""
+    from fastattn._validate import validate
+
+    q, k, v = _rand(1, 2, 10, 8), _rand(1, 2, 24, 8), _rand(1, 2, 24, 8)
+    grad_out = _rand(1, 2, 10, 8)
+    _, q4, k4, v4, spec = validate(q, k, v, None, 0.0, True, None, False, (9, -1), 14)
+    out, lse = reference.attention_forward(q4, k4, v4, spec, spec_scale := 8**-0.5)
+    whole = reference.attention_backward(grad_out, q4, k4, v4, spec, spec_scale)
+    dq = torch.zeros_like(q)
+    dk, dv = [], []
+    for start in (0, 12):
+        _, _, kb, vb, block = validate(
+            q,
+            k[:, :, start : start + 12],
+            v[:, :, start : start + 12],
+            None,
+            0.0,
+            True,
+            None,
+            False,
+            (9, -1),
+            14 - start,
+        )
+        g = reference.attention_backward(grad_out, q4, kb, vb, block, spec_scale, out=out, lse=lse)
+        dq += g[0]
+        dk.append(g[1])
+        dv.append(g[2])
+    torch.testing.assert_close(dq, whole[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(dk, 2), whole[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(dv, 2), whole[2], rtol=1e-10, atol=1e-10)

@@ -1,8 +1,10 @@
 """The oracle as a registered backend (``backend="reference"``), through ``torch.library`` ops.
 
 It runs anywhere torch runs, takes every input the entry point accepts (float64 included) and is
-the automatic choice's last resort. Dropout draws an explicit keep-mask from torch's generator in
-forward and saves it, so backward replays exactly the same mask.
+the automatic choice's last resort. Its backward works from the saved ``out`` and ``lse`` as the
+fused kernels do, so it also serves blocks of a larger softmax (ring attention). Dropout draws an
+explicit keep-mask from torch's generator in forward and saves it, so backward replays exactly
+the same mask.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def reference_bwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    out: Tensor,
+    lse: Tensor,
     mask: Optional[Tensor],
     keep_mask: Optional[Tensor],
     scale: float,
@@ -67,13 +71,13 @@ def reference_bwd(
     dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     spec = _spec(q, k, mask, window_left, window_right, q_offset)
-    dq, dk, dv, ds = oracle.attention_backward(grad_out, q, k, v, spec, scale, keep_mask, dropout_p)
+    dq, dk, dv, ds = oracle.attention_backward(grad_out, q, k, v, spec, scale, keep_mask, dropout_p, out=out, lse=lse)
     dmask_dtype = mask.dtype if mask is not None and mask.dtype.is_floating_point else q.dtype
     return dq, dk, dv, ds.to(dmask_dtype)
 
 
 @reference_bwd.register_fake
-def _(grad_out, q, k, v, mask, keep_mask, scale, window_left, window_right, q_offset, dropout_p):
+def _(grad_out, q, k, v, out, lse, mask, keep_mask, scale, window_left, window_right, q_offset, dropout_p):
     dmask_dtype = mask.dtype if mask is not None and mask.dtype.is_floating_point else q.dtype
     scores = q.new_empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=dmask_dtype)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), scores
@@ -95,7 +99,7 @@ class ReferenceBackend(Backend):
         keep = saved[0] if saved else None
         left, right = spec.bounds
         dq, dk, dv, dmask = reference_bwd(
-            grad_out, q, k, v, spec.tensor, keep, scale, left, right, spec.q_offset, dropout_p
+            grad_out, q, k, v, out, lse, spec.tensor, keep, scale, left, right, spec.q_offset, dropout_p
         )
         return dq, dk, dv, (dmask if need_mask_grad else None)
 
