@@ -247,15 +247,9 @@ def _mask_tensors(maskin: _points.MaskInputs) -> list:
     return [t for t in (maskin.tensor, maskin.valid_len, maskin.dense2d) if t is not None]
 
 
-def run(args) -> tuple[dict, list[dict]]:
-    """Runs every (shape, backend, mode) and returns ``(header, rows)``."""
-    device = args.device
-    runners = _runners.all_runners()
-    names = args.backends or _runners.default_names(runners, device)
-    unknown = [n for n in names if n not in runners]
-    if unknown:
-        raise SystemExit(f"--backends: expected names from {list(runners)}, got unknown {unknown}")
-    shapes = _points.grid(
+def shapes_for(args) -> list[_points.Shape]:
+    """The shapes the parsed command line asks for (also what the pytest-benchmark cases use)."""
+    return _points.grid(
         dtypes=args.dtypes,
         seqlens=args.seqlens,
         head_dims=args.head_dims,
@@ -269,6 +263,23 @@ def run(args) -> tuple[dict, list[dict]]:
         block=args.block,
         density=args.density,
     )
+
+
+def backend_names(args) -> list[str]:
+    runners = _runners.all_runners()
+    names = args.backends or _runners.default_names(runners, args.device)
+    unknown = [n for n in names if n not in runners]
+    if unknown:
+        raise SystemExit(f"--backends: expected names from {list(runners)}, got unknown {unknown}")
+    return names
+
+
+def run(args) -> tuple[dict, list[dict]]:
+    """Runs every (shape, backend, mode) and returns ``(header, rows)``."""
+    device = args.device
+    runners = _runners.all_runners()
+    names = backend_names(args)
+    shapes = shapes_for(args)
     unavailable = {n: runners[n].unavailable_reason(device) for n in names}
     head = _report.header(device, [os.path.relpath(sys.argv[0])] + list(getattr(args, "argv", None) or []))
     rows: list[dict] = []
