@@ -1,0 +1,192 @@
+// Torch op of the CUDA forward attention kernel (csrc/cuda/attn_fwd.cu): fastattn::cuda_attn_fwd.
+//
+// Checks every argument (naming it, what was expected and what was received), fills the plain
+// params struct and launches. Built like bindings.cpp: for CUDA tensors with nvcc, or, with
+// FASTATTN_EMULATE, for CPU tensors run by the emulator; the impl is registered for both dispatch
+// keys so a tensor on the wrong device gets the message with the way out. The fake (meta)
+// implementation is registered from Python (fastattn/backends/cuda.py).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#ifndef FASTATTN_EMULATE
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include "checks.h"
+#include "cuda/attn_params.h"
+
+namespace fastattn {
+namespace {
+
+// 16-byte cp.async / vector access: unit last stride, other strides multiples of 8 elements, aligned base.
+void check_layout(const char* op, const char* name, const at::Tensor& t) {
+    bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) == 1 || t.stride(d) % 8 == 0);
+    TORCH_CHECK(ok, op, ": argument '", name,
+                "' must have a unit last stride, the other strides multiples of 8 and a 16-byte aligned "
+                "start (call .contiguous()), got strides ",
+                t.strides(), " for shape ", t.sizes());
+}
+
+MaskElem mask_elem(at::ScalarType d) {
+    switch (d) {
+        case at::kBool: return MaskElem::boolean;
+        case at::kFloat: return MaskElem::f32;
+        case at::kHalf: return MaskElem::f16;
+        case at::kBFloat16: return MaskElem::bf16;
+        default: return MaskElem::f64;
+    }
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& mask_opt,
+                                                 const std::optional<at::Tensor>& tile_state_opt,
+                                                 const std::optional<at::Tensor>& kv_count_opt,
+                                                 const std::optional<at::Tensor>& kv_index_opt, double scale,
+                                                 int64_t window_left, int64_t window_right, int64_t q_offset) {
+    constexpr const char* op = "fastattn::cuda_attn_fwd";
+    CHECK_DEVICE(op, q);
+    CHECK_SAME_DEVICE(op, k, q);
+    CHECK_SAME_DEVICE(op, v, q);
+    CHECK_DTYPE(op, q, at::kHalf, at::kBFloat16);
+    CHECK_SAME_DTYPE(op, k, q);
+    CHECK_SAME_DTYPE(op, v, q);
+    CHECK_DIM(op, q, 4);
+    CHECK_DIM(op, k, 4);
+    CHECK_DIM(op, v, 4);
+    const int64_t batch = q.size(0), heads_q = q.size(1), seqlen_q = q.size(2), head_dim = q.size(3);
+    const int64_t heads_kv = k.size(1), seqlen_k = k.size(2);
+    CHECK_IN_SET(op, "head_dim (q.size(3))", head_dim, 32, 64, 96, 128, 256);
+    TORCH_CHECK(k.size(0) == batch && v.size(0) == batch, op, ": arguments 'k' and 'v' must have batch ", batch,
+                " like 'q', got ", k.size(0), " and ", v.size(0));
+    TORCH_CHECK(k.size(3) == head_dim && v.size(3) == head_dim, op, ": arguments 'k' and 'v' must have head_dim ",
+                head_dim, " like 'q' (this kernel needs head_dim_v == head_dim), got k ", k.sizes(), " and v ",
+                v.sizes());
+    TORCH_CHECK(v.size(1) == heads_kv && v.size(2) == seqlen_k, op, ": argument 'v' must have shape ",
+                k.sizes(), " like 'k', got ", v.sizes());
+    TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0, op, ": k's head count must divide q's ", heads_q,
+                ", got ", heads_kv);
+    TORCH_CHECK(heads_q <= 65535 && batch <= 65535, op, ": batch and heads must be at most 65535 (grid limits), got ",
+                batch, " and ", heads_q);
+    TORCH_CHECK(seqlen_q < (int64_t(1) << 31) && seqlen_k < (int64_t(1) << 31), op,
+                ": sequence lengths must be below 2^31, got ", seqlen_q, " and ", seqlen_k);
+    TORCH_CHECK(window_left >= -1 && window_right >= -1, op,
+                ": window_left and window_right must be >= -1 (-1 = unbounded), got ", window_left, " and ",
+                window_right);
+    TORCH_CHECK(std::isfinite(scale), op, ": argument 'scale' must be finite, got ", scale);
+    check_layout(op, "q", q);
+    check_layout(op, "k", k);
+    check_layout(op, "v", v);
+
+    const bool has_mask = mask_opt.has_value() && mask_opt->defined();
+    const bool has_summary = tile_state_opt.has_value() && tile_state_opt->defined();
+    TORCH_CHECK(!has_mask || has_summary, op,
+                ": a mask needs its tile summary (tile_state, kv_count, kv_index from MaskSpec.tile_summary(",
+                attn_fwd::kBlockM, ", ", attn_fwd::block_n(int(head_dim)), ")), got tile_state=None");
+    const int64_t n_q_tiles = (seqlen_q + attn_fwd::kBlockM - 1) / attn_fwd::kBlockM;
+    const int64_t n_k_tiles = (seqlen_k + attn_fwd::block_n(int(head_dim)) - 1) / attn_fwd::block_n(int(head_dim));
+
+#ifndef FASTATTN_EMULATE
+    const c10::cuda::OptionalCUDAGuard guard(q.device());
+#endif
+    // Under emulation the outputs are poisoned, so an element the kernel fails to write reads NaN.
+    const auto alloc = [&](at::IntArrayRef shape, at::TensorOptions opts) {
+        return kEmulate ? at::full(shape, std::numeric_limits<float>::quiet_NaN(), opts) : at::empty(shape, opts);
+    };
+    at::Tensor out = alloc({batch, heads_q, seqlen_q, head_dim}, q.options());
+    at::Tensor lse = alloc({batch, heads_q, seqlen_q}, q.options().dtype(at::kFloat));
+    if (seqlen_k == 0) {  // nothing to attend: zeros, lse -inf
+        out.zero_();
+        lse.fill_(-std::numeric_limits<float>::infinity());
+        return {out, lse};
+    }
+
+    AttnFwdParams p{};
+    p.q = q.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.out = out.data_ptr();
+    p.lse = lse.data_ptr<float>();
+    for (int d = 0; d < 3; ++d) {
+        p.q_stride[d] = q.stride(d);
+        p.k_stride[d] = k.stride(d);
+        p.v_stride[d] = v.stride(d);
+        p.out_stride[d] = out.stride(d);
+    }
+    p.batch = int(batch);
+    p.heads_q = int(heads_q);
+    p.heads_kv = int(heads_kv);
+    p.seqlen_q = int(seqlen_q);
+    p.seqlen_k = int(seqlen_k);
+    p.head_dim = int(head_dim);
+    p.scale = float(scale);
+    p.window_left = int(std::min<int64_t>(window_left, std::numeric_limits<int>::max()));
+    p.window_right = int(std::min<int64_t>(window_right, std::numeric_limits<int>::max()));
+    p.q_offset = q_offset;
+    p.dtype = q.scalar_type() == at::kHalf ? DType::f16 : DType::bf16;
+    p.mask_elem = MaskElem::none;
+
+    if (has_mask) {
+        const at::Tensor& mask = *mask_opt;
+        CHECK_SAME_DEVICE(op, mask, q);
+        CHECK_DTYPE(op, mask, at::kBool, at::kFloat, at::kHalf, at::kBFloat16, at::kDouble);
+        CHECK_DIM(op, mask, 4);
+        TORCH_CHECK(mask.size(0) == batch && mask.size(1) == heads_q && mask.size(2) == seqlen_q &&
+                        mask.size(3) == seqlen_k,
+                    op, ": argument 'mask' must have shape (", batch, ", ", heads_q, ", ", seqlen_q, ", ", seqlen_k,
+                    ") (a broadcast view is fine), got ", mask.sizes());
+        p.mask = mask.data_ptr();
+        p.mask_elem = mask_elem(mask.scalar_type());
+        for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask.size(d) == 1 ? 0 : mask.stride(d);
+    }
+    if (has_summary) {
+        TORCH_CHECK(kv_count_opt.has_value() && kv_count_opt->defined() && kv_index_opt.has_value() &&
+                        kv_index_opt->defined(),
+                    op, ": tile_state, kv_count and kv_index come together (a TileSummary), got some of them None");
+        const at::Tensor &tile_state = *tile_state_opt, &kv_count = *kv_count_opt, &kv_index = *kv_index_opt;
+        CHECK_SAME_DEVICE(op, tile_state, q);
+        CHECK_SAME_DEVICE(op, kv_count, q);
+        CHECK_SAME_DEVICE(op, kv_index, q);
+        CHECK_DTYPE(op, tile_state, at::kChar);
+        CHECK_DTYPE(op, kv_count, at::kInt);
+        CHECK_DTYPE(op, kv_index, at::kInt);
+        CHECK_DIM(op, tile_state, 4);
+        CHECK_CONTIGUOUS(op, tile_state);
+        CHECK_CONTIGUOUS(op, kv_count);
+        CHECK_CONTIGUOUS(op, kv_index);
+        const int64_t bm = tile_state.size(0), hm = tile_state.size(1);
+        TORCH_CHECK((bm == 1 || bm == batch) && (hm == 1 || hm == heads_q) && tile_state.size(2) == n_q_tiles &&
+                        tile_state.size(3) == n_k_tiles,
+                    op, ": argument 'tile_state' must be the TileSummary for block (", attn_fwd::kBlockM, ", ",
+                    attn_fwd::block_n(int(head_dim)), "), shape (1 or ", batch, ", 1 or ", heads_q, ", ", n_q_tiles,
+                    ", ", n_k_tiles, "), got ", tile_state.sizes());
+        TORCH_CHECK(kv_count.sizes() == tile_state.sizes().slice(0, 3) && kv_index.sizes() == tile_state.sizes(), op,
+                    ": arguments 'kv_count' and 'kv_index' must have shapes ", tile_state.sizes().slice(0, 3), " and ",
+                    tile_state.sizes(), " (tile_state's), got ", kv_count.sizes(), " and ", kv_index.sizes());
+        p.tile_state = tile_state.data_ptr<int8_t>();
+        p.kv_count = kv_count.data_ptr<int32_t>();
+        p.kv_index = kv_index.data_ptr<int32_t>();
+        p.summary_batch = int(bm);
+        p.summary_heads = int(hm);
+    }
+
+    const char* err = attn_fwd::launch(p, launch_stream());
+    TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+    return {out, lse};
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+    m.def(
+        "cuda_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? tile_state, Tensor? kv_count, "
+        "Tensor? kv_index, float scale, int window_left, int window_right, int q_offset) -> (Tensor out, Tensor lse)");
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("cuda_attn_fwd", &fastattn::cuda_attn_fwd); }
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) { m.impl("cuda_attn_fwd", &fastattn::cuda_attn_fwd); }

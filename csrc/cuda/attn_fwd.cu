@@ -1,0 +1,378 @@
+// CUDA forward attention: kernel attn_fwd_kernel, launcher attn_fwd::launch, op fastattn::cuda_attn_fwd
+// (csrc/attn_ops.cpp). FlashAttention-2's schedule, written on the primitives of primitives.cuh only,
+// so the same source runs on a GPU (nvcc) and on the CPU emulator (FASTATTN_EMULATE).
+//
+// Design note
+// -----------
+// Work:   FLOPs 4·B·Hq·Lq·Lk·D (2·D for QKᵀ and 2·D for PV per attended pair), halved by causal tile
+//         skipping. Minimum bytes: read Q, K, V once, write O and lse:
+//         2·(B·Hq·Lq·D + 2·B·Hkv·Lk·D + B·Hq·Lq·D) + 4·B·Hq·Lq (+ the mask's PARTIAL tiles).
+// Bound:  each K/V tile loaded by a block serves 64 query rows, i.e. 64 FLOPs per byte from L2, and
+//         K/V are re-read from L2 (not HBM) by the Lq/64 blocks of one head; against HBM the intensity
+//         is ~Lq FLOPs/byte (2000 at L = 4096, D = 128), far above the H100/A100 ridge (~300/~150).
+//         So for L >= a few hundred it is tensor-core bound (mma.sync peak ~660 TFLOP/s dense fp16 on
+//         H100 SXM without wgmma, 312 on A100), with the softmax's exp2 on the SFU second (one per
+//         pair against 4·D tensor FLOPs). Target: >= 0.9x FlashAttention-2 (torch SDPA flash).
+// Grid:   (query tiles of kBlockM = 64 rows, Hq, B); heaviest query tiles first (causal).
+//         128 threads: warp w owns query rows 16w..16w+15 of the tile for the whole kernel.
+// Tiles:  BLOCK_N = 64 keys (32 for D = 256, to keep the 16x256 fp32 accumulator in registers).
+// Registers per thread (D <= 128): Q fragments D/16 x 4 regs (A operand of every QKᵀ mma, loaded once
+//         by ldmatrix.x4), O accumulator D/8 x 4 fp32, S/P BLOCK_N/8 x 4 fp32, row max and sum x 2.
+//         D = 256: Q is re-read from shared memory per k-step (64 more registers would spill).
+// Shared: Q tile [64][D+8], one K tile [BLOCK_N][D+8] and one V tile [BLOCK_N][D+8], 16-bit elements.
+//         Rows are padded by 8 elements (16 bytes): the 8 row addresses of an ldmatrix then fall in
+//         8 different 4-bank groups, so ldmatrix and the 16-byte cp.async stores are conflict-free.
+//         Bytes: (64 + 2·BLOCK_N)·(D+8)·2 = 15360 / 27648 / 39936 / 52224 / 67584 for D = 32 / 64 /
+//         96 / 128 / 256 (above 48 KiB the launcher opts in).
+// Pipeline (FA2's): K and V of a key tile are two cp.async groups that alternate with the compute
+//         that does not read them: V_j streams in while S_j = Q K_jᵀ and the softmax run, K_{j+1}
+//         streams in while O += P_j V_j runs. That is the double buffer, at half the shared memory of
+//         two full K+V stages (52 KiB instead of 87 KiB at D = 128: 4 blocks per H100 SM instead of 2).
+// Math:   S = Q Kᵀ by mma.m16n8k16 (K rows through ldmatrix.x4, non-transposed: K is already the
+//         "col" B operand); scores scaled by scale·log2(e) in fp32 (never folded into Q, which would
+//         round it to fp16/bf16); online softmax in the exp2 domain, row max and sum reduced across
+//         the 4 lanes of a quad with shfl_xor 1 and 2 (the sum only once, at the end); P is packed to
+//         the input dtype in registers, where the S accumulator layout is already the A operand
+//         layout of the PV mma (no shared-memory round trip); V through ldmatrix.x4.trans.
+// Masks:  causal, window and q_offset are one band; without a mask tensor the key-tile range is
+//         computed from it and tiles outside are never loaded, tiles fully inside skip all mask
+//         arithmetic. With a mask tensor the block walks the TileSummary's non-empty tiles
+//         (kv_index[:kv_count], EMPTY tiles never loaded) and reads the mask (bool or additive,
+//         through its strides, 0 on broadcast dims) only in PARTIAL tiles. The last key tile is
+//         bounds-checked; rows past Lq are computed on zero-filled Q and never stored.
+// Epilogue: O / rowsum staged through the warp's own rows of the Q tile, stored with 16-byte
+//         coalesced writes; lse = (max·ln2 + ln(sum)). A row that attends nothing keeps max = -inf:
+//         exponentials then use 0 as the max (no inf - inf), the sum stays 0, O is 0 and lse -inf.
+// GQA:    query head h reads K/V head h / (Hq / Hkv) through strides; nothing is copied.
+#include "attn_params.h"
+#include "params.h"
+#include "primitives.cuh"
+
+namespace fastattn {
+namespace attn_fwd {
+
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kFull = 2;  // TileSummary state FULL (fastattn.masks); EMPTY tiles are never listed
+
+template <int D>
+struct Tile {
+    static constexpr int kBN = block_n(D);
+    static constexpr int kLd = D + 8;  // padded shared row, elements
+    static constexpr bool kQInRegs = D <= 128;
+    static constexpr int kQElems = kBlockM * kLd, kKVElems = kBN * kLd;
+    static constexpr int kSmemBytes = (kQElems + 2 * kKVElems) * 2;
+    static_assert(D % 32 == 0, "S = QK^T consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
+};
+
+// rows x D elements from global (row stride ld_g) into shared (row stride Tile<D>::kLd) by 16-byte
+// cp.async; rows at or past `valid` are zero-filled (never read from global).
+template <class T, int D, int Rows>
+FA_DEVICE void load_rows(T* dst, const T* src, int64_t ld_g, int row0, int valid, int tid) {
+    constexpr int kChunks = D / 8, kTotal = Rows * kChunks;
+    static_assert(kTotal % kThreads == 0, "tile copy must split evenly over the block");
+#pragma unroll
+    for (int i = 0; i < kTotal / kThreads; ++i) {
+        const int c = tid + i * kThreads;
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        const bool ok = row0 + r < valid;
+        const T* s = ok ? src + int64_t(row0 + r) * ld_g + col : src;
+        fa::cp_async_16_zfill(dst + r * Tile<D>::kLd + col, s, ok);
+    }
+}
+
+FA_DEVICE int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// The mask tensor's value at element offset `off`: bool -> keep or drop; float -> added (log2 units).
+FA_DEVICE bool apply_mask_value(MaskElem elem, const void* mask, int64_t off, float& x) {
+    switch (elem) {
+        case MaskElem::boolean: return static_cast<const uint8_t*>(mask)[off] != 0;
+        case MaskElem::f32: x += static_cast<const float*>(mask)[off] * kLog2e; break;
+        case MaskElem::f16: x += fa::to_float(static_cast<const fa::half_t*>(mask)[off]) * kLog2e; break;
+        case MaskElem::bf16: x += fa::to_float(static_cast<const fa::bf16_t*>(mask)[off]) * kLog2e; break;
+        case MaskElem::f64: x += float(static_cast<const double*>(mask)[off]) * kLog2e; break;
+        default: break;
+    }
+    return true;
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(const AttnFwdParams p) {
+    using Cfg = Tile<D>;
+    constexpr int kBN = Cfg::kBN, kLd = Cfg::kLd;
+    FA_DYNAMIC_SMEM(T, smem);
+    T* sQ = smem;                  // [64][kLd]
+    T* sK = smem + Cfg::kQElems;   // [kBN][kLd]
+    T* sV = sK + Cfg::kKVElems;    // [kBN][kLd]
+
+    const int tid = int(threadIdx.x), lane = tid % 32, warp = tid / 32;
+    const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: row group, thread in quad
+    const int m_tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
+    const int h = int(blockIdx.y), b = int(blockIdx.z);
+    const int hk = h / (p.heads_q / p.heads_kv);
+    const int q0 = m_tile * kBlockM;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+    const int left = p.window_left, right = p.window_right;
+    const int n_k_tiles = (p.seqlen_k + kBN - 1) / kBN;
+    const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
+
+    // Band extremes of this query tile (positions of its first and last in-range rows).
+    const int64_t pos_first = int64_t(q0) + p.q_offset;
+    const int64_t pos_last = int64_t(min(q0 + kBlockM, p.seqlen_q) - 1) + p.q_offset;
+
+    // Which key tiles to visit: the summary's non-empty list, or the band's range.
+    int n_iter = 0, tile_lo = 0;
+    const int32_t* index = nullptr;
+    const int8_t* state = nullptr;
+    if (p.kv_count != nullptr) {
+        const int bs = p.summary_batch > 1 ? b : 0, hs = p.summary_heads > 1 ? h : 0;
+        const int64_t row = (int64_t(bs) * p.summary_heads + hs) * int64_t(gridDim.x) + m_tile;
+        n_iter = p.kv_count[row];
+        index = p.kv_index + row * n_k_tiles;
+        state = p.tile_state + row * n_k_tiles;
+    } else {
+        int64_t lo = left >= 0 ? pos_first - left : 0;
+        int64_t hi = right >= 0 ? pos_last + right : int64_t(p.seqlen_k) - 1;
+        lo = lo < 0 ? 0 : lo;
+        hi = hi > p.seqlen_k - 1 ? int64_t(p.seqlen_k) - 1 : hi;
+        if (lo <= hi) {
+            tile_lo = int(lo / kBN);
+            n_iter = int(hi / kBN) - tile_lo + 1;
+        }
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[dn][e] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    uint32_t qf[Cfg::kQInRegs ? D / 16 : 1][4];
+
+    if (n_iter > 0) {
+        load_rows<T, D, kBlockM>(sQ, qg, p.q_stride[2], q0, p.seqlen_q, tid);
+        const int kt0 = index ? index[0] : tile_lo;
+        load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kt0 * kBN, p.seqlen_k, tid);
+        fa::cp_async_commit();
+    }
+    const float scale_log2 = p.scale * kLog2e;
+
+    for (int it = 0; it < n_iter; ++it) {
+        const int kt = index ? index[it] : tile_lo + it;
+        const int k0 = kt * kBN;
+        fa::cp_async_wait<0>();  // K_j (and Q on the first tile) landed
+        __syncthreads();         // ... for every thread's copies; everyone is done with V_{j-1}
+        load_rows<T, D, kBN>(sV, vg, p.v_stride[2], k0, p.seqlen_k, tid);
+        fa::cp_async_commit();
+        if constexpr (Cfg::kQInRegs) {
+            if (it == 0) {
+                // lanes 0-15: rows 0-15 at column 16kk, lanes 16-31 at 16kk + 8 -> the m16k16 A fragment
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk)
+                    fa::ldmatrix_x4(qf[kk], sQ + (warp * 16 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+            }
+        }
+
+        // S = Q K^T: 16 x kBN per warp, fp32.
+        float s[kBN / 8][4];
+#pragma unroll
+        for (int ni = 0; ni < kBN / 8; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[ni][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk += 2) {
+            uint32_t a0[4], a1[4];
+            if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+                for (int r = 0; r < 4; ++r) a0[r] = qf[kk][r], a1[r] = qf[kk + 1][r];
+            } else {
+                const T* qrow = sQ + (warp * 16 + lane % 16) * kLd + (lane / 16) * 8;
+                fa::ldmatrix_x4(a0, qrow + kk * 16);
+                fa::ldmatrix_x4(a1, qrow + kk * 16 + 16);
+            }
+#pragma unroll
+            for (int ni = 0; ni < kBN / 8; ++ni) {
+                // Matrices: keys 8ni..8ni+7 at columns 16kk, +8, +16, +24: a K row is a B "col" column.
+                uint32_t kb[4];
+                fa::ldmatrix_x4(kb, sK + (ni * 8 + lane % 8) * kLd + kk * 16 + (lane / 8) * 8);
+                const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+                fa::mma_m16n8k16<T>(s[ni], a0, b0, s[ni]);
+                fa::mma_m16n8k16<T>(s[ni], a1, b1, s[ni]);
+            }
+        }
+
+        // Scale to log2 units; mask where the tile is not known to be fully visible.
+        // Lane (g, t) holds s[ni][e] at row 16w + g + 8(e/2), key k0 + 8ni + 2t + e%2.
+        bool partial;
+        if (state != nullptr) {
+            partial = state[kt] != kFull;
+        } else {
+            const int64_t k_last = int64_t(min(k0 + kBN, p.seqlen_k)) - 1;
+            partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
+        }
+        const bool tail = k0 + kBN > p.seqlen_k;
+        if (partial || tail) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                // Row i sees keys [j_lo, j_hi] of this tile (band and length), then the mask tensor.
+                const int i = q0 + warp * 16 + g + 8 * r;
+                int j_lo = k0, j_hi = min(k0 + kBN, p.seqlen_k) - 1;
+                if (partial) {
+                    const int64_t pos = int64_t(i) + p.q_offset;
+                    if (left >= 0) j_lo = int(clamp64(pos - left, k0, int64_t(k0) + kBN));
+                    if (right >= 0) j_hi = int(clamp64(pos + right, int64_t(k0) - 1, j_hi));
+                }
+                const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;
+                const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
+#pragma unroll
+                for (int ni = 0; ni < kBN / 8; ++ni)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int j = k0 + ni * 8 + 2 * t + c;
+                        float x = s[ni][2 * r + c] * scale_log2;
+                        bool keep = j >= j_lo && j <= j_hi;
+                        if (keep && read_mask)
+                            keep = apply_mask_value(p.mask_elem, p.mask, mask_row + int64_t(j) * p.mask_stride[3], x);
+                        s[ni][2 * r + c] = keep ? x : -INFINITY;
+                    }
+            }
+        } else {
+#pragma unroll
+            for (int ni = 0; ni < kBN / 8; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[ni][e] *= scale_log2;
+        }
+
+        // Online softmax per row (r = 0: row g, r = 1: row g + 8); the 4 lanes of a quad share a row.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = row_max[r];
+#pragma unroll
+            for (int ni = 0; ni < kBN / 8; ++ni) mx = fmaxf(mx, fmaxf(s[ni][2 * r], s[ni][2 * r + 1]));
+            mx = fmaxf(mx, fa::shfl_xor(mx, 1));
+            mx = fmaxf(mx, fa::shfl_xor(mx, 2));
+            const float m_use = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: exp2(-inf) = 0
+            const float alpha = exp2f(row_max[r] - m_use);
+            row_max[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int ni = 0; ni < kBN / 8; ++ni) {
+                s[ni][2 * r] = exp2f(s[ni][2 * r] - m_use);
+                s[ni][2 * r + 1] = exp2f(s[ni][2 * r + 1] - m_use);
+                sum += s[ni][2 * r] + s[ni][2 * r + 1];
+            }
+            row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn) o[dn][2 * r] *= alpha, o[dn][2 * r + 1] *= alpha;
+        }
+
+        fa::cp_async_wait<0>();  // V_j landed
+        __syncthreads();         // ... for every thread's copies; everyone is done reading K_j
+        if (it + 1 < n_iter) {
+            const int kn = index ? index[it + 1] : tile_lo + it + 1;
+            load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kn * kBN, p.seqlen_k, tid);
+            fa::cp_async_commit();
+        }
+
+        // O += P V. The accumulators of key columns 16kk..16kk+7 and +8..+15 are, packed to T, the
+        // A fragment (rows g, g+8; keys 2t, 2t+1, 2t+8, 2t+9) of an m16n8k16 over those 16 keys.
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+            const uint32_t pa[4] = {
+                fa::pack2<T>(s[2 * kk][0], s[2 * kk][1]), fa::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                fa::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), fa::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                // Matrices: keys 16kk+0..7 and +8..15 at columns 8dn, then the same at 8dn + 8;
+                // .trans gives V[key 2t, 2t+1][col g], the B "col" fragment.
+                uint32_t vb[4];
+                fa::ldmatrix_x4<true>(vb, sV + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + dn * 8 +
+                                              (lane / 16) * 8);
+                const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+                fa::mma_m16n8k16<T>(o[dn], pa, b0, o[dn]);
+                fa::mma_m16n8k16<T>(o[dn + 1], pa, b1, o[dn + 1]);
+            }
+        }
+    }
+
+    // Epilogue: finish the row sums across the quad, normalise, stage in this warp's 16 rows of sQ
+    // (only this warp ever reads them), then 16-byte coalesced stores of the in-range rows.
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        row_sum[r] += fa::shfl_xor(row_sum[r], 1);
+        row_sum[r] += fa::shfl_xor(row_sum[r], 2);
+        inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
+    }
+    T* sO = sQ + warp * 16 * kLd;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * kLd + dn * 8 + 2 * t) =
+                fa::pack2<T>(o[dn][2 * r] * inv[r], o[dn][2 * r + 1] * inv[r]);
+    __syncwarp();
+    T* og = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1];
+    constexpr int kChunks = D / 8;
+#pragma unroll
+    for (int c = lane; c < 16 * kChunks; c += 32) {
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        const int i = q0 + warp * 16 + r;
+        if (i < p.seqlen_q)
+            *reinterpret_cast<uint4*>(og + int64_t(i) * p.out_stride[2] + col) =
+                *reinterpret_cast<const uint4*>(sO + r * kLd + col);
+    }
+    if (t == 0) {
+        float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = q0 + warp * 16 + g + 8 * r;
+            if (i < p.seqlen_q) lse[i] = row_sum[r] > 0.f ? row_max[r] * kLn2 + logf(row_sum[r]) : -INFINITY;
+        }
+    }
+}
+
+template <class T, int D>
+const char* launch_typed(const AttnFwdParams& p, void* stream) {
+    constexpr int kSmem = Tile<D>::kSmemBytes;
+    auto* kernel = &attn_fwd_kernel<T, D>;
+#ifndef FASTATTN_EMULATE
+    if (kSmem > 48 * 1024) {
+        const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        if (err != cudaSuccess) return cudaGetErrorString(err);
+    }
+#endif
+    const dim3 grid(unsigned((p.seqlen_q + kBlockM - 1) / kBlockM), unsigned(p.heads_q), unsigned(p.batch));
+    FA_LAUNCH_KERNEL(kernel, grid, dim3(kThreads), kSmem, stream, p);
+#ifdef FASTATTN_EMULATE
+    (void)stream;
+    return nullptr;
+#else
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+#endif
+}
+
+template <class T>
+const char* launch_dtype(const AttnFwdParams& p, void* stream) {
+    switch (p.head_dim) {
+        case 32: return launch_typed<T, 32>(p, stream);
+        case 64: return launch_typed<T, 64>(p, stream);
+        case 96: return launch_typed<T, 96>(p, stream);
+        case 128: return launch_typed<T, 128>(p, stream);
+        case 256: return launch_typed<T, 256>(p, stream);
+        default: return "attn_fwd: head_dim must be 32, 64, 96, 128 or 256";
+    }
+}
+
+const char* launch(const AttnFwdParams& p, void* stream) {
+    if (p.seqlen_q <= 0 || p.heads_q <= 0 || p.batch <= 0) return nullptr;  // nothing to compute
+    if (p.dtype == DType::f16) return launch_dtype<fa::half_t>(p, stream);
+    return launch_dtype<fa::bf16_t>(p, stream);
+}
+
+}  // namespace attn_fwd
+}  // namespace fastattn

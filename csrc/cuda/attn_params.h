@@ -1,0 +1,50 @@
+// Parameters of the CUDA forward attention kernel (csrc/cuda/attn_fwd.cu), shared with its torch op
+// (csrc/attn_ops.cpp). Plain C++: no torch or CUDA headers, like params.h.
+#pragma once
+
+#include <stdint.h>
+
+#include "params.h"
+
+namespace fastattn {
+
+// Element type of the mask tensor: a bool mask is read as bytes, a float one is added to the scores.
+enum class MaskElem : int { none = 0, boolean = 1, f32 = 2, f16 = 3, bf16 = 4, f64 = 5 };
+
+// out (B, Hq, Lq, D) = softmax(scale · q kᵀ + mask) v, and lse (B, Hq, Lq) fp32, contiguous.
+// Strides are in elements; the last dim of q, k, v, out has stride 1, every other stride is a
+// multiple of 8 and the pointers are 16-byte aligned (16-byte cp.async / vector stores).
+struct AttnFwdParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;
+    float* lse;
+    int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];  // batch, head, row
+    int batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
+    float scale;
+    // The band of MaskSpec.bounds (causal folded in): query i sees keys
+    // i + q_offset - window_left <= j <= i + q_offset + window_right; -1 leaves a side unbounded.
+    int window_left, window_right;
+    int64_t q_offset;
+    // Optional mask tensor, read through its (B, Hq, Lq, Lk) strides (0 on broadcast dims).
+    MaskElem mask_elem;
+    const void* mask;
+    int64_t mask_stride[4];
+    // Optional TileSummary for (kBlockM, block_n(head_dim)): state int8 (Bm, Hm, nQ, nK),
+    // kv_count int32 (Bm, Hm, nQ), kv_index int32 (Bm, Hm, nQ, nK), contiguous; Bm, Hm are 1 or B, Hq.
+    const int8_t* tile_state;
+    const int32_t* kv_count;
+    const int32_t* kv_index;
+    int summary_batch, summary_heads;
+    DType dtype;
+};
+
+namespace attn_fwd {
+constexpr int kBlockM = 64;  // query rows per block: 4 warps x 16
+constexpr int block_n(int head_dim) { return head_dim <= 128 ? 64 : 32; }
+constexpr int kHeadDims[] = {32, 64, 96, 128, 256};
+const char* launch(const AttnFwdParams& p, void* stream);
+}  // namespace attn_fwd
+
+}  // namespace fastattn

@@ -1,0 +1,144 @@
+"""The CUDA backend (``backend="cuda"``): the hand-written FlashAttention-2-style forward kernel.
+
+Kernel ``attn_fwd_kernel`` (``csrc/cuda/attn_fwd.cu``, design note at its top) → op
+``fastattn::cuda_attn_fwd`` (``csrc/attn_ops.cpp``) → :class:`CudaBackend` → the shared
+``AttentionFunction``. Importing this module is cheap and never fails: the extension is built
+(``fastattn._ext.load``) and its fake implementation registered on first use. With
+``FASTATTN_CUDA_EMULATE=1`` the same kernel source runs on CPU tensors through the emulator
+(``load("cuda_emulate")``, slow; for tests on machines without a GPU).
+
+Backward: there is no CUDA backward kernel yet, so backward runs the Triton backend's kernels on
+CUDA tensors when Triton can run, else the float64-capable reference backend (always on CPU
+tensors under emulation). Both take the forward's ``(out, lse)`` as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .registry import Backend, get, names, register
+
+__all__ = ["CudaBackend", "BLOCK_M", "HEAD_DIMS", "block_n", "attn_fwd"]
+
+BLOCK_M = 64  # query rows per block (csrc/cuda/attn_params.h: attn_fwd::kBlockM)
+HEAD_DIMS = (32, 64, 96, 128, 256)  # the instantiated head dims (attn_params.h: kHeadDims)
+_DTYPES = (torch.float16, torch.bfloat16)
+_MAX_GRID_YZ = 65535  # batch and heads are grid dims y and z
+
+_fake_registered = False
+
+
+def block_n(head_dim: int) -> int:
+    """Key tile of the kernel for a head dim (attn_params.h: attn_fwd::block_n)."""
+    return 64 if head_dim <= 128 else 32
+
+
+def _emulating() -> bool:
+    return os.environ.get("FASTATTN_CUDA_EMULATE", "") not in ("", "0")
+
+
+def _ensure_loaded() -> None:
+    """Build (first use, cached) and load the extension, then register the op's fake implementation."""
+    global _fake_registered
+    from .. import _ext
+
+    _ext.load(_ext.cuda_kind())
+    if not _fake_registered:
+        torch.library.register_fake("fastattn::cuda_attn_fwd")(_cuda_attn_fwd_fake)
+        _fake_registered = True
+
+
+def _cuda_attn_fwd_fake(q, k, v, mask, tile_state, kv_count, kv_index, scale, window_left, window_right, q_offset):
+    out = q.new_empty(q.shape)
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def _kernel_ready(t: Tensor) -> Tensor:
+    """``t`` itself when the kernel can read it in place (16-byte rows), else a contiguous copy."""
+    ok = t.stride(-1) == 1 and t.storage_offset() % 8 == 0
+    ok = ok and all(size == 1 or stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+    return t if ok else t.contiguous()
+
+
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, spec, scale: float) -> tuple[Tensor, Tensor]:
+    """Run ``fastattn::cuda_attn_fwd``: ``(out (B, Hq, Lq, D), lse (B, Hq, Lq) fp32)``.
+
+    Builds (or reuses, cached on ``spec``) the tile summary for the kernel's block when there is a
+    mask tensor; the band (causal, window, q_offset) is handled inside the kernel analytically.
+    """
+    _ensure_loaded()
+    q, k, v = (_kernel_ready(t) for t in (q, k, v))
+    state = count = index = None
+    if spec.tensor is not None:
+        summary = spec.tile_summary(BLOCK_M, block_n(q.shape[-1]))
+        state, count, index = summary.state, summary.kv_count, summary.kv_index
+    left, right = spec.bounds
+    return torch.ops.fastattn.cuda_attn_fwd(
+        q, k, v, spec.tensor, state, count, index, float(scale), left, right, spec.q_offset
+    )
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    description = (
+        "hand-written CUDA forward kernel (FlashAttention-2 schedule: mma.sync/ldmatrix/cp.async, masks with "
+        "tile skipping, GQA; fp16/bf16, head dims 32/64/96/128/256). Backward falls back to the Triton backend "
+        "(the reference backend where Triton cannot run) until the CUDA backward kernel exists. "
+        "FASTATTN_CUDA_EMULATE=1 runs the kernel source on CPU tensors (slow; tests)"
+    )
+
+    def unavailable_reason(self) -> Optional[str]:
+        from .. import _ext
+
+        kind = _ext.cuda_kind()
+        if kind == "cuda" and not torch.cuda.is_available():
+            return (
+                "no CUDA GPU (torch.cuda.is_available() is False), and FASTATTN_CUDA_EMULATE=1 is not set "
+                "(it runs the kernel source on CPU tensors, slowly)"
+            )
+        reason = _ext.unavailable_reason(kind)
+        return f"cannot build the {kind} extension: {reason}" if reason else None
+
+    def unsupported_reason(self, problem, spec, dropout_p) -> Optional[str]:
+        device = problem.device
+        if _emulating():
+            if device.type != "cpu":
+                return f"FASTATTN_CUDA_EMULATE=1 runs the kernel on CPU tensors, got device {device}"
+        elif device.type != "cuda":
+            return f"expected CUDA tensors (or CPU tensors with FASTATTN_CUDA_EMULATE=1), got device {device}"
+        elif torch.cuda.get_device_capability(device)[0] < 8:
+            return "the kernel needs compute capability 8.0 or newer (mma.m16n8k16, cp.async)"
+        if problem.dtype not in _DTYPES:
+            return f"dtype {problem.dtype} is not supported (torch.float16 or torch.bfloat16)"
+        if problem.head_dim not in HEAD_DIMS:
+            return f"head_dim {problem.head_dim} is not supported (one of {', '.join(map(str, HEAD_DIMS))})"
+        if problem.head_dim_v != problem.head_dim:
+            return f"head_dim_v {problem.head_dim_v} must equal head_dim {problem.head_dim}"
+        if dropout_p > 0.0:
+            return "dropout is not implemented by the CUDA forward kernel"
+        if problem.batch > _MAX_GRID_YZ or problem.heads_q > _MAX_GRID_YZ:
+            return f"batch and heads must be at most {_MAX_GRID_YZ}, got {problem.batch} and {problem.heads_q}"
+        return None
+
+    def forward(self, q, k, v, spec, scale, dropout_p):
+        out, lse = attn_fwd(q, k, v, spec, scale)
+        return out, lse, ()
+
+    def backward_backend(self, device: torch.device) -> Backend:
+        """The backend whose backward runs in place of the missing CUDA backward kernel."""
+        if device.type == "cuda" and "triton" in names():
+            triton = get("triton")
+            if triton.unavailable_reason() is None:
+                return triton
+        return get("reference")
+
+    def backward(self, grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad):
+        fallback = self.backward_backend(q.device)
+        return fallback.backward(grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad)
+
+
+register(CudaBackend())
