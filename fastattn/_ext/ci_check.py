@@ -3,7 +3,8 @@
 ``python -m fastattn._ext.ci_check [--arch "8.0;9.0"] [--fresh]`` builds the ``cuda`` library through
 the same JIT path users take, then fails (exit 1) if
 
-* any kernel's ptxas report (``-Xptxas -v``) shows spill stores or loads, or
+* the test GEMM kernel's ptxas report (``-Xptxas -v``) shows spill stores or loads (other kernels' spills
+  are printed as warnings; ``--strict-spills`` fails on them too), or
 * the test GEMM kernel's SASS (``cuobjdump -sass``) has no ``HMMA`` (tensor-core mma) for some arch.
 
 It prints the build time (the goal is under a minute), and per kernel and arch the registers, shared
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="8.0;9.0")
     parser.add_argument("--fresh", action="store_true", help="rebuild even if cached, to time a clean build")
+    parser.add_argument("--strict-spills", action="store_true", help="fail on any kernel's spills")
     args = parser.parse_args(argv)
 
     from fastattn import _ext
@@ -125,7 +127,11 @@ def main(argv=None) -> int:
             f"{c.get('HMMA', '?'):>5} {c.get('LDSM', '?'):>5} {c.get('LDGSTS', '?'):>6}"
         )
         if r["spill"]:
-            failures.append(f"{r['kernel']} ({r['arch']}) spills {r['spill']} bytes")
+            message = f"{r['kernel']} ({r['arch']}) spills {r['spill']} bytes"
+            if "test_gemm" in r["kernel"] or args.strict_spills:
+                failures.append(message)
+            else:
+                print(f"ci_check: WARNING: {message}")
     archs = {f"sm_{a.replace('.', '').removesuffix('+PTX')}" for a in _ext.arch_list(args.arch)}
     for arch in sorted(archs):
         gemm = [c for (fn, a), c in counts.items() if "test_gemm" in fn and "gemm_kernel" in fn and a == arch]
