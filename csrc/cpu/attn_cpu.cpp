@@ -4,12 +4,16 @@
 //
 // This is its own TORCH_LIBRARY_FRAGMENT so that the CPU library builds and loads with a plain
 // C++ compiler, where no CUDA toolkit exists.
-#include <ATen/ATen.h>
 #include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -33,6 +37,18 @@ const Kernels* select_kernels() {
 bool portable_forced() {
   const char* env = std::getenv("FASTATTN_CPU_GEMM");
   return env != nullptr && std::strcmp(env, "portable") == 0;
+}
+
+// FASTATTN_POISON=1 (tests): outputs and scratch start as NaN, so an element never written shows.
+bool poison() {
+  const char* env = std::getenv("FASTATTN_POISON");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
+void maybe_poison(std::initializer_list<at::Tensor*> ts) {
+  if (!poison()) return;
+  for (at::Tensor* t : ts)
+    if (t->numel()) t->fill_(std::numeric_limits<float>::quiet_NaN());
 }
 
 // brgemm (oneDNN's micro-kernel inside torch) is used only where a self-test passes.
@@ -142,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_attn_fwd(const at::Tensor& q, const at::T
   const int64_t Dp = vnni ? round_even(s.D) : s.D, nK = ceil_div(s.Lk, block_k);
   at::Tensor kv_pack = at::empty({s.B * s.Hkv * nK * block_k * (Dp + s.Dv)},
                                  q.options().dtype(vnni ? at::kBFloat16 : at::kFloat));
+  maybe_poison({&out, &lse, &kv_pack});
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.kv_pack = kv_pack.data_ptr();
@@ -182,6 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_attn_bwd(
   const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(nK, ceil_div(16, s.B * s.Hkv)));
   at::Tensor delta = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(at::kFloat));
   at::Tensor dq_part = at::empty({n_chunks, s.B, s.Hq, s.Lq, s.D}, q.options().dtype(at::kFloat));
+  maybe_poison({&dq, &dk, &dv, &delta, &dq_part});
   p.dout = grad_out.data_ptr(), p.o = out.data_ptr();
   for (int d = 0; d < 4; ++d) p.do_s[d] = grad_out.stride(d), p.o_s[d] = out.stride(d);
   p.lse_in = lse_c.data_ptr<float>();
