@@ -29,8 +29,11 @@
 
 // Launch a kernel on a stream: the emulator has no <<<>>> syntax, so kernels launch through this.
 #ifdef FASTATTN_EMULATE
-#define FA_LAUNCH_KERNEL(kernel, grid, block, smem_bytes, stream, ...) \
-    ::fa_emu::launch((grid), (block), (smem_bytes), [&]() { kernel(__VA_ARGS__); })
+#define FA_LAUNCH_KERNEL(kernel, grid, block, smem_bytes, stream, ...)              \
+    do {                                                                               \
+        (void)(stream); /* the emulator runs synchronously, on the calling thread */   \
+        ::fa_emu::launch((grid), (block), (smem_bytes), [&]() { kernel(__VA_ARGS__); }); \
+    } while (0)
 // Dynamic shared memory: one fresh buffer per block, poisoned with 0xFF bytes (NaN in fp16/bf16/fp32).
 #define FA_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::fa_emu::dynamic_smem())
 #else
