@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import time
@@ -73,6 +74,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--backends", type=_names, help="comma-separated; default: every available one")
+    p.add_argument("--exclude-backends", type=_names, default=[], help="left out of the default set")
     p.add_argument("--seqlens", type=_ints, help="default: 512..16384 on a GPU, 128..2048 on the CPU")
     p.add_argument("--seqlen-k", type=int, help="key length of every point (default: the query's)")
     p.add_argument("--head-dims", type=_ints, help="default: 64,128 on a GPU, 64 on the CPU")
@@ -92,6 +94,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--markdown", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
+    p.add_argument("--from-json", metavar="FILE", help="no run: redraw --markdown/--plot from a saved --json")
     p.add_argument("--save-results", metavar="DIR", help="write DIR/<hardware>-<date>.{json,md,png}")
     p.add_argument("--rep-seconds", type=float, help="CPU: time spent on timed reps per row (0.25; --quick 0.05)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -268,7 +271,8 @@ def shapes_for(args) -> list[_points.Shape]:
 def backend_names(args) -> list[str]:
     runners = _runners.all_runners()
     names = args.backends or _runners.default_names(runners, args.device)
-    unknown = [n for n in names if n not in runners]
+    names = [n for n in names if n not in args.exclude_backends]
+    unknown = [n for n in names + args.exclude_backends if n not in runners]
     if unknown:
         raise SystemExit(f"--backends: expected names from {list(runners)}, got unknown {unknown}")
     return names
@@ -346,8 +350,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(raw)
     args.argv = raw
     t0 = time.perf_counter()
-    head, rows = run(args)
-    head["wall_s"] = round(time.perf_counter() - t0, 1)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        head, rows = saved["header"], saved["rows"]
+    else:
+        head, rows = run(args)
+        head["wall_s"] = round(time.perf_counter() - t0, 1)
     json_path, md_path, png_path = args.json, args.markdown, args.plot
     if args.save_results:
         os.makedirs(args.save_results, exist_ok=True)
@@ -369,7 +378,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         why = _report.plot(png_path, head, rows)
         print(why or f"wrote {png_path}")
     counts = {s: sum(r["status"] == s for r in rows) for s in _report.STATUSES}
-    print(f"{len(rows)} rows: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; {head['wall_s']} s")
+    print(f"{len(rows)} rows: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; {head.get('wall_s')} s")
     return 1 if args.strict and counts["error"] else 0
 
 
