@@ -259,3 +259,19 @@ def test_quick_run_on_cuda(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert all(r["status"] == "ok" for r in rows if r["backend"] in ("sdpa", "math"))
     assert all(r["peak_mem_mb"] > 0 for r in rows if r["status"] == "ok")
+
+
+def test_cpu_peers_points_are_expressible():
+    """cpu_peers.py's block-sparse layout is the suite's ``--masks boolean`` at L=4096 (same seed), and
+    its window point is ``--masks window --causal true --window 256`` (is_causal + (255, 0))."""
+    try:
+        import cpu_peers
+    except Exception as exc:  # owned elsewhere; its imports may need the CPU extension
+        pytest.skip(f"benchmarks/cpu_peers.py not importable here: {exc}")
+    layout = cpu_peers.block_layout(4096)
+    ours = _points.block_sparse(4096, 4096, cpu_peers.BLOCK, cpu_peers.DENSITY, seed=0)
+    assert torch.equal(layout.repeat_interleave(64, 0).repeat_interleave(64, 1), ours)
+    shape = _shape("window", causal=True, b=1, h=8, lq=8192, d=64, window=cpu_peers.WINDOW)
+    maskin = _points.build_mask(shape, "cpu")
+    assert maskin.fastattn_kwargs() == {"attn_mask": None, "is_causal": True, "window": (255, 0)}
+    assert _points.attended_pairs(shape, maskin) == 8 * int(cpu_peers.dense_mask("window", 8192, None).sum())
