@@ -167,41 +167,49 @@ inline float max_of(const float* x, int64_t n) {
   Vec vm(kNegInf);
   int64_t j = 0;
   for (; j + vs <= n; j += vs) vm = at::vec::maximum(vm, Vec::loadu(x + j));
-  float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
-  for (; j < n; ++j) m = std::max(m, x[j]);
-  return m;
+  if (j < n) vm = at::vec::maximum(vm, Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j), n - j));
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
 }
 
-// Stores exp(x[j] - sub) converted to out_t into out[j]; returns the fp32 sum.
+// out[j] = exp(x[j] * mul - sub) converted to out_t, two vectors at a time (one bf16 vector);
+// returns the fp32 sum.
 template <typename out_t>
-inline float exp_store(const float* x, int64_t n, float sub, out_t* out) {
+inline float exp_store(const float* x, int64_t n, float mul, float sub, out_t* out) {
   const int64_t vs = Vec::size();
-  const Vec vsub(sub);
-  Vec vsum(0.f);
-  alignas(64) float tmp[Vec::size()];
+  const Vec vmul(mul), vsub(sub), zero(0.f);
+  Vec sum0(0.f), sum1(0.f);
   int64_t j = 0;
-  for (; j + vs <= n; j += vs) {
-    Vec e = (Vec::loadu(x + j) - vsub).exp_u20();
-    vsum = vsum + e;
+  for (; j + 2 * vs <= n; j += 2 * vs) {
+    const Vec e0 = at::vec::fmsub(Vec::loadu(x + j), vmul, vsub).exp_u20();
+    const Vec e1 = at::vec::fmsub(Vec::loadu(x + j + vs), vmul, vsub).exp_u20();
+    sum0 = sum0 + e0;
+    sum1 = sum1 + e1;
     if constexpr (std::is_same<out_t, float>::value) {
-      e.store(out + j);
+      e0.store(out + j);
+      e1.store(out + j + vs);
     } else {
-      e.store(tmp);
-      at::vec::convert(tmp, out + j, vs);
+      at::vec::convert_from_float<out_t>(e0, e1).store(out + j);
     }
   }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; j < n; ++j) {
-    const float e = std::exp(x[j] - sub);
-    sum += e;
-    out[j] = from_f<out_t>(e);
+  if (j < n) {  // the tail, masked: lanes past n are zero in the sum and never stored
+    const int64_t c0 = std::min(vs, n - j), c1 = n - j - c0;
+    const Vec e0 = Vec::set(zero, at::vec::fmsub(Vec::loadu(x + j, c0), vmul, vsub).exp_u20(), c0);
+    const Vec e1 = c1 > 0 ? Vec::set(zero, at::vec::fmsub(Vec::loadu(x + j + vs, c1), vmul, vsub).exp_u20(), c1) : zero;
+    sum0 = sum0 + e0;
+    sum1 = sum1 + e1;
+    if constexpr (std::is_same<out_t, float>::value) {
+      e0.store(out + j, c0);
+      if (c1 > 0) e1.store(out + j + vs, c1);
+    } else {
+      at::vec::convert_from_float<out_t>(e0, e1).store(out + j, n - j);
+    }
   }
-  return sum;
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum0 + sum1);
 }
 
 template <typename T>
 inline void fill_zero(T* x, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) x[j] = from_f<T>(0.f);
+  if (n > 0) std::memset(static_cast<void*>(x), 0, sizeof(T) * n);
 }
 
 // ---------------------------------------------------------------- masks and tile states
@@ -424,15 +432,25 @@ void attn_fwd(const AttnParams& p) {
             fill_zero(prow, npad);
             continue;
           }
-          scale_inplace(s + c0, c1 - c0, p.scale);
-          if (states[it] != kFull && p.mask_kind != kMaskNone) apply_mask_row(p, b, h, i, k0, c0, c1, s);
-          const float m_new = std::max(mrow[r], max_of(s + c0, c1 - c0));
+          // With no mask to add and scale > 0, max(s * scale) = scale * max(s): scale inside exp.
+          const bool plain = (states[it] == kFull || p.mask_kind == kMaskNone) && p.scale > 0.f;
+          float mul = p.scale;
+          float row_max;
+          if (plain) {
+            row_max = max_of(s + c0, c1 - c0) * p.scale;
+          } else {
+            scale_inplace(s + c0, c1 - c0, p.scale);
+            if (p.mask_kind != kMaskNone) apply_mask_row(p, b, h, i, k0, c0, c1, s);
+            row_max = max_of(s + c0, c1 - c0);
+            mul = 1.f;
+          }
+          const float m_new = std::max(mrow[r], row_max);
           if (m_new == kNegInf) {
             fill_zero(prow, npad);
             continue;
           }
           const float alpha = mrow[r] == kNegInf ? 0.f : std::exp(mrow[r] - m_new);
-          const float sum = exp_store(s + c0, c1 - c0, m_new, prow + c0);
+          const float sum = exp_store(s + c0, c1 - c0, mul, m_new, prow + c0);
           fill_zero(prow, c0);
           fill_zero(prow + c1, npad - c1);
           lrow[r] = lrow[r] * alpha + sum;
@@ -569,7 +587,7 @@ void attn_bwd(const AttnParams& p) {
               std::fill(dp, dp + r0, 0.f);
               std::fill(dp + std::max(r0, r1), dp + mpad, 0.f);
               if (r0 >= r1) continue;
-              if (states[it] != kFull) {
+              if (states[it] != kFull && p.mask_kind != kMaskNone) {
                 for (int64_t r = r0; r < r1; ++r) {
                   float x = s[r] * p.scale;
                   const int64_t i = q0 + r;
