@@ -1,0 +1,298 @@
+"""A reference encoder-decoder Transformer on ``fastattn.MultiheadAttention``'s building blocks.
+
+What "done right" means here: the decoder has causal self-attention *and* cross-attention to the
+encoder's output; tokens are embedded (scaled by ``sqrt(d_model)``) plus sinusoidal positions
+computed for the positions asked (so decoding at position ``t`` needs no table); pre-norm (with a
+final norm per stack) or post-norm; key-padding masks come from lengths; greedy ``generate`` keeps a
+key/value cache per layer and attends with one query against the cached keys, aligned bottom-right
+with ``q_offset = Lk - Lq``, and gives the same tokens as decoding the whole prefix every step.
+
+All masks here are fastattn's (boolean True = attend) and batch-first, passed straight to
+``MultiheadAttention.attend``; no torch-convention conversion happens in this module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.multihead import MultiheadAttention, check_backend
+
+__all__ = ["Transformer", "sinusoidal_positions", "lengths_to_mask"]
+
+
+def sinusoidal_positions(positions: Tensor, d_model: int, dtype: torch.dtype) -> Tensor:
+    """``(L, d_model)`` encodings of integer ``positions`` (Vaswani et al.): sin on even, cos on odd dims."""
+    half = torch.arange(0, d_model, 2, device=positions.device, dtype=torch.float32)
+    freq = torch.exp(half * (-math.log(10000.0) / d_model))
+    angles = positions.to(torch.float32).unsqueeze(-1) * freq  # (L, ceil(d/2))
+    enc = torch.zeros(positions.shape[0], d_model, device=positions.device, dtype=torch.float32)
+    enc[:, 0::2] = torch.sin(angles)
+    enc[:, 1::2] = torch.cos(angles[:, : d_model // 2])
+    return enc.to(dtype)
+
+
+def lengths_to_mask(lengths: Optional[Tensor], seqlen: int, batch: int) -> Optional[Tensor]:
+    """``(B,)`` lengths → key-padding mask ``(B, 1, 1, L)``, True = a real token (attend); None stays None."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, Tensor) or lengths.shape != (batch,) or lengths.dtype.is_floating_point:
+        got = f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths: expected an integer tensor of shape ({batch},), got {got}")
+    positions = torch.arange(seqlen, device=lengths.device)
+    return (positions.unsqueeze(0) < lengths.unsqueeze(1)).view(batch, 1, 1, seqlen)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, activation: str, factory: dict) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward, **factory)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.activation = {"relu": F.relu, "gelu": F.gelu}[activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention over the source (key padding only) and a feed-forward block."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, norm_first, backend, factory) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(
+            d_model, nhead, dropout=dropout, batch_first=True, backend=backend, **factory
+        )
+        self.ff = _FeedForward(d_model, dim_feedforward, dropout, activation, factory)
+        self.norm1 = nn.LayerNorm(d_model, **factory)
+        self.norm2 = nn.LayerNorm(d_model, **factory)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def _sa(self, x: Tensor, src_mask: Optional[Tensor]) -> Tensor:
+        q, k, v = self.self_attn.project(x, x, x)
+        return self.dropout1(self.self_attn.attend(q, k, v, attn_mask=src_mask))
+
+    def forward(self, x: Tensor, src_mask: Optional[Tensor] = None) -> Tensor:
+        if self.norm_first:
+            x = x + self._sa(self.norm1(x), src_mask)
+            return x + self.dropout2(self.ff(self.norm2(x)))
+        x = self.norm1(x + self._sa(x, src_mask))
+        return self.norm2(x + self.dropout2(self.ff(x)))
+
+
+@dataclass
+class LayerCache:
+    """One decoder layer's cache: self-attention keys/values so far, cross-attention keys/values once."""
+
+    self_k: Optional[Tensor] = None
+    self_v: Optional[Tensor] = None
+    memory_k: Optional[Tensor] = None
+    memory_v: Optional[Tensor] = None
+
+
+@dataclass
+class DecoderCache:
+    layers: list = field(default_factory=list)
+    length: int = 0  # target positions already decoded
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention to the encoder's output, and a feed-forward block."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, norm_first, backend, factory) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(
+            d_model, nhead, dropout=dropout, batch_first=True, backend=backend, **factory
+        )
+        self.cross_attn = MultiheadAttention(
+            d_model, nhead, dropout=dropout, batch_first=True, backend=backend, **factory
+        )
+        self.ff = _FeedForward(d_model, dim_feedforward, dropout, activation, factory)
+        self.norm1 = nn.LayerNorm(d_model, **factory)
+        self.norm2 = nn.LayerNorm(d_model, **factory)
+        self.norm3 = nn.LayerNorm(d_model, **factory)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def _sa(self, y: Tensor, tgt_mask: Optional[Tensor], cache: Optional[LayerCache]) -> Tensor:
+        q, k, v = self.self_attn.project(y, y, y)
+        if cache is not None:
+            if cache.self_k is not None:
+                k, v = torch.cat([cache.self_k, k], dim=2), torch.cat([cache.self_v, v], dim=2)
+            cache.self_k, cache.self_v = k, v
+        # New queries sit after the cached keys: bottom-right causal alignment.
+        out = self.self_attn.attend(q, k, v, attn_mask=tgt_mask, is_causal=True, q_offset=k.shape[2] - q.shape[2])
+        return self.dropout1(out)
+
+    def _ca(self, y: Tensor, memory: Tensor, memory_mask: Optional[Tensor], cache: Optional[LayerCache]) -> Tensor:
+        if cache is not None and cache.memory_k is not None:
+            (q, _, _), k, v = self.cross_attn.project(y), cache.memory_k, cache.memory_v
+        else:
+            q, k, v = self.cross_attn.project(y, memory, memory)
+            if cache is not None:
+                cache.memory_k, cache.memory_v = k, v
+        return self.dropout2(self.cross_attn.attend(q, k, v, attn_mask=memory_mask))
+
+    def forward(
+        self,
+        y: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        cache: Optional[LayerCache] = None,
+    ) -> Tensor:
+        if self.norm_first:
+            y = y + self._sa(self.norm1(y), tgt_mask, cache)
+            y = y + self._ca(self.norm2(y), memory, memory_mask, cache)
+            return y + self.dropout3(self.ff(self.norm3(y)))
+        y = self.norm1(y + self._sa(y, tgt_mask, cache))
+        y = self.norm2(y + self._ca(y, memory, memory_mask, cache))
+        return self.norm3(y + self.dropout3(self.ff(y)))
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer for token sequences, batch-first.
+
+    ``forward(src, tgt, src_lengths=None, tgt_lengths=None)`` returns logits ``(B, Lt, tgt_vocab)``
+    for teacher forcing (``tgt`` starts with BOS). Lengths give key-padding masks (padding on the
+    right); ``pad_id`` is the padding token (its embedding is zero). ``backend`` goes to every
+    attention module.
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: Optional[int] = None,
+        d_model: int = 256,
+        nhead: int = 4,
+        num_encoder_layers: int = 3,
+        num_decoder_layers: int = 3,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        norm_first: bool = True,
+        pad_id: int = 0,
+        backend: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"activation: expected 'relu' or 'gelu', got {activation!r}")
+        if d_model % nhead:
+            raise ValueError(f"d_model: expected a multiple of nhead={nhead}, got {d_model}")
+        tgt_vocab_size = src_vocab_size if tgt_vocab_size is None else tgt_vocab_size
+        factory = {"device": device, "dtype": dtype}
+        check_backend(backend)
+        self.d_model, self.pad_id, self.norm_first = d_model, pad_id, norm_first
+        self.src_embed = nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id, **factory)
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id, **factory)
+        args = (d_model, nhead, dim_feedforward, dropout, activation, norm_first, backend, factory)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(*args) for _ in range(num_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(*args) for _ in range(num_decoder_layers))
+        # Pre-norm leaves the residual stream unnormalised: one final norm per stack.
+        self.encoder_norm = nn.LayerNorm(d_model, **factory) if norm_first else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(d_model, **factory) if norm_first else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.generator = nn.Linear(d_model, tgt_vocab_size, **factory)
+        # Embeddings ~ N(0, 1/d_model), so that after the sqrt(d_model) scale tokens and positions
+        # have comparable size (torch's N(0, 1) default would drown the positions).
+        for embed in (self.src_embed, self.tgt_embed):
+            nn.init.normal_(embed.weight, std=d_model**-0.5)
+            with torch.no_grad():
+                embed.weight[pad_id].zero_()
+
+    def _embed(self, embed: nn.Embedding, tokens: Tensor, start: int = 0) -> Tensor:
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        x = embed(tokens) * math.sqrt(self.d_model)
+        return self.dropout(x + sinusoidal_positions(positions, self.d_model, x.dtype))
+
+    def _check_tokens(self, name: str, tokens: Tensor) -> None:
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+            got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"{name}: expected integer token ids of shape (B, L), got {got}")
+
+    def encode(self, src: Tensor, src_lengths: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Encoder output ``(B, Ls, d_model)`` and the source key-padding mask (True = attend) or None."""
+        self._check_tokens("src", src)
+        src_mask = lengths_to_mask(src_lengths, src.shape[1], src.shape[0])
+        x = self._embed(self.src_embed, src)
+        for layer in self.encoder_layers:
+            x = layer(x, src_mask)
+        return self.encoder_norm(x), src_mask
+
+    def decode(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_mask: Optional[Tensor] = None,
+        tgt_lengths: Optional[Tensor] = None,
+        cache: Optional[DecoderCache] = None,
+    ) -> Tensor:
+        """Logits ``(B, Lt, V)`` for ``tgt``; with ``cache``, ``tgt`` holds only the new positions."""
+        self._check_tokens("tgt", tgt)
+        start = 0 if cache is None else cache.length
+        tgt_mask = None
+        if tgt_lengths is not None:
+            if cache is not None:
+                raise ValueError("tgt_lengths: not supported with a key/value cache (decoding pads nothing)")
+            tgt_mask = lengths_to_mask(tgt_lengths, tgt.shape[1], tgt.shape[0])
+        if cache is not None and not cache.layers:
+            cache.layers = [LayerCache() for _ in self.decoder_layers]
+        y = self._embed(self.tgt_embed, tgt, start)
+        for i, layer in enumerate(self.decoder_layers):
+            y = layer(y, memory, tgt_mask, memory_mask, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length += tgt.shape[1]
+        return self.generator(self.decoder_norm(y))
+
+    def forward(
+        self,
+        src: Tensor,
+        tgt: Tensor,
+        src_lengths: Optional[Tensor] = None,
+        tgt_lengths: Optional[Tensor] = None,
+    ) -> Tensor:
+        memory, memory_mask = self.encode(src, src_lengths)
+        return self.decode(tgt, memory, memory_mask, tgt_lengths)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        src: Tensor,
+        src_lengths: Optional[Tensor] = None,
+        *,
+        bos_id: int,
+        eos_id: Optional[int] = None,
+        max_new_tokens: int = 32,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Greedy decoding: ``(B, T)`` tokens after BOS, ``T <= max_new_tokens``; after EOS, ``pad_id``.
+
+        With ``use_cache`` each step runs the decoder on the newest token only, against cached keys
+        and values (one query, ``q_offset = Lk - 1``); without, it reruns the whole prefix.
+        """
+        memory, memory_mask = self.encode(src, src_lengths)
+        batch = src.shape[0]
+        tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=src.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=src.device)
+        cache = DecoderCache() if use_cache else None
+        for _ in range(max_new_tokens):
+            step_in = tokens[:, -1:] if use_cache else tokens
+            logits = self.decode(step_in, memory, memory_mask, cache=cache)[:, -1]
+            nxt = logits.argmax(dim=-1).masked_fill(done, self.pad_id)
+            tokens = torch.cat([tokens, nxt.unsqueeze(1)], dim=1)
+            if eos_id is not None:
+                done = done | (nxt == eos_id)
+                if bool(done.all()):
+                    break
+        return tokens[:, 1:]
