@@ -22,14 +22,13 @@
 namespace fastattn {
 namespace {
 
-// 16-byte cp.async / vector access: unit last stride, other strides multiples of 8 elements, aligned base.
-void check_layout(const char* op, const char* name, const at::Tensor& t) {
+// The kernel reads 16-byte rows (cp.async): unit last stride, other strides multiples of 8 elements,
+// a 16-byte aligned start. Such a tensor is used in place (any other strides, e.g. a (B, L, H, D)
+// storage seen as (B, H, L, D)); anything else is copied to a contiguous tensor first.
+at::Tensor kernel_ready(const at::Tensor& t) {
     bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
     for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) == 1 || t.stride(d) % 8 == 0);
-    TORCH_CHECK(ok, op, ": argument '", name,
-                "' must have a unit last stride, the other strides multiples of 8 and a 16-byte aligned "
-                "start (call .contiguous()), got strides ",
-                t.strides(), " for shape ", t.sizes());
+    return ok ? t : t.contiguous();
 }
 
 MaskElem mask_elem(at::ScalarType d) {
@@ -78,9 +77,6 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
                 ": window_left and window_right must be >= -1 (-1 = unbounded), got ", window_left, " and ",
                 window_right);
     TORCH_CHECK(std::isfinite(scale), op, ": argument 'scale' must be finite, got ", scale);
-    check_layout(op, "q", q);
-    check_layout(op, "k", k);
-    check_layout(op, "v", v);
 
     const bool has_mask = mask_opt.has_value() && mask_opt->defined();
     const bool has_summary = tile_state_opt.has_value() && tile_state_opt->defined();
@@ -105,16 +101,17 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
         return {out, lse};
     }
 
+    const at::Tensor qr = kernel_ready(q), kr = kernel_ready(k), vr = kernel_ready(v);
     AttnFwdParams p{};
-    p.q = q.data_ptr();
-    p.k = k.data_ptr();
-    p.v = v.data_ptr();
+    p.q = qr.data_ptr();
+    p.k = kr.data_ptr();
+    p.v = vr.data_ptr();
     p.out = out.data_ptr();
     p.lse = lse.data_ptr<float>();
     for (int d = 0; d < 3; ++d) {
-        p.q_stride[d] = q.stride(d);
-        p.k_stride[d] = k.stride(d);
-        p.v_stride[d] = v.stride(d);
+        p.q_stride[d] = qr.stride(d);
+        p.k_stride[d] = kr.stride(d);
+        p.v_stride[d] = vr.stride(d);
         p.out_stride[d] = out.stride(d);
     }
     p.batch = int(batch);

@@ -247,3 +247,22 @@ def test_covering_set_covers_every_factor():
     assert any(c[1] != c[2] for c in CASES)
     # every (dtype, head dim in {64, 128}) pair
     assert set(itertools.product((torch.float16, torch.bfloat16), (64, 128))) <= {(c[6], c[5]) for c in CASES}
+
+
+def test_torch_compile_fullgraph():
+    """The op's fake implementation lets torch.compile trace the whole call (forward and fallback backward)."""
+    q, k, v, kw = _inputs(1, 2, 2, 17, 33, 64, torch.float16, "causal_mask", seed=14)
+    q.requires_grad_()
+
+    def f(q, k, v, mask):
+        return fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True, backend="cuda")
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, kw["attn_mask"])
+    ref = oracle.attention(q.detach().double(), k.double(), v.double(), **kw)
+    assert_close(out, ref, oracle.attention(q.detach(), k, v, compute_dtype=q.dtype, **kw))
+    (dq,) = torch.autograd.grad(out.float().sum(), q)
+    q64 = q.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(oracle.attention(q64, k.double(), v.double(), **kw).sum(), q64)
+    q16 = q.detach().requires_grad_()
+    (base,) = torch.autograd.grad(oracle.attention(q16, k, v, compute_dtype=q.dtype, **kw).float().sum(), q16)
+    assert_close(dq, want, base, factor=3, name="dq")

@@ -29,7 +29,7 @@ HEAD_DIMS = (32, 64, 96, 128, 256)  # the instantiated head dims (attn_params.h:
 _DTYPES = (torch.float16, torch.bfloat16)
 _MAX_GRID_YZ = 65535  # batch and heads are grid dims y and z
 
-_fake_registered = False
+_loaded_kind: Optional[str] = None  # "cuda" or "cuda_emulate" once that library is loaded and its fake registered
 
 
 def block_n(head_dim: int) -> int:
@@ -41,27 +41,28 @@ def _emulating() -> bool:
     return os.environ.get("FASTATTN_CUDA_EMULATE", "") not in ("", "0")
 
 
+def _kind() -> str:
+    return "cuda_emulate" if _emulating() else "cuda"
+
+
 def _ensure_loaded() -> None:
-    """Build (first use, cached) and load the extension, then register the op's fake implementation."""
-    global _fake_registered
+    """Build (first use, cached) and load the extension, then register the op's fake implementation.
+
+    Once loaded, this and ``unavailable_reason`` touch no files, so ``torch.compile`` traces through them.
+    """
+    global _loaded_kind
+    if _loaded_kind is not None:
+        return
     from .. import _ext
 
-    _ext.load(_ext.cuda_kind())
-    if not _fake_registered:
-        torch.library.register_fake("fastattn::cuda_attn_fwd")(_cuda_attn_fwd_fake)
-        _fake_registered = True
+    _ext.load(_kind())
+    torch.library.register_fake("fastattn::cuda_attn_fwd")(_cuda_attn_fwd_fake)
+    _loaded_kind = _kind()
 
 
 def _cuda_attn_fwd_fake(q, k, v, mask, tile_state, kv_count, kv_index, scale, window_left, window_right, q_offset):
     out = q.new_empty(q.shape)
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
-
-
-def _kernel_ready(t: Tensor) -> Tensor:
-    """``t`` itself when the kernel can read it in place (16-byte rows), else a contiguous copy."""
-    ok = t.stride(-1) == 1 and t.storage_offset() % 8 == 0
-    ok = ok and all(size == 1 or stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
-    return t if ok else t.contiguous()
 
 
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, spec, scale: float) -> tuple[Tensor, Tensor]:
@@ -71,7 +72,6 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, spec, scale: float) -> tuple[Tenso
     mask tensor; the band (causal, window, q_offset) is handled inside the kernel analytically.
     """
     _ensure_loaded()
-    q, k, v = (_kernel_ready(t) for t in (q, k, v))
     state = count = index = None
     if spec.tensor is not None:
         summary = spec.tile_summary(BLOCK_M, block_n(q.shape[-1]))
@@ -92,9 +92,11 @@ class CudaBackend(Backend):
     )
 
     def unavailable_reason(self) -> Optional[str]:
+        kind = _kind()
+        if kind == _loaded_kind and (kind == "cuda_emulate" or torch.cuda.is_available()):
+            return None
         from .. import _ext
 
-        kind = _ext.cuda_kind()
         if kind == "cuda" and not torch.cuda.is_available():
             return (
                 "no CUDA GPU (torch.cuda.is_available() is False), and FASTATTN_CUDA_EMULATE=1 is not set "
