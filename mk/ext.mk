@@ -4,7 +4,8 @@
 #                          the test GEMM in forward/reversed/random fiber orders, the broken GEMM
 #                          variants must fail), then the real nvcc build of the extension for sm_80
 #                          and sm_90 with the SASS HMMA and no-spill checks (skipped with a message
-#                          when nvcc is missing). No Python or torch is needed for the first part.
+#                          when nvcc is missing), and the nvcc build of the primitive tests (run when
+#                          a GPU is visible). No Python or torch is needed for the first part.
 #   make test-ext-emulate  only the emulator test binary.
 #   make test-ext-cuda     only the nvcc build + SASS/spill check.
 #   make test-ext-cuda-prims  the primitive tests built with nvcc; run when a GPU is visible.
@@ -21,7 +22,10 @@ EXT_CUDA_ARCHS ?= 8.0;9.0
 
 TEST_DEPS += test-ext-native
 
-test-ext-native: test-ext-emulate test-ext-cuda
+# With nvcc present, the primitive tests are also built for the GPU (and run when one is visible),
+# so that the hardware check of the emulator's layouts keeps compiling.
+EXT_HAVE_NVCC := $(shell command -v nvcc 2>/dev/null)
+test-ext-native: test-ext-emulate test-ext-cuda $(if $(EXT_HAVE_NVCC),test-ext-cuda-prims)
 
 $(EXT_BUILD)/emu/emulate.o: csrc/emulate/emulate.cpp $(EXT_EMU_HDRS)
 	@mkdir -p $(@D)

@@ -340,7 +340,9 @@ static void test_mma(bool bf16, int trials) {
                 }
                 const double err = std::fabs(d[m * 8 + n] - ref) / (mag + 1e-30);
                 worst = std::max(worst, std::isnan(d[m * 8 + n]) ? 1e30 : err);
-                if (!(err <= 1e-6)) ok = false;  // a few fp32 ulps of the terms' magnitude
+                // Tensor cores may align/truncate intermediate sums: allow ~100 fp32 ulps of the terms'
+                // magnitude (a layout error is O(1)). The emulator itself stays near 1e-7.
+                if (!(err <= 1e-5)) ok = false;
             }
     }
     char buf[96];

@@ -229,11 +229,9 @@ def _run_build(spec: _Spec, verbose: bool) -> None:
     env.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
     if spec.kind == "cuda":
         env["CUDA_HOME"] = find_cuda_home() or env.get("CUDA_HOME", "")
-    repo_parent = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = repo_parent + os.pathsep + env.get("PYTHONPATH", "")
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastattn._ext._worker"],
+    proc = subprocess.run(  # the worker runs as a script: it needs torch, not fastattn's other modules
+        [sys.executable, str(Path(__file__).with_name("_worker.py"))],
         input=json.dumps(job),
         text=True,
         stdout=subprocess.PIPE,
@@ -292,7 +290,10 @@ def build(
 
 
 def build_log(kind: str = "cuda", arch=None, sources=None) -> str:
-    """The captured compiler output of the cached build (ptxas's resource report for ``"cuda"``)."""
+    """The captured compiler output of the cached build (ptxas's resource report for ``"cuda"``).
+
+    Keyed by the current sources: for the log of a library already in hand, read ``build.log`` beside it.
+    """
     spec = _Spec(kind, arch, sources)
     log = spec.build_dir / "build.log"
     return log.read_text() if log.is_file() else ""

@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 import time
+from pathlib import Path
 
 _RESOURCE_LINE = re.compile(r"ptxas info\s*:\s*(Compiling entry|Function properties|Used)|bytes stack frame|spill")
 
@@ -61,7 +62,9 @@ def run_build(args: argparse.Namespace) -> int:
         return 1
     seconds = time.perf_counter() - start
     if args.verbose:
-        log = _ext.build_log(kind, arch=args.arch)
+        # the log beside the library just built (the sources may have changed since, and with them the key)
+        log_file = Path(path).with_name("build.log")
+        log = log_file.read_text() if log_file.is_file() else ""
         report = resource_report(log)
         print("\n".join(report) if report else log)
     print(f"{kind} extension: {path} ({seconds:.1f} s)")
