@@ -170,7 +170,9 @@ def tables(rows: list[dict]) -> str:
                     mem.append("")
                 else:
                     up = ups.get((c, _point_key(r)))
-                    speed.append(_fmt(r["tflops"]) + (f" ({up:.2f}x)" if up is not None else ""))
+                    speed.append(
+                        _fmt(r["tflops"]) + ("" if up is None else f" ({up:.2f}x)" if up >= 0.01 else f" ({up:.1g}x)")
+                    )
                     mem.append(_fmt(r["peak_mem_mb"]) if r["peak_mem_mb"] is not None else "")
             length = str(lq) if lq == lk else f"{lq}/{lk}"
             lines.append(f"| {length} | {b} x {h} | " + " | ".join(speed) + " | " + " | ".join(mem) + " |")
@@ -193,7 +195,9 @@ def markdown(head: dict, rows: list[dict]) -> str:
         f"- command: `{head['command']}`",
         "",
     ]
-    return "\n".join(intro) + tables(rows)
+    left = head.get("not_in_default_set") or {}
+    outro = ["", "Not in the default set here:", ""] + [f"- {n}: {why}" for n, why in left.items()] if left else []
+    return "\n".join(intro) + tables(rows) + "\n".join(outro)
 
 
 def plot(path: str, head: dict, rows: list[dict]) -> Optional[str]:

@@ -53,6 +53,8 @@ class FastattnRunner(Runner):
         self.name = name
         self.backend = fastattn.backends.get(name)
         self.description = f"fastattn {name}: {self.backend.description}"
+        # On the CPU, "triton" and "cuda" can only run under the interpreter / emulator: not worth timing.
+        self.default_on_cpu = name not in ("triton", "cuda")
 
     def unavailable_reason(self, device):
         reason = self.backend.unavailable_reason()
@@ -211,12 +213,22 @@ def all_runners() -> dict[str, Runner]:
 
 
 def default_names(runners: dict[str, Runner], device: torch.device) -> list[str]:
-    """All runners available here (on the CPU without SDPA's forced flash, which is ``sdpa`` again)."""
-    return [
-        n
-        for n, r in runners.items()
-        if r.unavailable_reason(device) is None and (device.type == "cuda" or r.default_on_cpu)
-    ]
+    """All runners available here (on the CPU without SDPA's forced flash, which is ``sdpa`` again,
+    and without the Triton interpreter and the CUDA emulator)."""
+    return [n for n in runners if not left_out(runners, n, device)]
+
+
+def left_out(runners: dict[str, Runner], name: str, device: torch.device) -> Optional[str]:
+    """Why ``name`` is not in the default set here, or None."""
+    runner = runners[name]
+    reason = runner.unavailable_reason(device)
+    if reason:
+        return reason
+    if device.type == "cpu" and not runner.default_on_cpu:
+        if name == "flash":
+            return "on the CPU, SDPA's flash kernel is what 'sdpa' chooses: name it to time it again"
+        return "on the CPU it runs under an interpreter/emulator: name it in --backends to time it"
+    return None
 
 
 def quiet_trial(fn: Callable, *args) -> tuple[object, Optional[BaseException], list[str]]:

@@ -286,6 +286,9 @@ def run(args) -> tuple[dict, list[dict]]:
     shapes = shapes_for(args)
     unavailable = {n: runners[n].unavailable_reason(device) for n in names}
     head = _report.header(device, [os.path.relpath(sys.argv[0])] + list(getattr(args, "argv", None) or []))
+    if not args.backends:
+        others = [n for n in runners if n not in names and n not in args.exclude_backends]
+        head["not_in_default_set"] = {n: _runners.left_out(runners, n, device) for n in others}
     rows: list[dict] = []
     progress = Progress(len(shapes) * len(names) * len(args.modes))
     deadline = None if args.max_minutes is None else time.perf_counter() + 60 * args.max_minutes
