@@ -34,6 +34,45 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
+// Fiber switching. On x86-64 a hand-written switch saves the callee-saved registers and the FP
+// control words on the old stack and swaps stack pointers: no system call, unlike swapcontext(),
+// which also saves the signal mask (two rt_sigprocmask calls per switch) and dominated the run
+// time of mma-heavy kernels (33 switches per warp-wide mma). Elsewhere, ucontext.
+#if defined(__x86_64__) && !defined(FA_EMU_USE_UCONTEXT)
+#define FA_EMU_ASM_SWITCH 1
+extern "C" void fa_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl fa_emu_switch
+    .type fa_emu_switch,@function
+fa_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size fa_emu_switch,.-fa_emu_switch
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+#endif
+
 namespace fa_emu {
 namespace {
 
@@ -97,7 +136,11 @@ struct Stack {
 };
 
 struct Fiber {
+#ifdef FA_EMU_ASM_SWITCH
+    void* sp = nullptr;  // saved stack pointer while not running
+#else
     ucontext_t ctx;
+#endif
     Stack* stack = nullptr;
     ThreadIds ids;
     int linear = 0, warp = 0, lane = 0;
@@ -129,7 +172,11 @@ struct BlockRun {
     std::unique_ptr<unsigned char[]> smem;
     size_t smem_bytes = 0;
     const std::function<void()>* body = nullptr;
+#ifdef FA_EMU_ASM_SWITCH
+    void* sched_sp = nullptr;
+#else
     ucontext_t sched;
+#endif
     const void* sched_bottom = nullptr;
     size_t sched_size = 0;
     std::string error;
@@ -165,7 +212,11 @@ void yield(State s) {
     f.state = s;
     void* fake = nullptr;
     asan_start_switch(&fake, b.sched_bottom, b.sched_size);
+#ifdef FA_EMU_ASM_SWITCH
+    fa_emu_switch(&f.sp, b.sched_sp);
+#else
     swapcontext(&f.ctx, &b.sched);
+#endif
     asan_finish_switch(fake, &b.sched_bottom, &b.sched_size);
 }
 
@@ -182,14 +233,23 @@ void fiber_entry() {
     }
     f.state = State::done;
     asan_start_switch(nullptr, b.sched_bottom, b.sched_size);  // nullptr: this fiber ends
+#ifdef FA_EMU_ASM_SWITCH
+    fa_emu_switch(&f.sp, b.sched_sp);
+    __builtin_trap();  // a finished fiber is never resumed
+#else
     setcontext(&b.sched);
+#endif
 }
 
 void resume(BlockRun& b, Fiber& f) {
     t_fiber = &f;
     void* fake = nullptr;
     asan_start_switch(&fake, f.stack->base, f.stack->size);
+#ifdef FA_EMU_ASM_SWITCH
+    fa_emu_switch(&b.sched_sp, f.sp);
+#else
     swapcontext(&b.sched, &f.ctx);
+#endif
     asan_finish_switch(fake, nullptr, nullptr);
     t_fiber = nullptr;
 }
@@ -256,7 +316,8 @@ std::string run_block(BlockRun& b) {
     }
 }
 
-// Separate from launch() so that getcontext's "returns twice" cannot clobber launch's locals.
+// Separate from launch() so that getcontext's "returns twice" (ucontext path) cannot clobber
+// launch's locals.
 __attribute__((noinline)) void init_fiber(Fiber& f, size_t t, dim3 bid, dim3 block, dim3 grid) {
     f.stack = t_stacks[t].get();
 #ifdef FA_EMU_ASAN
@@ -273,11 +334,27 @@ __attribute__((noinline)) void init_fiber(Fiber& f, size_t t, dim3 bid, dim3 blo
     f.state = State::runnable;
     f.open_group.clear();
     f.committed.clear();
+#ifdef FA_EMU_ASM_SWITCH
+    // The new stack, as fa_emu_switch leaves an old one: FP control words, six saved registers, then
+    // the address its `ret` jumps to (fiber_entry), at a 16-byte boundary so that fiber_entry starts
+    // with the stack alignment of a called function; above it a null return address ends unwinding.
+    uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack->base) + f.stack->size) & ~uintptr_t(15);
+    void** slot = reinterpret_cast<void**>(top);
+    *--slot = nullptr;                                    // fiber_entry's "return address"
+    *--slot = reinterpret_cast<void*>(&fiber_entry);      // popped by fa_emu_switch's ret
+    for (int r = 0; r < 6; ++r) *--slot = nullptr;        // rbp rbx r12 r13 r14 r15
+    uint32_t fp_words[2];
+    asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(fp_words[0]), "=m"(fp_words[1]));
+    --slot;
+    memcpy(slot, fp_words, 8);                            // mxcsr, x87 control word
+    f.sp = slot;
+#else
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack->base;
     f.ctx.uc_stack.ss_size = f.stack->size;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
+#endif
 }
 
 Order env_order(uint64_t* seed) {

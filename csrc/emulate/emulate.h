@@ -6,7 +6,8 @@
 // the warp-level primitives of primitives.cuh, implemented in emulate.cpp:
 //
 // * A launch runs its blocks one after another. Each block's threads are cooperative fibers
-//   (ucontext) on the calling OS thread; a fiber runs until it reaches a __syncthreads() or a warp
+//   (a register-swapping switch on x86-64, ucontext elsewhere) on the calling OS thread; a fiber
+//   runs until it reaches a __syncthreads() or a warp
 //   collective (mma, ldmatrix, shuffle, __syncwarp), then the next runnable fiber runs.
 //   __syncthreads() releases when every live thread of the block has reached it. A deadlock
 //   (divergent barrier, a lane that exited before a collective) is reported as an error.

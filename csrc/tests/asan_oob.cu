@@ -15,7 +15,7 @@ __global__ void oob_dynamic(int n) {
 }
 
 __global__ void oob_static() {
-    __shared__ float s[64];
+    __shared__ volatile float s[64];
     s[threadIdx.x + 1] = 1.f;  // thread 63 writes s[64]
 }
 
