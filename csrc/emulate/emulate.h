@@ -7,8 +7,8 @@
 //
 // * A launch runs its blocks one after another. Each block's threads are cooperative fibers
 //   (a register-swapping switch on x86-64, ucontext elsewhere) on the calling OS thread; a fiber
-//   runs until it reaches a __syncthreads() or a warp
-//   collective (mma, ldmatrix, shuffle, __syncwarp), then the next runnable fiber runs.
+//   runs until it reaches a __syncthreads() or a warp collective (mma, ldmatrix, shuffle,
+//   __syncwarp), then the next runnable fiber runs.
 //   __syncthreads() releases when every live thread of the block has reached it. A deadlock
 //   (divergent barrier, a lane that exited before a collective) is reported as an error.
 // * The order in which runnable fibers (and blocks) are picked is forward, reversed or random
