@@ -163,3 +163,25 @@ def test_build_parser_and_resource_report():
     )
     report = resource_report(log)
     assert len(report) == 4 and report[-1].startswith("ptxas info    : Used 40 registers")
+
+
+def test_old_builds_are_pruned(tmp_path):
+    """Each source edit makes a new cache folder; only the newest few completed builds per kind stay."""
+    import types
+
+    def folder(name, mtime=None):
+        d = tmp_path / name
+        d.mkdir()
+        if mtime is not None:
+            (d / "build.json").write_text("{}")
+            os.utime(d / "build.json", (mtime, mtime))
+        return d
+
+    old = [folder(f"cuda-{i:04d}", 1000 + i) for i in range(6)]
+    in_progress = folder("cuda-busy")  # no build.json: a build running elsewhere
+    other_kind = folder("cuda_emulate-0000", 1)
+    current = folder("cuda-current", 5000)
+    _ext._prune(types.SimpleNamespace(kind="cuda", build_dir=current))
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == sorted(["cuda-current", "cuda-0005", "cuda-0004", "cuda-0003", "cuda-busy", "cuda_emulate-0000"])
+    assert in_progress.exists() and other_kind.exists() and not old[0].exists()

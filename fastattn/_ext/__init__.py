@@ -250,6 +250,26 @@ def _run_build(spec: _Spec, verbose: bool) -> None:
     spec.stamp.write_text(
         json.dumps({"kind": spec.kind, "library": spec.library.name, "archs": spec.archs, "seconds": round(seconds, 1)})
     )
+    _prune(spec)
+
+
+_KEEP_BUILDS = 4  # completed builds kept per kind: every source edit makes a new key
+
+
+def _prune(spec: _Spec) -> None:
+    """Delete the oldest completed builds of ``spec.kind`` beyond :data:`_KEEP_BUILDS` (never in-progress ones).
+
+    A library another process has loaded stays usable after its file is unlinked (Linux keeps the mapping).
+    """
+    done = []
+    for folder in spec.build_dir.parent.glob(f"{spec.kind}-*"):  # ("cuda-*" does not match "cuda_emulate-*")
+        try:
+            if folder != spec.build_dir:
+                done.append(((folder / "build.json").stat().st_mtime, folder))
+        except OSError:  # in progress (no build.json yet), or being deleted by another process
+            continue
+    for _, old in sorted(done, reverse=True)[_KEEP_BUILDS - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build(
