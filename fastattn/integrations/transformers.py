@@ -178,7 +178,6 @@ def mask_function(
                 q_length=q_length,
                 kv_length=kv_length,
             )
-    kwargs.pop("local_size", None)
     return mu.sdpa_mask(
         batch_size=batch_size,
         q_length=q_length,
