@@ -212,18 +212,20 @@ def all_runners() -> dict[str, Runner]:
     return runners
 
 
-def default_names(runners: dict[str, Runner], device: torch.device) -> list[str]:
+def default_names(runners: dict[str, Runner], device: torch.device, quick: bool = False) -> list[str]:
     """All runners available here (on the CPU without SDPA's forced flash, which is ``sdpa`` again,
-    and without the Triton interpreter and the CUDA emulator)."""
-    return [n for n in runners if not left_out(runners, n, device)]
+    and without the Triton interpreter and the CUDA emulator; with ``quick``, without Flex)."""
+    return [n for n in runners if not left_out(runners, n, device, quick)]
 
 
-def left_out(runners: dict[str, Runner], name: str, device: torch.device) -> Optional[str]:
+def left_out(runners: dict[str, Runner], name: str, device: torch.device, quick: bool = False) -> Optional[str]:
     """Why ``name`` is not in the default set here, or None."""
     runner = runners[name]
     reason = runner.unavailable_reason(device)
     if reason:
         return reason
+    if quick and name == "flex":
+        return "--quick leaves it out: compiling it per shape (30 s cold) exceeds the budget; name it to time it"
     if device.type == "cpu" and not runner.default_on_cpu:
         if name == "flash":
             return "on the CPU, SDPA's flash kernel is what 'sdpa' chooses: name it to time it again"

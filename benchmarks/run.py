@@ -270,7 +270,7 @@ def shapes_for(args) -> list[_points.Shape]:
 
 def backend_names(args) -> list[str]:
     runners = _runners.all_runners()
-    names = args.backends or _runners.default_names(runners, args.device)
+    names = args.backends or _runners.default_names(runners, args.device, args.quick)
     names = [n for n in names if n not in args.exclude_backends]
     unknown = [n for n in names + args.exclude_backends if n not in runners]
     if unknown:
@@ -288,7 +288,7 @@ def run(args) -> tuple[dict, list[dict]]:
     head = _report.header(device, [os.path.relpath(sys.argv[0])] + list(getattr(args, "argv", None) or []))
     if not args.backends:
         others = [n for n in runners if n not in names and n not in args.exclude_backends]
-        head["not_in_default_set"] = {n: _runners.left_out(runners, n, device) for n in others}
+        head["not_in_default_set"] = {n: _runners.left_out(runners, n, device, args.quick) for n in others}
     rows: list[dict] = []
     progress = Progress(len(shapes) * len(names) * len(args.modes))
     deadline = None if args.max_minutes is None else time.perf_counter() + 60 * args.max_minutes
