@@ -10,15 +10,22 @@
 // Bound:  each K/V tile loaded by a block serves 64 query rows, i.e. 64 FLOPs per byte from L2, and
 //         K/V are re-read from L2 (not HBM) by the Lq/64 blocks of one head; against HBM the intensity
 //         is ~Lq FLOPs/byte (2000 at L = 4096, D = 128), far above the H100/A100 ridge (~300/~150).
-//         So for L >= a few hundred it is tensor-core bound (mma.sync peak ~660 TFLOP/s dense fp16 on
-//         H100 SXM without wgmma, 312 on A100), with the softmax's exp2 on the SFU second (one per
-//         pair against 4·D tensor FLOPs). Target: >= 0.9x FlashAttention-2 (torch SDPA flash).
+//         So for L >= a few hundred it is tensor-core bound (A100: 312 TFLOP/s dense fp16/bf16; H100:
+//         mma.sync reaches only part of the 989 that wgmma does), with the softmax's exp2 on the SFU
+//         second (one per pair against 4·D tensor FLOPs). Target: >= 0.9x FlashAttention-2 (torch
+//         SDPA flash: ~230 TFLOP/s on A100, 324-370 on H100). Not measured yet: no GPU here.
 // Grid:   (query tiles of kBlockM = 64 rows, Hq, B); heaviest query tiles first (causal).
 //         128 threads: warp w owns query rows 16w..16w+15 of the tile for the whole kernel.
 // Tiles:  BLOCK_N = 64 keys (32 for D = 256, to keep the 16x256 fp32 accumulator in registers).
 // Registers per thread (D <= 128): Q fragments D/16 x 4 regs (A operand of every QKᵀ mma, loaded once
 //         by ldmatrix.x4), O accumulator D/8 x 4 fp32, S/P BLOCK_N/8 x 4 fp32, row max and sum x 2.
 //         D = 256: Q is re-read from shared memory per k-step (64 more registers would spill).
+//         ptxas (CUDA 13.0, -O3), registers per thread, fp16 = bf16, no spills in any variant:
+//             D        32    64    96   128   256
+//             sm_80   124   202   238   245   254
+//             sm_90   127   224   246   251   254
+//         i.e. 4 blocks (16 warps) per SM at D = 32 (launch bound; 3 blocks would spill at D = 64),
+//         2 blocks (8 warps) per SM otherwise, as FlashAttention-2's 255-register kernels.
 // Shared: Q tile [64][D+8], one K tile [BLOCK_N][D+8] and one V tile [BLOCK_N][D+8], 16-bit elements.
 //         Rows are padded by 8 elements (16 bytes): the 8 row addresses of an ldmatrix then fall in
 //         8 different 4-bank groups, so ldmatrix and the 16-byte cp.async stores are conflict-free.
@@ -26,8 +33,9 @@
 //         96 / 128 / 256 (above 48 KiB the launcher opts in).
 // Pipeline (FA2's): K and V of a key tile are two cp.async groups that alternate with the compute
 //         that does not read them: V_j streams in while S_j = Q K_jᵀ and the softmax run, K_{j+1}
-//         streams in while O += P_j V_j runs. That is the double buffer, at half the shared memory of
-//         two full K+V stages (52 KiB instead of 87 KiB at D = 128: 4 blocks per H100 SM instead of 2).
+//         streams in while O += P_j V_j runs. That is the double buffer, at the shared memory of one
+//         K+V stage instead of two (52 KiB instead of 87 KiB at D = 128: two register-limited blocks
+//         then fit an A100 SM, 164 KiB, and the rest of the carve-out stays L1).
 // Math:   S = Q Kᵀ by mma.m16n8k16 (K rows through ldmatrix.x4, non-transposed: K is already the
 //         "col" B operand); scores scaled by scale·log2(e) in fp32 (never folded into Q, which would
 //         round it to fp16/bf16); online softmax in the exp2 domain, row max and sum reduced across
@@ -61,6 +69,9 @@ struct Tile {
     static constexpr int kBN = block_n(D);
     static constexpr int kLd = D + 8;  // padded shared row, elements
     static constexpr bool kQInRegs = D <= 128;
+    // D = 32 fits 128 registers without spilling (4 blocks per SM); larger D need more than the
+    // 168 of 3 blocks per SM (ptxas spills there), so they take what they need (2 blocks per SM).
+    static constexpr int kMinBlocksPerSM = D <= 32 ? 4 : 1;
     static constexpr int kQElems = kBlockM * kLd, kKVElems = kBN * kLd;
     static constexpr int kSmemBytes = (kQElems + 2 * kKVElems) * 2;
     static_assert(D % 32 == 0, "S = QK^T consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
@@ -98,7 +109,7 @@ FA_DEVICE bool apply_mask_value(MaskElem elem, const void* mask, int64_t off, fl
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(const AttnFwdParams p) {
+__global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_kernel(const AttnFwdParams p) {
     using Cfg = Tile<D>;
     constexpr int kBN = Cfg::kBN, kLd = Cfg::kLd;
     FA_DYNAMIC_SMEM(T, smem);
