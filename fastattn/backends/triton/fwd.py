@@ -389,6 +389,8 @@ def attn_fwd(
     block_m: int,
     block_n: int,
     visited: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch ``_attn_fwd_kernel``: ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)``.
 
@@ -398,12 +400,25 @@ def attn_fwd(
     ``window_left``/``window_right`` are ``MaskSpec.bounds`` (causal folded in, -1 unbounded).
     ``philox`` is ``dropout.philox_seed_offset``'s tensor when ``dropout_p > 0``. ``visited``
     (int32 ``(B, Hq, n_q_tiles)``, optional) receives the number of key tiles each program loaded.
+    ``out``/``lse`` (optional, e.g. NaN-poisoned by tests) are written in place: ``out`` with any
+    strides, ``lse`` contiguous fp32.
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty(batch, heads_q, seqlen_q, head_dim_v, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(batch, heads_q, seqlen_q, head_dim_v, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
+    if out.shape != (batch, heads_q, seqlen_q, head_dim_v) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(
+            f"out: expected {(batch, heads_q, seqlen_q, head_dim_v)} {q.dtype} with unit last stride, "
+            f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}"
+        )
+    if lse.shape != (batch, heads_q, seqlen_q) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(
+            f"lse: expected contiguous {(batch, heads_q, seqlen_q)} float32, got {tuple(lse.shape)} {lse.dtype}"
+        )
     n_q_tiles = triton.cdiv(seqlen_q, block_m)
     dummy = torch.empty(2, dtype=torch.int64, device=q.device)
     if mask is None:
