@@ -37,6 +37,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -351,6 +352,19 @@ inline void release_brgemm(bool used) {
   if (used) at::native::cpublas::brgemm_release(true);
 }
 
+// Runs worker(claim) on each of torch's threads; claim() hands out task ids 0, 1, ... (>= n when
+// none are left). Dynamic, so a thread slowed by a busy core takes fewer tasks; each task's result
+// depends on its id alone, never on the thread that runs it.
+template <typename Worker>
+void parallel_dynamic(int64_t n, const Worker& worker) {
+  std::atomic<int64_t> next{0};
+  auto claim = [&next]() { return next.fetch_add(1, std::memory_order_relaxed); };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) worker(claim);
+  });
+}
+
 // ---------------------------------------------------------------- forward
 
 template <typename scalar_t, typename pack_t>
@@ -384,7 +398,8 @@ void attn_fwd(const AttnParams& p) {
     }
   });
 
-  at::parallel_for(0, B * Hq * nQ, 1, [&](int64_t begin, int64_t end) {
+  const int64_t n_tasks = B * Hq * nQ;
+  parallel_dynamic(n_tasks, [&](const auto& claim) {
     auto qa = scratch<pack_t>(BQ * Dp);
     auto S = scratch<float>(BQ * BK);
     auto Pb = scratch<pack_t>(vnni ? BQ * BK : 1);
@@ -394,7 +409,9 @@ void attn_fwd(const AttnParams& p) {
     auto tiles = scratch<int64_t>(nK);
     auto states = scratch<int8_t>(nK);
     pack_t* P = vnni ? Pb.get() : reinterpret_cast<pack_t*>(S.get());
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t task = claim(); task < n_tasks; task = claim()) {
+      // Last query tiles first: under causal masks they are the longest.
+      const int64_t t = n_tasks - 1 - task;
       const int64_t b = t / (Hq * nQ), h = (t / nQ) % Hq, qt = t % nQ, hk = h / group;
       const int64_t q0 = qt * BQ, m = std::min(BQ, Lq - q0);
       int64_t nt = 0;
@@ -506,7 +523,8 @@ void attn_bwd(const AttnParams& p) {
     }
   });
 
-  at::parallel_for(0, B * Hkv * n_chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t n_tasks = B * Hkv * n_chunks;
+  parallel_dynamic(n_tasks, [&](const auto& claim) {
     const int64_t mp = vnni ? round_even(BQ) : BQ;
     auto KA = scratch<pack_t>(per_chunk * BK * Dp);  // K tile as A: BK × Dp
     auto KB = scratch<pack_t>(per_chunk * BK * D);   // K tile as B: BK × D
@@ -526,7 +544,7 @@ void attn_bwd(const AttnParams& p) {
     auto lse_eff = scratch<float>(BQ);
     auto tiles = scratch<int64_t>(per_chunk);
     auto states = scratch<int8_t>(per_chunk);
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = claim(); t < n_tasks; t = claim()) {
       const int64_t b = t / (Hkv * n_chunks), hk = (t / n_chunks) % Hkv, ch = t % n_chunks;
       const int64_t kt0 = ch * per_chunk, kt1 = std::min(nK, kt0 + per_chunk);
       float* dq_part = p.dq_part + ch * (B * Hq * Lq * D);

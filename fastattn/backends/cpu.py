@@ -91,7 +91,7 @@ def _mask_args(spec: MaskSpec, block_q: int, block_k: int) -> tuple[Optional[Ten
     if base.dtype != torch.bool and base.dtype != torch.float32:
         base = base.to(torch.float32)  # the mask's own size, never Lq x Lk per head
     state = None
-    if spec.mask_obj is not None or (block_q, block_k) in spec._cache:
+    if spec.mask_obj is not None:
         state = spec.tile_summary(block_q, block_k).state
     return base, state
 
