@@ -15,8 +15,10 @@ __global__ void oob_dynamic(int n) {
 }
 
 __global__ void oob_static() {
-    __shared__ volatile float s[64];
+    __shared__ float s[64];
     s[threadIdx.x + 1] = 1.f;  // thread 63 writes s[64]
+    __syncthreads();
+    if (threadIdx.x == 0 && s[1] != 1.f) printf("unreachable\n");
 }
 
 __global__ void oob_global(const float* g) {
