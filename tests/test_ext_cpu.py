@@ -32,6 +32,6 @@ def test_cpu_library_builds_once_loads_and_runs(tmp_path, monkeypatch, capfd):
 def test_cpu_build_error_shows_the_compiler_output(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTATTN_CACHE_DIR", str(tmp_path / "cache"))
     bad = tmp_path / "bad_op.cpp"
-    bad.write_text("#include <torch/library.h>\nint f() { return undefined_name; }\n")
+    bad.write_text("int f() { return undefined_name; }\n")  # no torch headers: fails in a second
     with pytest.raises(RuntimeError, match=r"building the cpu extension failed(.|\n)*undefined_name"):
         _ext.build("cpu", sources=[bad])
