@@ -130,10 +130,13 @@ def test_forward_long_full(lq, lk, mask_kind):
     _check(*_inputs(1, 1, 1, lq, lk, 64, torch.float16, mask_kind, seed=3))
 
 
-@pytest.mark.parametrize("mask_kind", ["bool", "q_offset"])
-def test_same_answer_in_every_fiber_order(monkeypatch, mask_kind):
-    """Bit-identical output whichever emulated thread runs first: no missing barrier or cp.async wait."""
-    q, k, v, kw = _inputs(1, 2, 1, 65, 129, 64, torch.bfloat16, mask_kind, seed=11)
+@pytest.mark.parametrize("mask_kind, d", [("bool", 64), ("q_offset", 256)])
+def test_same_answer_in_every_fiber_order(monkeypatch, mask_kind, d):
+    """Bit-identical output whichever emulated thread runs first: no missing barrier or cp.async wait.
+
+    Head dim 256 reads Q from shared memory in the loop (the other dims keep it in registers).
+    """
+    q, k, v, kw = _inputs(1, 2, 1, 65, 129, d, torch.bfloat16, mask_kind, seed=11)
     results = []
     for order in ("forward", "reversed", "random:1", "random:5"):
         monkeypatch.setenv("FASTATTN_EMULATE_ORDER", order)
@@ -196,6 +199,13 @@ def test_strided_inputs_and_backward_fallback():
     for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
         assert_close(got, want, name=name, atol=2e-2 * max(1.0, float(want.abs().max())))
     assert "falls back" in fastattn.backends.get("cuda").description
+    # A start that is not 16-byte aligned (copied by the op) and a transposed (non-contiguous) mask.
+    q2 = torch.randn(1, 2, 17, 72, generator=g).to(torch.bfloat16)[..., 3:67]
+    k2 = torch.randn(1, 2, 20, 64, generator=g).to(torch.bfloat16)
+    mask = (torch.rand(20, 17, generator=g) > 0.3).t()
+    out = fastattn.scaled_dot_product_attention(q2, k2, k2, attn_mask=mask, backend="cuda")
+    ref = oracle.attention(q2.double(), k2.double(), k2.double(), attn_mask=mask)
+    assert_close(out, ref, oracle.attention(q2, k2, k2, attn_mask=mask, compute_dtype=q2.dtype))
 
 
 def test_opcheck():
