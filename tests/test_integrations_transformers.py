@@ -297,6 +297,20 @@ def test_logits_equal_eager_on_a_padded_batch(kind, monkeypatch):
         assert all(c["gqa"] and c["k"][1] < c["q"][1] for c in spy.calls)
 
 
+def test_reference_backend_by_name(monkeypatch):
+    """The tests above run the automatic choice (Triton when TRITON_INTERPRET=1); this pins the oracle."""
+    name = fastattn_hf.register("fastattn_reference", backend="reference")
+    fast, eager = _pair("mistral", name=name)
+    ids, mask = _batch("mistral")
+    spy = Spy(monkeypatch)
+    keep = mask.bool()
+    with torch.no_grad():
+        out = fast(input_ids=ids, attention_mask=mask).logits
+        ref = eager(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(out[keep], ref[keep], rtol=1e-4, atol=1e-4)
+    assert spy.calls and all(c["backend"] == "reference" for c in spy.calls)
+
+
 def test_compact_path_for_causal_plus_padding_builds_no_dense_mask(monkeypatch):
     """The mask the model hands its layers is a CompactMask, and transformers' dense builder never runs."""
     fast, _ = _pair("llama")
