@@ -542,6 +542,7 @@ void attn_bwd(const AttnParams& p) {
     auto dSb = scratch<pack_t>(BQ * BK);  // dS as A: BQ × BK
     auto dqacc = scratch<float>(BQ * D);
     auto lse_eff = scratch<float>(BQ);
+    auto colshift = scratch<float>(BQ);
     auto tiles = scratch<int64_t>(per_chunk);
     auto states = scratch<int8_t>(per_chunk);
     for (int64_t t = claim(); t < n_tasks; t = claim()) {
@@ -605,26 +606,35 @@ void attn_bwd(const AttnParams& p) {
               std::fill(dp, dp + r0, 0.f);
               std::fill(dp + std::max(r0, r1), dp + mpad, 0.f);
               if (r0 >= r1) continue;
+              // Pᵀ = exp(Sᵀ·scale + mask − lse): the mask column (strided over queries) is gathered
+              // into the lse shift first, so the exponentials stay vectorised.
+              const float* shift = lse_eff.get();
               if (states[it] != kFull && p.mask_kind != kMaskNone) {
-                for (int64_t r = r0; r < r1; ++r) {
-                  float x = s[r] * p.scale;
-                  const int64_t i = q0 + r;
-                  if (p.mask_kind == kMaskBool) {
-                    const bool* mk = static_cast<const bool*>(p.mask);
-                    if (!mk[b * p.m_s[0] + h * p.m_s[1] + i * p.m_s[2] + key * p.m_s[3]]) x = kNegInf;
-                  } else if (p.mask_kind == kMaskFloat) {
-                    const float* mk = static_cast<const float*>(p.mask);
-                    x += mk[b * p.m_s[0] + h * p.m_s[1] + i * p.m_s[2] + key * p.m_s[3]];
+                const int64_t mbase = b * p.m_s[0] + h * p.m_s[1] + (q0 + r0) * p.m_s[2] + key * p.m_s[3];
+                if (p.mask_kind == kMaskBool) {
+                  const bool* mk = static_cast<const bool*>(p.mask) + mbase;
+                  for (int64_t r = r0; r < r1; ++r)
+                    colshift[r] = mk[(r - r0) * p.m_s[2]] ? lse_eff[r] : std::numeric_limits<float>::infinity();
+                } else {
+                  const float* mk = static_cast<const float*>(p.mask) + mbase;
+                  for (int64_t r = r0; r < r1; ++r) {
+                    const float add = mk[(r - r0) * p.m_s[2]];
+                    // -inf in the mask: P = 0 exactly (never inf - inf).
+                    colshift[r] = add == kNegInf ? std::numeric_limits<float>::infinity() : lse_eff[r] - add;
                   }
-                  s[r] = std::exp(x - lse_eff[r]);
                 }
-              } else {
+                shift = colshift.get();
+              }
+              {
                 const int64_t vs = Vec::size();
                 const Vec vscale(p.scale);
                 int64_t r = r0;
                 for (; r + vs <= r1; r += vs)
-                  (Vec::loadu(s + r) * vscale - Vec::loadu(lse_eff.get() + r)).exp_u20().store(s + r);
-                for (; r < r1; ++r) s[r] = std::exp(s[r] * p.scale - lse_eff[r]);
+                  at::vec::fmsub(Vec::loadu(s + r), vscale, Vec::loadu(shift + r)).exp_u20().store(s + r);
+                if (r < r1)
+                  at::vec::fmsub(Vec::loadu(s + r, r1 - r), vscale, Vec::loadu(shift + r, r1 - r))
+                      .exp_u20()
+                      .store(s + r, r1 - r);
               }
               // dSᵀ = Pᵀ ∘ (dPᵀ − delta), in place over dPᵀ.
               const int64_t vs = Vec::size();
