@@ -68,43 +68,52 @@ def _pow2_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def fwd_tiles(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: Optional[int]) -> tuple[int, int]:
+def fwd_tiles(
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: Optional[int], heavy: bool = False
+) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for a head dim, dtype and compute capability (``arch`` = 90, 80, 75; None = interpreter).
 
-    Fixed per (arch, dtype, head dim) rather than autotuned so that the tile summary of a mask can be
-    built for the kernel's block before launch; autotuning picks warps and pipeline stages.
+    ``heavy``: a mask tensor or dropout (a mask tile and Philox draws per score need registers:
+    narrower key tiles keep them from spilling, as ``fastattn compile-check`` shows). Fixed per
+    variant rather than autotuned, so that the mask's tile summary can be built for the kernel's
+    block before launch; autotuning picks warps and pipeline stages (``fwd_configs``).
     """
     if arch is None:
         return INTERPRET_TILE
     d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
     wide = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
     if arch >= 90:
-        if d <= 64:
-            m, n = 128, 128
-        elif d <= 128:
-            m, n = 128, 64 if wide else 128
-        else:
-            m, n = (64, 32) if wide else (128, 64)
-    elif arch >= 80:
-        if d <= 64:
-            m, n = 128, 64
-        elif d <= 128:
-            m, n = (64, 64) if wide else (128, 64)
-        else:
-            m, n = (64, 32) if wide else (64, 64)
-    else:  # sm_75: FMA code from Triton; small tiles, 64 KB of shared memory
-        m, n = (64, 32) if d <= 128 else (32, 32)
-    return m, n
-
-
-def fwd_configs(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int) -> list[tuple[int, int]]:
-    """The (num_warps, num_stages) pairs autotuned for one (arch, dtype, head dim)."""
-    d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
+        if d <= 128 and not wide:
+            return (128, 32) if heavy else (128, 128)
+        if d <= 128:
+            return (64, 32) if heavy else (128, 64)
+        return (64, 32) if wide or heavy else (128, 64)
     if arch >= 80:
-        if d >= 256:
-            return [(8, 2), (4, 2)]
-        return [(4, 3), (8, 3)] if d <= 64 else [(8, 3), (4, 2)]
-    return [(4, 2)] if d <= 128 else [(4, 1)]
+        if d <= 64:
+            return (64, 64) if wide else (128, 64)
+        if d <= 128:
+            return (64, 32) if wide or heavy else (128, 64)
+        return (64, 32) if wide or heavy else (64, 64)
+    return (64, 32) if d <= 128 else (32, 32)  # sm_75: Triton emits FMA code there; 64 KB of shared memory
+
+
+def fwd_configs(
+    block_m: int, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int, heavy: bool = False
+) -> list[tuple[int, int]]:
+    """(num_warps, num_stages) pairs autotuned for one variant.
+
+    From ``fastattn compile-check`` (Triton 3.8): 128-row tiles spill at 4 warps (255 registers), so
+    they take 8; so do head dim 256 and mask/dropout variants on sm_80+, whose 4-warp versions spill;
+    three fp32 stages exceed sm_90's 227 KB of shared memory at head dim 128.
+    """
+    d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
+    if arch < 80:
+        return [(4, 1)]
+    warps = 8 if block_m >= 128 or d >= 256 or heavy else 4
+    stages = 2 if d >= 256 or (dtype == torch.float32 and d >= 128) else 3
+    if arch >= 90 and d <= 128 and block_m >= 128 and dtype != torch.float32 and not heavy:
+        return [(warps, 3), (warps, 2)]
+    return [(warps, stages)]
 
 
 def _seq_bucket(seqlen_q: int, seqlen_k: int) -> int:
@@ -338,12 +347,13 @@ def _attn_fwd_kernel(
         tl.store(Visited + bh.to(tl.int64) * tl.num_programs(0) + pid_m, n_visited.to(tl.int32))
 
 
-def _autotuned(arch: int, head_dim: int, head_dim_v: int, dtype: torch.dtype):
-    """``_attn_fwd_kernel`` wrapped in ``triton.autotune`` over this (arch, head dim, dtype)'s configs."""
-    key = (arch, _pow2_dim(head_dim), _pow2_dim(head_dim_v), dtype)
+def _autotuned(arch: int, block_m: int, head_dim: int, head_dim_v: int, dtype: torch.dtype, heavy: bool):
+    """``_attn_fwd_kernel`` wrapped in ``triton.autotune`` over the configs of this variant."""
+    key = (arch, block_m, _pow2_dim(head_dim), _pow2_dim(head_dim_v), dtype, heavy)
     if key not in _TUNED:
         configs = [
-            triton.Config({}, num_warps=w, num_stages=s) for w, s in fwd_configs(head_dim, head_dim_v, dtype, arch)
+            triton.Config({}, num_warps=w, num_stages=s)
+            for w, s in fwd_configs(block_m, head_dim, head_dim_v, dtype, arch, heavy)
         ]
         _TUNED[key] = triton.autotune(
             configs, key=["HEAD_DIM", "HEAD_DIM_V", "seq_bucket", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "DROPOUT"]
@@ -479,7 +489,7 @@ def attn_fwd(
         _attn_fwd_kernel[grid](*args, **meta, num_warps=4, num_stages=1)
     else:
         with torch.cuda.device(q.device):
-            _autotuned(arch, head_dim, head_dim_v, q.dtype)[grid](*args, **meta)
+            _autotuned(arch, block_m, head_dim, head_dim_v, q.dtype, mask is not None or dropout)[grid](*args, **meta)
     return out, lse
 
 
@@ -522,7 +532,8 @@ def forward(
     Picks the block for this device, builds (or reuses, cached on ``spec``) the tile summary for it,
     draws the dropout seed on the device, and calls the op. ``saved = (philox,)`` with dropout, else ``()``.
     """
-    block_m, block_n = fwd_tiles(q.shape[-1], v.shape[-1], q.dtype, _arch(q.device))
+    heavy = spec.tensor is not None or dropout_p > 0.0
+    block_m, block_n = fwd_tiles(q.shape[-1], v.shape[-1], q.dtype, _arch(q.device), heavy)
     state = count = index = None
     if spec.tensor is not None:
         summary = spec.tile_summary(block_m, block_n)

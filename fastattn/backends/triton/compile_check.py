@@ -1,0 +1,329 @@
+"""``fastattn compile-check``: compile the Triton kernels for sm_75/sm_80/sm_90 with no GPU and audit them.
+
+Each variant (kernel × dtype × head dim × mask variant × autotune config) is compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``. Registers and spill bytes
+come from the cubin through the ``cuobjdump -res-usage`` that Triton ships (``STACK``/``LOCAL``
+bytes: ptxas spills to the stack frame), shared memory from the compiled metadata (Triton's
+dynamic shared memory, which ``triton.compile`` does not check against the arch), and the MMA
+instruction from the PTX (``wgmma`` on sm_90, ``mma.sync`` on sm_80; Triton 3.8 emits FMA on
+sm_75). Exit status 1 on a compile failure, any spill, or shared memory above the arch's limit.
+
+By default: every autotune config of every dtype × head dim, with the simplest ("none") and the
+most complex ("float+window+dropout") mask variant. ``--all``: the full product of mask kind ×
+causal (plus dropout) per config. Variants compile in worker processes (``--jobs``) that run
+without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+__all__ = ["add_compile_check_parser", "run_compile_check", "variants", "compile_variant", "assess", "report", "main"]
+
+# Shared memory per block that a kernel may use (opt-in maximum), bytes.
+SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 75: 64 * 1024}
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+DTYPES = ("fp16", "bf16", "fp32")
+# Mask variant → (MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT).
+MASK_VARIANTS = {
+    "none": (0, False, False, False),
+    "causal": (0, False, True, False),
+    "window": (0, True, True, False),
+    "bool": (1, False, False, False),
+    "bool+causal": (1, False, True, False),
+    "float": (2, False, False, False),
+    "float+causal": (2, False, True, False),
+    "window+causal": (0, True, True, False),
+    "dropout": (0, False, False, True),
+    "float+window+dropout": (2, True, True, True),
+}
+DEFAULT_MASKS = ("none", "float+window+dropout")
+ALL_MASKS = ("none", "causal", "window", "bool", "bool+causal", "float", "float+causal", "dropout",
+             "float+window+dropout")  # fmt: skip
+
+
+@dataclass
+class Variant:
+    kernel: str
+    arch: int
+    dtype: str
+    head_dim: int
+    mask: str
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.dtype} d{self.head_dim} {self.mask} "
+            f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
+        )
+
+
+@dataclass
+class Result:
+    variant: Variant
+    ok: bool
+    registers: Optional[int] = None
+    spill_bytes: Optional[int] = None
+    shared_bytes: Optional[int] = None
+    mma: str = ""
+    seconds: float = 0.0
+    problems: list = field(default_factory=list)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYPES) -> list[Variant]:
+    """Every variant to compile: dtype × head dim × mask × autotune config, per arch (bf16 needs sm_80+)."""
+    from . import fwd
+
+    out = []
+    for arch in archs:
+        for dtype in dtypes:
+            if dtype == "bf16" and arch < 80:
+                continue  # the backend refuses bf16 below sm_80
+            for d in head_dims:
+                tdt = _torch_dtype(dtype)
+                for mask in ALL_MASKS if all_masks else DEFAULT_MASKS:
+                    kind, _, _, dropout = MASK_VARIANTS[mask]
+                    heavy = bool(kind) or dropout
+                    bm, bn = fwd.fwd_tiles(d, d, tdt, arch, heavy)
+                    for w, s in fwd.fwd_configs(bm, d, d, tdt, arch, heavy):
+                        out.append(Variant("_attn_fwd_kernel", arch, dtype, d, mask, bm, bn, w, s))
+    return out
+
+
+def _signature(v: Variant):
+    from . import fwd
+
+    fn = fwd._attn_fwd_kernel
+    mask_kind, has_left, has_right, dropout = MASK_VARIANTS[v.mask]
+    elt = "*" + v.dtype
+    sig, constexprs = {}, {}
+    pointers = {
+        "Q": elt,
+        "K": elt,
+        "V": elt,
+        "Out": elt,
+        "Lse": "*fp32",
+        "Mask": {0: elt, 1: "*u8", 2: elt}[mask_kind],
+        "TileState": "*i8" if mask_kind else "*i64",
+        "KvCount": "*i32" if mask_kind else "*i64",
+        "KvIndex": "*i32" if mask_kind else "*i64",
+        "Philox": "*i64",
+        "Visited": "*i64",
+    }
+    consts = {
+        "HEAD_DIM": v.head_dim,
+        "HEAD_DIM_V": v.head_dim,
+        "BLOCK_M": v.block_m,
+        "BLOCK_N": v.block_n,
+        "BLOCK_D": fwd._pow2_dim(v.head_dim),
+        "BLOCK_DV": fwd._pow2_dim(v.head_dim),
+        "MASK_KIND": mask_kind,
+        "HAS_LEFT": has_left,
+        "HAS_RIGHT": has_right,
+        "DROPOUT": dropout,
+        "COUNT_VISITED": False,
+        "DOT_PRECISION": "tf32",
+    }
+    # What the JIT specialises on a real launch: 16-aligned pointers and row strides of q/k/v/out.
+    aligned = set(pointers) | {f"stride_{t}{s}" for t in "qkvo" for s in "bhmn"}
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in pointers:
+            sig[name] = pointers[name]
+        elif name in consts:
+            sig[name] = "constexpr"
+            constexprs[name] = consts[name]
+        elif name in ("qk_scale", "dropout_p"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        if name in aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return fn, sig, constexprs, attrs
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _mma(ptx: str) -> str:
+    for name, pattern in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"), ("fma", "fma.rn")):
+        n = ptx.count(pattern)
+        if n:
+            return f"{name} x{n}"
+    return "none"
+
+
+def compile_variant(v: Variant) -> Result:
+    """Compile one variant and read its resources (runs in a worker without TRITON_INTERPRET)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    start = time.perf_counter()
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.compiler import compile as triton_compile
+
+        fn, sig, constexprs, attrs = _signature(v)
+        kernel = triton_compile(
+            ASTSource(fn, sig, constexprs, attrs),
+            target=GPUTarget("cuda", v.arch, 32),
+            options={"num_warps": v.num_warps, "num_stages": v.num_stages},
+        )
+    except Exception as exc:  # any compiler failure is a result to report, not a crash
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # The first line naming an error (ptxas crashes, frontend errors), else the last one.
+        msg = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else type(exc).__name__)
+        return Result(v, False, seconds=time.perf_counter() - start, problems=[f"compile failed: {msg[:200]}"])
+    res = Result(v, True, shared_bytes=int(kernel.metadata.shared), mma=_mma(kernel.asm["ptx"]))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
+    if m:
+        res.registers = int(m.group(1))
+        res.spill_bytes = int(m.group(2)) + int(m.group(4))
+        res.shared_bytes += int(m.group(3))
+    else:
+        res.problems.append("cuobjdump -res-usage gave no resource line")
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def assess(res: Result) -> Result:
+    """Fills ``problems``/``ok``: spills, shared memory over the arch's limit, the wrong MMA instruction."""
+    v = res.variant
+    if res.registers is not None:
+        if res.spill_bytes:
+            res.problems.append(f"spills {res.spill_bytes} bytes")
+        if res.shared_bytes > SMEM_LIMIT[v.arch]:
+            res.problems.append(f"shared memory {res.shared_bytes} > sm_{v.arch} limit {SMEM_LIMIT[v.arch]}")
+        if v.dtype in ("fp16", "bf16") and v.arch >= 80:
+            want = "wgmma" if v.arch >= 90 else "mma.sync"
+            if not res.mma.startswith(want):
+                res.problems.append(f"expected {want}, got {res.mma}")
+    res.ok = not res.problems
+    return res
+
+
+def _run_all(vs: list[Variant], jobs: int) -> list[Result]:
+    import multiprocessing as mp
+
+    saved = os.environ.pop("TRITON_INTERPRET", None)  # spawned workers inherit the environment at start
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            return list(pool.map(compile_variant, vs, chunksize=1))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _parse_archs(text: str) -> list[int]:
+    archs = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*sm_?(\d+)\s*", part)
+        if not m or int(m.group(1)) not in SMEM_LIMIT:
+            raise argparse.ArgumentTypeError(
+                f"--arch: expected a comma-separated list of sm_75, sm_80, sm_90, got {text!r}"
+            )
+        archs.append(int(m.group(1)))
+    return archs
+
+
+def add_compile_check_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds the ``compile-check`` subcommand to ``fastattn``'s CLI (``subparsers`` from ``add_subparsers``)."""
+    p = subparsers.add_parser(
+        "compile-check",
+        help="compile the Triton kernels for sm_75/sm_80/sm_90 without a GPU; report registers, spills, shared, MMA",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--arch", type=_parse_archs, default=[75, 80, 90], help="e.g. sm_75,sm_80,sm_90 (default)")
+    p.add_argument("--all", action="store_true", help="the full product: every mask kind × causal per config")
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON (for the benchmark report)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
+    p.add_argument(
+        "--head-dims",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=HEAD_DIMS,
+        help="comma-separated head dims (default: %(default)s)",
+    )
+    p.add_argument("--dtypes", type=lambda s: tuple(s.split(",")), default=DTYPES, help="fp16,bf16,fp32 (default: all)")
+    p.set_defaults(func=run_compile_check)
+    return p
+
+
+def run_compile_check(args) -> int:
+    """Compiles, prints the table, writes JSON if asked; returns 0 if all variants are clean, else 1."""
+    for d in args.dtypes:
+        if d not in DTYPES:
+            print(f"--dtypes: expected a subset of {','.join(DTYPES)}, got {d!r}", file=sys.stderr)
+            return 2
+    vs = variants(args.arch, args.all, args.head_dims, args.dtypes)
+    start = time.perf_counter()
+    results = _run_all(vs, max(1, args.jobs))
+    return report(results, time.perf_counter() - start, args.jobs, args.json)
+
+
+def report(results: list[Result], elapsed: float, jobs: int, json_path: Optional[str] = None) -> int:
+    """Prints the table (and writes JSON); 0 when every variant compiled clean, else 1."""
+    results = [assess(copy.deepcopy(r)) for r in results]
+    header = ("kernel", "variant", "arch", "regs", "spill B", "shared B", "mma", "status")
+    rows = [
+        (
+            r.variant.kernel,
+            r.variant.label,
+            f"sm_{r.variant.arch}",
+            "-" if r.registers is None else str(r.registers),
+            "-" if r.spill_bytes is None else str(r.spill_bytes),
+            "-" if r.shared_bytes is None else str(r.shared_bytes),
+            r.mma or "-",
+            "ok" if r.ok else "FAIL: " + "; ".join(r.problems),
+        )
+        for r in results
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    failed = sum(not r.ok for r in results)
+    print(f"\n{len(results)} variants compiled in {elapsed:.1f} s with {jobs} jobs; {failed} failed")
+    if json_path:
+        table = [{**asdict(r.variant), **{k: v for k, v in asdict(r).items() if k != "variant"}} for r in results]
+        with open(json_path, "w") as f:
+            json.dump({"elapsed_s": elapsed, "jobs": jobs, "results": table}, f, indent=1)
+    return 1 if failed else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Standalone entry: ``python -m fastattn.backends.triton.compile_check --arch sm_80``."""
+    parser = argparse.ArgumentParser(prog="fastattn")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_compile_check_parser(sub)
+    args = parser.parse_args(["compile-check", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""``fastattn compile-check`` on a small subset: real compiles for sm_90/sm_80/sm_75, the table and exit codes.
+
+The variants compile once (module fixture, in a spawned worker without ``TRITON_INTERPRET``); the
+exit-code cases re-assess those results with a patched limit, a synthetic spill and a variant that
+cannot compile, so the whole file stays near a minute on a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+pytest.importorskip("triton")
+
+from fastattn.backends.triton import compile_check as cc  # noqa: E402
+
+
+def _variant(arch, dtype="fp16", mask="none", block_n=32, warps=4, stages=2):
+    return cc.Variant("_attn_fwd_kernel", arch, dtype, 16, mask, 64, block_n, warps, stages)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    # The variants users get at head dim 16 (first autotune config), and block_n=8, below tl.dot's
+    # minimum of 16: a genuine compile failure.
+    real = [cc.variants([arch], False, head_dims=(16,), dtypes=("fp16",))[0] for arch in (90, 80, 75)]
+    assert all(v.mask == "none" for v in real)
+    vs = [*real, _variant(80, block_n=8)]
+    return cc._run_all(vs, jobs=1)
+
+
+def test_table_and_exit_zero(compiled, capsys, tmp_path):
+    path = tmp_path / "cc.json"
+    assert cc.report(compiled[:3], 1.0, 1, str(path)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["kernel", "variant", "arch"]
+    by_arch = {a: next(line for line in lines[1:4] if f" {a} " in line) for a in ("sm_90", "sm_80", "sm_75")}
+    assert "wgmma" in by_arch["sm_90"] and "mma.sync" in by_arch["sm_80"] and "fma" in by_arch["sm_75"]
+    assert all(line.rstrip().endswith("ok") for line in lines[1:4])
+    table = json.loads(path.read_text())["results"]
+    assert [r["arch"] for r in table] == [90, 80, 75]
+    for r in table:
+        assert r["ok"] and r["registers"] > 0 and r["spill_bytes"] == 0 and 0 < r["shared_bytes"] < 64 * 1024
+
+
+def test_compile_failure_exits_nonzero(compiled, capsys):
+    assert not compiled[3].ok
+    assert cc.report(compiled, 1.0, 1) == 1
+    assert "compile failed" in capsys.readouterr().out
+
+
+def test_shared_memory_limit_and_spill_exit_nonzero(compiled, capsys, monkeypatch):
+    monkeypatch.setitem(cc.SMEM_LIMIT, 80, 1024)
+    assert cc.report(compiled[1:2], 1.0, 1) == 1
+    assert "> sm_80 limit 1024" in capsys.readouterr().out
+    monkeypatch.undo()
+    spilled = cc.Result(compiled[0].variant, True, 128, 16, compiled[0].shared_bytes, compiled[0].mma)
+    assert cc.report([spilled], 1.0, 1) == 1
+    assert "spills 16 bytes" in capsys.readouterr().out
+
+
+def test_wrong_mma_is_flagged(compiled, capsys):
+    fake = cc.Result(compiled[0].variant, True, 128, 0, 1024, "fma x10")
+    assert cc.report([fake], 1.0, 1) == 1
+    assert "expected wgmma" in capsys.readouterr().out
+
+
+def test_parser_and_variant_sets():
+    parser = argparse.ArgumentParser()
+    cc.add_compile_check_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compile-check", "--arch", "sm_80,sm_90", "--json", "x.json"])
+    assert args.arch == [80, 90] and args.json == "x.json" and args.func is cc.run_compile_check
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compile-check", "--arch", "sm_70"])
+    default = cc.variants([75, 80, 90], all_masks=False)
+    full = cc.variants([75, 80, 90], all_masks=True)
+    assert {v.mask for v in default} == set(cc.DEFAULT_MASKS) and {v.mask for v in full} == set(cc.ALL_MASKS)
+    assert {v.head_dim for v in default} == set(cc.HEAD_DIMS)
+    assert not any(v.dtype == "bf16" and v.arch == 75 for v in full)
+    assert len(full) > len(default)
