@@ -22,6 +22,14 @@ from fastattn.testing import assert_close
 D_MODEL, NHEAD = 16, 2
 
 
+@pytest.fixture(autouse=True)
+def _automatic_choice_is_reference(monkeypatch):
+    """Modules built with ``backend=None`` resolve to "reference" here: under pytest the automatic
+    choice is the Triton interpreter (conftest sets TRITON_INTERPRET=1), far too slow for every
+    case; the tests named for a backend (triton, and each available one) pass it explicitly."""
+    monkeypatch.setenv("FASTATTN_BACKEND", "reference")
+
+
 @contextlib.contextmanager
 def torch_attention_forbidden(monkeypatch):
     def forbidden(name):
