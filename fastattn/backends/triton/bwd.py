@@ -25,28 +25,35 @@ Three kernels, one name each through every layer:
 
 Tile skipping is the forward's: the dQ pass walks ``TileSummary.kv_index`` (non-empty key tiles of its
 query tile); the dK/dV pass walks the transposed lists (non-empty query tiles of its key tile), built by
-``_transposed_lists`` from the summary's tile states, never from a dense mask. FULL tiles skip the band
-arithmetic and the boolean mask load; only sequence-end bounds are checked there.
+``_transposed_lists`` from the summary's tile states, never from a dense mask. Band-only specs use the
+same (analytic, tiny) summary. FULL tiles skip the boolean mask load; the band and sequence-end bounds
+are still applied (a few integer compares per element).
 
-FLOPs (FlashAttention's convention): backward = 2.5 x forward = ``10 * B * Hq * Lq * Lk * D`` (halved
-causal), i.e. the 5 matmuls of the dQ-in-dK/dV formulation. The two-pass schedule executes 7
-(``QK^T`` and ``dO V^T`` twice): 14 B Hq Lq Lk D, 1.4 x the reported count.
-Minimum bytes: read Q, K, V, O, dO, lse (+ mask) and write dQ, dK, dV once:
-``2 * (B * Hq * Lq * (3 D) + B * Hkv * Lk * (4 D))`` in 16-bit, plus ``B * Hq * Lq * Lk`` times the mask's
-element size for a full mask (and again for the bias gradient). Each pass re-reads the streamed
-operand once per resident tile: ``Lk / BLOCK_N`` times Q/dO for dK/dV, ``Lq / BLOCK_M`` times K/V for dQ,
-served mostly from L2. Arithmetic intensity ~ BLOCK (64-128) FLOP/byte per stream, well above an H100's
-~300 FLOP/byte ridge only through L2 reuse: the kernels should be **compute bound** (tensor cores) for
-L >= 1024, and bound by the lse/mask reads and launch overhead below that.
+FLOPs (FlashAttention's convention, what benchmarks report): backward = 2.5 x forward =
+``10 * B * Hq * Lq * Lk * D`` (halved by causal), the 5 matmuls of a one-pass backward. The two-pass
+schedule executes 7 (``QK^T`` and ``dO V^T`` in both passes), 1.4 x the reported count: the price of
+determinism without atomics.
+Minimum bytes (``e`` = element size): read Q, O, dO, K, V, lse and write dQ, dK, dV once:
+``e * (B*Hq*Lq*(2D + 2Dv) + B*Hkv*Lk*(2D + 2Dv)) + 12 * B*Hq*Lq`` (lse, delta written and read), plus a
+mask tensor's own size (broadcast dims stored once) and, only when asked, the ``e * B*Hq*Lq*Lk`` bias
+gradient. Each pass re-reads its streamed operand once per resident tile (Q/dO ``Lk / BLOCK_N`` times,
+K/V ``Lq / BLOCK_M`` times), mostly from L2; per streamed byte a tile does ~``BLOCK`` FLOPs.
+Bound: for L >= ~1k the FLOP/byte ratio at minimum traffic is ~``L`` (hundreds to thousands), far above
+an H100's ~300 FLOP/byte ridge: **compute bound** (tensor cores; target: at least FA2's ~322 TFLOP/s at
+D = 128). Short sequences are bound by launch overhead and the lse/delta/summary reads. With a bias
+gradient, the ``Lq x Lk`` write makes it memory bound (2 bytes per 10 D FLOPs in 16-bit).
 
-Under ``TRITON_INTERPRET=1`` one fixed small block (32) is used; on a GPU the block sizes follow the head
-dim (the tile summary depends on them, so they are not autotuned) and ``num_warps``/``num_stages`` are
-autotuned keyed on head dim and a power-of-two bucket of the sequence lengths. Sequence lengths and the
-scale are runtime arguments, never ``tl.constexpr``.
+Under ``TRITON_INTERPRET=1`` fixed blocks are used (32, or 64 above 512 keys: the interpreter's cost is
+per tile); on a GPU the blocks follow arch, dtype and head dim (the tile summary depends on them, so
+they are not autotuned; not yet measured on a GPU) and ``num_warps``/``num_stages`` are autotuned keyed
+on head dims, a power-of-two bucket of the sequence lengths and the mask/dropout variant. Sequence
+lengths and the scale are runtime arguments, never ``tl.constexpr``. fp32 uses TF32 only where torch
+allows it; float64 (for gradcheck) accumulates in float64.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Optional
@@ -65,6 +72,7 @@ __all__ = ["attn_bwd", "attn_bwd_debug", "triton_attn_bwd", "block_sizes", "INTE
 _LOG2E = 1.4426950408889634
 # Under TRITON_INTERPRET=1 one fixed block: the interpreter's cost is per numpy op (the forward's too).
 INTERPRET_BLOCKS = (32, 32, 32, 32)
+INTERPRET_BLOCKS_LONG = (64, 64, 64, 64)
 
 
 def _interpreting() -> bool:
@@ -75,8 +83,12 @@ def _pow2_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+def block_sizes(
+    head_dim: int, dtype: torch.dtype, device: torch.device, max_seqlen: int = 0
+) -> tuple[int, int, int, int]:
     """``(dK/dV BLOCK_M, dK/dV BLOCK_N, dQ BLOCK_M, dQ BLOCK_N)`` for this head dim, dtype and device.
+
+    Under the interpreter: 32, or 64 for sequences above 512 (its cost is per tile, not per element).
 
     The dK/dV pass keeps a wide key tile resident and streams narrow query tiles, the dQ pass the
     reverse (the Triton fused-attention tutorial's shapes). Fixed per (arch, dtype, head dim) rather
@@ -84,7 +96,7 @@ def block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> tupl
     """
     device = torch.device(device)
     if _interpreting() or device.type != "cuda":
-        return INTERPRET_BLOCKS
+        return INTERPRET_BLOCKS if max_seqlen <= 512 else INTERPRET_BLOCKS_LONG
     major, _ = torch.cuda.get_device_capability(device)
     d = _pow2_dim(head_dim)
     if dtype == torch.float64 or major < 8:
@@ -141,43 +153,25 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _probs_tile(
-    q, k, lse2, offs_m, offs_n, tile_state, mask_base, stride_mm, stride_mn,
-    seqlen_q, seqlen_k, qk_scale2, left, right, q_offset,
+    s, lse2, offs_m, offs_n, mask_ptrs, need_mask, seqlen_q, seqlen_k, left, right, q_offset,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """``P = exp(S - lse)`` of one ``(BLOCK_M, BLOCK_N)`` tile, as the forward computed it.
+    """``P = exp2(s - lse2)`` of one ``(BLOCK_M, BLOCK_N)`` tile of scaled scores ``s`` (exp2 domain).
 
-    ``lse2`` is ``lse * log2(e)`` with -inf (and rows past ``seqlen_q``) replaced by +inf, so those
-    rows give ``P = 0``, never NaN. FULL tiles skip the boolean mask load.
+    ``lse2`` is ``lse * log2(e)`` with +inf for an empty row (lse = -inf) and rows past ``seqlen_q``,
+    so those rows give ``P = 0``, never NaN. ``need_mask`` false (a FULL tile) skips the bool mask load.
     """
-    s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=DOT_PRECISION) * qk_scale2
-    allowed = band_allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
+    if HAS_LEFT or HAS_RIGHT:
+        allowed = band_allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
+    else:
+        allowed = offs_n[None, :] < seqlen_k
     if MASK_KIND == 0:
         s = tl.where(allowed, s, float("-inf"))
     else:
-        tile = load_tensor_mask(
-            mask_base, stride_mm, stride_mn, offs_m, offs_n, seqlen_q, seqlen_k, tile_state != TILE_FULL, MASK_KIND
-        )
+        # mask_ptrs already address this tile: unit strides here.
+        tile = load_tensor_mask(mask_ptrs, 0, 0, offs_m, offs_n, seqlen_q, seqlen_k, need_mask, MASK_KIND)
         s = apply_tensor_mask(s, allowed, tile, 1.4426950408889634, MASK_KIND)
     return tl.exp2(s - lse2[:, None])
-
-
-@triton.jit
-def _load_rows(ptr, offs, n, stride_r, offs_d, d, stride_d):
-    """A ``(len(offs), len(offs_d))`` tile of rows ``offs < n``, columns ``offs_d < d`` (zeros outside)."""
-    return tl.load(
-        ptr + offs[:, None].to(tl.int64) * stride_r + offs_d[None, :] * stride_d,
-        mask=(offs[:, None] < n) & (offs_d[None, :] < d),
-        other=0.0,
-    )
-
-
-@triton.jit
-def _load_lse2(lse_ptr, stride_lm, offs_m, seqlen_q, ACC: tl.constexpr):
-    """``lse * log2(e)`` of rows ``offs_m``; +inf for an empty row (lse = -inf) and past ``seqlen_q``."""
-    lse = tl.load(lse_ptr + offs_m * stride_lm, mask=offs_m < seqlen_q, other=float("-inf")).to(ACC)
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
 @triton.jit
@@ -206,35 +200,46 @@ def _attn_bwd_dkdv_kernel(
     b = pid_bg // heads_kv
     g = pid_bg % heads_kv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(K + b * stride_kb + g * stride_kh, offs_n, seqlen_k, stride_kn, offs_d, head_dim, stride_kd)
-    v = _load_rows(V + b * stride_vb + g * stride_vh, offs_n, seqlen_k, stride_vn, offs_dv, head_dim_v, stride_vd)
+    d_ok = offs_d[None, :] < head_dim
+    dv_ok = offs_dv[None, :] < head_dim_v
+    n_ok = offs_n[:, None] < seqlen_k
+    k_ptrs = K + b * stride_kb + g * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + g * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
+    k = tl.load(k_ptrs, mask=n_ok & d_ok, other=0.0)
+    v = tl.load(v_ptrs, mask=n_ok & dv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
     # The group's query heads in a fixed order: the GQA reduction is deterministic, with no atomics.
     for r in range(0, group):
         h = g * group + r
         bh = b * heads_q + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = Lse + b * stride_lb + h * stride_lh
-        mask_base = Mask + b * stride_mb + h * stride_mh
+        # Pointer blocks of this head's first query tile; each step below adds a scalar row offset.
+        q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+        lse_ptrs = Lse + b * stride_lb + h * stride_lh + rows * stride_lm
+        delta_ptrs = Delta + bh * seqlen_q + rows
+        mask_ptrs = Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_mm + offs_n[None, :] * stride_mn
         state_base = State + b * stride_sb + h * stride_sh + pid_n * stride_sn
         index_base = QIndex + b * stride_ib + h * stride_ih + pid_n * stride_in
         count = tl.load(QCount + b * stride_cb + h * stride_ch + pid_n * stride_cn)
         for it in range(0, count):
             m_tile = tl.load(index_base + it * stride_im)
             tile_state = tl.load(state_base + m_tile * stride_sm)
-            offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_base, offs_m, seqlen_q, stride_qm, offs_d, head_dim, stride_qd)
-            do = _load_rows(do_base, offs_m, seqlen_q, stride_dom, offs_dv, head_dim_v, stride_dod)
-            lse2 = _load_lse2(lse_base, stride_lm, offs_m, seqlen_q, ACC)
-            delta = tl.load(Delta + bh * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0).to(ACC)
+            start_m = m_tile.to(tl.int64) * BLOCK_M
+            offs_m = start_m + rows
+            m_ok = offs_m[:, None] < seqlen_q
+            q = tl.load(q_ptrs + start_m * stride_qm, mask=m_ok & d_ok, other=0.0)
+            do = tl.load(do_ptrs + start_m * stride_dom, mask=m_ok & dv_ok, other=0.0)
+            lse = tl.load(lse_ptrs + start_m * stride_lm, mask=offs_m < seqlen_q, other=float("-inf")).to(ACC)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(delta_ptrs + start_m, mask=offs_m < seqlen_q, other=0.0).to(ACC)
+            s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=DOT_PRECISION) * qk_scale2
             p = _probs_tile(
-                q, k, lse2, offs_m, offs_n, tile_state, mask_base, stride_mm, stride_mn,
-                seqlen_q, seqlen_k, qk_scale2, left, right, q_offset,
-                MASK_KIND, HAS_LEFT, HAS_RIGHT, DOT_PRECISION, ACC,
+                s, lse2, offs_m, offs_n, mask_ptrs + start_m * stride_mm, tile_state != TILE_FULL,
+                seqlen_q, seqlen_k, left, right, q_offset, MASK_KIND, HAS_LEFT, HAS_RIGHT,
             )  # fmt: skip
             dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=DOT_PRECISION)
             if DROPOUT:
@@ -247,15 +252,10 @@ def _attn_bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, out_dtype=ACC, input_precision=DOT_PRECISION)
     dk = dk * scale
-    n_ok = offs_n[:, None] < seqlen_k
     dk_ptrs = DK + b * stride_dkb + g * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn
-    tl.store(
-        dk_ptrs + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=n_ok & (offs_d[None, :] < head_dim)
-    )
+    tl.store(dk_ptrs + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=n_ok & d_ok)
     dv_ptrs = DV + b * stride_dvb + g * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn
-    tl.store(
-        dv_ptrs + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=n_ok & (offs_dv[None, :] < head_dim_v)
-    )
+    tl.store(dv_ptrs + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=n_ok & dv_ok)
 
 
 @triton.jit
@@ -289,62 +289,70 @@ def _attn_bwd_dq_kernel(
     h = pid_bh % heads_q
     g = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d[None, :] < head_dim
+    dv_ok = offs_dv[None, :] < head_dim_v
     m_ok = offs_m[:, None] < seqlen_q
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, seqlen_q, stride_qm, offs_d, head_dim, stride_qd)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, seqlen_q, stride_dom, offs_dv, head_dim_v, stride_dod)
-    lse2 = _load_lse2(Lse + b * stride_lb + h * stride_lh, stride_lm, offs_m, seqlen_q, ACC)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = (
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod
+    )
+    q = tl.load(q_ptrs, mask=m_ok & d_ok, other=0.0)
+    do = tl.load(do_ptrs, mask=m_ok & dv_ok, other=0.0)
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=offs_m < seqlen_q, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse.to(ACC) * 1.4426950408889634)
     delta = tl.load(Delta + pid_bh * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0).to(ACC)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
+    # Pointer blocks of the first key tile; each step below adds a scalar key offset.
+    k_ptrs = K + b * stride_kb + g * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + g * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    mask_ptrs = (
+        Mask + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mn
+    )
+    # (B, Hq, Lq, Lk) contiguous gradient / debug outputs: this tile's first key.
+    dense_ptrs = pid_bh * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :]
     state_base = State + b * stride_sb + h * stride_sh + pid_m * stride_sm
     index_base = KVIndex + b * stride_ib + h * stride_ih + pid_m * stride_im
-    # (B, Hq, Lq, Lk) contiguous debug/gradient outputs: row offsets of this tile.
-    dense_rows = pid_bh * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     count = tl.load(KVCount + b * stride_cb + h * stride_ch + pid_m * stride_cm)
     for it in range(0, count):
         n_tile = tl.load(index_base + it * stride_in)
         tile_state = tl.load(state_base + n_tile * stride_sn)
-        offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, seqlen_k, stride_kn, offs_d, head_dim, stride_kd)
-        v = _load_rows(v_base, offs_n, seqlen_k, stride_vn, offs_dv, head_dim_v, stride_vd)
+        start_n = n_tile.to(tl.int64) * BLOCK_N
+        offs_n = start_n + cols
+        n_ok = offs_n[:, None] < seqlen_k
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=n_ok & d_ok, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=n_ok & dv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=DOT_PRECISION) * qk_scale2
         p = _probs_tile(
-            q, k, lse2, offs_m, offs_n, tile_state, mask_base, stride_mm, stride_mn,
-            seqlen_q, seqlen_k, qk_scale2, left, right, q_offset,
-            MASK_KIND, HAS_LEFT, HAS_RIGHT, DOT_PRECISION, ACC,
+            s, lse2, offs_m, offs_n, mask_ptrs + start_n * stride_mn, tile_state != TILE_FULL,
+            seqlen_q, seqlen_k, left, right, q_offset, MASK_KIND, HAS_LEFT, HAS_RIGHT,
         )  # fmt: skip
         dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(Philox, pid_bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
             if WRITE_KEEP:
-                tl.store(
-                    KeepOut + dense_rows + offs_n[None, :], keep.to(tl.int8), mask=m_ok & (offs_n[None, :] < seqlen_k)
-                )
+                tl.store(KeepOut + dense_ptrs + start_n, keep.to(tl.int8), mask=m_ok & (offs_n[None, :] < seqlen_k))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC, input_precision=DOT_PRECISION)
         if WRITE_DS:
-            tl.store(
-                DS + dense_rows + offs_n[None, :], ds.to(DS.dtype.element_ty), mask=m_ok & (offs_n[None, :] < seqlen_k)
-            )
+            tl.store(DS + dense_ptrs + start_n, ds.to(DS.dtype.element_ty), mask=m_ok & (offs_n[None, :] < seqlen_k))
     if WRITE_DS or WRITE_KEEP:
         # The rest of the list holds the empty key tiles: zero gradient (and the mask as drawn).
         for it in range(count, n_k_tiles):
-            offs_n = tl.load(index_base + it * stride_in) * BLOCK_N + tl.arange(0, BLOCK_N)
+            start_n = tl.load(index_base + it * stride_in).to(tl.int64) * BLOCK_N
+            offs_n = start_n + cols
             ok = m_ok & (offs_n[None, :] < seqlen_k)
             if WRITE_DS:
-                tl.store(DS + dense_rows + offs_n[None, :], tl.zeros([BLOCK_M, BLOCK_N], DS.dtype.element_ty), mask=ok)
+                tl.store(DS + dense_ptrs + start_n, tl.zeros([BLOCK_M, BLOCK_N], DS.dtype.element_ty), mask=ok)
             if WRITE_KEEP:
                 keep = dropout_keep(Philox, pid_bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
-                tl.store(KeepOut + dense_rows + offs_n[None, :], keep.to(tl.int8), mask=ok)
+                tl.store(KeepOut + dense_ptrs + start_n, keep.to(tl.int8), mask=ok)
     dq = dq * scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
-    tl.store(
-        dq_ptrs + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=m_ok & (offs_d[None, :] < head_dim)
-    )
+    tl.store(dq_ptrs + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=m_ok & d_ok)
 
 
 @functools.cache
@@ -515,6 +523,18 @@ def _(grad_out, q, k, v, out, lse, mask, state_kv, state_q, philox, scale, windo
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
+def _tile_states(spec: MaskSpec, blocks: list[int]) -> tuple[Tensor, Tensor]:
+    """The mask's tile states for the dK/dV and dQ blocks.
+
+    Eagerly they are cached on the spec. While compiling, backward runs inside a traced subgraph where
+    writing a new tensor into the spec's cache is a side effect Dynamo refuses, so a private copy of
+    the spec (with an empty cache) computes them instead.
+    """
+    if torch.compiler.is_compiling():
+        spec = dataclasses.replace(spec, _cache={})
+    return spec.tile_summary(blocks[0], blocks[1]).state, spec.tile_summary(blocks[2], blocks[3]).state
+
+
 def _prepare(q: Tensor, spec: MaskSpec, dropout_p: float, saved: tuple[Tensor, ...], need_mask_grad: bool):
     if need_mask_grad and (spec.tensor is None or not spec.tensor.dtype.is_floating_point):
         got = "no mask" if spec.tensor is None else f"a {spec.tensor.dtype} mask"
@@ -526,9 +546,8 @@ def _prepare(q: Tensor, spec: MaskSpec, dropout_p: float, saved: tuple[Tensor, .
                 f"saved: expected (philox,) from the Triton forward when dropout_p > 0, got {len(saved)} tensors"
             )
         philox = saved[0]
-    blocks = list(block_sizes(q.shape[-1], q.dtype, q.device))
-    state_kv = spec.tile_summary(blocks[0], blocks[1]).state
-    state_q = spec.tile_summary(blocks[2], blocks[3]).state
+    blocks = list(block_sizes(q.shape[-1], q.dtype, q.device, max(q.shape[2], spec.seqlen_k)))
+    state_kv, state_q = _tile_states(spec, blocks)
     return philox, blocks, state_kv, state_q
 
 
@@ -581,8 +600,7 @@ def attn_bwd_debug(
     """
     philox, default_blocks, _, _ = _prepare(q, spec, dropout_p, saved, need_mask_grad)
     blocks = list(blocks or default_blocks)
-    state_kv = spec.tile_summary(blocks[0], blocks[1]).state
-    state_q = spec.tile_summary(blocks[2], blocks[3]).state
+    state_kv, state_q = _tile_states(spec, blocks)
     left, right = spec.bounds
     dq, dk, dv, dmask, keep = _launch(
         grad_out, q, k, v, out, lse, spec.tensor, state_kv, state_q, philox,
