@@ -1,0 +1,223 @@
+// Torch op of the CUDA backward attention kernels (csrc/cuda/attn_bwd.cu): fastattn::cuda_attn_bwd.
+//
+// Checks every argument (naming it, what was expected and what was received), fills the plain params
+// struct and launches the preprocess, dK/dV and dQ kernels. Built like attn_ops.cpp: for CUDA tensors
+// with nvcc, or, with FASTATTN_EMULATE, for CPU tensors run by the emulator (outputs poisoned with NaN
+// first, so an element the kernels miss reads NaN). The fake implementation is registered from Python
+// (fastattn/backends/cuda_bwd.py).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#ifndef FASTATTN_EMULATE
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include "checks.h"
+#include "cuda/attn_bwd_params.h"
+
+namespace fastattn {
+namespace {
+
+// 16-byte rows (cp.async, vector stores): unit last stride, other strides multiples of 8 elements, a
+// 16-byte aligned start; used in place when so, copied to a contiguous tensor otherwise.
+at::Tensor bwd_kernel_ready(const at::Tensor& t) {
+    bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) == 1 || t.stride(d) % 8 == 0);
+    return ok ? t : t.contiguous();
+}
+
+MaskElem bwd_mask_elem(at::ScalarType d) {
+    switch (d) {
+        case at::kBool: return MaskElem::boolean;
+        case at::kFloat: return MaskElem::f32;
+        case at::kHalf: return MaskElem::f16;
+        case at::kBFloat16: return MaskElem::bf16;
+        default: return MaskElem::f64;
+    }
+}
+
+bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// One TileSummary (state, count, index) for a block (bq, bk) over (n_rows, n_cols) tiles; returns Bm, Hm.
+std::pair<int64_t, int64_t> check_summary(const char* op, const char* which, const at::Tensor& q,
+                                          const std::optional<at::Tensor>& state_opt,
+                                          const std::optional<at::Tensor>& count_opt,
+                                          const std::optional<at::Tensor>& index_opt, int64_t batch, int64_t heads,
+                                          int64_t n_rows, int64_t n_cols) {
+    TORCH_CHECK(given(state_opt) && given(count_opt) && given(index_opt), op, ": ", which,
+                " (state, count, index) come together and are required with a mask, got some of them None");
+    const at::Tensor &state = *state_opt, &count = *count_opt, &index = *index_opt;
+    for (const at::Tensor* t : {&state, &count, &index}) {
+        TORCH_CHECK(t->device() == q.device(), op, ": ", which, " must be on ", q.device(), " like 'q', got ",
+                    t->device());
+        TORCH_CHECK(t->is_contiguous(), op, ": ", which, " tensors must be contiguous, got strides ", t->strides());
+    }
+    TORCH_CHECK(state.scalar_type() == at::kChar && count.scalar_type() == at::kInt &&
+                    index.scalar_type() == at::kInt,
+                op, ": ", which, " must be (int8 state, int32 count, int32 index), got ",
+                dtype_name(state.scalar_type()), ", ", dtype_name(count.scalar_type()), ", ",
+                dtype_name(index.scalar_type()));
+    TORCH_CHECK(state.dim() == 4 && (state.size(0) == 1 || state.size(0) == batch) &&
+                    (state.size(1) == 1 || state.size(1) == heads) && state.size(2) == n_rows &&
+                    state.size(3) == n_cols,
+                op, ": ", which, " state must have shape (1 or ", batch, ", 1 or ", heads, ", ", n_rows, ", ",
+                n_cols, "), got ", state.sizes());
+    TORCH_CHECK(count.sizes() == state.sizes().slice(0, 3) && index.sizes() == state.sizes(), op, ": ", which,
+                " count and index must have shapes ", state.sizes().slice(0, 3), " and ", state.sizes(), ", got ",
+                count.sizes(), " and ", index.sizes());
+    return {state.size(0), state.size(1)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask_opt, const std::optional<at::Tensor>& kv_state_opt,
+    const std::optional<at::Tensor>& kv_count_opt, const std::optional<at::Tensor>& kv_index_opt,
+    const std::optional<at::Tensor>& q_state_opt, const std::optional<at::Tensor>& q_count_opt,
+    const std::optional<at::Tensor>& q_index_opt, double scale, int64_t window_left, int64_t window_right,
+    int64_t q_offset) {
+    constexpr const char* op = "fastattn::cuda_attn_bwd";
+    CHECK_DEVICE(op, q);
+    for (const at::Tensor* t : {&grad_out, &k, &v, &out, &lse})
+        TORCH_CHECK(t->device() == q.device(), op, ": every tensor must be on ", q.device(), " like 'q', got ",
+                    t->device());
+    CHECK_DTYPE(op, q, at::kHalf, at::kBFloat16);
+    CHECK_SAME_DTYPE(op, k, q);
+    CHECK_SAME_DTYPE(op, v, q);
+    CHECK_SAME_DTYPE(op, out, q);
+    CHECK_SAME_DTYPE(op, grad_out, q);
+    CHECK_DTYPE(op, lse, at::kFloat);
+    CHECK_DIM(op, q, 4);
+    CHECK_DIM(op, k, 4);
+    CHECK_DIM(op, v, 4);
+    CHECK_DIM(op, lse, 3);
+    const int64_t batch = q.size(0), heads_q = q.size(1), seqlen_q = q.size(2), head_dim = q.size(3);
+    const int64_t heads_kv = k.size(1), seqlen_k = k.size(2);
+    CHECK_IN_SET(op, "head_dim (q.size(3))", head_dim, 32, 64, 96, 128);
+    TORCH_CHECK(k.size(0) == batch && k.size(3) == head_dim, op, ": argument 'k' must have batch ", batch,
+                " and head_dim ", head_dim, " like 'q', got ", k.sizes());
+    TORCH_CHECK(v.sizes() == k.sizes(), op, ": argument 'v' must have shape ", k.sizes(),
+                " like 'k' (this kernel needs head_dim_v == head_dim), got ", v.sizes());
+    TORCH_CHECK(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes(), op,
+                ": arguments 'out' and 'grad_out' must have q's shape ", q.sizes(), ", got ", out.sizes(), " and ",
+                grad_out.sizes());
+    TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3), op, ": argument 'lse' must have shape ",
+                q.sizes().slice(0, 3), ", got ", lse.sizes());
+    TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0, op, ": k's head count must divide q's ", heads_q, ", got ",
+                heads_kv);
+    TORCH_CHECK(heads_q <= 65535 && batch <= 65535, op, ": batch and heads must be at most 65535 (grid limits), got ",
+                batch, " and ", heads_q);
+    TORCH_CHECK(seqlen_q < (int64_t(1) << 31) && seqlen_k < (int64_t(1) << 31), op,
+                ": sequence lengths must be below 2^31, got ", seqlen_q, " and ", seqlen_k);
+    TORCH_CHECK(window_left >= -1 && window_right >= -1, op,
+                ": window_left and window_right must be >= -1 (-1 = unbounded), got ", window_left, " and ",
+                window_right);
+    TORCH_CHECK(std::isfinite(scale), op, ": argument 'scale' must be finite, got ", scale);
+
+#ifndef FASTATTN_EMULATE
+    const c10::cuda::OptionalCUDAGuard guard(q.device());
+#endif
+    const auto alloc = [&](const at::Tensor& like) {
+        return kEmulate ? at::full(like.sizes(), std::numeric_limits<float>::quiet_NaN(), like.options())
+                        : at::empty(like.sizes(), like.options());
+    };
+    at::Tensor dq = alloc(q), dk = alloc(k), dv = alloc(v);
+    if (seqlen_k == 0 || batch == 0 || heads_q == 0) {  // nothing attended: zero gradients
+        dq.zero_();
+        dk.zero_();
+        dv.zero_();
+        return {dq, dk, dv};
+    }
+
+    const at::Tensor qr = bwd_kernel_ready(q), kr = bwd_kernel_ready(k), vr = bwd_kernel_ready(v);
+    const at::Tensor outr = bwd_kernel_ready(out), dor = bwd_kernel_ready(grad_out);
+    const at::Tensor lser = lse.contiguous();
+    at::Tensor delta = at::empty({batch, heads_q, seqlen_q}, q.options().dtype(at::kFloat));
+    AttnBwdParams p{};
+    p.q = qr.data_ptr();
+    p.k = kr.data_ptr();
+    p.v = vr.data_ptr();
+    p.out = outr.data_ptr();
+    p.dout = dor.data_ptr();
+    p.lse = lser.data_ptr<float>();
+    p.delta = delta.data_ptr<float>();
+    p.dq = dq.data_ptr();
+    p.dk = dk.data_ptr();
+    p.dv = dv.data_ptr();
+    for (int d = 0; d < 3; ++d) {
+        p.q_stride[d] = qr.stride(d);
+        p.k_stride[d] = kr.stride(d);
+        p.v_stride[d] = vr.stride(d);
+        p.out_stride[d] = outr.stride(d);
+        p.dout_stride[d] = dor.stride(d);
+        p.dq_stride[d] = dq.stride(d);
+        p.dk_stride[d] = dk.stride(d);
+        p.dv_stride[d] = dv.stride(d);
+    }
+    p.batch = int(batch);
+    p.heads_q = int(heads_q);
+    p.heads_kv = int(heads_kv);
+    p.seqlen_q = int(seqlen_q);
+    p.seqlen_k = int(seqlen_k);
+    p.head_dim = int(head_dim);
+    p.scale = float(scale);
+    p.window_left = int(std::min<int64_t>(window_left, std::numeric_limits<int>::max()));
+    p.window_right = int(std::min<int64_t>(window_right, std::numeric_limits<int>::max()));
+    p.q_offset = q_offset;
+    p.dtype = q.scalar_type() == at::kHalf ? DType::f16 : DType::bf16;
+    p.mask_elem = MaskElem::none;
+
+    if (given(mask_opt)) {
+        const at::Tensor& mask = *mask_opt;
+        CHECK_SAME_DEVICE(op, mask, q);
+        CHECK_DTYPE(op, mask, at::kBool, at::kFloat, at::kHalf, at::kBFloat16, at::kDouble);
+        CHECK_DIM(op, mask, 4);
+        TORCH_CHECK(mask.size(0) == batch && mask.size(1) == heads_q && mask.size(2) == seqlen_q &&
+                        mask.size(3) == seqlen_k,
+                    op, ": argument 'mask' must have shape (", batch, ", ", heads_q, ", ", seqlen_q, ", ", seqlen_k,
+                    ") (a broadcast view is fine), got ", mask.sizes());
+        p.mask = mask.data_ptr();
+        p.mask_elem = bwd_mask_elem(mask.scalar_type());
+        for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask.size(d) == 1 ? 0 : mask.stride(d);
+    }
+    if (given(mask_opt) || given(kv_state_opt) || given(q_state_opt)) {
+        const int64_t nq_dq = (seqlen_q + attn_bwd::kBlockMdq - 1) / attn_bwd::kBlockMdq;
+        const int64_t nq_kv = (seqlen_q + attn_bwd::kBlockMkv - 1) / attn_bwd::kBlockMkv;
+        const int64_t nk = (seqlen_k + attn_bwd::kBlockN - 1) / attn_bwd::kBlockN;
+        const auto dims_kv = check_summary(op, "kv_state/kv_count/kv_index (the TileSummary for block (64, 64))", q,
+                                           kv_state_opt, kv_count_opt, kv_index_opt, batch, heads_q, nq_dq, nk);
+        const auto dims_q = check_summary(op,
+                                          "q_state/q_count/q_index (the transposed TileSummary for block (32, 64))",
+                                          q, q_state_opt, q_count_opt, q_index_opt, batch, heads_q, nk, nq_kv);
+        TORCH_CHECK(dims_kv == dims_q, op, ": the two tile summaries must broadcast alike, got (", dims_kv.first,
+                    ", ", dims_kv.second, ") and (", dims_q.first, ", ", dims_q.second, ")");
+        p.kv_state = kv_state_opt->data_ptr<int8_t>();
+        p.kv_count = kv_count_opt->data_ptr<int32_t>();
+        p.kv_index = kv_index_opt->data_ptr<int32_t>();
+        p.q_state = q_state_opt->data_ptr<int8_t>();
+        p.q_count = q_count_opt->data_ptr<int32_t>();
+        p.q_index = q_index_opt->data_ptr<int32_t>();
+        p.summary_batch = int(dims_kv.first);
+        p.summary_heads = int(dims_kv.second);
+    }
+
+    const char* err = attn_bwd::launch(p, launch_stream());
+    TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+    return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+    m.def(
+        "cuda_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+        "Tensor? kv_state, Tensor? kv_count, Tensor? kv_index, Tensor? q_state, Tensor? q_count, Tensor? q_index, "
+        "float scale, int window_left, int window_right, int q_offset) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("cuda_attn_bwd", &fastattn::cuda_attn_bwd); }
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) { m.impl("cuda_attn_bwd", &fastattn::cuda_attn_bwd); }

@@ -1,0 +1,515 @@
+// CUDA backward attention: kernels attn_bwd_preprocess_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel,
+// launcher attn_bwd::launch, op fastattn::cuda_attn_bwd (csrc/attn_bwd_ops.cpp). FlashAttention-2's
+// backward, deterministic (no atomics), on the primitives of primitives.cuh only, so the same source
+// runs on a GPU (nvcc) and on the CPU emulator (FASTATTN_EMULATE).
+//
+// Design note
+// -----------
+// Math (per query head h, kv head h / (Hq / Hkv); P recomputed from the saved lse, never stored):
+//         S = scale·QKᵀ (+ mask), P = exp(S − lse) (0 where masked or lse = −inf), delta = rowsum(dO∘O),
+//         dV = Pᵀ dO, dP = dO Vᵀ, dS = P∘(dP − delta), dQ = scale·dS K, dK = scale·dSᵀ Q.
+// Work:   FLOPs reported as 2.5× forward = 10·B·Hq·Lq·Lk·D (the 5 matmuls of a one-pass backward),
+//         halved by causal tile skipping. This schedule executes 7 (QKᵀ and dO Vᵀ in both passes):
+//         1.4× the reported count, the price of a deterministic dQ without atomics.
+// Bytes:  minimum: read Q, K, V, O, dO, lse once, write dQ, dK, dV, delta:
+//         2·(4·B·Hq·Lq·D + 4·B·Hkv·Lk·D) + 12·B·Hq·Lq (+ the mask's PARTIAL tiles, read in both passes).
+//         The dK/dV pass re-reads Q/dO Lk/64 times and the dQ pass K/V Lq/64 times, from L2 mostly.
+// Bound:  per streamed tile byte each block does ~64 (dQ) or ~64 (dK/dV) FLOPs from L2; against HBM
+//         the intensity is ~L FLOPs/byte, far above the A100/H100 ridge (~150/~300): tensor-core bound
+//         for L >= a few hundred, with exp2 on the SFU second. The preprocess is memory bound (reads O
+//         and dO once, 2·D bytes per 2·D FLOPs). Target: >= 0.9× torch SDPA's flash backward at
+//         L >= 2048; not measured (no GPU here), and this first version has no cp.async double buffer:
+//         each streamed tile's load is exposed (the next step: prefetch tile i+1 while computing i).
+// Grids:  preprocess (Lq/64, Hq, B); dK/dV (Lk/64, Hkv, B): 128 threads, warp w owns keys 16w..16w+15
+//         of the resident key tile and accumulates their dK, dV rows in registers while the query tiles
+//         (32 rows) of every query head of the GQA group stream past, heads in increasing order: the
+//         group's reduction happens in registers in a fixed order, deterministic, K/V loaded once.
+//         dQ (Lq/64, Hq, B), heaviest (causal) query tiles first: warp w owns query rows 16w..16w+15
+//         and accumulates their dQ while the key tiles (64 keys) stream past.
+// Registers per thread (fp32 accumulators): dK/dV pass dK + dV 2·(D/8)·4, Sᵀ and dPᵀ (16 keys × 32
+//         queries) 2·16; dQ pass dQ (D/8)·4, S and dP (16 × 64) 2·32. All A/B operands come from shared
+//         memory by ldmatrix (keeping K/V or Q/dO fragments in registers would spill at D = 128).
+// Shared: rows padded by 8 elements (conflict-free ldmatrix, as the forward). dK/dV pass: K, V
+//         [64][D+8], Q, dO [32][D+8], 16-bit, plus lse·log2e and delta [32] fp32: (2·64 + 2·32)·(D+8)·2
+//         + 256 = 15616 / 27904 / 40192 / 52480 bytes for D = 32 / 64 / 96 / 128. dQ pass: Q, dO, K, V
+//         [64][D+8]: 20480 / 36864 / 53248 / 69632 bytes (above 48 KiB the launcher opts in).
+// Operands (mma.m16n8k16, fragments as in the forward): Sᵀ = K Qᵀ and dPᵀ = V dOᵀ take K/V rows as the
+//         A operand (ldmatrix.x4) and Q/dO rows as the "col" B operand (ldmatrix.x4, not transposed);
+//         dV += Pᵀ dO and dK += dSᵀ Q take Pᵀ/dSᵀ packed to the input dtype from the accumulators (their
+//         layout is already the A fragment's) and dO/Q through ldmatrix.x4.trans. The dQ pass is the
+//         forward's S = Q Kᵀ (and dP = dO Vᵀ), then dQ += dS K with K through ldmatrix.x4.trans.
+// Masks:  as the forward: the band (causal, window, q_offset) analytically, tiles outside never
+//         visited and tiles fully inside skip the band arithmetic; with a mask tensor, the TileSummary's
+//         non-empty tiles (the dK/dV pass walks the transposed lists) and the mask read only in PARTIAL
+//         tiles. Key rows past Lk are masked; query rows past Lq have lse·log2e = +inf (P = 0) and
+//         delta 0. A row that attends nothing has lse = −inf, also mapped to +inf: P = 0, zero gradients.
+#include "attn_bwd_params.h"
+#include "attn_params.h"
+#include "params.h"
+#include "primitives.cuh"
+
+namespace fastattn {
+namespace attn_bwd {
+
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kFull = 2;  // TileSummary state FULL (fastattn.masks); EMPTY tiles are never listed
+
+template <int D>
+struct Tile {
+    static constexpr int kLd = D + 8;  // padded shared row, elements
+    static constexpr int kKVElems = kBlockN * kLd;
+    static constexpr int kQkvElems = kBlockMkv * kLd;
+    static constexpr int kQdqElems = kBlockMdq * kLd;
+    static constexpr int kDkdvSmem = (2 * kKVElems + 2 * kQkvElems) * 2 + 2 * kBlockMkv * 4;
+    static constexpr int kDqSmem = (2 * kQdqElems + 2 * kKVElems) * 2;
+    static_assert(D % 32 == 0, "QKᵀ consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
+};
+
+// Rows x D elements from global (row stride ld_g) into shared (row stride D + 8) by 16-byte cp.async;
+// rows at or past `valid` are zero-filled (never read from global).
+template <class T, int D, int Rows>
+FA_DEVICE void load_rows(T* dst, const T* src, int64_t ld_g, int row0, int valid, int tid) {
+    constexpr int kChunks = D / 8, kTotal = Rows * kChunks;
+    static_assert(kTotal % kThreads == 0, "tile copy must split evenly over the block");
+#pragma unroll
+    for (int i = 0; i < kTotal / kThreads; ++i) {
+        const int c = tid + i * kThreads;
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        const bool ok = row0 + r < valid;
+        const T* s = ok ? src + int64_t(row0 + r) * ld_g + col : src;
+        fa::cp_async_16_zfill(dst + r * Tile<D>::kLd + col, s, ok);
+    }
+}
+
+// The mask tensor's value at element offset `off`: bool -> keep or drop; float -> added (log2 units).
+// (The forward's apply_mask_value, which lives in attn_fwd.cu rather than a shared header.)
+FA_DEVICE bool apply_mask_value(MaskElem elem, const void* mask, int64_t off, float& x) {
+    switch (elem) {
+        case MaskElem::boolean: return static_cast<const uint8_t*>(mask)[off] != 0;
+        case MaskElem::f32: x += static_cast<const float*>(mask)[off] * kLog2e; break;
+        case MaskElem::f16: x += fa::to_float(static_cast<const fa::half_t*>(mask)[off]) * kLog2e; break;
+        case MaskElem::bf16: x += fa::to_float(static_cast<const fa::bf16_t*>(mask)[off]) * kLog2e; break;
+        case MaskElem::f64: x += float(static_cast<const double*>(mask)[off]) * kLog2e; break;
+        default: break;
+    }
+    return true;
+}
+
+// lse (natural log) -> the exp2 domain; -inf (a row that attends nothing) -> +inf, so P = exp2(x - it) = 0.
+FA_DEVICE float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// acc[N/8][4] (+)= A Bᵀ for 16 rows of A (shared, row stride kLd, at a_rows) and N rows of B (shared, at
+// b_rows): the forward's S = Q Kᵀ, with both operands read by ldmatrix.x4 in D-steps of 32.
+template <class T, int D, int N>
+FA_DEVICE void mma_abt(float (&acc)[N / 8][4], const T* a_rows, const T* b_rows, int lane) {
+    constexpr int kLd = Tile<D>::kLd;
+#pragma unroll
+    for (int ni = 0; ni < N / 8; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[ni][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk += 2) {
+        uint32_t a0[4], a1[4];
+        const T* arow = a_rows + (lane % 16) * kLd + (lane / 16) * 8;
+        fa::ldmatrix_x4(a0, arow + kk * 16);
+        fa::ldmatrix_x4(a1, arow + kk * 16 + 16);
+#pragma unroll
+        for (int ni = 0; ni < N / 8; ++ni) {
+            // Matrices: B rows 8ni..8ni+7 at columns 16kk, +8, +16, +24: a B row is a "col" column.
+            uint32_t bb[4];
+            fa::ldmatrix_x4(bb, b_rows + (ni * 8 + lane % 8) * kLd + kk * 16 + (lane / 8) * 8);
+            const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
+            fa::mma_m16n8k16<T>(acc[ni], a0, b0, acc[ni]);
+            fa::mma_m16n8k16<T>(acc[ni], a1, b1, acc[ni]);
+        }
+    }
+}
+
+// acc[D/8][4] += X B for X (16 x M, fp32 accumulators x[M/8][4], packed to T: their layout is the A
+// fragment's) and B (M rows x D, shared, row stride kLd) through ldmatrix.x4.trans: the forward's P V.
+template <class T, int D, int M>
+FA_DEVICE void mma_xb(float (&acc)[D / 8][4], const float (&x)[M / 8][4], const T* b_rows, int lane) {
+    constexpr int kLd = Tile<D>::kLd;
+#pragma unroll
+    for (int kk = 0; kk < M / 16; ++kk) {
+        const uint32_t pa[4] = {fa::pack2<T>(x[2 * kk][0], x[2 * kk][1]), fa::pack2<T>(x[2 * kk][2], x[2 * kk][3]),
+                                fa::pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                                fa::pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn += 2) {
+            // Matrices: rows 16kk+0..7 and +8..15 at columns 8dn, then the same at 8dn + 8.
+            uint32_t vb[4];
+            fa::ldmatrix_x4<true>(vb, b_rows + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + dn * 8 +
+                                          (lane / 16) * 8);
+            const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+            fa::mma_m16n8k16<T>(acc[dn], pa, b0, acc[dn]);
+            fa::mma_m16n8k16<T>(acc[dn + 1], pa, b1, acc[dn + 1]);
+        }
+    }
+}
+
+// Scale a warp's 16 x D accumulator, pack it to T in its own 16 rows of shared memory (`stage`, which no
+// other warp reads), then store the rows below `valid` with 16-byte coalesced writes.
+template <class T, int D>
+FA_DEVICE void store_rows(float (&acc)[D / 8][4], float scale, T* stage, T* dst, int64_t ld_g, int row0, int valid,
+                          int lane) {
+    constexpr int kLd = Tile<D>::kLd, kChunks = D / 8;
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            *reinterpret_cast<uint32_t*>(stage + (g + 8 * r) * kLd + dn * 8 + 2 * t) =
+                fa::pack2<T>(acc[dn][2 * r] * scale, acc[dn][2 * r + 1] * scale);
+    __syncwarp();
+#pragma unroll
+    for (int c = lane; c < 16 * kChunks; c += 32) {
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        if (row0 + r < valid)
+            *reinterpret_cast<uint4*>(dst + int64_t(row0 + r) * ld_g + col) =
+                *reinterpret_cast<const uint4*>(stage + r * kLd + col);
+    }
+}
+
+// delta[b, h, i] = sum_d dO[i, d] · O[i, d] in fp32: warp w reduces rows 16w..16w+15 of the 64-row tile,
+// lanes over D, then a fixed shuffle tree (deterministic).
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_preprocess_kernel(const AttnBwdParams p) {
+    const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
+    const int h = int(blockIdx.y), b = int(blockIdx.z);
+    const T* og = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1];
+    const T* dg = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
+    float* delta = p.delta + (int64_t(b) * p.heads_q + h) * p.seqlen_q;
+    for (int r = 0; r < 16; ++r) {
+        const int i = int(blockIdx.x) * 64 + warp * 16 + r;
+        if (i >= p.seqlen_q) break;  // warp-uniform
+        float acc = 0.f;
+#pragma unroll
+        for (int c = lane; c < D; c += 32)
+            acc += fa::to_float(og[int64_t(i) * p.out_stride[2] + c]) * fa::to_float(dg[int64_t(i) * p.dout_stride[2] + c]);
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) acc += fa::shfl_xor(acc, off);
+        if (lane == 0) delta[i] = acc;
+    }
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnBwdParams p) {
+    using Cfg = Tile<D>;
+    constexpr int kLd = Cfg::kLd, kBM = kBlockMkv;
+    FA_DYNAMIC_SMEM(T, smem);
+    T* sK = smem;                        // [64][kLd]
+    T* sV = sK + Cfg::kKVElems;          // [64][kLd]
+    T* sQ = sV + Cfg::kKVElems;          // [32][kLd]
+    T* sdO = sQ + Cfg::kQkvElems;        // [32][kLd]
+    float* sL = reinterpret_cast<float*>(sdO + Cfg::kQkvElems);  // [32] lse·log2e
+    float* sD = sL + kBM;                                        // [32] delta
+
+    const int tid = int(threadIdx.x), lane = tid % 32, warp = tid / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int n_tile = int(blockIdx.x), hk = int(blockIdx.y), b = int(blockIdx.z);
+    const int group = p.heads_q / p.heads_kv;
+    const int k0 = n_tile * kBlockN;
+    const int k_last = min(k0 + kBlockN, p.seqlen_k) - 1;
+    const int n_q_tiles = (p.seqlen_q + kBM - 1) / kBM;
+    const int n_k_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
+    const int left = p.window_left, right = p.window_right;
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+    load_rows<T, D, kBlockN>(sK, kg, p.k_stride[2], k0, p.seqlen_k, tid);
+    load_rows<T, D, kBlockN>(sV, vg, p.v_stride[2], k0, p.seqlen_k, tid);
+    fa::cp_async_commit();
+
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[dn][e] = 0.f, dv[dn][e] = 0.f;
+    const float scale_log2 = p.scale * kLog2e;
+    const bool tail = k0 + kBlockN > p.seqlen_k;
+
+    for (int hh = 0; hh < group; ++hh) {
+        const int h = hk * group + hh;
+        // Which query tiles see this key tile: the transposed summary's list, or the band's range.
+        int n_iter = 0, tile_lo = 0;
+        const int32_t* index = nullptr;
+        const int8_t* state = nullptr;
+        if (p.q_count != nullptr) {
+            const int bs = p.summary_batch > 1 ? b : 0, hs = p.summary_heads > 1 ? h : 0;
+            const int64_t row = (int64_t(bs) * p.summary_heads + hs) * n_k_tiles + n_tile;
+            n_iter = p.q_count[row];
+            index = p.q_index + row * n_q_tiles;
+            state = p.q_state + row * n_q_tiles;
+        } else {
+            // Query i sees key j iff j - q_offset - right <= i <= j - q_offset + left.
+            int64_t lo = right >= 0 ? int64_t(k0) - p.q_offset - right : 0;
+            int64_t hi = left >= 0 ? int64_t(k_last) - p.q_offset + left : int64_t(p.seqlen_q) - 1;
+            lo = lo < 0 ? 0 : lo;
+            hi = hi > p.seqlen_q - 1 ? int64_t(p.seqlen_q) - 1 : hi;
+            if (lo <= hi) {
+                tile_lo = int(lo / kBM);
+                n_iter = int(hi / kBM) - tile_lo + 1;
+            }
+        }
+        const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+        const T* dog = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
+        const int64_t bh = int64_t(b) * p.heads_q + h;
+        const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
+
+        for (int it = 0; it < n_iter; ++it) {
+            const int mt = index ? index[it] : tile_lo + it;
+            const int q0 = mt * kBM;
+            __syncthreads();  // everyone is done with the previous query tile
+            load_rows<T, D, kBM>(sQ, qg, p.q_stride[2], q0, p.seqlen_q, tid);
+            load_rows<T, D, kBM>(sdO, dog, p.dout_stride[2], q0, p.seqlen_q, tid);
+            fa::cp_async_commit();
+            if (tid < kBM) {
+                const int i = q0 + tid;
+                sL[tid] = i < p.seqlen_q ? lse_log2(p.lse[bh * p.seqlen_q + i]) : INFINITY;
+                sD[tid] = i < p.seqlen_q ? p.delta[bh * p.seqlen_q + i] : 0.f;
+            }
+            fa::cp_async_wait<0>();
+            __syncthreads();
+
+            // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: 16 keys x 32 queries per warp. Lane (g, t) holds [ni][e] at key
+            // k0 + 16w + g + 8(e/2), query q0 + 8ni + 2t + e%2.
+            float s[kBM / 8][4], dp[kBM / 8][4];
+            mma_abt<T, D, kBM>(s, sK + warp * 16 * kLd, sQ, lane);
+            mma_abt<T, D, kBM>(dp, sV + warp * 16 * kLd, sdO, lane);
+
+            bool partial;
+            if (state != nullptr) {
+                partial = state[mt] != kFull;
+            } else {
+                const int64_t pos_first = int64_t(q0) + p.q_offset;
+                const int64_t pos_last = int64_t(min(q0 + kBM, p.seqlen_q) - 1) + p.q_offset;
+                partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int j = k0 + warp * 16 + g + 8 * r;
+#pragma unroll
+                for (int ni = 0; ni < kBM / 8; ++ni)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int iq = ni * 8 + 2 * t + c, i = q0 + iq;
+                        float x = s[ni][2 * r + c] * scale_log2;
+                        bool keep = true;
+                        if (partial || tail) {
+                            keep = j < p.seqlen_k;
+                            if (partial) {
+                                const int64_t pos = int64_t(i) + p.q_offset;
+                                keep = keep && (left < 0 || pos - left <= j) && (right < 0 || j <= pos + right);
+                                if (keep && p.mask != nullptr && i < p.seqlen_q)
+                                    keep = apply_mask_value(p.mask_elem, p.mask,
+                                                            mask_bh + int64_t(i) * p.mask_stride[2] +
+                                                                int64_t(j) * p.mask_stride[3],
+                                                            x);
+                            }
+                        }
+                        const float prob = keep ? exp2f(x - sL[iq]) : 0.f;
+                        s[ni][2 * r + c] = prob;
+                        dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - sD[iq]);
+                    }
+            }
+            // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end).
+            mma_xb<T, D, kBM>(dv, s, sdO, lane);
+            mma_xb<T, D, kBM>(dk, dp, sQ, lane);
+        }
+    }
+
+    // Stage each warp's own 16 key rows in sK / sV (the warp's A-operand rows, read by no other warp),
+    // after every pending copy (none if no query tile was visited but K/V's) has landed everywhere.
+    fa::cp_async_wait<0>();
+    __syncthreads();
+    const int row0 = k0 + warp * 16;
+    store_rows<T, D>(dk, p.scale, sK + warp * 16 * kLd,
+                     static_cast<T*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1], p.dk_stride[2], row0,
+                     p.seqlen_k, lane);
+    store_rows<T, D>(dv, 1.f, sV + warp * 16 * kLd,
+                     static_cast<T*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1], p.dv_stride[2], row0,
+                     p.seqlen_k, lane);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnBwdParams p) {
+    using Cfg = Tile<D>;
+    constexpr int kLd = Cfg::kLd, kBM = kBlockMdq;
+    FA_DYNAMIC_SMEM(T, smem);
+    T* sQ = smem;                   // [64][kLd]
+    T* sdO = sQ + Cfg::kQdqElems;   // [64][kLd]
+    T* sK = sdO + Cfg::kQdqElems;   // [64][kLd]
+    T* sV = sK + Cfg::kKVElems;     // [64][kLd]
+
+    const int tid = int(threadIdx.x), lane = tid % 32, warp = tid / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int m_tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
+    const int h = int(blockIdx.y), b = int(blockIdx.z);
+    const int hk = h / (p.heads_q / p.heads_kv);
+    const int q0 = m_tile * kBM;
+    const int left = p.window_left, right = p.window_right;
+    const int n_k_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+    const T* dog = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+    const int64_t bh = int64_t(b) * p.heads_q + h;
+    const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
+    const int64_t pos_first = int64_t(q0) + p.q_offset;
+    const int64_t pos_last = int64_t(min(q0 + kBM, p.seqlen_q) - 1) + p.q_offset;
+
+    int n_iter = 0, tile_lo = 0;
+    const int32_t* index = nullptr;
+    const int8_t* state = nullptr;
+    if (p.kv_count != nullptr) {
+        const int bs = p.summary_batch > 1 ? b : 0, hs = p.summary_heads > 1 ? h : 0;
+        const int64_t row = (int64_t(bs) * p.summary_heads + hs) * int64_t(gridDim.x) + m_tile;
+        n_iter = p.kv_count[row];
+        index = p.kv_index + row * n_k_tiles;
+        state = p.kv_state + row * n_k_tiles;
+    } else {
+        int64_t lo = left >= 0 ? pos_first - left : 0;
+        int64_t hi = right >= 0 ? pos_last + right : int64_t(p.seqlen_k) - 1;
+        lo = lo < 0 ? 0 : lo;
+        hi = hi > p.seqlen_k - 1 ? int64_t(p.seqlen_k) - 1 : hi;
+        if (lo <= hi) {
+            tile_lo = int(lo / kBlockN);
+            n_iter = int(hi / kBlockN) - tile_lo + 1;
+        }
+    }
+
+    load_rows<T, D, kBM>(sQ, qg, p.q_stride[2], q0, p.seqlen_q, tid);
+    load_rows<T, D, kBM>(sdO, dog, p.dout_stride[2], q0, p.seqlen_q, tid);
+    fa::cp_async_commit();
+    // This lane's rows 16w + g + 8r: lse·log2e (+inf past Lq or for an empty row) and delta.
+    float l2[2], dl[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = q0 + warp * 16 + g + 8 * r;
+        l2[r] = i < p.seqlen_q ? lse_log2(p.lse[bh * p.seqlen_q + i]) : INFINITY;
+        dl[r] = i < p.seqlen_q ? p.delta[bh * p.seqlen_q + i] : 0.f;
+    }
+    float dq[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dq[dn][e] = 0.f;
+    const float scale_log2 = p.scale * kLog2e;
+
+    for (int it = 0; it < n_iter; ++it) {
+        const int kt = index ? index[it] : tile_lo + it;
+        const int k0 = kt * kBlockN;
+        __syncthreads();  // everyone is done with the previous K/V tile
+        load_rows<T, D, kBlockN>(sK, kg, p.k_stride[2], k0, p.seqlen_k, tid);
+        load_rows<T, D, kBlockN>(sV, vg, p.v_stride[2], k0, p.seqlen_k, tid);
+        fa::cp_async_commit();
+        fa::cp_async_wait<0>();  // K/V (and Q/dO on the first tile) landed
+        __syncthreads();
+
+        // S = Q Kᵀ, dP = dO Vᵀ: 16 rows x 64 keys per warp; lane (g, t) holds [ni][e] at row
+        // 16w + g + 8(e/2), key k0 + 8ni + 2t + e%2.
+        float s[kBlockN / 8][4], dp[kBlockN / 8][4];
+        mma_abt<T, D, kBlockN>(s, sQ + warp * 16 * kLd, sK, lane);
+        mma_abt<T, D, kBlockN>(dp, sdO + warp * 16 * kLd, sV, lane);
+
+        bool partial;
+        if (state != nullptr) {
+            partial = state[kt] != kFull;
+        } else {
+            const int64_t k_last = int64_t(min(k0 + kBlockN, p.seqlen_k)) - 1;
+            partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
+        }
+        const bool tail = k0 + kBlockN > p.seqlen_k;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = q0 + warp * 16 + g + 8 * r;
+            const int64_t pos = int64_t(i) + p.q_offset;
+            const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;
+            const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
+#pragma unroll
+            for (int ni = 0; ni < kBlockN / 8; ++ni)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int j = k0 + ni * 8 + 2 * t + c;
+                    float x = s[ni][2 * r + c] * scale_log2;
+                    bool keep = true;
+                    if (partial || tail) {
+                        keep = j < p.seqlen_k;
+                        if (partial) {
+                            keep = keep && (left < 0 || pos - left <= j) && (right < 0 || j <= pos + right);
+                            if (keep && read_mask)
+                                keep = apply_mask_value(p.mask_elem, p.mask, mask_row + int64_t(j) * p.mask_stride[3], x);
+                        }
+                    }
+                    const float prob = keep ? exp2f(x - l2[r]) : 0.f;
+                    dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - dl[r]);
+                }
+        }
+        // dQ += dS K (scaled at the end).
+        mma_xb<T, D, kBlockN>(dq, dp, sK, lane);
+    }
+
+    fa::cp_async_wait<0>();  // Q/dO's copies, if no key tile was visited
+    __syncthreads();
+    store_rows<T, D>(dq, p.scale, sQ + warp * 16 * kLd,
+                     static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1], p.dq_stride[2],
+                     q0 + warp * 16, p.seqlen_q, lane);
+}
+
+#ifndef FASTATTN_EMULATE
+template <class Kernel>
+const char* allow_smem(Kernel* kernel, int bytes) {
+    if (bytes <= 48 * 1024) return nullptr;
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+#endif
+
+template <class T, int D>
+const char* launch_typed(const AttnBwdParams& p, void* stream) {
+    using Cfg = Tile<D>;
+    auto* pre = &attn_bwd_preprocess_kernel<T, D>;
+    auto* dkdv = &attn_bwd_dkdv_kernel<T, D>;
+    auto* dqk = &attn_bwd_dq_kernel<T, D>;
+#ifndef FASTATTN_EMULATE
+    if (const char* e = allow_smem(dkdv, Cfg::kDkdvSmem)) return e;
+    if (const char* e = allow_smem(dqk, Cfg::kDqSmem)) return e;
+#endif
+    const unsigned n_q64 = unsigned((p.seqlen_q + 63) / 64);
+    const unsigned n_k = unsigned((p.seqlen_k + kBlockN - 1) / kBlockN);
+    if (p.seqlen_q > 0) FA_LAUNCH_KERNEL(pre, dim3(n_q64, unsigned(p.heads_q), unsigned(p.batch)), dim3(kThreads), 0,
+                                         stream, p);
+    FA_LAUNCH_KERNEL(dkdv, dim3(n_k, unsigned(p.heads_kv), unsigned(p.batch)), dim3(kThreads), Cfg::kDkdvSmem,
+                     stream, p);
+    if (p.seqlen_q > 0) FA_LAUNCH_KERNEL(dqk, dim3(n_q64, unsigned(p.heads_q), unsigned(p.batch)), dim3(kThreads),
+                                         Cfg::kDqSmem, stream, p);
+#ifdef FASTATTN_EMULATE
+    (void)stream;
+    return nullptr;
+#else
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+#endif
+}
+
+template <class T>
+const char* launch_dtype(const AttnBwdParams& p, void* stream) {
+    switch (p.head_dim) {
+        case 32: return launch_typed<T, 32>(p, stream);
+        case 64: return launch_typed<T, 64>(p, stream);
+        case 96: return launch_typed<T, 96>(p, stream);
+        case 128: return launch_typed<T, 128>(p, stream);
+        default: return "attn_bwd: head_dim must be 32, 64, 96 or 128";
+    }
+}
+
+// The caller handles Lk == 0 (dq = 0, nothing else to compute); Lq == 0 still writes dK = dV = 0.
+const char* launch(const AttnBwdParams& p, void* stream) {
+    if (p.seqlen_k <= 0 || p.heads_kv <= 0 || p.batch <= 0) return nullptr;
+    if (p.dtype == DType::f16) return launch_dtype<fa::half_t>(p, stream);
+    return launch_dtype<fa::bf16_t>(p, stream);
+}
+
+}  // namespace attn_bwd
+}  // namespace fastattn
