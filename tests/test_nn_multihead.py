@@ -494,3 +494,23 @@ _TRITON_REASON = _triton_backend_reason()
 @pytest.mark.parametrize("case", [COVERING[1], COVERING[2], COVERING[6]], ids=lambda c: c["id"])
 def test_parity_with_torch_through_triton(case, monkeypatch):
     check_case(case, monkeypatch, backend="triton")
+
+
+def test_fused_path_passes_small_masks(monkeypatch):
+    """need_weights=False builds no L x S mask for padding alone or causal + padding (the common cases)."""
+    seen = []
+    real = mh_module.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append((None if attn_mask is None else tuple(attn_mask.shape), kwargs.get("is_causal")))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(mh_module, "scaled_dot_product_attention", spy)
+    ours = fnn.MultiheadAttention(E, H, batch_first=True)
+    x = torch.randn(2, 6, E)
+    kpm = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    ours(x, x, x, key_padding_mask=kpm, need_weights=False)
+    ours(x, x, x, key_padding_mask=kpm, attn_mask=causal, is_causal=True, need_weights=False)
+    ours(x, x, x, attn_mask=causal, need_weights=False)
+    assert seen == [((2, 1, 1, 6), False), ((2, 1, 1, 6), True), ((1, 1, 6, 6), False)]
