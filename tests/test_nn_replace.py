@@ -218,3 +218,16 @@ def test_compile_fullgraph_over_swapped_transformer():
     kwargs = dict(src_key_padding_mask=src_kpm, memory_key_padding_mask=src_kpm, tgt_mask=tgt_mask, tgt_is_causal=True)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(src, tgt, **kwargs), model(src, tgt, **kwargs))
+
+
+def test_checkpoints_move_both_ways_and_pickle(tmp_path):
+    """A swapped model's state_dict loads strictly into a stock model, and the swapped model pickles."""
+    model = fnn.replace_attention(_transformer(layers=1), backend="reference")
+    stock = _transformer(layers=1)
+    stock.load_state_dict(model.state_dict(), strict=True)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    mods = _attention_modules(loaded)
+    assert mods and all(type(m) is fnn.MultiheadAttention and m.backend == "reference" for m in mods)
+    assert all(layer.activation_relu_or_gelu == 0 for layer in loaded.encoder.layers)
