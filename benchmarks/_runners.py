@@ -213,8 +213,9 @@ def all_runners() -> dict[str, Runner]:
 
 
 def default_names(runners: dict[str, Runner], device: torch.device, quick: bool = False) -> list[str]:
-    """All runners available here (on the CPU without SDPA's forced flash, which is ``sdpa`` again,
-    and without the Triton interpreter and the CUDA emulator; with ``quick``, without Flex)."""
+    """All runners available here except fastattn's oracle (on the CPU also without SDPA's forced
+    flash, which is ``sdpa`` again, and the Triton interpreter and CUDA emulator; with ``quick``,
+    without Flex)."""
     return [n for n in runners if not left_out(runners, n, device, quick)]
 
 
@@ -224,6 +225,8 @@ def left_out(runners: dict[str, Runner], name: str, device: torch.device, quick:
     reason = runner.unavailable_reason(device)
     if reason:
         return reason
+    if name == "reference":
+        return "the oracle, not a contender (O(L^2) memory, minutes per run on 2 cores): name it to time it"
     if quick and name == "flex":
         return "--quick leaves it out: compiling it per shape (30 s cold) exceeds the budget; name it to time it"
     if device.type == "cpu" and not runner.default_on_cpu:

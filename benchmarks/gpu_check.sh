@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PY=${GPU_PY:-python3}
 MINUTES=${GPU_CHECK_MINUTES:-8}
 RESULTS=${GPU_RESULTS:-benchmarks/results}
-BENCH_ARGS=${GPU_BENCH_ARGS:---seqlens 1024,4096,16384 --head-dims 128 --dtypes bfloat16 --modes fwd,bwd --causal false,true --exclude-backends reference}
+BENCH_ARGS=${GPU_BENCH_ARGS:---seqlens 1024,4096,16384 --head-dims 128 --dtypes bfloat16 --modes fwd,bwd --causal false,true}
 BENCH_BACKENDS=${GPU_BENCH_BACKENDS:-}
 # A dry run of this script's own flow without a GPU: GPU_CHECK_DEVICE=cpu GPU_CHECK_STEPS="tests bench".
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
