@@ -197,3 +197,18 @@ def test_import_does_not_pull_in_optional_packages():
     code = "import sys, fastattn; print(sorted(m for m in ('transformers', 'triton') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_compile_backward_with_packed_qkv_views():
+    """q, k, v as transposed views of one packed projection: the fake's strides must match the real op's."""
+    x = torch.randn(2, 7, 48, requires_grad=True)
+
+    def fn(x):
+        # (B, L, 3·H·D) → three (B, H, L, D) views of the same storage.
+        q, k, v = (t.unflatten(-1, (4, 4)).transpose(1, 2) for t in x.chunk(3, -1))
+        return sdpa(q, k, v, is_causal=True, backend="reference")
+
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (expected,) = torch.autograd.grad(fn(x).sum(), x)
+    torch.testing.assert_close(grad, expected)
