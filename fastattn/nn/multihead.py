@@ -140,10 +140,6 @@ class MultiheadAttention(nn.MultiheadAttention):
         ``attn_mask`` follows fastattn (boolean True = attend, float added, broadcastable to
         ``(B, H, Lq, Lk)``); ``q_offset`` places query ``i`` at key position ``i + q_offset``.
         """
-        # Contiguous heads: backends' fake (meta) implementations give gradients ``empty_like(q)``
-        # strides while the reference backward returns contiguous ones, and under torch.compile that
-        # mismatch breaks the backward graph for the (B, L, H, D)-transposed views made here.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = scaled_dot_product_attention(
             q,
             k,
