@@ -19,6 +19,14 @@ Design note (FlashAttention-2 schedule):
   they give 0 rather than NaN; output 0 and lse ``-inf``.
 * Head dims are padded to the next power of two (at least 16) with masked loads; ``Dv`` may
   differ from ``D``. Sequence lengths and the scale are runtime values, never constexpr.
+* Tiles: ``fwd_tiles`` per (arch, dtype, head dim, mask/dropout or not), chosen from
+  ``fastattn compile-check``'s register/spill report (no GPU was available to time them);
+  ``triton.autotune`` picks warps/stages keyed on head dim and a sequence-length bucket. Under
+  ``TRITON_INTERPRET=1`` one fixed 32×32 tile.
+* Work counter: ``forward(..., count_visited=True)`` (or ``attn_fwd(visited=...)``) has each
+  program write how many key tiles it loaded, to compare with the summary's minimum.
+* Not done: packing a GQA group's query heads into one program (K/V are re-read per query head,
+  from L2 in practice); Hopper TMA/warp specialisation.
 
 Cost: ``4·B·Hq·Lq·Lk·D``-ish FLOPs (``2·D`` for ``QKᵀ`` plus ``2·Dv`` for ``PV`` per attended pair;
 halved by causal tile skipping). Minimum bytes: read Q, K, V once, write O and lse:
@@ -34,7 +42,6 @@ fp32 inputs use TF32 tensor cores when ``torch.backends.cuda.matmul.allow_tf32``
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -58,10 +65,6 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Under TRITON_INTERPRET=1 one fixed tile: the interpreter's cost is per numpy op, so few large-ish tiles.
 INTERPRET_TILE = (32, 32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _pow2_dim(d: int) -> int:
