@@ -162,3 +162,22 @@ def test_a_failed_rank_fails_the_others_instead_of_hanging(tmp_path):
     outcome = json.loads(report.read_text())
     assert outcome["error"] is not None and "lost its ring neighbours" in outcome["error"], outcome
     assert outcome["seconds"] < 60
+
+
+def _strided_shards(rank, world, path):
+    _init(rank, world, path)
+    try:
+        torch.manual_seed(0)
+        # (B, L, H, D) storage seen as (B, H, L, D): the layout modules produce; not contiguous.
+        q, k, v = (torch.randn(2, 4 * world, 2, 8, dtype=torch.float64).transpose(1, 2) for _ in range(3))
+        expected = reference.attention(q, k, v, is_causal=True)
+        shards = [shard_sequence(t, is_causal=True).transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+        assert not shards[1].is_contiguous()
+        out = ring_attention(*shards, is_causal=True, backend="reference")
+        torch.testing.assert_close(out, shard_sequence(expected, is_causal=True), rtol=1e-10, atol=1e-10)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_non_contiguous_shards():
+    _run(_strided_shards, 2)

@@ -166,6 +166,7 @@ class _Ring:
         )
 
     def start(self, tensors: list[Tensor]) -> tuple[list, list[Tensor]]:
+        tensors = [t.contiguous() for t in tensors]  # the transports send dense buffers only
         received = [self.alloc(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next, self.cfg.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.cfg.group) for r in received]

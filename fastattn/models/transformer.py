@@ -63,11 +63,9 @@ class _FeedForward(nn.Module):
 class EncoderLayer(nn.Module):
     """Self-attention over the source (key padding only) and a feed-forward block."""
 
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, norm_first, backend, factory) -> None:
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, norm_first, attn_kw, factory) -> None:
         super().__init__()
-        self.self_attn = MultiheadAttention(
-            d_model, nhead, dropout=dropout, batch_first=True, backend=backend, **factory
-        )
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True, **attn_kw, **factory)
         self.ff = _FeedForward(d_model, dim_feedforward, dropout, activation, factory)
         self.norm1 = nn.LayerNorm(d_model, **factory)
         self.norm2 = nn.LayerNorm(d_model, **factory)
@@ -106,14 +104,10 @@ class DecoderCache:
 class DecoderLayer(nn.Module):
     """Causal self-attention, cross-attention to the encoder's output, and a feed-forward block."""
 
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, norm_first, backend, factory) -> None:
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, norm_first, attn_kw, factory) -> None:
         super().__init__()
-        self.self_attn = MultiheadAttention(
-            d_model, nhead, dropout=dropout, batch_first=True, backend=backend, **factory
-        )
-        self.cross_attn = MultiheadAttention(
-            d_model, nhead, dropout=dropout, batch_first=True, backend=backend, **factory
-        )
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True, **attn_kw, **factory)
+        self.cross_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True, **attn_kw, **factory)
         self.ff = _FeedForward(d_model, dim_feedforward, dropout, activation, factory)
         self.norm1 = nn.LayerNorm(d_model, **factory)
         self.norm2 = nn.LayerNorm(d_model, **factory)
@@ -166,6 +160,13 @@ class Transformer(nn.Module):
     for teacher forcing (``tgt`` starts with BOS). Lengths give key-padding masks (padding on the
     right); ``pad_id`` is the padding token (its embedding is zero). ``backend`` goes to every
     attention module.
+
+    ``context_parallel_group``: run context-parallel across a ``torch.distributed`` group. ``src``
+    and ``tgt`` are then this rank's shards (``shard_sequence(src, group=g, dim=1)`` and
+    ``shard_sequence(tgt, group=g, is_causal=True, dim=1)``: the decoder's causal attention uses the
+    zig-zag layout), lengths stay global, and the logits are this rank's shard of ``tgt``'s.
+    Positions and padding masks are computed from each token's global position. Attention
+    dropout must be 0 in training; ``generate`` is not context-parallel.
     """
 
     def __init__(
@@ -184,6 +185,7 @@ class Transformer(nn.Module):
         backend: Optional[str] = None,
         device=None,
         dtype=None,
+        context_parallel_group=None,
     ) -> None:
         super().__init__()
         if activation not in ("relu", "gelu"):
@@ -196,7 +198,9 @@ class Transformer(nn.Module):
         self.d_model, self.pad_id, self.norm_first = d_model, pad_id, norm_first
         self.src_embed = nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id, **factory)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id, **factory)
-        args = (d_model, nhead, dim_feedforward, dropout, activation, norm_first, backend, factory)
+        self.context_parallel_group = context_parallel_group
+        attn_kw = {"backend": backend, "context_parallel_group": context_parallel_group}
+        args = (d_model, nhead, dim_feedforward, dropout, activation, norm_first, attn_kw, factory)
         self.encoder_layers = nn.ModuleList(EncoderLayer(*args) for _ in range(num_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(*args) for _ in range(num_decoder_layers))
         # Pre-norm leaves the residual stream unnormalised: one final norm per stack.
@@ -211,8 +215,27 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 embed.weight[pad_id].zero_()
 
-    def _embed(self, embed: nn.Embedding, tokens: Tensor, start: int = 0) -> Tensor:
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+    def _positions(self, tokens: Tensor, start: int = 0, causal_layout: bool = False) -> Tensor:
+        """Global positions of ``tokens``' columns: a range, or this rank's shard of one under context parallelism."""
+        if self.context_parallel_group is None:
+            return torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        from ..distributed import shard_sequence
+
+        world = torch.distributed.get_world_size(self.context_parallel_group)
+        everything = torch.arange(tokens.shape[1] * world, device=tokens.device)
+        return shard_sequence(everything, group=self.context_parallel_group, is_causal=causal_layout, dim=0)
+
+    def _padding_mask(self, lengths: Optional[Tensor], positions: Tensor, batch: int) -> Optional[Tensor]:
+        if self.context_parallel_group is None:
+            return lengths_to_mask(lengths, positions.shape[0], batch)
+        if lengths is None:
+            return None
+        lengths_to_mask(lengths, positions.shape[0], batch)  # the same argument checks
+        # (B, L_local): True where the token's global position is inside its sequence.
+        return (positions.unsqueeze(0) < lengths.unsqueeze(1)).view(batch, 1, 1, positions.shape[0])
+
+    def _embed(self, embed: nn.Embedding, tokens: Tensor, start: int = 0, causal_layout: bool = False) -> Tensor:
+        positions = self._positions(tokens, start, causal_layout)
         x = embed(tokens) * math.sqrt(self.d_model)
         return self.dropout(x + sinusoidal_positions(positions, self.d_model, x.dtype))
 
@@ -224,7 +247,7 @@ class Transformer(nn.Module):
     def encode(self, src: Tensor, src_lengths: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Encoder output ``(B, Ls, d_model)`` and the source key-padding mask (True = attend) or None."""
         self._check_tokens("src", src)
-        src_mask = lengths_to_mask(src_lengths, src.shape[1], src.shape[0])
+        src_mask = self._padding_mask(src_lengths, self._positions(src), src.shape[0])
         x = self._embed(self.src_embed, src)
         for layer in self.encoder_layers:
             x = layer(x, src_mask)
@@ -245,10 +268,10 @@ class Transformer(nn.Module):
         if tgt_lengths is not None:
             if cache is not None:
                 raise ValueError("tgt_lengths: not supported with a key/value cache (decoding pads nothing)")
-            tgt_mask = lengths_to_mask(tgt_lengths, tgt.shape[1], tgt.shape[0])
+            tgt_mask = self._padding_mask(tgt_lengths, self._positions(tgt, causal_layout=True), tgt.shape[0])
         if cache is not None and not cache.layers:
             cache.layers = [LayerCache() for _ in self.decoder_layers]
-        y = self._embed(self.tgt_embed, tgt, start)
+        y = self._embed(self.tgt_embed, tgt, start, causal_layout=True)
         for i, layer in enumerate(self.decoder_layers):
             y = layer(y, memory, tgt_mask, memory_mask, None if cache is None else cache.layers[i])
         if cache is not None:
@@ -281,6 +304,8 @@ class Transformer(nn.Module):
         With ``use_cache`` each step runs the decoder on the newest token only, against cached keys
         and values (one query, ``q_offset = Lk - 1``); without, it reruns the whole prefix.
         """
+        if self.context_parallel_group is not None:
+            raise ValueError("generate: not supported with context_parallel_group (decoding is one token at a time)")
         memory, memory_mask = self.encode(src, src_lengths)
         batch = src.shape[0]
         tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=src.device)

@@ -63,6 +63,11 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     Inside ``nn.TransformerEncoderLayer`` torch may bypass ``self_attn.forward`` in inference;
     ``fastattn.replace_attention(model)`` swaps modules and also closes that path.
+
+    ``context_parallel_group``: a ``torch.distributed`` group across which the sequence is sharded
+    (``fastattn.distributed.shard_sequence``). Inputs are then this rank's shards, attention runs as
+    ``fastattn.distributed.ring_attention`` and the output is this rank's shard. Only key padding
+    masks (this rank's shard) are supported there; weights and attention dropout are refused.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         dtype=None,
         *,
         backend: Optional[str] = None,
+        context_parallel_group=None,
     ) -> None:
         super().__init__(
             embed_dim,
@@ -95,9 +101,11 @@ class MultiheadAttention(nn.MultiheadAttention):
             dtype=dtype,
         )
         self.backend = check_backend(backend)
+        self.context_parallel_group = context_parallel_group
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend or 'auto'}"
+        cp = ", context_parallel" if self.context_parallel_group is not None else ""
+        return f"backend={self.backend or 'auto'}{cp}"
 
     # ---- building blocks (batch-first, fastattn mask convention) ---------------------------------
 
@@ -140,19 +148,39 @@ class MultiheadAttention(nn.MultiheadAttention):
         ``attn_mask`` follows fastattn (boolean True = attend, float added, broadcastable to
         ``(B, H, Lq, Lk)``); ``q_offset`` places query ``i`` at key position ``i + q_offset``.
         """
-        out = scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-            q_offset=q_offset,
-            backend=self.backend,
-        )
+        if self.context_parallel_group is not None:
+            out = self._attend_context_parallel(q, k, v, attn_mask, is_causal, q_offset)
+        else:
+            out = scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal,
+                q_offset=q_offset,
+                backend=self.backend,
+            )
         # (B, H, Lq, D) → (B, Lq, H, D) → (B, Lq, E)
         out = out.transpose(1, 2).flatten(-2)
         return F.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+    def _attend_context_parallel(self, q, k, v, attn_mask, is_causal, q_offset) -> Tensor:
+        """Ring attention over the sequence shards of ``context_parallel_group``."""
+        from ..distributed import ring_attention
+
+        if q_offset != 0:
+            raise ValueError(
+                f"q_offset: context parallelism places shards by their global positions; expected 0, got {q_offset}"
+            )
+        if self.training and self.dropout > 0.0:
+            raise ValueError(
+                f"dropout: attention dropout is not supported with context_parallel_group; expected 0.0 in training, "
+                f"got {self.dropout} (call .eval() or build the module with dropout=0.0)"
+            )
+        return ring_attention(
+            q, k, v, group=self.context_parallel_group, is_causal=is_causal, attn_mask=attn_mask, backend=self.backend
+        )
 
     # ---- torch's interface -----------------------------------------------------------------------
 
@@ -176,6 +204,11 @@ class MultiheadAttention(nn.MultiheadAttention):
         batch, seqlen_q, seqlen_k = query.shape[0], query.shape[1], key.shape[1]
         kpm, am = self._check_masks(key_padding_mask, attn_mask, batched, batch, seqlen_q, seqlen_k)
 
+        if self.context_parallel_group is not None and need_weights:
+            raise ValueError(
+                "need_weights: attention weights need the whole sequence on one rank; pass need_weights=False "
+                "with context_parallel_group"
+            )
         q, k, v = self.project(query, key, value)
         k, v = self._extra_keys(k, v)
         extra = k.shape[2] - seqlen_k
