@@ -93,7 +93,10 @@ def contenders(kind: str, seqlen: int) -> tuple[dict[str, Callable], int]:
     sdpa_kw = {"is_causal": True} if kind == "causal" else ({"attn_mask": dense} if dense is not None else {})
     mod = mask_mod(kind, layout)
     block_mask = None if mod is None else create_block_mask(mod, 1, 1, seqlen, seqlen, device="cpu")
-    flex = torch.compile(flex_attention)
+    # A fresh compile per point: earlier points' guards would otherwise use up dynamo's recompile
+    # limit and leave FlexAttention running eagerly (orders of magnitude slower).
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False)
     return (
         {
             "fastattn": lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, backend="cpu", **fa_kw),
