@@ -250,6 +250,9 @@ def plot(path: str, head: dict, rows: list[dict]) -> Optional[str]:
                         label=label,
                     )
             ax.set_xscale("log", base=2)
+            lengths = sorted({r["seqlen"] for r in ok})
+            ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths])
+            ax.minorticks_off()
             ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}")
             ax.set_xlabel("sequence length")
             ax.set_ylabel("TFLOP/s")

@@ -247,6 +247,10 @@ def test_memory_budget_and_plot(tmp_path):
         if r["backend"] == "reference":
             twin = next(s for s in rows if s["backend"] == "sdpa" and s["seqlen"] == r["seqlen"])
             assert r["peak_mem_mb"] > twin["peak_mem_mb"]
+    # A saved run (say, from a GPU machine without matplotlib) is redrawn without running anything.
+    png2, md2 = tmp_path / "again.png", tmp_path / "again.md"
+    assert bench_run.main(["--from-json", str(out_json), "--plot", str(png2), "--markdown", str(md2)]) == 0
+    assert png2.stat().st_size > 10_000 and "| 17 |" in md2.read_text()
     assert bench_run.main(TINY + ["--backends", "sdpa", "--max-minutes", "0", "--json", str(out_json)]) == 0
     rows = json.loads(out_json.read_text())["rows"]
     assert rows and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in rows)
