@@ -287,7 +287,7 @@ def test_end_to_end_matches_plain_autograd(dtype):
     gen = torch.Generator().manual_seed(2)
     q, k, v = random_qkv(2, 4, 2, 33, 40, 16, 16, dtype, generator=gen)
     bias = torch.randn(2, 1, 33, 40, generator=gen).to(dtype)
-    leaves = [t.to(DEVICE).requires_grad_() for t in (q, k, v, bias)]
+    leaves = [t.detach().clone().to(DEVICE).requires_grad_() for t in (q, k, v, bias)]
     out = fastattn.scaled_dot_product_attention(
         *leaves[:3], leaves[3], is_causal=True, enable_gqa=True, window=(9, -1), backend="triton"
     )
@@ -331,6 +331,24 @@ def test_dropout_replays_the_forward_keep_mask():
     plain = bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, problem.scale, p, saved, False)
     for a, b in zip(plain[:3], (dq, dk, dv)):
         assert torch.equal(a, b)
+
+
+def test_dropout_same_seed_same_gradients():
+    """Through ``backend="triton"``: the same torch seed gives the same output and gradients, another seed not."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = random_qkv(1, 2, 2, 20, 20, 16, 16, torch.float32, generator=gen)
+
+    def step(seed):
+        leaves = [t.detach().clone().to(DEVICE).requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(seed)
+        out = fastattn.scaled_dot_product_attention(*leaves, dropout_p=0.4, backend="triton")
+        out.sum().backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    first, again, other = step(5), step(5), step(6)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.isfinite(t).all() for t in first)
+    assert not torch.equal(first[1], other[1])
 
 
 def test_dropout_statistics():
