@@ -26,8 +26,10 @@ __all__ = ["replace_attention"]
 
 
 def _convert(module: nn.MultiheadAttention, backend: Optional[str]) -> None:
+    """Class swap in place; sets every attribute that ``MultiheadAttention.__init__`` adds."""
     module.__class__ = MultiheadAttention
     module.backend = backend
+    module.context_parallel_group = None
 
 
 def replace_attention(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
