@@ -5,7 +5,9 @@ the same JIT path users take, then fails (exit 1) if
 
 * the test GEMM kernel's ptxas report (``-Xptxas -v``) shows spill stores or loads (other kernels' spills
   are printed as warnings; ``--strict-spills`` fails on them too), or
-* the test GEMM kernel's SASS (``cuobjdump -sass``) has no ``HMMA`` (tensor-core mma) for some arch.
+* the SASS (``cuobjdump -sass``) of the test GEMM or of any attention kernel that does matrix math
+  (``attn_fwd_kernel``, ``attn_bwd_dkdv_kernel``, ``attn_bwd_dq_kernel``) has no ``HMMA``
+  (tensor-core mma) for some arch.
 
 It prints the build time (the goal is under a minute), and per kernel and arch the registers, shared
 memory, spills and the HMMA / LDSM (ldmatrix) / LDGSTS (cp.async) instruction counts. Without nvcc it
@@ -25,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+# Attention kernels that must run their matrix products on tensor cores (mangled names contain these).
+_MMA_KERNELS = ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
 _USED = re.compile(r"Used (\d+) registers.*?(?:(\d+) bytes smem)?")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -140,6 +144,9 @@ def main(argv=None) -> int:
             failures.append(f"test GEMM kernel not found in the SASS for {arch}")
         elif any(c["HMMA"] == 0 for c in gemm):
             failures.append(f"test GEMM kernel has no HMMA instruction for {arch}")
+        for (fn, a), c in counts.items():
+            if a == arch and any(name in fn for name in _MMA_KERNELS) and c["HMMA"] == 0:
+                failures.append(f"{fn} has no HMMA instruction for {arch}")
     for f in failures:
         print(f"ci_check: FAIL: {f}")
     print("ci_check: OK" if not failures else f"ci_check: {len(failures)} failure(s)")
