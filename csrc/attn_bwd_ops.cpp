@@ -23,11 +23,12 @@ namespace fastattn {
 namespace {
 
 // 16-byte rows (cp.async, vector stores): unit last stride, other strides multiples of 8 elements, a
-// 16-byte aligned start; used in place when so, copied to a contiguous tensor otherwise.
+// 16-byte aligned start; used in place when so, copied to a fresh contiguous tensor otherwise (a clone: an
+// already contiguous view at an unaligned offset would come back unchanged from .contiguous()).
 at::Tensor bwd_kernel_ready(const at::Tensor& t) {
     bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
     for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) == 1 || t.stride(d) % 8 == 0);
-    return ok ? t : t.contiguous();
+    return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 MaskElem bwd_mask_elem(at::ScalarType d) {

@@ -63,6 +63,10 @@ struct Tile {
     static constexpr int kQdqElems = kBlockMdq * kLd;
     static constexpr int kDkdvSmem = (2 * kKVElems + 2 * kQkvElems) * 2 + 2 * kBlockMkv * 4;
     static constexpr int kDqSmem = (2 * kQdqElems + 2 * kKVElems) * 2;
+    // Sub-tiles over which S and dP are live (16 x kSub fp32 per warp): halved at D >= 96, where the
+    // dK + dV (or dQ) accumulators already take most registers.
+    static constexpr int kSubKv = D >= 96 ? 16 : kBlockMkv;
+    static constexpr int kSubDq = D >= 96 ? 32 : kBlockN;
     static_assert(D % 32 == 0, "QKᵀ consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
 };
 
@@ -197,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_preprocess_kernel(const Att
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnBwdParams p) {
     using Cfg = Tile<D>;
-    constexpr int kLd = Cfg::kLd, kBM = kBlockMkv;
+    constexpr int kLd = Cfg::kLd, kBM = kBlockMkv, kSub = Cfg::kSubKv;
     FA_DYNAMIC_SMEM(T, smem);
     T* sK = smem;                        // [64][kLd]
     T* sV = sK + Cfg::kKVElems;          // [64][kLd]
@@ -272,12 +276,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnBwdPa
             fa::cp_async_wait<0>();
             __syncthreads();
 
-            // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: 16 keys x 32 queries per warp. Lane (g, t) holds [ni][e] at key
-            // k0 + 16w + g + 8(e/2), query q0 + 8ni + 2t + e%2.
-            float s[kBM / 8][4], dp[kBM / 8][4];
-            mma_abt<T, D, kBM>(s, sK + warp * 16 * kLd, sQ, lane);
-            mma_abt<T, D, kBM>(dp, sV + warp * 16 * kLd, sdO, lane);
-
             bool partial;
             if (state != nullptr) {
                 partial = state[mt] != kFull;
@@ -286,36 +284,45 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnBwdPa
                 const int64_t pos_last = int64_t(min(q0 + kBM, p.seqlen_q) - 1) + p.q_offset;
                 partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
             }
+            // In sub-tiles of kSub queries (fewer live fp32 registers at large D). Sᵀ = K Qᵀ and dPᵀ = V dOᵀ:
+            // 16 keys x kSub queries per warp; lane (g, t) holds [ni][e] at key k0 + 16w + g + 8(e/2),
+            // query q0 + sub + 8ni + 2t + e%2.
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int j = k0 + warp * 16 + g + 8 * r;
+            for (int sub = 0; sub < kBM; sub += kSub) {
+                float s[kSub / 8][4], dp[kSub / 8][4];
+                mma_abt<T, D, kSub>(s, sK + warp * 16 * kLd, sQ + sub * kLd, lane);
+                mma_abt<T, D, kSub>(dp, sV + warp * 16 * kLd, sdO + sub * kLd, lane);
 #pragma unroll
-                for (int ni = 0; ni < kBM / 8; ++ni)
+                for (int r = 0; r < 2; ++r) {
+                    const int j = k0 + warp * 16 + g + 8 * r;
 #pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const int iq = ni * 8 + 2 * t + c, i = q0 + iq;
-                        float x = s[ni][2 * r + c] * scale_log2;
-                        bool keep = true;
-                        if (partial || tail) {
-                            keep = j < p.seqlen_k;
-                            if (partial) {
-                                const int64_t pos = int64_t(i) + p.q_offset;
-                                keep = keep && (left < 0 || pos - left <= j) && (right < 0 || j <= pos + right);
-                                if (keep && p.mask != nullptr && i < p.seqlen_q)
-                                    keep = apply_mask_value(p.mask_elem, p.mask,
-                                                            mask_bh + int64_t(i) * p.mask_stride[2] +
-                                                                int64_t(j) * p.mask_stride[3],
-                                                            x);
+                    for (int ni = 0; ni < kSub / 8; ++ni)
+#pragma unroll
+                        for (int c = 0; c < 2; ++c) {
+                            const int iq = sub + ni * 8 + 2 * t + c, i = q0 + iq;
+                            float x = s[ni][2 * r + c] * scale_log2;
+                            bool keep = true;
+                            if (partial || tail) {
+                                keep = j < p.seqlen_k;
+                                if (partial) {
+                                    const int64_t pos = int64_t(i) + p.q_offset;
+                                    keep = keep && (left < 0 || pos - left <= j) && (right < 0 || j <= pos + right);
+                                    if (keep && p.mask != nullptr && i < p.seqlen_q)
+                                        keep = apply_mask_value(p.mask_elem, p.mask,
+                                                                mask_bh + int64_t(i) * p.mask_stride[2] +
+                                                                    int64_t(j) * p.mask_stride[3],
+                                                                x);
+                                }
                             }
+                            const float prob = keep ? exp2f(x - sL[iq]) : 0.f;
+                            s[ni][2 * r + c] = prob;
+                            dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - sD[iq]);
                         }
-                        const float prob = keep ? exp2f(x - sL[iq]) : 0.f;
-                        s[ni][2 * r + c] = prob;
-                        dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - sD[iq]);
-                    }
+                }
+                // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end).
+                mma_xb<T, D, kSub>(dv, s, sdO + sub * kLd, lane);
+                mma_xb<T, D, kSub>(dk, dp, sQ + sub * kLd, lane);
             }
-            // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end).
-            mma_xb<T, D, kBM>(dv, s, sdO, lane);
-            mma_xb<T, D, kBM>(dk, dp, sQ, lane);
         }
     }
 
@@ -335,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnBwdPa
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnBwdParams p) {
     using Cfg = Tile<D>;
-    constexpr int kLd = Cfg::kLd, kBM = kBlockMdq;
+    constexpr int kLd = Cfg::kLd, kBM = kBlockMdq, kSub = Cfg::kSubDq;
     FA_DYNAMIC_SMEM(T, smem);
     T* sQ = smem;                   // [64][kLd]
     T* sdO = sQ + Cfg::kQdqElems;   // [64][kLd]
@@ -407,12 +414,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnBwdPara
         fa::cp_async_wait<0>();  // K/V (and Q/dO on the first tile) landed
         __syncthreads();
 
-        // S = Q Kᵀ, dP = dO Vᵀ: 16 rows x 64 keys per warp; lane (g, t) holds [ni][e] at row
-        // 16w + g + 8(e/2), key k0 + 8ni + 2t + e%2.
-        float s[kBlockN / 8][4], dp[kBlockN / 8][4];
-        mma_abt<T, D, kBlockN>(s, sQ + warp * 16 * kLd, sK, lane);
-        mma_abt<T, D, kBlockN>(dp, sdO + warp * 16 * kLd, sV, lane);
-
         bool partial;
         if (state != nullptr) {
             partial = state[kt] != kFull;
@@ -421,33 +422,41 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnBwdPara
             partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
         }
         const bool tail = k0 + kBlockN > p.seqlen_k;
+        // In sub-tiles of kSub keys. S = Q Kᵀ, dP = dO Vᵀ: 16 rows x kSub keys per warp; lane (g, t) holds
+        // [ni][e] at row 16w + g + 8(e/2), key k0 + sub + 8ni + 2t + e%2.
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int i = q0 + warp * 16 + g + 8 * r;
-            const int64_t pos = int64_t(i) + p.q_offset;
-            const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;
-            const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
+        for (int sub = 0; sub < kBlockN; sub += kSub) {
+            float s[kSub / 8][4], dp[kSub / 8][4];
+            mma_abt<T, D, kSub>(s, sQ + warp * 16 * kLd, sK + sub * kLd, lane);
+            mma_abt<T, D, kSub>(dp, sdO + warp * 16 * kLd, sV + sub * kLd, lane);
 #pragma unroll
-            for (int ni = 0; ni < kBlockN / 8; ++ni)
+            for (int r = 0; r < 2; ++r) {
+                const int i = q0 + warp * 16 + g + 8 * r;
+                const int64_t pos = int64_t(i) + p.q_offset;
+                const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;
+                const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int j = k0 + ni * 8 + 2 * t + c;
-                    float x = s[ni][2 * r + c] * scale_log2;
-                    bool keep = true;
-                    if (partial || tail) {
-                        keep = j < p.seqlen_k;
-                        if (partial) {
-                            keep = keep && (left < 0 || pos - left <= j) && (right < 0 || j <= pos + right);
-                            if (keep && read_mask)
-                                keep = apply_mask_value(p.mask_elem, p.mask, mask_row + int64_t(j) * p.mask_stride[3], x);
+                for (int ni = 0; ni < kSub / 8; ++ni)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int j = k0 + sub + ni * 8 + 2 * t + c;
+                        float x = s[ni][2 * r + c] * scale_log2;
+                        bool keep = true;
+                        if (partial || tail) {
+                            keep = j < p.seqlen_k;
+                            if (partial) {
+                                keep = keep && (left < 0 || pos - left <= j) && (right < 0 || j <= pos + right);
+                                if (keep && read_mask)
+                                    keep = apply_mask_value(p.mask_elem, p.mask, mask_row + int64_t(j) * p.mask_stride[3], x);
+                            }
                         }
+                        const float prob = keep ? exp2f(x - l2[r]) : 0.f;
+                        dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - dl[r]);
                     }
-                    const float prob = keep ? exp2f(x - l2[r]) : 0.f;
-                    dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - dl[r]);
-                }
+            }
+            // dQ += dS K (scaled at the end).
+            mma_xb<T, D, kSub>(dq, dp, sK + sub * kLd, lane);
         }
-        // dQ += dS K (scaled at the end).
-        mma_xb<T, D, kBlockN>(dq, dp, sK, lane);
     }
 
     fa::cp_async_wait<0>();  // Q/dO's copies, if no key tile was visited

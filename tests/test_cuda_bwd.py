@@ -1,0 +1,218 @@
+"""The CUDA backend's backward kernels (csrc/cuda/attn_bwd.cu) run on CPU tensors by the emulator.
+
+``FASTATTN_CUDA_EMULATE=1`` is set for this module only (a fixture). The gradient matrix takes ``out``
+and ``lse`` from the float64-capable oracle forward (the backward only depends on the lse format), so
+it checks the backward alone; one case chains the CUDA forward op into it. The op poisons dq, dk, dv
+with NaN in the emulation build before the kernels write them, so an element they miss fails the NaN
+check of ``assert_close``. Tolerance: 3x PyTorch's own low-precision error (``fastattn.testing``).
+The default run is a covering set (every mask kind, dtype, head dim, odd length and GQA appear); the
+product is under ``@pytest.mark.full``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastattn import _ext
+from fastattn import reference as oracle
+from fastattn._validate import validate
+from fastattn.backends import cuda as cuda_fwd
+from fastattn.backends import cuda_bwd
+from fastattn.testing import assert_close, random_qkv
+
+pytestmark = pytest.mark.skipif(
+    _ext.unavailable_reason("cuda_emulate") is not None, reason=str(_ext.unavailable_reason("cuda_emulate"))
+)
+
+KINDS = ("none", "causal", "bool", "key_padding", "float", "window", "causal_mask", "q_offset", "window_offset")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulate():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTATTN_CUDA_EMULATE", "1")
+        mp.delenv("FASTATTN_EMULATE_ORDER", raising=False)
+        cuda_bwd._ensure_loaded()
+        yield
+
+
+def _setup(b, hq, hkv, lq, lk, d, dtype, kind, seed=0):
+    """Inputs, spec, scale, the oracle's ``out``/``lse`` and ``dO`` of one case (masks fresh, never all-True)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(b, hq, hkv, lq, lk, d, d, dtype, generator=gen)
+    mask, causal, window, q_offset = None, False, None, 0
+    if kind == "causal":
+        causal = True
+    elif kind == "bool":  # full (B, H, Lq, Lk), with a query row that attends nothing
+        mask = torch.rand(b, hq, lq, lk, generator=gen) > 0.3
+        mask[:, :, lq // 2, :] = False
+    elif kind == "key_padding":  # (B, 1, 1, Lk) broadcast: each batch keeps a random prefix
+        keep = torch.randint(1, lk + 1, (b,), generator=gen)
+        mask = (torch.arange(lk).view(1, lk) < keep.view(b, 1)).view(b, 1, 1, lk)
+    elif kind == "float":  # additive (1, H, Lq, Lk) with some -inf, in the inputs' dtype or fp32
+        bias = torch.randn(1, hq, lq, lk, generator=gen) * 2
+        bias[torch.rand(1, hq, lq, lk, generator=gen) < 0.2] = float("-inf")
+        mask = bias.to(dtype if seed % 2 else torch.float32)
+    elif kind == "window":
+        window = (9, 5)
+    elif kind == "causal_mask":  # causal plus an (Lq, Lk) bool mask broadcast over batch and heads
+        causal, mask = True, torch.rand(lq, lk, generator=gen) > 0.25
+    elif kind == "q_offset":  # bottom-right causal shifted so that the first rows see nothing
+        causal, q_offset = True, lk - lq - 2
+    elif kind == "window_offset":
+        window, q_offset = (20, 0), 7
+    problem, q, k, v, spec = validate(q, k, v, mask, 0.0, causal, None, hq != hkv, window, q_offset)
+    out, lse = oracle.attention_forward(q, k, v, spec, problem.scale)
+    grad_out = torch.randn(out.shape, generator=gen).to(dtype)
+    return q, k, v, spec, problem.scale, out, lse, grad_out
+
+
+def _check(q, k, v, spec, scale, out, lse, grad_out):
+    dq, dk, dv, dmask = cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), False)
+    assert dmask is None
+    truth = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), spec, scale)
+    base = oracle.attention_backward(grad_out, q, k, v, spec, scale, compute_dtype=q.dtype)
+    for name, got, ref, bl, like in zip(("dq", "dk", "dv"), (dq, dk, dv), truth, base, (q, k, v)):
+        assert got.dtype == q.dtype and got.shape == like.shape, name
+        assert_close(got, ref, bl, factor=3, name=name)
+    empty = torch.isinf(lse) & (lse < 0)  # rows that attend nothing: exactly zero dq
+    if empty.any():
+        assert (dq[empty] == 0).all()
+    return dq, dk, dv
+
+
+# (b, hq, hkv, lq, lk, d, dtype, kind): every kind, dtype, head dim and the lengths 1, 17, 65, 129, 1030.
+CASES = [
+    (2, 2, 2, 17, 17, 64, torch.float16, "none"),
+    (1, 4, 2, 65, 129, 64, torch.bfloat16, "causal"),
+    (2, 2, 1, 129, 65, 128, torch.float16, "bool"),
+    (2, 2, 2, 65, 129, 128, torch.bfloat16, "key_padding"),
+    (1, 2, 2, 17, 129, 64, torch.float16, "float"),
+    (1, 2, 2, 129, 129, 64, torch.bfloat16, "window"),
+    (1, 4, 1, 65, 65, 128, torch.float16, "causal_mask"),
+    (1, 2, 2, 17, 1030, 64, torch.bfloat16, "q_offset"),
+    (1, 2, 2, 65, 129, 128, torch.bfloat16, "window_offset"),
+    (1, 1, 1, 1, 1, 64, torch.float16, "none"),
+    (1, 2, 2, 1, 65, 128, torch.bfloat16, "bool"),
+    (1, 2, 2, 65, 1, 64, torch.float16, "causal"),
+    (1, 2, 1, 17, 65, 32, torch.float16, "causal"),
+    (1, 2, 2, 65, 65, 96, torch.bfloat16, "float"),
+    (1, 3, 1, 129, 17, 32, torch.bfloat16, "key_padding"),
+    (1, 1, 1, 1030, 65, 64, torch.float16, "q_offset"),
+    (1, 2, 1, 129, 129, 96, torch.float16, "window"),
+]
+
+
+@pytest.mark.parametrize("b, hq, hkv, lq, lk, d, dtype, kind", CASES)
+def test_grads_match_oracle(b, hq, hkv, lq, lk, d, dtype, kind):
+    _check(*_setup(b, hq, hkv, lq, lk, d, dtype, kind, seed=lq * 1000 + lk + d))
+
+
+def test_covering_set():
+    """Every mask kind, dtype, head dim, odd length and a GQA group appear in the default cases."""
+    assert {c[7] for c in CASES} == set(KINDS)
+    assert {c[6] for c in CASES} == {torch.float16, torch.bfloat16}
+    assert {c[5] for c in CASES} == set(cuda_bwd.HEAD_DIMS)
+    assert {1, 17, 65, 129, 1030} <= {c[3] for c in CASES} & {c[4] for c in CASES}
+    assert any(c[1] != c[2] for c in CASES)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("d", cuda_bwd.HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("lq, lk", [(1, 17), (17, 65), (65, 129), (129, 65), (129, 129)])
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)])
+def test_grads_match_oracle_full(d, dtype, kind, lq, lk, hq, hkv):
+    _check(*_setup(2, hq, hkv, lq, lk, d, dtype, kind, seed=lq + 7 * lk + d))
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("lq, lk, kind", [(1030, 65, "causal"), (65, 1030, "key_padding"), (1030, 1030, "none")])
+def test_grads_long_full(lq, lk, kind):
+    _check(*_setup(1, 1, 1, lq, lk, 64, torch.float16, kind, seed=3))
+
+
+def test_cuda_forward_then_backward():
+    """The CUDA forward op's (out, lse) feed the backward: the pair against the float64 oracle."""
+    q, k, v, spec, scale, _, _, grad_out = _setup(1, 4, 2, 65, 129, 64, torch.bfloat16, "causal_mask", seed=4)
+    out, lse = cuda_fwd.attn_fwd(q, k, v, spec, scale)
+    _check(q, k, v, spec, scale, out, lse, grad_out)
+
+
+def test_deterministic_and_fiber_order(monkeypatch):
+    """Bit-identical gradients run to run and whichever emulated thread (and block) runs first.
+
+    GQA (the group's reduction in the dK/dV pass) with a partial bool mask; a random order would expose a
+    missing barrier or cp.async wait.
+    """
+    case = _setup(1, 4, 1, 65, 129, 64, torch.float16, "bool", seed=11)
+    results = [_check(*case), _check(*case)]
+    monkeypatch.setenv("FASTATTN_EMULATE_ORDER", "random:7")
+    results.append(_check(*case))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_empty_tiles_are_never_loaded():
+    """K/V and Q/dO rows that only EMPTY (skipped) tiles hold are NaN: reading them would give NaN gradients.
+
+    Causal, Lq = Lk = 129: query tile 0 (rows < 64) sees no key >= 64, and key tiles above a query tile
+    are skipped; a window (9, 5) on top of that skips far tiles on both sides.
+    """
+    q, k, v, spec, scale, out, lse, grad_out = _setup(1, 1, 1, 129, 129, 64, torch.float16, "window", seed=2)
+    dq, dk, dv, _ = cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), False)
+    # Rows 0..15 of q/dO are only in query tile 0 (rows 0..31 and 0..63): key tile 2 (keys 128..) never sees them.
+    # Poison K/V rows 128.. (only key tile 2) and check that query rows < 64 (which cannot see them) are unchanged.
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 128:], v2[:, :, 128:] = float("nan"), float("nan")
+    dq2, _, _, _ = cuda_bwd.attn_bwd(grad_out, q, k2, v2, out, lse, spec, scale, 0.0, (), False)
+    assert torch.equal(dq2[:, :, :64], dq[:, :, :64])
+    # Poison q/dO rows 96.. (query tiles 3, 4 of 32; tile 1 of 64): key tile 0 (keys < 64) never sees them.
+    q2, g2 = q.clone(), grad_out.clone()
+    q2[:, :, 96:], g2[:, :, 96:] = float("nan"), float("nan")
+    _, dk2, dv2, _ = cuda_bwd.attn_bwd(g2, q2, k, v, out, lse, spec, scale, 0.0, (), False)
+    assert torch.equal(dk2[:, :, :64], dk[:, :, :64]) and torch.equal(dv2[:, :, :64], dv[:, :, :64])
+
+
+def test_unaligned_and_strided_inputs():
+    """A (B, L, H, D) storage seen as (B, H, L, D) is read in place; an odd offset is copied: same gradients."""
+    q, k, v, spec, scale, out, lse, grad_out = _setup(2, 2, 2, 17, 33, 64, torch.bfloat16, "none", seed=6)
+    ref = cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), False)[:3]
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (grad_out, q, k, v, out)]
+    got = cuda_bwd.attn_bwd(*strided[:4], strided[4], lse, spec, scale, 0.0, (), False)[:3]
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+    shifted = [torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for t in (grad_out, q, k, v, out)]
+    got = cuda_bwd.attn_bwd(*shifted[:4], shifted[4], lse, spec, scale, 0.0, (), False)[:3]
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+
+def test_opcheck():
+    q, k, v, spec, scale, out, lse, grad_out = _setup(1, 2, 1, 17, 33, 64, torch.float16, "bool", seed=8)
+    left, right = spec.bounds
+    args = (grad_out, q, k, v, out, lse, spec.tensor, *cuda_bwd.summaries(spec), scale, left, right, spec.q_offset)
+    torch.library.opcheck(torch.ops.fastattn.cuda_attn_bwd.default, args)
+    q, k, v, spec, scale, out, lse, grad_out = _setup(1, 2, 2, 17, 33, 32, torch.bfloat16, "causal", seed=9)
+    left, right = spec.bounds
+    args = (grad_out, q, k, v, out, lse, None, *cuda_bwd.summaries(spec), scale, left, right, spec.q_offset)
+    torch.library.opcheck(torch.ops.fastattn.cuda_attn_bwd.default, args)
+
+
+def test_unsupported_raise_clear_errors():
+    q, k, v, spec, scale, out, lse, grad_out = _setup(1, 1, 1, 17, 17, 64, torch.float16, "float", seed=1)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.1, (), False)
+    with pytest.raises(NotImplementedError, match="need_mask_grad"):
+        cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), True)
+    q, k, v, spec, scale, out, lse, grad_out = _setup(1, 1, 1, 17, 17, 256, torch.float16, "none", seed=1)
+    with pytest.raises(NotImplementedError, match="head dims"):
+        cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), False)
+    with pytest.raises(RuntimeError, match="argument 'lse' must have shape"):
+        torch.ops.fastattn.cuda_attn_bwd(
+            grad_out[..., :64], q[..., :64], k[..., :64], v[..., :64], out[..., :64], lse[:, :, :3],
+            *([None] * 7), scale, -1, -1, 0,
+        )  # fmt: skip
