@@ -99,7 +99,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--rep-seconds", type=float, help="CPU: time spent on timed reps per row (0.25; --quick 0.05)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--strict", action="store_true", help="exit 1 when any point ends in 'error'")
+    p.add_argument(
+        "--context-parallel",
+        type=int,
+        metavar="N",
+        help="ring attention on N local processes vs one: time and per-rank peak memory (context_parallel.py)",
+    )
     args = p.parse_args(argv)
+    if args.context_parallel is not None and args.context_parallel < 2:
+        p.error(f"--context-parallel: expected at least 2 processes, got {args.context_parallel}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: expected a visible CUDA device, found none")
@@ -348,10 +356,35 @@ def _result_stem(head: dict) -> str:
     return f"{safe}-{head['date'][:10]}"
 
 
+def _run_context_parallel(args: argparse.Namespace) -> int:
+    """The same sequence lengths across N processes (``benchmarks/context_parallel.py``)."""
+    import context_parallel
+
+    causal = [_points.parse_bool(c) for c in args.causal]
+    rows = []
+    for is_causal in causal:
+        rows += context_parallel.run(
+            args.context_parallel,
+            args.seqlens,
+            heads=args.heads or 8,
+            head_dim=args.head_dims[0],
+            causal=is_causal,
+            dtype=str(args.dtypes[0]).removeprefix("torch."),
+            backend=args.backends[0] if args.backends else None,
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(["benchmarks/run.py", *args.argv]), "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
     args.argv = raw
+    if args.context_parallel:
+        return _run_context_parallel(args)
     t0 = time.perf_counter()
     if args.from_json:
         with open(args.from_json) as f:
