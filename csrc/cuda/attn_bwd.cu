@@ -14,7 +14,7 @@
 // Bytes:  minimum: read Q, K, V, O, dO, lse once, write dQ, dK, dV, delta:
 //         2·(4·B·Hq·Lq·D + 4·B·Hkv·Lk·D) + 12·B·Hq·Lq (+ the mask's PARTIAL tiles, read in both passes).
 //         The dK/dV pass re-reads Q/dO Lk/64 times and the dQ pass K/V Lq/64 times, from L2 mostly.
-// Bound:  per streamed tile byte each block does ~64 (dQ) or ~64 (dK/dV) FLOPs from L2; against HBM
+// Bound:  per streamed tile byte each block does ~96 (dQ) or ~128 (dK/dV) FLOPs from L2; against HBM
 //         the intensity is ~L FLOPs/byte, far above the A100/H100 ridge (~150/~300): tensor-core bound
 //         for L >= a few hundred, with exp2 on the SFU second. The preprocess is memory bound (reads O
 //         and dO once, 2·D bytes per 2·D FLOPs). Target: >= 0.9× torch SDPA's flash backward at
@@ -26,9 +26,17 @@
 //         group's reduction happens in registers in a fixed order, deterministic, K/V loaded once.
 //         dQ (Lq/64, Hq, B), heaviest (causal) query tiles first: warp w owns query rows 16w..16w+15
 //         and accumulates their dQ while the key tiles (64 keys) stream past.
-// Registers per thread (fp32 accumulators): dK/dV pass dK + dV 2·(D/8)·4, Sᵀ and dPᵀ (16 keys × 32
-//         queries) 2·16; dQ pass dQ (D/8)·4, S and dP (16 × 64) 2·32. All A/B operands come from shared
-//         memory by ldmatrix (keeping K/V or Q/dO fragments in registers would spill at D = 128).
+// Registers per thread (fp32 accumulators): dK/dV pass dK + dV 2·(D/8)·4, Sᵀ and dPᵀ (16 keys × kSub
+//         queries) 2·kSub/2; dQ pass dQ (D/8)·4, S and dP (16 rows × kSub keys) 2·kSub/2. kSub is the whole
+//         tile (32 queries / 64 keys) for D <= 64 and half of it for D >= 96. All A/B operands come from
+//         shared memory by ldmatrix (keeping K/V or Q/dO fragments in registers would spill at D = 128).
+//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16), spill bytes in brackets:
+//             D                32    64    96    128
+//             dK/dV  sm_80     99   222   242   255 (28)
+//             dK/dV  sm_90    126   218   248   255 (8)
+//             dQ     sm_80    134   178   168   254
+//             dQ     sm_90    140   186   179   180
+//         preprocess: 32-46. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS.
 // Shared: rows padded by 8 elements (conflict-free ldmatrix, as the forward). dK/dV pass: K, V
 //         [64][D+8], Q, dO [32][D+8], 16-bit, plus lse·log2e and delta [32] fp32: (2·64 + 2·32)·(D+8)·2
 //         + 256 = 15616 / 27904 / 40192 / 52480 bytes for D = 32 / 64 / 96 / 128. dQ pass: Q, dO, K, V
@@ -67,6 +75,9 @@ struct Tile {
     // dK + dV (or dQ) accumulators already take most registers.
     static constexpr int kSubKv = D >= 96 ? 16 : kBlockMkv;
     static constexpr int kSubDq = D >= 96 ? 32 : kBlockN;
+    // ptxas's default (no minimum) caps the dK/dV kernel at 168 registers for D = 64 and spills there;
+    // a minimum of 1 block lets it take what it needs (0 = no minimum: D = 32 fits, D = 128 spills less).
+    static constexpr int kDkdvMinBlocks = (D == 64 || D == 96) ? 1 : 0;
     static_assert(D % 32 == 0, "QKᵀ consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
 };
 
@@ -199,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_preprocess_kernel(const Att
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnBwdParams p) {
+__global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dkdv_kernel(const AttnBwdParams p) {
     using Cfg = Tile<D>;
     constexpr int kLd = Cfg::kLd, kBM = kBlockMkv, kSub = Cfg::kSubKv;
     FA_DYNAMIC_SMEM(T, smem);
