@@ -161,14 +161,17 @@ def _tensor_tile_summary(mask4: Tensor, seqlen_q: int, seqlen_k: int, block_q: i
     tq, nq_here = (block_q, n_q) if mq == seqlen_q and seqlen_q > 1 else (1, 1)
     tk, nk_here = (block_k, n_k) if mk == seqlen_k and seqlen_k > 1 else (1, 1)
     pad = (0, nk_here * tk - mk, 0, nq_here * tq - mq)
-    attend = mask4 if mask4.dtype == torch.bool else mask4 != float("-inf")
-    # "any" pads with False and "all" with True: positions past the ends do not count.
-    any_ = torch.nn.functional.pad(attend, pad, value=False)
-    # (Bm, Hm, n_q, block_q, n_k, block_k) → reduce the in-tile dims.
-    has = any_.reshape(bm, hm, nq_here, tq, nk_here, tk).any(5).any(3)
+    # uint8 with max/min reductions: several times faster than bool any/all over strided dims.
+    attend = (mask4 if mask4.dtype == torch.bool else mask4 != float("-inf")).view(torch.uint8)
+
+    def reduce(fill: int, op) -> Tensor:
+        x = torch.nn.functional.pad(attend, pad, value=fill) if any(pad) else attend
+        # (Bm, Hm, n_q·block_q, n_k·block_k) → (Bm, Hm, n_q, block_q, n_k, block_k) → reduce the in-tile dims.
+        return op(x.reshape(bm, hm, nq_here, tq, nk_here, tk), dim=(3, 5))
+
+    has = reduce(0, torch.amax) != 0  # positions past the ends count as "nothing here"...
     if mask4.dtype == torch.bool:
-        all_ = torch.nn.functional.pad(attend, pad, value=True)
-        every = all_.reshape(bm, hm, nq_here, tq, nk_here, tk).all(5).all(3)
+        every = reduce(1, torch.amin) != 0  # ...and as "attended" for the all-check
         state = torch.where(~has, EMPTY, torch.where(every, FULL, PARTIAL))
     else:
         state = torch.where(~has, EMPTY, PARTIAL)  # an additive mask must always be read: never FULL
