@@ -16,9 +16,11 @@ import torch
 
 from fastattn import _ext
 from fastattn import reference as oracle
+from fastattn._autograd import AttentionFunction
 from fastattn._validate import validate
 from fastattn.backends import cuda as cuda_fwd
 from fastattn.backends import cuda_bwd
+from fastattn.backends.registry import Backend
 from fastattn.testing import assert_close, random_qkv
 
 pytestmark = pytest.mark.skipif(
@@ -216,3 +218,44 @@ def test_unsupported_raise_clear_errors():
             grad_out[..., :64], q[..., :64], k[..., :64], v[..., :64], out[..., :64], lse[:, :, :3],
             *([None] * 7), scale, -1, -1, 0,
         )  # fmt: skip
+
+
+class _CudaForwardAndBackward(Backend):
+    """The CUDA forward op with this backward, as CudaBackend will wire it: checks the pair through autograd."""
+
+    name = "cuda-fwd-cuda-bwd"
+
+    def forward(self, q, k, v, spec, scale, dropout_p):
+        out, lse = cuda_fwd.attn_fwd(q, k, v, spec, scale)
+        return out, lse, ()
+
+    def backward(self, grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad):
+        return cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad)
+
+
+def test_autograd_end_to_end():
+    """Leaf gradients through the one AttentionFunction (GQA, key padding) against the float64 oracle."""
+    q, k, v, spec, scale, _, _, grad_out = _setup(2, 4, 2, 33, 65, 64, torch.float16, "key_padding", seed=12)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, _ = AttentionFunction.apply(*leaves, spec.tensor, _CudaForwardAndBackward(), spec, scale, 0.0)
+    out.backward(grad_out)
+    truth = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), spec, scale)
+    base = oracle.attention_backward(grad_out, q, k, v, spec, scale, compute_dtype=q.dtype)
+    for name, leaf, ref, bl in zip(("dq", "dk", "dv"), leaves, truth, base):
+        assert_close(leaf.grad, ref, bl, factor=3, name=name)
+
+
+def test_compile_fullgraph():
+    """``torch.compile(fullgraph=True)`` traces the op through its fake: same gradients as eager."""
+    q, k, v, spec, scale, out, lse, grad_out = _setup(1, 2, 1, 17, 33, 64, torch.bfloat16, "causal", seed=13)
+    left, right = spec.bounds
+
+    def fn(grad_out, q, k, v, out, lse):
+        return torch.ops.fastattn.cuda_attn_bwd(
+            grad_out, q, k, v, out, lse, None, *([None] * 6), scale, left, right, spec.q_offset
+        )
+
+    eager = fn(grad_out, q, k, v, out, lse)
+    compiled = torch.compile(fn, fullgraph=True)(grad_out, q, k, v, out, lse)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
