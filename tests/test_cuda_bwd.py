@@ -259,3 +259,17 @@ def test_compile_fullgraph():
     compiled = torch.compile(fn, fullgraph=True)(grad_out, q, k, v, out, lse)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+def test_memory_no_lq_by_lk():
+    """The backward allocates nothing of Lq x Lk elements (a broadcast key-padding mask is read in place).
+
+    The profiler must see the (B, Hq, Lq, D) gradients, so the check is not vacuous.
+    """
+    seqlen, d = 320, 32  # Lq*Lk = 102400 elements; the largest (L, D) tensor is 320*32*2 = 20 KiB
+    q, k, v, spec, scale, out, lse, grad_out = _setup(1, 1, 1, seqlen, seqlen, d, torch.float16, "key_padding")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), False)
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert max(sizes) >= seqlen * d * 2, "the profiler did not see the gradients: the check would be vacuous"
+    assert max(sizes) < seqlen * seqlen
