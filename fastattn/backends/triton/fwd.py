@@ -90,14 +90,21 @@ def fwd_tiles(
             return (128, 32) if heavy else (128, 128)
         if d <= 128:
             return (64, 32) if heavy else (128, 64)
-        return (64, 32) if wide or heavy else (128, 64)
+        if wide:
+            return (16, 32) if heavy else (32, 32)
+        return (64, 32) if heavy else (128, 64)
     if arch >= 80:
         if d <= 64:
-            return (64, 64) if wide else (128, 64)
+            return (64, 64) if wide or heavy else (128, 64)
         if d <= 128:
             return (64, 32) if wide or heavy else (128, 64)
-        return (64, 32) if wide or heavy else (64, 64)
-    return (64, 32) if d <= 128 else (32, 32)  # sm_75: Triton emits FMA code there; 64 KB of shared memory
+        if wide:
+            return (16, 32) if heavy else (32, 32)
+        return (64, 32) if heavy else (64, 64)
+    # sm_75: Triton emits FMA code (operands and products in registers): small tiles, 64 KB of shared memory.
+    if d <= 32:
+        return (32, 32) if heavy else (64, 32)
+    return (32, 32) if d <= 128 else (16, 32)
 
 
 def fwd_configs(
@@ -105,17 +112,18 @@ def fwd_configs(
 ) -> list[tuple[int, int]]:
     """(num_warps, num_stages) pairs autotuned for one variant.
 
-    From ``fastattn compile-check`` (Triton 3.8): 128-row tiles spill at 4 warps (255 registers), so
-    they take 8; so do head dim 256 and mask/dropout variants on sm_80+, whose 4-warp versions spill;
+    From ``fastattn compile-check`` (Triton 3.8, ptxas from its wheel): 128-row tiles spill at 4 warps
+    (255 registers), so they take 8; so do 64-row tiles at head dim 256 and with a mask/dropout;
     three fp32 stages exceed sm_90's 227 KB of shared memory at head dim 128.
     """
     d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
     if arch < 80:
-        return [(4, 1)]
-    warps = 8 if block_m >= 128 or d >= 256 or heavy else 4
+        return [(8 if d >= 128 else 4, 1)]  # FMA tiles at head dim >= 128 spill at 4 warps
+    warps = 8 if block_m >= 128 or (block_m >= 64 and (d >= 256 or heavy)) else 4
     stages = 2 if d >= 256 or (dtype == torch.float32 and d >= 128) else 3
-    if arch >= 90 and d <= 128 and block_m >= 128 and dtype != torch.float32 and not heavy:
-        return [(warps, 3), (warps, 2)]
+    if arch >= 90 and block_m >= 128 and dtype != torch.float32 and not heavy:
+        # Measured: 2 stages crash ptxas (-11) at head dim 16; 3 stages spill 8 bytes at 80..128 (fp16).
+        return {16: [(warps, 3)], 32: [(warps, 3)], 64: [(warps, 3), (warps, 2)]}.get(d, [(warps, 2)])
     return [(warps, stages)]
 
 
