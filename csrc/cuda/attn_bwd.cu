@@ -30,7 +30,8 @@
 //         queries) 2·kSub/2; dQ pass dQ (D/8)·4, S and dP (16 rows × kSub keys) 2·kSub/2. kSub is the whole
 //         tile (32 queries / 64 keys) for D <= 64 and half of it for D >= 96. All A/B operands come from
 //         shared memory by ldmatrix (keeping K/V or Q/dO fragments in registers would spill at D = 128).
-//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16), spill bytes in brackets:
+//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16), spill-store bytes in brackets (as many
+//         loaded back; ci_check reports their sum, 56 / 16):
 //             D                32    64    96    128
 //             dK/dV  sm_80     99   222   242   255 (28)
 //             dK/dV  sm_90    126   218   248   255 (8)
