@@ -461,7 +461,8 @@ void attn_fwd(const AttnParams& p) {
             row_max = max_of(s + c0, c1 - c0);
             mul = 1.f;
           }
-          const float m_new = std::max(mrow[r], row_max);
+          // NaN stays in the rows it touches: std::max(-inf, NaN) would drop it and zero the row.
+          const float m_new = std::isnan(row_max) ? row_max : std::max(mrow[r], row_max);
           if (m_new == kNegInf) {
             fill_zero(prow, npad);
             continue;
@@ -482,7 +483,7 @@ void attn_fwd(const AttnParams& p) {
         const float* a = acc.get() + r * Dv;
         scalar_t* o = orow + r * Dv;
         for (int64_t e = 0; e < Dv; ++e) o[e] = from_f<scalar_t>(a[e] * inv);
-        lse[r] = l > 0.f ? mrow[r] + std::log(l) : kNegInf;
+        lse[r] = std::isnan(l) ? l : (l > 0.f ? mrow[r] + std::log(l) : kNegInf);
       }
     }
     release_brgemm(brg);
