@@ -35,10 +35,8 @@ def allowed_and_bias(spec: MaskSpec, device, dtype: torch.dtype) -> tuple[Tensor
     return allowed, bias
 
 
-def _probabilities(
-    q: Tensor, k: Tensor, spec: MaskSpec, scale: float, compute_dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Softmax probabilities ``(B, Hq, Lq, Lk)`` and the log-sum-exp ``(B, Hq, Lq)`` in compute_dtype."""
+def _masked_scores(q: Tensor, k: Tensor, spec: MaskSpec, scale: float, compute_dtype: torch.dtype) -> Tensor:
+    """Scaled scores ``(B, Hq, Lq, Lk)`` plus the float mask, ``-inf`` where a pair does not attend."""
     group = q.shape[1] // k.shape[1]
     # (B, Hkv, Lk, D) → (B, Hq, Lk, D): query head h reads key head h // group.
     k = k.to(compute_dtype).repeat_interleave(group, dim=1)
@@ -46,7 +44,14 @@ def _probabilities(
     allowed, bias = allowed_and_bias(spec, q.device, compute_dtype)
     if bias is not None:
         scores = scores + bias
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
+def _probabilities(
+    q: Tensor, k: Tensor, spec: MaskSpec, scale: float, compute_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Softmax probabilities ``(B, Hq, Lq, Lk)`` and the log-sum-exp ``(B, Hq, Lq)`` in compute_dtype."""
+    scores = _masked_scores(q, k, spec, scale, compute_dtype)
     lse = torch.logsumexp(scores, dim=-1)
     # A row with nothing to attend has lse = -inf: its probabilities are 0, not NaN.
     finite = torch.isfinite(lse) | torch.isnan(lse)
@@ -59,13 +64,7 @@ def _probabilities_from_lse(
     q: Tensor, k: Tensor, spec: MaskSpec, scale: float, compute_dtype: torch.dtype, lse: Tensor
 ) -> Tensor:
     """``exp(S - lse)`` with a given log-sum-exp; 0 where masked and in rows whose lse is -inf."""
-    group = q.shape[1] // k.shape[1]
-    k = k.to(compute_dtype).repeat_interleave(group, dim=1)
-    scores = (q.to(compute_dtype) @ k.transpose(-1, -2)) * scale
-    allowed, bias = allowed_and_bias(spec, q.device, compute_dtype)
-    if bias is not None:
-        scores = scores + bias
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = _masked_scores(q, k, spec, scale, compute_dtype)
     lse = lse.to(compute_dtype).unsqueeze(-1)
     return torch.where(torch.isneginf(lse), 0.0, torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse)))
 
