@@ -16,30 +16,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+#include "attn_host.h"
 #include "checks.h"
 #include "cuda/attn_bwd_params.h"
 
 namespace fastattn {
 namespace {
-
-// 16-byte rows (cp.async, vector stores): unit last stride, other strides multiples of 8 elements, a
-// 16-byte aligned start; used in place when so, copied to a fresh contiguous tensor otherwise (a clone: an
-// already contiguous view at an unaligned offset would come back unchanged from .contiguous()).
-at::Tensor bwd_kernel_ready(const at::Tensor& t) {
-    bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-    for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) == 1 || t.stride(d) % 8 == 0);
-    return ok ? t : t.clone(at::MemoryFormat::Contiguous);
-}
-
-MaskElem bwd_mask_elem(at::ScalarType d) {
-    switch (d) {
-        case at::kBool: return MaskElem::boolean;
-        case at::kFloat: return MaskElem::f32;
-        case at::kHalf: return MaskElem::f16;
-        case at::kBFloat16: return MaskElem::bf16;
-        default: return MaskElem::f64;
-    }
-}
 
 bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
@@ -133,8 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
         return {dq, dk, dv};
     }
 
-    const at::Tensor qr = bwd_kernel_ready(q), kr = bwd_kernel_ready(k), vr = bwd_kernel_ready(v);
-    const at::Tensor outr = bwd_kernel_ready(out), dor = bwd_kernel_ready(grad_out);
+    const at::Tensor qr = kernel_ready(q), kr = kernel_ready(k), vr = kernel_ready(v);
+    const at::Tensor outr = kernel_ready(out), dor = kernel_ready(grad_out);
     const at::Tensor lser = lse.contiguous();
     at::Tensor delta = at::empty({batch, heads_q, seqlen_q}, q.options().dtype(at::kFloat));
     AttnBwdParams p{};
@@ -181,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
                     op, ": argument 'mask' must have shape (", batch, ", ", heads_q, ", ", seqlen_q, ", ", seqlen_k,
                     ") (a broadcast view is fine), got ", mask.sizes());
         p.mask = mask.data_ptr();
-        p.mask_elem = bwd_mask_elem(mask.scalar_type());
+        p.mask_elem = mask_elem(mask.scalar_type());
         for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask.size(d) == 1 ? 0 : mask.stride(d);
     }
     if (given(mask_opt) || given(kv_state_opt) || given(q_state_opt)) {

@@ -16,30 +16,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+#include "attn_host.h"
 #include "checks.h"
 #include "cuda/attn_params.h"
 
 namespace fastattn {
 namespace {
-
-// The kernel reads 16-byte rows (cp.async): unit last stride, other strides multiples of 8 elements,
-// a 16-byte aligned start. Such a tensor is used in place (any other strides, e.g. a (B, L, H, D)
-// storage seen as (B, H, L, D)); anything else is copied to a contiguous tensor first.
-at::Tensor kernel_ready(const at::Tensor& t) {
-    bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-    for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) == 1 || t.stride(d) % 8 == 0);
-    return ok ? t : t.contiguous();
-}
-
-MaskElem mask_elem(at::ScalarType d) {
-    switch (d) {
-        case at::kBool: return MaskElem::boolean;
-        case at::kFloat: return MaskElem::f32;
-        case at::kHalf: return MaskElem::f16;
-        case at::kBFloat16: return MaskElem::bf16;
-        default: return MaskElem::f64;
-    }
-}
 
 std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const std::optional<at::Tensor>& mask_opt,

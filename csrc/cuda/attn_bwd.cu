@@ -52,6 +52,7 @@
 //         non-empty tiles (the dK/dV pass walks the transposed lists) and the mask read only in PARTIAL
 //         tiles. Key rows past Lk are masked; query rows past Lq have lse·log2e = +inf (P = 0) and
 //         delta 0. A row that attends nothing has lse = −inf, also mapped to +inf: P = 0, zero gradients.
+#include "attn_common.cuh"
 #include "attn_bwd_params.h"
 #include "attn_params.h"
 #include "params.h"
@@ -60,13 +61,16 @@
 namespace fastattn {
 namespace attn_bwd {
 
-constexpr int kThreads = 128;
-constexpr float kLog2e = 1.4426950408889634f;
+using attn_common::apply_mask_value;
+using attn_common::load_rows;
+
+constexpr int kThreads = attn_common::kThreads;
+using attn_common::kLog2e;
 constexpr int kFull = 2;  // TileSummary state FULL (fastattn.masks); EMPTY tiles are never listed
 
 template <int D>
 struct Tile {
-    static constexpr int kLd = D + 8;  // padded shared row, elements
+    static constexpr int kLd = attn_common::padded_ld<D>();  // padded shared row, elements
     static constexpr int kKVElems = kBlockN * kLd;
     static constexpr int kQkvElems = kBlockMkv * kLd;
     static constexpr int kQdqElems = kBlockMdq * kLd;
@@ -81,36 +85,6 @@ struct Tile {
     static constexpr int kDkdvMinBlocks = (D == 64 || D == 96) ? 1 : 0;
     static_assert(D % 32 == 0, "QKᵀ consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
 };
-
-// Rows x D elements from global (row stride ld_g) into shared (row stride D + 8) by 16-byte cp.async;
-// rows at or past `valid` are zero-filled (never read from global).
-template <class T, int D, int Rows>
-FA_DEVICE void load_rows(T* dst, const T* src, int64_t ld_g, int row0, int valid, int tid) {
-    constexpr int kChunks = D / 8, kTotal = Rows * kChunks;
-    static_assert(kTotal % kThreads == 0, "tile copy must split evenly over the block");
-#pragma unroll
-    for (int i = 0; i < kTotal / kThreads; ++i) {
-        const int c = tid + i * kThreads;
-        const int r = c / kChunks, col = (c % kChunks) * 8;
-        const bool ok = row0 + r < valid;
-        const T* s = ok ? src + int64_t(row0 + r) * ld_g + col : src;
-        fa::cp_async_16_zfill(dst + r * Tile<D>::kLd + col, s, ok);
-    }
-}
-
-// The mask tensor's value at element offset `off`: bool -> keep or drop; float -> added (log2 units).
-// (The forward's apply_mask_value, which lives in attn_fwd.cu rather than a shared header.)
-FA_DEVICE bool apply_mask_value(MaskElem elem, const void* mask, int64_t off, float& x) {
-    switch (elem) {
-        case MaskElem::boolean: return static_cast<const uint8_t*>(mask)[off] != 0;
-        case MaskElem::f32: x += static_cast<const float*>(mask)[off] * kLog2e; break;
-        case MaskElem::f16: x += fa::to_float(static_cast<const fa::half_t*>(mask)[off]) * kLog2e; break;
-        case MaskElem::bf16: x += fa::to_float(static_cast<const fa::bf16_t*>(mask)[off]) * kLog2e; break;
-        case MaskElem::f64: x += float(static_cast<const double*>(mask)[off]) * kLog2e; break;
-        default: break;
-    }
-    return true;
-}
 
 // lse (natural log) -> the exp2 domain; -inf (a row that attends nothing) -> +inf, so P = exp2(x - it) = 0.
 FA_DEVICE float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }

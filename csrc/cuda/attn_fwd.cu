@@ -52,6 +52,7 @@
 //         coalesced writes; lse = (max·ln2 + ln(sum)). A row that attends nothing keeps max = -inf:
 //         exponentials then use 0 as the max (no inf - inf), the sum stays 0, O is 0 and lse -inf.
 // GQA:    query head h reads K/V head h / (Hq / Hkv) through strides; nothing is copied.
+#include "attn_common.cuh"
 #include "attn_params.h"
 #include "params.h"
 #include "primitives.cuh"
@@ -59,15 +60,18 @@
 namespace fastattn {
 namespace attn_fwd {
 
-constexpr int kThreads = 128;
-constexpr float kLog2e = 1.4426950408889634f;
+using attn_common::apply_mask_value;
+using attn_common::load_rows;
+
+constexpr int kThreads = attn_common::kThreads;
+using attn_common::kLog2e;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kFull = 2;  // TileSummary state FULL (fastattn.masks); EMPTY tiles are never listed
 
 template <int D>
 struct Tile {
     static constexpr int kBN = block_n(D);
-    static constexpr int kLd = D + 8;  // padded shared row, elements
+    static constexpr int kLd = attn_common::padded_ld<D>();  // padded shared row, elements
     static constexpr bool kQInRegs = D <= 128;
     // D = 32 fits 128 registers without spilling (4 blocks per SM); larger D need more than the
     // 168 of 3 blocks per SM (ptxas spills there), so they take what they need (2 blocks per SM).
@@ -77,36 +81,7 @@ struct Tile {
     static_assert(D % 32 == 0, "S = QK^T consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
 };
 
-// rows x D elements from global (row stride ld_g) into shared (row stride Tile<D>::kLd) by 16-byte
-// cp.async; rows at or past `valid` are zero-filled (never read from global).
-template <class T, int D, int Rows>
-FA_DEVICE void load_rows(T* dst, const T* src, int64_t ld_g, int row0, int valid, int tid) {
-    constexpr int kChunks = D / 8, kTotal = Rows * kChunks;
-    static_assert(kTotal % kThreads == 0, "tile copy must split evenly over the block");
-#pragma unroll
-    for (int i = 0; i < kTotal / kThreads; ++i) {
-        const int c = tid + i * kThreads;
-        const int r = c / kChunks, col = (c % kChunks) * 8;
-        const bool ok = row0 + r < valid;
-        const T* s = ok ? src + int64_t(row0 + r) * ld_g + col : src;
-        fa::cp_async_16_zfill(dst + r * Tile<D>::kLd + col, s, ok);
-    }
-}
-
 FA_DEVICE int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
-
-// The mask tensor's value at element offset `off`: bool -> keep or drop; float -> added (log2 units).
-FA_DEVICE bool apply_mask_value(MaskElem elem, const void* mask, int64_t off, float& x) {
-    switch (elem) {
-        case MaskElem::boolean: return static_cast<const uint8_t*>(mask)[off] != 0;
-        case MaskElem::f32: x += static_cast<const float*>(mask)[off] * kLog2e; break;
-        case MaskElem::f16: x += fa::to_float(static_cast<const fa::half_t*>(mask)[off]) * kLog2e; break;
-        case MaskElem::bf16: x += fa::to_float(static_cast<const fa::bf16_t*>(mask)[off]) * kLog2e; break;
-        case MaskElem::f64: x += float(static_cast<const double*>(mask)[off]) * kLog2e; break;
-        default: break;
-    }
-    return true;
-}
 
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_kernel(const AttnFwdParams p) {

@@ -1,0 +1,51 @@
+// Device helpers shared by the attention kernels (attn_fwd.cu, attn_bwd.cu): one copy of the tile
+// loader and of the mask-element rule, so forward and backward cannot drift apart.
+#pragma once
+
+#include "attn_params.h"
+#include "primitives.cuh"
+
+namespace fastattn {
+namespace attn_common {
+
+constexpr int kThreads = 128;  // every attention kernel runs 4 warps
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Shared-memory row stride of a D-wide tile: padded by 8 elements (16 bytes), so the 8 row
+// addresses of an ldmatrix fall in 8 different 4-bank groups (no bank conflicts).
+template <int D>
+constexpr int padded_ld() {
+    return D + 8;
+}
+
+// Rows x D elements from global (row stride ld_g) into shared (row stride padded_ld<D>()) by 16-byte
+// cp.async; rows at or past `valid` are zero-filled (never read from global).
+template <class T, int D, int Rows>
+FA_DEVICE void load_rows(T* dst, const T* src, int64_t ld_g, int row0, int valid, int tid) {
+    constexpr int kChunks = D / 8, kTotal = Rows * kChunks;
+    static_assert(kTotal % kThreads == 0, "tile copy must split evenly over the block");
+#pragma unroll
+    for (int i = 0; i < kTotal / kThreads; ++i) {
+        const int c = tid + i * kThreads;
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        const bool ok = row0 + r < valid;
+        const T* s = ok ? src + int64_t(row0 + r) * ld_g + col : src;
+        fa::cp_async_16_zfill(dst + r * padded_ld<D>() + col, s, ok);
+    }
+}
+
+// The mask tensor's value at element offset `off`: bool -> keep or drop; float -> added (log2 units).
+FA_DEVICE bool apply_mask_value(MaskElem elem, const void* mask, int64_t off, float& x) {
+    switch (elem) {
+        case MaskElem::boolean: return static_cast<const uint8_t*>(mask)[off] != 0;
+        case MaskElem::f32: x += static_cast<const float*>(mask)[off] * kLog2e; break;
+        case MaskElem::f16: x += fa::to_float(static_cast<const fa::half_t*>(mask)[off]) * kLog2e; break;
+        case MaskElem::bf16: x += fa::to_float(static_cast<const fa::bf16_t*>(mask)[off]) * kLog2e; break;
+        case MaskElem::f64: x += float(static_cast<const double*>(mask)[off]) * kLog2e; break;
+        default: break;
+    }
+    return true;
+}
+
+}  // namespace attn_common
+}  // namespace fastattn
