@@ -86,8 +86,9 @@ class CudaBackend(Backend):
     name = "cuda"
     description = (
         "hand-written CUDA forward kernel (FlashAttention-2 schedule: mma.sync/ldmatrix/cp.async, masks with "
-        "tile skipping, GQA; fp16/bf16, head dims 32/64/96/128/256). Backward falls back to the Triton backend "
-        "(the reference backend where Triton cannot run) until the CUDA backward kernel exists. "
+        "tile skipping, GQA; fp16/bf16, head dims 32/64/96/128/256) and backward (deterministic, head dims "
+        "32-128); where the backward kernel cannot run (head dim 256, a float-mask gradient) it falls back to "
+        "the Triton backend (the reference backend where Triton cannot run). "
         "FASTATTN_CUDA_EMULATE=1 runs the kernel source on CPU tensors (slow; tests)"
     )
 
@@ -131,7 +132,7 @@ class CudaBackend(Backend):
         return out, lse, ()
 
     def backward_backend(self, device: torch.device) -> Backend:
-        """The backend whose backward runs in place of the missing CUDA backward kernel."""
+        """The backend whose backward runs where the CUDA backward kernel cannot (``cuda_bwd.unsupported_reason``)."""
         if device.type == "cuda" and "triton" in names():
             triton = get("triton")
             if triton.unavailable_reason() is None:
@@ -139,6 +140,10 @@ class CudaBackend(Backend):
         return get("reference")
 
     def backward(self, grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad):
+        from . import cuda_bwd
+
+        if cuda_bwd.unsupported_reason(q, v, dropout_p, need_mask_grad) is None:
+            return cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad)
         fallback = self.backward_backend(q.device)
         return fallback.backward(grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad)
 
