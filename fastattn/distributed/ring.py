@@ -190,68 +190,90 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _ring_forward(cfg: _Config, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
+@dataclass
+class _Block:
+    """One non-empty (query chunk, key chunk) pair of a ring step, ready for a backend call."""
+
+    qs: int  # local query rows [qs, qs + qn)
+    qn: int
+    ks: int  # rows [ks, ks + kn) of the key/value shard in hand
+    kn: int
+    problem: object
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    spec: object
+    backend: object
+
+
+def _ring_steps(cfg: _Config, ring: _Ring, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
+    """Yields, for each ring step, the blocks between local queries and the key/value shard in hand.
+
+    The next shard is already on its way while the caller computes; it is waited for when the caller
+    asks for the next step.
+    """
     length_q, length_k = q.shape[-2] * cfg.world, k.shape[-2] * cfg.world
-    acc = _acc_dtype(q.dtype)
-    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=acc, device=q.device)
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
-    ring = _Ring(cfg)
-    block = [k, v] + ([mask] if mask is not None else [])
+    shard = [k, v] + ([mask] if mask is not None else [])
     for step in range(cfg.world):
         owner = (cfg.rank - step) % cfg.world
-        pending = ring.start(block) if step < cfg.world - 1 else None
-        kb, vb = block[0], block[1]
-        mb = block[2] if mask is not None else None
+        pending = ring.start(shard) if step < cfg.world - 1 else None
+        kb, vb = shard[0], shard[1]
+        mb = shard[2] if mask is not None else None
+        blocks = []
         for qs, qn, ks, kn, offset in _pairs(cfg, owner, length_q, length_k):
             qc, kc, vc = q[..., qs : qs + qn, :], kb[..., ks : ks + kn, :], vb[..., ks : ks + kn, :]
             mc = mb[..., ks : ks + kn] if mb is not None else None
-            problem, q4, k4, v4, spec, backend = _block_call(cfg, qc, kc, vc, mc, offset)
-            block_out, block_lse, _ = backend.forward(q4, k4, v4, spec, problem.scale, 0.0)
-            if problem.three_d:
-                block_out, block_lse = block_out.squeeze(0), block_lse.squeeze(0)
-            _merge(out[..., qs : qs + qn, :], lse[..., qs : qs + qn], block_out, block_lse)
+            blocks.append(_Block(qs, qn, ks, kn, *_block_call(cfg, qc, kc, vc, mc, offset)))
+        yield blocks
         if pending is not None:
-            requests, block = pending
+            requests, shard = pending
             ring.finish(requests)
+
+
+def _ring_forward(cfg: _Config, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
+    acc = _acc_dtype(q.dtype)
+    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+    for blocks in _ring_steps(cfg, _Ring(cfg), q, k, v, mask):
+        for b in blocks:
+            block_out, block_lse, _ = b.backend.forward(b.q, b.k, b.v, b.spec, b.problem.scale, 0.0)
+            if b.problem.three_d:
+                block_out, block_lse = block_out.squeeze(0), block_lse.squeeze(0)
+            _merge(out[..., b.qs : b.qs + b.qn, :], lse[..., b.qs : b.qs + b.qn], block_out, block_lse)
     return out.to(q.dtype), lse
 
 
 def _ring_backward(cfg: _Config, grad_out, q, k, v, mask, out, lse):
-    length_q, length_k = q.shape[-2] * cfg.world, k.shape[-2] * cfg.world
     acc = _acc_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=acc)
     dk = torch.zeros_like(k, dtype=acc)
     dv = torch.zeros_like(v, dtype=acc)
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)  # the backends' lse format
     ring = _Ring(cfg)
-    block = [k, v] + ([mask] if mask is not None else [])
-    for step in range(cfg.world):
-        owner = (cfg.rank - step) % cfg.world
-        pending = ring.start(block) if step < cfg.world - 1 else None
-        kb, vb = block[0], block[1]
-        mb = block[2] if mask is not None else None
-        for qs, qn, ks, kn, offset in _pairs(cfg, owner, length_q, length_k):
-            qc, kc, vc = q[..., qs : qs + qn, :], kb[..., ks : ks + kn, :], vb[..., ks : ks + kn, :]
-            mc = mb[..., ks : ks + kn] if mb is not None else None
-            problem, q4, k4, v4, spec, backend = _block_call(cfg, qc, kc, vc, mc, offset)
-            oc, gc = out[..., qs : qs + qn, :], grad_out[..., qs : qs + qn, :]
-            lc = lse[..., qs : qs + qn].to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-            if problem.three_d:
+    # The dK/dV accumulators travel one step behind their key/value shard: each step's contributions
+    # are added to the accumulator that arrived with the shard in hand, and after the last step they
+    # move once more, and so come home to their owner.
+    moving = None
+    for blocks in _ring_steps(cfg, ring, q, k, v, mask):
+        if moving is not None:
+            ring.finish(moving[0])
+            dk, dv = moving[1]
+        for b in blocks:
+            rows = slice(b.qs, b.qs + b.qn)
+            oc, lc, gc = out[..., rows, :], lse[..., rows], grad_out[..., rows, :]
+            if b.problem.three_d:
                 oc, lc, gc = oc.unsqueeze(0), lc.unsqueeze(0), gc.unsqueeze(0)
-            gdq, gdk, gdv, _ = backend.backward(
-                gc.contiguous(), q4, k4, v4, oc, lc, spec, problem.scale, 0.0, (), False
+            gdq, gdk, gdv, _ = b.backend.backward(
+                gc.contiguous(), b.q, b.k, b.v, oc, lc, b.spec, b.problem.scale, 0.0, (), False
             )
-            if problem.three_d:
+            if b.problem.three_d:
                 gdq, gdk, gdv = gdq.squeeze(0), gdk.squeeze(0), gdv.squeeze(0)
-            dq[..., qs : qs + qn, :] += gdq
-            dk[..., ks : ks + kn, :] += gdk
-            dv[..., ks : ks + kn, :] += gdv
-        # The accumulators travel one step behind their key/value shard: after the last step
-        # they move once more and so come home to their owner.
-        acc_requests, (dk, dv) = ring.start([dk, dv])
-        if pending is not None:
-            requests, block = pending
-            ring.finish(requests)
-        ring.finish(acc_requests)
+            dq[..., rows, :] += gdq
+            dk[..., b.ks : b.ks + b.kn, :] += gdk
+            dv[..., b.ks : b.ks + b.kn, :] += gdv
+        moving = ring.start([dk, dv])
+    ring.finish(moving[0])
+    dk, dv = moving[1]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
