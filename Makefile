@@ -8,7 +8,7 @@ VENV_STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 export FASTATTN_SKIP_CUDA_BUILD ?= 1
 
-.PHONY: venv test test-py test-full bench bench-quick lint format info clean
+.PHONY: venv test test-py test-full bench bench-quick lint format info clean compile-check
 
 venv: $(VENV_STAMP)
 
@@ -20,8 +20,13 @@ $(VENV_STAMP): requirements-dev.txt pyproject.toml
 	touch $@
 
 # Extra test targets (native builds) come from mk/*.mk and are added to TEST_DEPS there.
-TEST_DEPS :=
+TEST_DEPS := compile-check
 -include mk/*.mk
+
+# The Triton kernels compiled for Turing, Ampere and Hopper without a GPU: fails on a compile
+# error, any spill, shared memory over the arch's limit, or fp16/bf16 without tensor-core MMA.
+compile-check: $(VENV_STAMP)
+	$(VENV)/bin/fastattn compile-check --arch sm_75,sm_80,sm_90
 
 test: $(VENV_STAMP) lint $(TEST_DEPS) test-py
 
