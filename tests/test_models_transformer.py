@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _nn_support import automatic_choice_is_reference  # noqa: F401
 
 import fastattn
 from fastattn.models import Transformer, sinusoidal_positions
@@ -17,14 +18,6 @@ from fastattn.nn import multihead as mh_module
 from fastattn.testing import assert_close
 
 VOCAB = 12
-
-
-@pytest.fixture(autouse=True)
-def _automatic_choice_is_reference(monkeypatch):
-    """Modules built with ``backend=None`` resolve to "reference" here: under pytest the automatic
-    choice is the Triton interpreter (conftest sets TRITON_INTERPRET=1), far too slow for every
-    case; the tests named for a backend (triton, and each available one) pass it explicitly."""
-    monkeypatch.setenv("FASTATTN_BACKEND", "reference")
 
 
 def _model(norm_first=True, backend=None, seed=0, layers=2):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _nn_support import automatic_choice_is_reference  # noqa: F401
 
 import fastattn
 import fastattn.nn as fnn
@@ -15,14 +16,6 @@ from fastattn.nn import attention as attention_module
 from fastattn.testing import assert_close
 
 HIDDEN = 24
-
-
-@pytest.fixture(autouse=True)
-def _automatic_choice_is_reference(monkeypatch):
-    """Modules built with ``backend=None`` resolve to "reference" here: under pytest the automatic
-    choice is the Triton interpreter (conftest sets TRITON_INTERPRET=1), far too slow for every
-    case; the tests named for a backend (triton, and each available one) pass it explicitly."""
-    monkeypatch.setenv("FASTATTN_BACKEND", "reference")
 
 
 def oracle(module, query, context, mask):

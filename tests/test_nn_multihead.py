@@ -8,7 +8,6 @@ and the calls into fastattn's entry point are counted, so a pass cannot come fro
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import itertools
@@ -17,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _nn_support import automatic_choice_is_reference, torch_attention_forbidden  # noqa: F401
 from torch import nn
 
 import fastattn
@@ -26,39 +25,6 @@ from fastattn.nn import multihead as mh_module
 from fastattn.testing import assert_close
 
 E, H = 16, 4
-
-
-@pytest.fixture(autouse=True)
-def _automatic_choice_is_reference(monkeypatch):
-    """Modules built with ``backend=None`` resolve to "reference" here: under pytest the automatic
-    choice is the Triton interpreter (conftest sets TRITON_INTERPRET=1), far too slow for every
-    case; the tests named for a backend (triton, and each available one) pass it explicitly."""
-    monkeypatch.setenv("FASTATTN_BACKEND", "reference")
-
-
-@contextlib.contextmanager
-def torch_attention_forbidden(monkeypatch):
-    """Make torch's attention entry points raise; yield a list that counts fastattn entry-point calls."""
-
-    def forbidden(name):
-        def fail(*args, **kwargs):
-            raise AssertionError(f"torch's {name} ran where fastattn should have")
-
-        return fail
-
-    calls = []
-    real = mh_module.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(F, "scaled_dot_product_attention", forbidden("scaled_dot_product_attention"))
-        m.setattr(F, "multi_head_attention_forward", forbidden("multi_head_attention_forward"))
-        m.setattr(torch, "_native_multi_head_attention", forbidden("_native_multi_head_attention"))
-        m.setattr(mh_module, "scaled_dot_product_attention", counting)
-        yield calls
 
 
 def _randomise(module: nn.Module) -> None:
