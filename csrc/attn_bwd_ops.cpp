@@ -1,9 +1,11 @@
 // Torch op of the CUDA backward attention kernels (csrc/cuda/attn_bwd.cu): fastattn::cuda_attn_bwd.
 //
 // Checks every argument (naming it, what was expected and what was received), fills the plain params
-// struct and launches the preprocess, dK/dV and dQ kernels. Built like attn_ops.cpp: for CUDA tensors
-// with nvcc, or, with FASTATTN_EMULATE, for CPU tensors run by the emulator (outputs poisoned with NaN
-// first, so an element the kernels miss reads NaN). The fake implementation is registered from Python
+// struct and launches the preprocess, dK/dV and dQ kernels. With need_mask_grad (a float mask) it also
+// returns dmask = dS, (B, Hq, Lq, Lk) in the mask's dtype, written by the dQ pass; otherwise an empty
+// tensor. Built like attn_ops.cpp: for CUDA tensors with nvcc, or, with FASTATTN_EMULATE, for CPU tensors
+// run by the emulator (outputs, dmask included, poisoned with NaN first, so an element the kernels miss
+// reads NaN). The fake implementation is registered from Python
 // (fastattn/backends/cuda_bwd.py).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -11,6 +13,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #ifndef FASTATTN_EMULATE
 #include <c10/cuda/CUDAGuard.h>
@@ -55,13 +58,13 @@ std::pair<int64_t, int64_t> check_summary(const char* op, const char* which, con
     return {state.size(0), state.size(1)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& mask_opt, const std::optional<at::Tensor>& kv_state_opt,
     const std::optional<at::Tensor>& kv_count_opt, const std::optional<at::Tensor>& kv_index_opt,
     const std::optional<at::Tensor>& q_state_opt, const std::optional<at::Tensor>& q_count_opt,
     const std::optional<at::Tensor>& q_index_opt, double scale, int64_t window_left, int64_t window_right,
-    int64_t q_offset) {
+    int64_t q_offset, bool need_mask_grad) {
     constexpr const char* op = "fastattn::cuda_attn_bwd";
     CHECK_DEVICE(op, q);
     for (const at::Tensor* t : {&grad_out, &k, &v, &out, &lse})
@@ -99,6 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
                 ": window_left and window_right must be >= -1 (-1 = unbounded), got ", window_left, " and ",
                 window_right);
     TORCH_CHECK(std::isfinite(scale), op, ": argument 'scale' must be finite, got ", scale);
+    TORCH_CHECK(!need_mask_grad || (given(mask_opt) && mask_opt->is_floating_point()), op,
+                ": need_mask_grad=True needs a floating-point argument 'mask' to differentiate, got ",
+                given(mask_opt) ? dtype_name(mask_opt->scalar_type()) : "None");
 
 #ifndef FASTATTN_EMULATE
     const c10::cuda::OptionalCUDAGuard guard(q.device());
@@ -108,11 +114,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
                         : at::empty(like.sizes(), like.options());
     };
     at::Tensor dq = alloc(q), dk = alloc(k), dv = alloc(v);
+    // dmask: the scores' gradient dS, (B, Hq, Lq, Lk) in the mask's dtype, or empty when not asked for.
+    at::Tensor dmask = at::empty({0}, q.options());
+    if (need_mask_grad) {
+        const std::vector<int64_t> shape{batch, heads_q, seqlen_q, seqlen_k};
+        dmask = kEmulate ? at::full(shape, std::numeric_limits<float>::quiet_NaN(), mask_opt->options())
+                         : at::empty(shape, mask_opt->options());
+    }
     if (seqlen_k == 0 || batch == 0 || heads_q == 0) {  // nothing attended: zero gradients
         dq.zero_();
         dk.zero_();
         dv.zero_();
-        return {dq, dk, dv};
+        dmask.zero_();
+        return {dq, dk, dv, dmask};
     }
 
     const at::Tensor qr = kernel_ready(q), kr = kernel_ready(k), vr = kernel_ready(v);
@@ -152,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     p.q_offset = q_offset;
     p.dtype = q.scalar_type() == at::kHalf ? DType::f16 : DType::bf16;
     p.mask_elem = MaskElem::none;
+    p.dmask = need_mask_grad ? dmask.data_ptr() : nullptr;
 
     if (given(mask_opt)) {
         const at::Tensor& mask = *mask_opt;
@@ -189,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
 
     const char* err = attn_bwd::launch(p, launch_stream());
     TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
-    return {dq, dk, dv};
+    return {dq, dk, dv, dmask};
 }
 
 }  // namespace
@@ -199,7 +214,8 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
     m.def(
         "cuda_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
         "Tensor? kv_state, Tensor? kv_count, Tensor? kv_index, Tensor? q_state, Tensor? q_count, Tensor? q_index, "
-        "float scale, int window_left, int window_right, int q_offset) -> (Tensor dq, Tensor dk, Tensor dv)");
+        "float scale, int window_left, int window_right, int q_offset, bool need_mask_grad=False) -> "
+        "(Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("cuda_attn_bwd", &fastattn::cuda_attn_bwd); }

@@ -3,8 +3,9 @@
 ``FASTATTN_CUDA_EMULATE=1`` is set for this module only (a fixture). The gradient matrix takes ``out``
 and ``lse`` from the float64-capable oracle forward (the backward only depends on the lse format), so
 it checks the backward alone; one case chains the CUDA forward op into it. The op poisons dq, dk, dv
-with NaN in the emulation build before the kernels write them, so an element they miss fails the NaN
-check of ``assert_close``. Tolerance: 3x PyTorch's own low-precision error (``fastattn.testing``).
+(and dmask, the float mask's gradient) with NaN in the emulation build before the kernels write them, so
+an element they miss fails the NaN check of ``assert_close``. Tolerance: 3x PyTorch's own low-precision
+error (``fastattn.testing``).
 The default run is a covering set (every mask kind, dtype, head dim, odd length and GQA appear); the
 product is under ``@pytest.mark.full``.
 """
@@ -202,14 +203,23 @@ def test_opcheck():
     left, right = spec.bounds
     args = (grad_out, q, k, v, out, lse, None, *cuda_bwd.summaries(spec), scale, left, right, spec.q_offset)
     torch.library.opcheck(torch.ops.fastattn.cuda_attn_bwd.default, args)
+    q, k, v, spec, scale, out, lse, grad_out, _ = _setup_mask_grad(1, 2, 1, 17, 33, 32, torch.float16, "head", "causal")
+    left, right = spec.bounds
+    args = (grad_out, q, k, v, out, lse, spec.tensor, *cuda_bwd.summaries(spec), scale, left, right, spec.q_offset)
+    torch.library.opcheck(torch.ops.fastattn.cuda_attn_bwd.default, (*args, True))
 
 
 def test_unsupported_raise_clear_errors():
     q, k, v, spec, scale, out, lse, grad_out = _setup(1, 1, 1, 17, 17, 64, torch.float16, "float", seed=1)
     with pytest.raises(NotImplementedError, match="dropout"):
         cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.1, (), False)
-    with pytest.raises(NotImplementedError, match="need_mask_grad"):
-        cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), True)
+    _, _, _, spec_bool, _, _, _, _ = _setup(1, 1, 1, 17, 17, 64, torch.float16, "bool", seed=1)
+    with pytest.raises(ValueError, match="need_mask_grad: expected a floating attn_mask"):
+        cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec_bool, scale, 0.0, (), True)
+    with pytest.raises(RuntimeError, match="need_mask_grad=True needs a floating-point argument 'mask'"):
+        torch.ops.fastattn.cuda_attn_bwd(
+            grad_out, q, k, v, out, lse, None, *([None] * 6), scale, -1, -1, 0, True
+        )  # fmt: skip
     q, k, v, spec, scale, out, lse, grad_out = _setup(1, 1, 1, 17, 17, 256, torch.float16, "none", seed=1)
     with pytest.raises(NotImplementedError, match="head dims"):
         cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), False)
@@ -273,3 +283,101 @@ def test_memory_no_lq_by_lk():
     sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
     assert max(sizes) >= seqlen * d * 2, "the profiler did not see the gradients: the check would be vacuous"
     assert max(sizes) < seqlen * seqlen
+
+
+def _setup_mask_grad(b, hq, hkv, lq, lk, d, dtype, shape, band, mask_dtype=None, seed=0):
+    """A float mask (learned bias) broadcast as ``shape`` ("head": (1, H, Lq, Lk), "key": (B, 1, 1, Lk)), with
+    some -inf, combined with a band ("causal" or "window") so that some (64, 64) tiles are EMPTY (skipped)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(b, hq, hkv, lq, lk, d, d, dtype, generator=gen)
+    dims = (1, hq, lq, lk) if shape == "head" else (b, 1, 1, lk)
+    bias = torch.randn(dims, generator=gen)
+    bias[torch.rand(dims, generator=gen) < 0.1] = float("-inf")
+    bias[..., 0] = 0.0  # key 0 finite: no row loses every key to the bias
+    mask = bias.to(mask_dtype or dtype)
+    causal, window = band == "causal", ((9, 5) if band == "window" else None)
+    problem, q, k, v, spec = validate(q, k, v, mask, 0.0, causal, None, hq != hkv, window, 0)
+    out, lse = oracle.attention_forward(q, k, v, spec, problem.scale)
+    grad_out = torch.randn(out.shape, generator=gen).to(dtype)
+    return q, k, v, spec, problem.scale, out, lse, grad_out, mask
+
+
+def _allowed(spec, lq, lk):
+    """(Lq, Lk) bool: the band of spec.bounds (the float mask's -inf is checked separately)."""
+    left, right = spec.bounds
+    pos = torch.arange(lq).view(lq, 1) + spec.q_offset
+    j = torch.arange(lk).view(1, lk)
+    return ((left < 0) | (pos - left <= j)) & ((right < 0) | (j <= pos + right))
+
+
+# (b, hq, hkv, lq, lk, d, dtype, mask shape, band, mask dtype): fp16 and bf16, lengths 17 and 65, both
+# broadcasts, causal and window, a mask in the inputs' dtype and in fp32, GQA. Each has skipped tiles.
+MASK_GRAD_CASES = [
+    (2, 2, 1, 65, 65, 64, torch.float16, "head", "causal", None),
+    (2, 2, 2, 17, 65, 32, torch.bfloat16, "key", "window", None),
+    (1, 2, 2, 65, 17, 128, torch.bfloat16, "head", "window", torch.float32),
+    (2, 2, 2, 65, 65, 32, torch.float16, "key", "causal", torch.float32),
+]
+
+
+@pytest.mark.parametrize("b, hq, hkv, lq, lk, d, dtype, shape, band, mask_dtype", MASK_GRAD_CASES)
+def test_mask_grad_matches_oracle(b, hq, hkv, lq, lk, d, dtype, shape, band, mask_dtype):
+    """dmask = dS against the oracle's dscores; exactly 0 outside the band (skipped tiles) and where -inf.
+
+    The op poisons dmask with NaN in the emulation build: an element the dQ pass never writes fails.
+    """
+    q, k, v, spec, scale, out, lse, grad_out, mask = _setup_mask_grad(
+        b, hq, hkv, lq, lk, d, dtype, shape, band, mask_dtype, seed=lq * 100 + lk + d
+    )
+    summary = spec.tile_summary(cuda_bwd.BLOCK_M_DQ, cuda_bwd.BLOCK_N)
+    n_k = (lk + cuda_bwd.BLOCK_N - 1) // cuda_bwd.BLOCK_N
+    assert (summary.kv_count < n_k).any(), "no skipped tile: the zero-fill path would go untested"
+    dq, dk, dv, dmask = cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), True)
+    assert dmask.dtype == mask.dtype and dmask.shape == (b, hq, lq, lk)
+    truth = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), spec, scale)
+    base = oracle.attention_backward(grad_out, q, k, v, spec, scale, compute_dtype=q.dtype)
+    for name, got, ref, bl in zip(("dq", "dk", "dv", "dmask"), (dq, dk, dv, dmask), truth, base):
+        assert_close(got, ref, bl, factor=3, name=name)
+    masked = ~_allowed(spec, lq, lk) | torch.isinf(spec.tensor)  # (B, Hq, Lq, Lk) by broadcasting
+    assert masked.any() and (~masked).any()
+    assert (dmask[masked] == 0).all(), "dmask must be exactly zero where a pair is masked or a tile skipped"
+    # The plain run (no dmask) gives bit-identical dq, dk, dv: the dS-writing instantiation changes nothing else.
+    plain = cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), False)
+    for a, c in zip((dq, dk, dv), plain[:3]):
+        assert torch.equal(a, c)
+
+
+def test_mask_grad_end_to_end(monkeypatch):
+    """fastattn.scaled_dot_product_attention(backend="cuda") with a float (1, H, Lq, Lk) mask that requires grad:
+    the mask's gradient comes from the CUDA backward (the fallback is never asked) reduced over the broadcast."""
+    from fastattn import scaled_dot_product_attention
+    from fastattn.backends import cuda as cuda_backend_module
+
+    calls = []
+    real = cuda_bwd.attn_bwd
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    def no_fallback(self, device):
+        raise AssertionError("the CUDA backend fell back for a float mask's gradient")
+
+    monkeypatch.setattr(cuda_bwd, "attn_bwd", spy)
+    monkeypatch.setattr(cuda_backend_module.CudaBackend, "backward_backend", no_fallback)
+    q, k, v, spec, scale, _, _, grad_out, mask = _setup_mask_grad(
+        2, 2, 2, 65, 65, 64, torch.bfloat16, "head", "causal", seed=21
+    )
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    out = scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], is_causal=True, backend="cuda")
+    out.backward(grad_out)
+    assert calls == [True], f"expected one CUDA backward call with need_mask_grad=True, got {calls}"
+    truth = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), spec, scale)
+    base = oracle.attention_backward(grad_out, q, k, v, spec, scale, compute_dtype=q.dtype)
+    for name, leaf, ref, bl in zip(("dq", "dk", "dv"), leaves, truth, base):
+        assert_close(leaf.grad, ref, bl, factor=3, name=name)
+    # (B, H, Lq, Lk) -> the mask's (1, H, Lq, Lk): summed over the batch, in fp32 for the low-precision baseline.
+    ref_mask = truth[3].sum(0, keepdim=True)
+    base_mask = base[3].float().sum(0, keepdim=True).to(mask.dtype)
+    assert leaves[3].grad.shape == mask.shape
+    assert_close(leaves[3].grad, ref_mask, base_mask, factor=3, name="dmask")

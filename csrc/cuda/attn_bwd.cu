@@ -38,6 +38,17 @@
 //             dQ     sm_80    134   178   168   254
 //             dQ     sm_90    140   186   179   180
 //         preprocess: 32-46. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS.
+// dmask:  with a float mask that needs its gradient (need_mask_grad, a learned bias), dmask = dS, the
+//         gradient of the scores after scaling, (B, Hq, Lq, Lk) contiguous in the mask's dtype. The dQ pass
+//         already holds dS per (row, key) in fp32: the attn_bwd_dq_kernel<T, D, true> instantiation stores
+//         it element by element (0 where a pair is masked: P = 0), then writes zeros over the key tiles it
+//         skips (the summary's EMPTY tiles, listed after the non-empty ones, or the tiles outside the
+//         band), so every element is written exactly once. Extra cost: B·Hq·Lq·Lk·sizeof(mask) bytes
+//         written, no extra FLOPs; the dtype-templated store is uncoalesced (2 adjacent keys per lane),
+//         acceptable for a path that materialises Lq×Lk anyway. The <T, D, false> kernel is unchanged
+//         (the table above). The dS-writing variant (min 1 block; key sub-tiles 64 / 32 / 32 / 16),
+//         registers for D = 32 / 64 / 96 / 128, no spills: sm_80 212 / 220 / 246 / 236, sm_90 222 / 234 /
+//         248 / 244.
 // Shared: rows padded by 8 elements (conflict-free ldmatrix, as the forward). dK/dV pass: K, V
 //         [64][D+8], Q, dO [32][D+8], 16-bit, plus lse·log2e and delta [32] fp32: (2·64 + 2·32)·(D+8)·2
 //         + 256 = 15616 / 27904 / 40192 / 52480 bytes for D = 32 / 64 / 96 / 128. dQ pass: Q, dO, K, V
@@ -88,6 +99,28 @@ struct Tile {
 
 // lse (natural log) -> the exp2 domain; -inf (a row that attends nothing) -> +inf, so P = exp2(x - it) = 0.
 FA_DEVICE float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// dmask[off] = x in the float mask's dtype (rounded to nearest even).
+FA_DEVICE void store_mask_grad(MaskElem elem, void* dmask, int64_t off, float x) {
+    switch (elem) {
+        case MaskElem::f32: static_cast<float*>(dmask)[off] = x; break;
+        case MaskElem::f16: static_cast<uint16_t*>(dmask)[off] = uint16_t(fa::pack2<fa::half_t>(x, 0.f)); break;
+        case MaskElem::bf16: static_cast<uint16_t*>(dmask)[off] = uint16_t(fa::pack2<fa::bf16_t>(x, 0.f)); break;
+        case MaskElem::f64: static_cast<double*>(dmask)[off] = double(x); break;
+        default: break;
+    }
+}
+
+// Zeros over the in-bounds part of the dmask tile (rows q0.., keys k0..) that the dQ pass skips: the
+// block's 128 threads sweep it row by row.
+template <int kBM>
+FA_DEVICE void zero_mask_grad_tile(const AttnBwdParams& p, int64_t dmask_bh, int q0, int k0, int tid) {
+    for (int e = tid; e < kBM * kBlockN; e += kThreads) {
+        const int i = q0 + e / kBlockN, j = k0 + e % kBlockN;
+        if (i < p.seqlen_q && j < p.seqlen_k)
+            store_mask_grad(p.mask_elem, p.dmask, dmask_bh + int64_t(i) * p.seqlen_k + j, 0.f);
+    }
+}
 
 // acc[N/8][4] (+)= A Bᵀ for 16 rows of A (shared, row stride kLd, at a_rows) and N rows of B (shared, at
 // b_rows): the forward's S = Q Kᵀ, with both operands read by ldmatrix.x4 in D-steps of 32.
@@ -325,10 +358,16 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
                      p.seqlen_k, lane);
 }
 
-template <class T, int D>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnBwdParams p) {
+// kDs: also write dS (the float mask's gradient) for every (row, key) of this query tile, zeros where the
+// tile is skipped; a separate instantiation, so the plain kernel's registers are untouched. Writing dS
+// costs registers (its row addresses): a minimum of 1 block lifts ptxas's default cap (168 at D = 64 and
+// 96, where it spilled), and narrower sub-tiles (32 keys at D = 64, 16 at D = 128) keep it under 255
+// without spills (same accumulation order, so dQ is bit-identical to the plain kernel's).
+template <class T, int D, bool kDs>
+__global__ void __launch_bounds__(kThreads, kDs ? 1 : 0) attn_bwd_dq_kernel(const AttnBwdParams p) {
     using Cfg = Tile<D>;
-    constexpr int kLd = Cfg::kLd, kBM = kBlockMdq, kSub = Cfg::kSubDq;
+    constexpr int kLd = Cfg::kLd, kBM = kBlockMdq;
+    constexpr int kSub = !kDs || D < 64 ? Cfg::kSubDq : (D == 128 ? 16 : 32);
     FA_DYNAMIC_SMEM(T, smem);
     T* sQ = smem;                   // [64][kLd]
     T* sdO = sQ + Cfg::kQdqElems;   // [64][kLd]
@@ -349,6 +388,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnBwdPara
     const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
     const int64_t bh = int64_t(b) * p.heads_q + h;
     const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
+    const int64_t dmask_bh = bh * p.seqlen_q * p.seqlen_k;  // dmask: contiguous (B, Hq, Lq, Lk)
     const int64_t pos_first = int64_t(q0) + p.q_offset;
     const int64_t pos_last = int64_t(min(q0 + kBM, p.seqlen_q) - 1) + p.q_offset;
 
@@ -421,6 +461,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnBwdPara
                 const int64_t pos = int64_t(i) + p.q_offset;
                 const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;
                 const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
+                const bool write_ds = kDs && i < p.seqlen_q;
+                const int64_t dmask_row = dmask_bh + int64_t(i) * p.seqlen_k;
 #pragma unroll
                 for (int ni = 0; ni < kSub / 8; ++ni)
 #pragma unroll
@@ -438,6 +480,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnBwdPara
                         }
                         const float prob = keep ? exp2f(x - l2[r]) : 0.f;
                         dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - dl[r]);
+                        if (write_ds && j < p.seqlen_k)
+                            store_mask_grad(p.mask_elem, p.dmask, dmask_row + j, dp[ni][2 * r + c]);
                     }
             }
             // dQ += dS K (scaled at the end).
@@ -445,6 +489,16 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnBwdPara
         }
     }
 
+    if (kDs) {  // the skipped key tiles: the summary lists them after its non-empty ones; else outside the band
+        if (index != nullptr) {
+            for (int it = n_iter; it < n_k_tiles; ++it)
+                zero_mask_grad_tile<kBM>(p, dmask_bh, q0, index[it] * kBlockN, tid);
+        } else {
+            for (int kt = 0; kt < n_k_tiles; ++kt)
+                if (kt < tile_lo || kt >= tile_lo + n_iter)
+                    zero_mask_grad_tile<kBM>(p, dmask_bh, q0, kt * kBlockN, tid);
+        }
+    }
     fa::cp_async_wait<0>();  // Q/dO's copies, if no key tile was visited
     __syncthreads();
     store_rows<T, D>(dq, p.scale, sQ + warp * 16 * kLd,
@@ -466,7 +520,7 @@ const char* launch_typed(const AttnBwdParams& p, void* stream) {
     using Cfg = Tile<D>;
     auto* pre = &attn_bwd_preprocess_kernel<T, D>;
     auto* dkdv = &attn_bwd_dkdv_kernel<T, D>;
-    auto* dqk = &attn_bwd_dq_kernel<T, D>;
+    auto* dqk = p.dmask != nullptr ? &attn_bwd_dq_kernel<T, D, true> : &attn_bwd_dq_kernel<T, D, false>;
 #ifndef FASTATTN_EMULATE
     if (const char* e = allow_smem(dkdv, Cfg::kDkdvSmem)) return e;
     if (const char* e = allow_smem(dqk, Cfg::kDqSmem)) return e;

@@ -34,6 +34,9 @@ struct AttnBwdParams {
     MaskElem mask_elem;
     const void* mask;
     int64_t mask_stride[4];
+    // The float mask's gradient dS, or null: contiguous (B, Hq, Lq, Lk) in the mask's dtype (mask_elem),
+    // written whole by the dQ pass (zeros in the tiles it skips and where a pair is masked).
+    void* dmask;
     // dQ pass: TileSummary for (kBlockMdq, kBlockN): state (Bm, Hm, nQ, nK), kv_count (Bm, Hm, nQ),
     // kv_index (Bm, Hm, nQ, nK), contiguous int8/int32. Null without a mask tensor (the band is analytic).
     const int8_t* kv_state;

@@ -7,7 +7,9 @@ module is cheap and never fails: the extension is built (shared with the forward
 and the op's fake registered on first use. ``FASTATTN_CUDA_EMULATE=1`` runs the same kernel source
 on CPU tensors through the emulator (slow; for tests without a GPU).
 
-Not supported yet (clear errors): dropout, the gradient of a float mask, head dim 256.
+The gradient of a float mask (``need_mask_grad``, a learned bias) is ``dS``, the scores' gradient, written
+``(B, Hq, Lq, Lk)`` in the mask's dtype by the dQ pass (zeros in the tiles it skips); autograd then reduces
+it over the mask's broadcast dims. Not supported yet (clear errors): dropout, head dim 256.
 """
 
 from __future__ import annotations
@@ -43,8 +45,12 @@ def _ensure_loaded() -> None:
 
 
 def _cuda_attn_bwd_fake(grad_out, q, k, v, out, lse, mask, kv_state, kv_count, kv_index, q_state, q_count, q_index,
-                        scale, window_left, window_right, q_offset):  # fmt: skip
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+                        scale, window_left, window_right, q_offset, need_mask_grad=False):  # fmt: skip
+    if need_mask_grad:
+        dmask = q.new_empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=mask.dtype)
+    else:
+        dmask = q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def summaries(spec: MaskSpec) -> tuple[Optional[Tensor], ...]:
@@ -64,11 +70,9 @@ def summaries(spec: MaskSpec) -> tuple[Optional[Tensor], ...]:
 
 
 def unsupported_reason(q: Tensor, v: Tensor, dropout_p: float, need_mask_grad: bool) -> Optional[str]:
-    """Why the CUDA backward cannot run this problem, or None."""
+    """Why the CUDA backward cannot run this problem, or None (``need_mask_grad`` is supported: dmask = dS)."""
     if dropout_p > 0.0:
         return f"dropout (dropout_p={dropout_p}) is not supported by the CUDA backward kernels yet"
-    if need_mask_grad:
-        return "the gradient of a float attn_mask (need_mask_grad) is not supported by the CUDA backward kernels yet"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not supported (torch.float16 or torch.bfloat16)"
     if q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
@@ -92,7 +96,9 @@ def attn_bwd(
     saved: tuple[Tensor, ...],
     need_mask_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """``(dq, dk, dv, None)`` from the forward's ``(out, lse)``: the Triton backward's contract.
+    """``(dq, dk, dv, dmask or None)`` from the forward's ``(out, lse)``: the Triton backward's contract.
+
+    ``dmask`` only when ``need_mask_grad`` (a float mask): ``(B, Hq, Lq, Lk)`` in the mask's dtype.
 
     Only the lse format matters (natural log, ``(B, Hq, Lq)``, -inf for a row that attends nothing; cast
     to fp32 here), not which forward produced it. Deterministic: bit-identical run to run.
@@ -100,9 +106,13 @@ def attn_bwd(
     reason = unsupported_reason(q, v, dropout_p, need_mask_grad)
     if reason is not None:
         raise NotImplementedError(f"fastattn CUDA backward: {reason}")
+    if need_mask_grad and (spec.tensor is None or not spec.tensor.dtype.is_floating_point):
+        got = "no mask" if spec.tensor is None else f"a {spec.tensor.dtype} mask"
+        raise ValueError(f"need_mask_grad: expected a floating attn_mask to differentiate, got {got}")
     _ensure_loaded()
     left, right = spec.bounds
-    dq, dk, dv = torch.ops.fastattn.cuda_attn_bwd(
-        grad_out, q, k, v, out, lse.float(), spec.tensor, *summaries(spec), float(scale), left, right, spec.q_offset
-    )
-    return dq, dk, dv, None
+    dq, dk, dv, dmask = torch.ops.fastattn.cuda_attn_bwd(
+        grad_out, q, k, v, out, lse.float(), spec.tensor, *summaries(spec), float(scale), left, right, spec.q_offset,
+        bool(need_mask_grad),
+    )  # fmt: skip
+    return dq, dk, dv, (dmask if need_mask_grad else None)
