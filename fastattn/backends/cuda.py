@@ -87,7 +87,7 @@ class CudaBackend(Backend):
     description = (
         "hand-written CUDA forward kernel (FlashAttention-2 schedule: mma.sync/ldmatrix/cp.async, masks with "
         "tile skipping, GQA; fp16/bf16, head dims 32/64/96/128/256) and backward (deterministic, head dims "
-        "32-128); where the backward kernel cannot run (head dim 256, a float-mask gradient) it falls back to "
+        "32-128, float-mask gradient); where it cannot run (head dim 256, dropout) it falls back to "
         "the Triton backend (the reference backend where Triton cannot run). "
         "FASTATTN_CUDA_EMULATE=1 runs the kernel source on CPU tensors (slow; tests)"
     )
