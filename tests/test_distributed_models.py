@@ -58,6 +58,9 @@ def _modules(rank, world, path):
             torch.testing.assert_close(grad, q.grad, rtol=1e-8, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
         with pytest.raises(ValueError, match="generate: not supported with context_parallel_group"):
             cp_model.generate(src, bos_id=1)
+        # Tear down together: a rank that closes its connections while the other still has the group
+        # open makes gloo abort the other process (seen under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

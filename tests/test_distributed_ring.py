@@ -74,6 +74,7 @@ def _check_cases(rank, world, path):
                 )
             whole = unshard_sequence(out.detach(), is_causal=causal)
             torch.testing.assert_close(whole, expected.detach(), rtol=1e-10, atol=1e-10)
+        dist.barrier()  # tear down together (see test_distributed_models)
     finally:
         dist.destroy_process_group()
 
@@ -124,6 +125,7 @@ def _check_errors_and_memory(rank, world, path):
         shard_bytes = (k.numel() + v.numel()) * k.element_size()
         assert peak[0] <= 2 * shard_bytes, (peak[0], shard_bytes)
         assert peak[0] >= shard_bytes  # the ring did move shards
+        dist.barrier()  # tear down together (see test_distributed_models)
     finally:
         dist.destroy_process_group()
 
@@ -175,6 +177,7 @@ def _strided_shards(rank, world, path):
         assert not shards[1].is_contiguous()
         out = ring_attention(*shards, is_causal=True, backend="reference")
         torch.testing.assert_close(out, shard_sequence(expected, is_causal=True), rtol=1e-10, atol=1e-10)
+        dist.barrier()  # tear down together (see test_distributed_models)
     finally:
         dist.destroy_process_group()
 
