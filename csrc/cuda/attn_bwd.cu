@@ -28,13 +28,14 @@
 //         and accumulates their dQ while the key tiles (64 keys) stream past.
 // Registers per thread (fp32 accumulators): dK/dV pass dK + dV 2·(D/8)·4, Sᵀ and dPᵀ (16 keys × kSub
 //         queries) 2·kSub/2; dQ pass dQ (D/8)·4, S and dP (16 rows × kSub keys) 2·kSub/2. kSub is the whole
-//         tile (32 queries / 64 keys) for D <= 64 and half of it for D >= 96. All A/B operands come from
-//         shared memory by ldmatrix (keeping K/V or Q/dO fragments in registers would spill at D = 128).
-//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16), spill-store bytes in brackets (as many
-//         loaded back; ci_check reports their sum, 56 / 16):
+//         tile (32 queries / 64 keys) for D <= 64 and half of it for D >= 96; the dK/dV pass runs its
+//         sub-tiles one at a time (not unrolled: two in flight spilled at D = 128, 255 registers and 28 / 8
+//         spill-store bytes on sm_80 / sm_90). All A/B operands come from shared memory by ldmatrix
+//         (keeping K/V or Q/dO fragments in registers would spill at D = 128).
+//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16), no spills:
 //             D                32    64    96    128
-//             dK/dV  sm_80     99   222   242   255 (28)
-//             dK/dV  sm_90    126   218   248   255 (8)
+//             dK/dV  sm_80     99   222   222   249
+//             dK/dV  sm_90    126   218   226   253
 //             dQ     sm_80    134   178   168   254
 //             dQ     sm_90    140   186   179   180
 //         preprocess: 32-46. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS.
@@ -92,7 +93,7 @@ struct Tile {
     static constexpr int kSubKv = D >= 96 ? 16 : kBlockMkv;
     static constexpr int kSubDq = D >= 96 ? 32 : kBlockN;
     // ptxas's default (no minimum) caps the dK/dV kernel at 168 registers for D = 64 and spills there;
-    // a minimum of 1 block lets it take what it needs (0 = no minimum: D = 32 fits, D = 128 spills less).
+    // a minimum of 1 block lets it take what it needs (0 = no minimum: D = 32 and D = 128 fit).
     static constexpr int kDkdvMinBlocks = (D == 64 || D == 96) ? 1 : 0;
     static_assert(D % 32 == 0, "QKᵀ consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
 };
@@ -305,8 +306,9 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
             }
             // In sub-tiles of kSub queries (fewer live fp32 registers at large D). Sᵀ = K Qᵀ and dPᵀ = V dOᵀ:
             // 16 keys x kSub queries per warp; lane (g, t) holds [ni][e] at key k0 + 16w + g + 8(e/2),
-            // query q0 + sub + 8ni + 2t + e%2.
-#pragma unroll
+            // query q0 + sub + 8ni + 2t + e%2. Not unrolled: with two sub-tiles in flight ptxas spilled at
+            // D = 128 (255 registers, 28 / 8 bytes on sm_80 / sm_90); one at a time, none (design note).
+#pragma unroll 1
             for (int sub = 0; sub < kBM; sub += kSub) {
                 float s[kSub / 8][4], dp[kSub / 8][4];
                 mma_abt<T, D, kSub>(s, sK + warp * 16 * kLd, sQ + sub * kLd, lane);
