@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     CHECK_DIM(op, lse, 3);
     const int64_t batch = q.size(0), heads_q = q.size(1), seqlen_q = q.size(2), head_dim = q.size(3);
     const int64_t heads_kv = k.size(1), seqlen_k = k.size(2);
-    CHECK_IN_SET(op, "head_dim (q.size(3))", head_dim, 32, 64, 96, 128);
+    CHECK_IN_SET(op, "head_dim (q.size(3))", head_dim, 32, 64, 96, 128, 256);
     TORCH_CHECK(k.size(0) == batch && k.size(3) == head_dim, op, ": argument 'k' must have batch ", batch,
                 " and head_dim ", head_dim, " like 'q', got ", k.sizes());
     TORCH_CHECK(v.sizes() == k.sizes(), op, ": argument 'v' must have shape ", k.sizes(),

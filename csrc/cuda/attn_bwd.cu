@@ -10,60 +10,81 @@
 //         dV = Pᵀ dO, dP = dO Vᵀ, dS = P∘(dP − delta), dQ = scale·dS K, dK = scale·dSᵀ Q.
 // Work:   FLOPs reported as 2.5× forward = 10·B·Hq·Lq·Lk·D (the 5 matmuls of a one-pass backward),
 //         halved by causal tile skipping. This schedule executes 7 (QKᵀ and dO Vᵀ in both passes):
-//         1.4× the reported count, the price of a deterministic dQ without atomics.
+//         1.4× the reported count, the price of a deterministic dQ without atomics. D = 256 adds no matmul
+//         FLOPs (the head-dim split below splits the reductions, it does not repeat them); what it repeats
+//         is the elementwise part: both warps of a pair form the same P and dS (exp2, band and mask
+//         tests) for their 16 x kSub sub-tile, 2x the SFU work and the PARTIAL tiles' mask reads (L1).
 // Bytes:  minimum: read Q, K, V, O, dO, lse once, write dQ, dK, dV, delta:
 //         2·(4·B·Hq·Lq·D + 4·B·Hkv·Lk·D) + 12·B·Hq·Lq (+ the mask's PARTIAL tiles, read in both passes).
-//         The dK/dV pass re-reads Q/dO Lk/64 times and the dQ pass K/V Lq/64 times, from L2 mostly.
-// Bound:  per streamed tile byte each block does ~96 (dQ) or ~128 (dK/dV) FLOPs from L2; against HBM
-//         the intensity is ~L FLOPs/byte, far above the A100/H100 ridge (~150/~300): tensor-core bound
-//         for L >= a few hundred, with exp2 on the SFU second. The preprocess is memory bound (reads O
-//         and dO once, 2·D bytes per 2·D FLOPs). Target: >= 0.9× torch SDPA's flash backward at
-//         L >= 2048; not measured (no GPU here), and this first version has no cp.async double buffer:
-//         each streamed tile's load is exposed (the next step: prefetch tile i+1 while computing i).
+//         The dK/dV pass re-reads Q/dO Lk/64 times and the dQ pass K/V Lq/64 times, from L2 mostly
+//         (Lk/32 and Lq/32 times at D = 256, whose blocks hold 32 keys / 32 query rows).
+// Bound:  per streamed tile byte each block does ~96 (dQ) or ~128 (dK/dV) FLOPs from L2 (D = 256: ~48 /
+//         ~64, half, from the smaller blocks); against HBM the intensity is ~L FLOPs/byte, far above the
+//         A100/H100 ridge (~150/~300): tensor-core bound for L >= a few hundred, with exp2 on the SFU
+//         second; at D = 256 L2 bandwidth may come close to bounding it too (not measured). The preprocess
+//         is memory bound (reads O and dO once, 2·D bytes per 2·D FLOPs). Target: >= 0.9× torch SDPA's
+//         flash backward at L >= 2048; not measured (no GPU here), and this first version has no cp.async
+//         double buffer: each streamed tile's load is exposed (the next step: prefetch tile i+1 while
+//         computing i).
 // Grids:  preprocess (Lq/64, Hq, B); dK/dV (Lk/64, Hkv, B): 128 threads, warp w owns keys 16w..16w+15
 //         of the resident key tile and accumulates their dK, dV rows in registers while the query tiles
 //         (32 rows) of every query head of the GQA group stream past, heads in increasing order: the
 //         group's reduction happens in registers in a fixed order, deterministic, K/V loaded once.
 //         dQ (Lq/64, Hq, B), heaviest (causal) query tiles first: warp w owns query rows 16w..16w+15
 //         and accumulates their dQ while the key tiles (64 keys) stream past.
-// Registers per thread (fp32 accumulators): dK/dV pass dK + dV 2·(D/8)·4, Sᵀ and dPᵀ (16 keys × kSub
-//         queries) 2·kSub/2; dQ pass dQ (D/8)·4, S and dP (16 rows × kSub keys) 2·kSub/2. kSub is the whole
-//         tile (32 queries / 64 keys) for D <= 64 and half of it for D >= 96; the dK/dV pass runs its
-//         sub-tiles one at a time (not unrolled: two in flight spilled at D = 128, 255 registers and 28 / 8
-//         spill-store bytes on sm_80 / sm_90). All A/B operands come from shared memory by ldmatrix
-//         (keeping K/V or Q/dO fragments in registers would spill at D = 128).
-//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16), no spills:
-//             D                32    64    96    128
-//             dK/dV  sm_80     99   222   222   249
-//             dK/dV  sm_90    126   218   226   253
-//             dQ     sm_80    134   178   168   254
-//             dQ     sm_90    140   186   179   180
-//         preprocess: 32-46. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS.
+// D = 256: one warp's dK + dV rows over all of D would be 2·(256/8)·4 = 256 fp32 registers (and dQ's
+//         128 left no room: 255 and spills in a first try), so both passes split the head dim between
+//         warp pairs (Tile::kSplit = 2): warp w owns 16 keys (dK/dV) or query rows (dQ) 16·(w % 2) and
+//         columns 128·(w / 2); blocks hold 32 keys, grid (Lk/32, Hkv, B), or 32 query rows, grid
+//         (Lq/32, Hq, B). Per sub-tile each warp computes its half of the S (Sᵀ) and dP (dPᵀ) reductions
+//         (columns 128·(w / 2)..+127), the pair exchanges them through shared memory (sum_halves: write,
+//         __syncthreads, add the partner's, __syncthreads; a + b = b + a exactly, so both hold bit-identical
+//         S and dP), both form P and dS, and each accumulates dK, dV (or dQ) for its 128 columns: 128 (or
+//         64) accumulator registers, the D = 128 (D = 64) footprint. The dQ pass streams each 64-key tile
+//         in two halves of 32 (shared memory); the TileSummaries stay (64, 64) and (32, 64): a 32-key or
+//         32-row block walks its 64-wide tile's list (a superset: FULL stays FULL, a half that is EMPTY
+//         inside a non-empty tile is computed with P = 0; the analytic band is exact per block).
+// Registers per thread (fp32 accumulators): dK/dV pass dK + dV 2·(D/kSplit/8)·4, Sᵀ and dPᵀ (16 keys ×
+//         kSub queries) 2·kSub/2; dQ pass dQ (D/kSplit/8)·4, S and dP (16 rows × kSub keys) 2·kSub/2. kSub
+//         is the whole tile (32 queries / 64 keys) for D <= 64, half of it for D = 96 and 128, and 16
+//         (both passes) at D = 256. The dK/dV pass runs its sub-tiles one at a time (not unrolled: two in
+//         flight spilled at D = 128, 255 registers and 28 / 8 spill-store bytes on sm_80 / sm_90), and so
+//         does the dQ pass at D = 256. All A/B operands come from shared memory by ldmatrix (keeping K/V
+//         or Q/dO fragments in registers would spill at D = 128). The dQ kernel at D = 256 takes a minimum
+//         of 1 block (ptxas's default capped it at 168 registers on sm_90 and spilled).
+//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16), no spills in any variant
+//         (dQ+dS: the dS-writing instantiation, below):
+//             D                32    64    96   128   256
+//             dK/dV  sm_80     99   222   222   249   247
+//             dK/dV  sm_90    126   218   226   253   255
+//             dQ     sm_80    134   178   168   254   212
+//             dQ     sm_90    134   188   180   181   213
+//             dQ+dS  sm_80    214   222   242   238   209
+//             dQ+dS  sm_90    222   234   250   248   214
+//         preprocess: 32-56. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS. Before
+//         D = 256 (the dK/dV sub-tiles unrolled, K/V loaded once per dQ tile), dK/dV at D = 96 / 128 was
+//         242 / 255 (28 bytes spilled) on sm_80 and 248 / 255 (8) on sm_90; dQ and dQ+dS within 6
+//         registers of the above. Little headroom is left in dK/dV at D = 128 and 256 (247-255 registers)
+//         and in dQ at D = 128 on sm_80 (254): whatever adds live state where P is formed must be
+//         re-checked here (ci_check).
 // dmask:  with a float mask that needs its gradient (need_mask_grad, a learned bias), dmask = dS, the
 //         gradient of the scores after scaling, (B, Hq, Lq, Lk) contiguous in the mask's dtype. The dQ pass
 //         already holds dS per (row, key) in fp32: the attn_bwd_dq_kernel<T, D, true> instantiation stores
-//         it element by element (0 where a pair is masked: P = 0), then writes zeros over the key tiles it
-//         skips (the summary's EMPTY tiles, listed after the non-empty ones, or the tiles outside the
-//         band), so every element is written exactly once. Extra cost: B·Hq·Lq·Lk·sizeof(mask) bytes
-//         written, no extra FLOPs; the dtype-templated store is uncoalesced (2 adjacent keys per lane),
-//         acceptable for a path that materialises Lq×Lk anyway. The <T, D, false> kernel is unchanged
-//         (the table above). The dS-writing variant (min 1 block; key sub-tiles 64 / 32 / 32 / 16),
-//         registers for D = 32 / 64 / 96 / 128, no spills: sm_80 212 / 220 / 246 / 236, sm_90 222 / 234 /
-//         248 / 244.
+//         it element by element (0 where a pair is masked: P = 0; at D = 256 only the pair's column-0 warp
+//         stores), then writes zeros over the key tiles it skips (the summary's EMPTY tiles, listed after
+//         the non-empty ones, or the tiles outside the band), so every element is written exactly once.
+//         Extra cost: B·Hq·Lq·Lk·sizeof(mask) bytes written, no extra FLOPs; the dtype-templated store is
+//         uncoalesced (2 adjacent keys per lane), acceptable for a path that materialises Lq×Lk anyway.
+//         The <T, D, false> kernel is separate (dQ in the table). The dS-writing variant: min 1 block; key
+//         sub-tiles 64 / 32 / 32 / 16 / 16 (same accumulation order, so dQ is bit-identical).
 // Shared: rows padded by 8 elements (conflict-free ldmatrix, as the forward). dK/dV pass: K, V
-//         [64][D+8], Q, dO [32][D+8], 16-bit, plus lse·log2e and delta [32] fp32: (2·64 + 2·32)·(D+8)·2
-//         + 256 = 15616 / 27904 / 40192 / 52480 bytes for D = 32 / 64 / 96 / 128. dQ pass: Q, dO, K, V
-//         [64][D+8]: 20480 / 36864 / 53248 / 69632 bytes (above 48 KiB the launcher opts in).
-// Operands (mma.m16n8k16, fragments as in the forward): Sᵀ = K Qᵀ and dPᵀ = V dOᵀ take K/V rows as the
-//         A operand (ldmatrix.x4) and Q/dO rows as the "col" B operand (ldmatrix.x4, not transposed);
-//         dV += Pᵀ dO and dK += dSᵀ Q take Pᵀ/dSᵀ packed to the input dtype from the accumulators (their
-//         layout is already the A fragment's) and dO/Q through ldmatrix.x4.trans. The dQ pass is the
-//         forward's S = Q Kᵀ (and dP = dO Vᵀ), then dQ += dS K with K through ldmatrix.x4.trans.
-// Masks:  as the forward: the band (causal, window, q_offset) analytically, tiles outside never
-//         visited and tiles fully inside skip the band arithmetic; with a mask tensor, the TileSummary's
-//         non-empty tiles (the dK/dV pass walks the transposed lists) and the mask read only in PARTIAL
-//         tiles. Key rows past Lk are masked; query rows past Lq have lse·log2e = +inf (P = 0) and
-//         delta 0. A row that attends nothing has lse = −inf, also mapped to +inf: P = 0, zero gradients.
+//         [kKeys][D+8], Q, dO [32][D+8], 16-bit, plus lse·log2e and delta [32] fp32 and, at D = 256, the
+//         exchange (4 warps x 2 x 16 x 16 fp32 = 8192): (2·64 + 2·32)·(D+8)·2 + 256 = 15616 / 27904 /
+//         40192 / 52480 bytes for D = 32 / 64 / 96 / 128, (2·32 + 2·32)·264·2 + 256 + 8192 = 76032 for
+//         D = 256. dQ pass: Q, dO [kRows][D+8], K, V [64 or 32][D+8]: 20480 / 36864 / 53248 / 69632 bytes,
+//         and 4·32·264·2 + 8192 = 75776 at D = 256 (above 48 KiB the launcher opts in; every variant is
+//         under sm_80's 163 KiB, static_assert). At D = 256 two blocks fit an A100 SM (164 KiB) in shared
+//         memory and registers (2 x 128 x 255 < 64 K): 8 warps per SM, as at D = 128.
 #include "attn_common.cuh"
 #include "attn_bwd_params.h"
 #include "attn_params.h"
@@ -83,17 +104,36 @@ constexpr int kFull = 2;  // TileSummary state FULL (fastattn.masks); EMPTY tile
 template <int D>
 struct Tile {
     static constexpr int kLd = attn_common::padded_ld<D>();  // padded shared row, elements
-    static constexpr int kKVElems = kBlockN * kLd;
+    // dK/dV pass: the head dim is split between kSplit warps (2 at D = 256, where one warp's dK + dV rows
+    // over all of D would take 256 fp32 registers): warp w owns keys 16·(w % (4 / kSplit)) and columns
+    // kDw·(w / (4 / kSplit)) of the block's kKeysKv resident keys (64, or 32 at D = 256).
+    static constexpr int kSplit = D > 128 ? 2 : 1;
+    static constexpr int kDw = D / kSplit;
+    static constexpr int kKeysKv = kBlockN / kSplit;
+    // dQ pass, split likewise: warp w owns query rows 16·(w % (4 / kSplit)) and the same columns of the
+    // block's kRowsDq rows (64, or 32 at D = 256); K/V rows resident at a time: the 64-key tile, in halves
+    // at D = 256 (shared memory).
+    static constexpr int kRowsDq = kBlockMdq / kSplit;
+    static constexpr int kKeysDq = D > 128 ? kBlockN / 2 : kBlockN;
+    static constexpr int kKVElems = kKeysKv * kLd;
+    static constexpr int kKVdqElems = kKeysDq * kLd;
     static constexpr int kQkvElems = kBlockMkv * kLd;
-    static constexpr int kQdqElems = kBlockMdq * kLd;
-    static constexpr int kDkdvSmem = (2 * kKVElems + 2 * kQkvElems) * 2 + 2 * kBlockMkv * 4;
-    static constexpr int kDqSmem = (2 * kQdqElems + 2 * kKVElems) * 2;
+    static constexpr int kQdqElems = kRowsDq * kLd;
     // Sub-tiles over which S and dP are live (16 x kSub fp32 per warp): halved at D >= 96, where the
-    // dK + dV (or dQ) accumulators already take most registers.
+    // dK + dV (or dQ) accumulators already take most registers, and again for dQ at D = 256.
     static constexpr int kSubKv = D >= 96 ? 16 : kBlockMkv;
-    static constexpr int kSubDq = D >= 96 ? 32 : kBlockN;
+    static constexpr int kSubDq = D > 128 ? 16 : D >= 96 ? 32 : kBlockN;
+    // The dS-writing dQ instantiation's sub-tile: narrower (its row addresses take registers).
+    static constexpr int kSubDqDs = D < 64 ? kSubDq : (D >= 128 ? 16 : 32);
+    // With kSplit = 2 the two warps of a key (or row) group exchange their partial S and dP: 2 x 16 x sub
+    // fp32 per warp, in lane order.
+    static constexpr int kXchgKv = kSplit > 1 ? 4 * 32 * 2 * (kSubKv / 8 * 4) : 0;
+    static constexpr int kXchgDq = kSplit > 1 ? 4 * 32 * 2 * ((kSubDq > kSubDqDs ? kSubDq : kSubDqDs) / 8 * 4) : 0;
+    static constexpr int kDkdvSmem = (2 * kKVElems + 2 * kQkvElems) * 2 + 2 * kBlockMkv * 4 + kXchgKv * 4;
+    static constexpr int kDqSmem = (2 * kQdqElems + 2 * kKVdqElems) * 2 + kXchgDq * 4;
+    static_assert(kDkdvSmem <= 163 * 1024 && kDqSmem <= 163 * 1024, "sm_80's opt-in shared memory limit");
     // ptxas's default (no minimum) caps the dK/dV kernel at 168 registers for D = 64 and spills there;
-    // a minimum of 1 block lets it take what it needs (0 = no minimum: D = 32 and D = 128 fit).
+    // a minimum of 1 block lets it take what it needs (0 = no minimum: D = 32, 128 and 256 fit).
     static constexpr int kDkdvMinBlocks = (D == 64 || D == 96) ? 1 : 0;
     static_assert(D % 32 == 0, "QKᵀ consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
 };
@@ -124,8 +164,9 @@ FA_DEVICE void zero_mask_grad_tile(const AttnBwdParams& p, int64_t dmask_bh, int
 }
 
 // acc[N/8][4] (+)= A Bᵀ for 16 rows of A (shared, row stride kLd, at a_rows) and N rows of B (shared, at
-// b_rows): the forward's S = Q Kᵀ, with both operands read by ldmatrix.x4 in D-steps of 32.
-template <class T, int D, int N>
+// b_rows), over K columns (all of D, or the warp's kDw from the pointers on): the forward's S = Q Kᵀ,
+// with both operands read by ldmatrix.x4 in steps of 32 columns.
+template <class T, int D, int N, int K = D>
 FA_DEVICE void mma_abt(float (&acc)[N / 8][4], const T* a_rows, const T* b_rows, int lane) {
     constexpr int kLd = Tile<D>::kLd;
 #pragma unroll
@@ -133,7 +174,7 @@ FA_DEVICE void mma_abt(float (&acc)[N / 8][4], const T* a_rows, const T* b_rows,
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[ni][e] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk += 2) {
+    for (int kk = 0; kk < K / 16; kk += 2) {
         uint32_t a0[4], a1[4];
         const T* arow = a_rows + (lane % 16) * kLd + (lane / 16) * 8;
         fa::ldmatrix_x4(a0, arow + kk * 16);
@@ -150,10 +191,11 @@ FA_DEVICE void mma_abt(float (&acc)[N / 8][4], const T* a_rows, const T* b_rows,
     }
 }
 
-// acc[D/8][4] += X B for X (16 x M, fp32 accumulators x[M/8][4], packed to T: their layout is the A
-// fragment's) and B (M rows x D, shared, row stride kLd) through ldmatrix.x4.trans: the forward's P V.
-template <class T, int D, int M>
-FA_DEVICE void mma_xb(float (&acc)[D / 8][4], const float (&x)[M / 8][4], const T* b_rows, int lane) {
+// acc[W/8][4] += X B for X (16 x M, fp32 accumulators x[M/8][4], packed to T: their layout is the A
+// fragment's) and B (M rows x W columns from b_rows on, shared, row stride kLd) through ldmatrix.x4.trans:
+// the forward's P V (W = D, or the warp's kDw columns).
+template <class T, int D, int M, int W = D>
+FA_DEVICE void mma_xb(float (&acc)[W / 8][4], const float (&x)[M / 8][4], const T* b_rows, int lane) {
     constexpr int kLd = Tile<D>::kLd;
 #pragma unroll
     for (int kk = 0; kk < M / 16; ++kk) {
@@ -161,7 +203,7 @@ FA_DEVICE void mma_xb(float (&acc)[D / 8][4], const float (&x)[M / 8][4], const 
                                 fa::pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]),
                                 fa::pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3])};
 #pragma unroll
-        for (int dn = 0; dn < D / 8; dn += 2) {
+        for (int dn = 0; dn < W / 8; dn += 2) {
             // Matrices: rows 16kk+0..7 and +8..15 at columns 8dn, then the same at 8dn + 8.
             uint32_t vb[4];
             fa::ldmatrix_x4<true>(vb, b_rows + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + dn * 8 +
@@ -173,15 +215,16 @@ FA_DEVICE void mma_xb(float (&acc)[D / 8][4], const float (&x)[M / 8][4], const 
     }
 }
 
-// Scale a warp's 16 x D accumulator, pack it to T in its own 16 rows of shared memory (`stage`, which no
-// other warp reads), then store the rows below `valid` with 16-byte coalesced writes.
-template <class T, int D>
-FA_DEVICE void store_rows(float (&acc)[D / 8][4], float scale, T* stage, T* dst, int64_t ld_g, int row0, int valid,
+// Scale a warp's 16 x W accumulator (W = D, or the warp's kDw columns: stage and dst point at its first),
+// pack it to T in its own 16 rows of shared memory (`stage`, which no other warp reads), then store the
+// rows below `valid` with 16-byte coalesced writes.
+template <class T, int D, int W = D>
+FA_DEVICE void store_rows(float (&acc)[W / 8][4], float scale, T* stage, T* dst, int64_t ld_g, int row0, int valid,
                           int lane) {
-    constexpr int kLd = Tile<D>::kLd, kChunks = D / 8;
+    constexpr int kLd = Tile<D>::kLd, kChunks = W / 8;
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
+    for (int dn = 0; dn < W / 8; ++dn)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
             *reinterpret_cast<uint32_t*>(stage + (g + 8 * r) * kLd + dn * 8 + 2 * t) =
@@ -194,6 +237,33 @@ FA_DEVICE void store_rows(float (&acc)[D / 8][4], float scale, T* stage, T* dst,
             *reinterpret_cast<uint4*>(dst + int64_t(row0 + r) * ld_g + col) =
                 *reinterpret_cast<const uint4*>(stage + r * kLd + col);
     }
+}
+
+// kSplit = 2: this warp holds Sᵀ and dPᵀ over its half of D, warp ^ 2 (same keys, other half) the rest.
+// Both write theirs to sX in lane order (conflict-free), then add the other's: a + b = b + a exactly, so
+// the two warps hold bit-identical Sᵀ and dPᵀ over all of D. The second barrier keeps the next sub-tile
+// from overwriting sX before the partner has read it.
+template <int N>
+FA_DEVICE void sum_halves(float (&s)[N / 8][4], float (&dp)[N / 8][4], float* sX, int warp, int lane) {
+    constexpr int kPer = N / 8 * 4;  // floats per lane per matrix
+    float* mine = sX + warp * 2 * kPer * 32;
+    const float* theirs = sX + (warp ^ 2) * 2 * kPer * 32;
+#pragma unroll
+    for (int ni = 0; ni < N / 8; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            mine[(ni * 4 + e) * 32 + lane] = s[ni][e];
+            mine[(kPer + ni * 4 + e) * 32 + lane] = dp[ni][e];
+        }
+    __syncthreads();
+#pragma unroll
+    for (int ni = 0; ni < N / 8; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            s[ni][e] += theirs[(ni * 4 + e) * 32 + lane];
+            dp[ni][e] += theirs[(kPer + ni * 4 + e) * 32 + lane];
+        }
+    __syncthreads();
 }
 
 // delta[b, h, i] = sum_d dO[i, d] · O[i, d] in fp32: warp w reduces rows 16w..16w+15 of the 64-row tile,
@@ -222,36 +292,41 @@ template <class T, int D>
 __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dkdv_kernel(const AttnBwdParams p) {
     using Cfg = Tile<D>;
     constexpr int kLd = Cfg::kLd, kBM = kBlockMkv, kSub = Cfg::kSubKv;
+    constexpr int kKeys = Cfg::kKeysKv, kDw = Cfg::kDw, kKeyWarps = 4 / Cfg::kSplit;
     FA_DYNAMIC_SMEM(T, smem);
-    T* sK = smem;                        // [64][kLd]
-    T* sV = sK + Cfg::kKVElems;          // [64][kLd]
+    T* sK = smem;                        // [kKeys][kLd]
+    T* sV = sK + Cfg::kKVElems;          // [kKeys][kLd]
     T* sQ = sV + Cfg::kKVElems;          // [32][kLd]
     T* sdO = sQ + Cfg::kQkvElems;        // [32][kLd]
     float* sL = reinterpret_cast<float*>(sdO + Cfg::kQkvElems);  // [32] lse·log2e
     float* sD = sL + kBM;                                        // [32] delta
+    float* sX = sD + kBM;                                        // [kXchgKv] (kSplit = 2)
 
     const int tid = int(threadIdx.x), lane = tid % 32, warp = tid / 32;
     const int g = lane / 4, t = lane % 4;
-    const int n_tile = int(blockIdx.x), hk = int(blockIdx.y), b = int(blockIdx.z);
+    // This warp's 16 keys (kw) and its columns c0..c0+kDw-1 of dK, dV (all of D unless kSplit = 2).
+    const int kw = Cfg::kSplit > 1 ? warp % kKeyWarps : warp, c0 = Cfg::kSplit > 1 ? (warp / kKeyWarps) * kDw : 0;
+    const int hk = int(blockIdx.y), b = int(blockIdx.z);
     const int group = p.heads_q / p.heads_kv;
-    const int k0 = n_tile * kBlockN;
-    const int k_last = min(k0 + kBlockN, p.seqlen_k) - 1;
+    const int k0 = int(blockIdx.x) * kKeys;
+    const int n_tile = k0 / kBlockN;  // the summary's key tile (64 keys: a superset of this block's)
+    const int k_last = min(k0 + kKeys, p.seqlen_k) - 1;
     const int n_q_tiles = (p.seqlen_q + kBM - 1) / kBM;
     const int n_k_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
     const int left = p.window_left, right = p.window_right;
     const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
     const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-    load_rows<T, D, kBlockN>(sK, kg, p.k_stride[2], k0, p.seqlen_k, tid);
-    load_rows<T, D, kBlockN>(sV, vg, p.v_stride[2], k0, p.seqlen_k, tid);
+    load_rows<T, D, kKeys>(sK, kg, p.k_stride[2], k0, p.seqlen_k, tid);
+    load_rows<T, D, kKeys>(sV, vg, p.v_stride[2], k0, p.seqlen_k, tid);
     fa::cp_async_commit();
 
-    float dk[D / 8][4], dv[D / 8][4];
+    float dk[kDw / 8][4], dv[kDw / 8][4];
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
+    for (int dn = 0; dn < kDw / 8; ++dn)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk[dn][e] = 0.f, dv[dn][e] = 0.f;
     const float scale_log2 = p.scale * kLog2e;
-    const bool tail = k0 + kBlockN > p.seqlen_k;
+    const bool tail = k0 + kKeys > p.seqlen_k;
 
     for (int hh = 0; hh < group; ++hh) {
         const int h = hk * group + hh;
@@ -305,17 +380,17 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
                 partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
             }
             // In sub-tiles of kSub queries (fewer live fp32 registers at large D). Sᵀ = K Qᵀ and dPᵀ = V dOᵀ:
-            // 16 keys x kSub queries per warp; lane (g, t) holds [ni][e] at key k0 + 16w + g + 8(e/2),
-            // query q0 + sub + 8ni + 2t + e%2. Not unrolled: with two sub-tiles in flight ptxas spilled at
-            // D = 128 (255 registers, 28 / 8 bytes on sm_80 / sm_90); one at a time, none (design note).
+            // 16 keys x kSub queries per warp; lane (g, t) holds [ni][e] at key k0 + 16kw + g + 8(e/2),
+            // query q0 + sub + 8ni + 2t + e%2. Not unrolled: two sub-tiles in flight spill at D >= 128.
 #pragma unroll 1
             for (int sub = 0; sub < kBM; sub += kSub) {
                 float s[kSub / 8][4], dp[kSub / 8][4];
-                mma_abt<T, D, kSub>(s, sK + warp * 16 * kLd, sQ + sub * kLd, lane);
-                mma_abt<T, D, kSub>(dp, sV + warp * 16 * kLd, sdO + sub * kLd, lane);
+                mma_abt<T, D, kSub, kDw>(s, sK + kw * 16 * kLd + c0, sQ + sub * kLd + c0, lane);
+                mma_abt<T, D, kSub, kDw>(dp, sV + kw * 16 * kLd + c0, sdO + sub * kLd + c0, lane);
+                if (Cfg::kSplit > 1) sum_halves<kSub>(s, dp, sX, warp, lane);
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    const int j = k0 + warp * 16 + g + 8 * r;
+                    const int j = k0 + kw * 16 + g + 8 * r;
 #pragma unroll
                     for (int ni = 0; ni < kSub / 8; ++ni)
 #pragma unroll
@@ -340,44 +415,49 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
                             dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - sD[iq]);
                         }
                 }
-                // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end).
-                mma_xb<T, D, kSub>(dv, s, sdO + sub * kLd, lane);
-                mma_xb<T, D, kSub>(dk, dp, sQ + sub * kLd, lane);
+                // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end), over this warp's columns.
+                mma_xb<T, D, kSub, kDw>(dv, s, sdO + sub * kLd + c0, lane);
+                mma_xb<T, D, kSub, kDw>(dk, dp, sQ + sub * kLd + c0, lane);
             }
         }
     }
 
-    // Stage each warp's own 16 key rows in sK / sV (the warp's A-operand rows, read by no other warp),
-    // after every pending copy (none if no query tile was visited but K/V's) has landed everywhere.
+    // Stage each warp's own 16 key rows x kDw columns in sK / sV (the warp's A-operand block, which no
+    // other warp stages), after every pending copy (none if no query tile was visited but K/V's) has
+    // landed everywhere and every warp is done reading K/V.
     fa::cp_async_wait<0>();
     __syncthreads();
-    const int row0 = k0 + warp * 16;
-    store_rows<T, D>(dk, p.scale, sK + warp * 16 * kLd,
-                     static_cast<T*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1], p.dk_stride[2], row0,
-                     p.seqlen_k, lane);
-    store_rows<T, D>(dv, 1.f, sV + warp * 16 * kLd,
-                     static_cast<T*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1], p.dv_stride[2], row0,
-                     p.seqlen_k, lane);
+    const int row0 = k0 + kw * 16;
+    store_rows<T, D, kDw>(dk, p.scale, sK + kw * 16 * kLd + c0,
+                          static_cast<T*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] + c0, p.dk_stride[2],
+                          row0, p.seqlen_k, lane);
+    store_rows<T, D, kDw>(dv, 1.f, sV + kw * 16 * kLd + c0,
+                          static_cast<T*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1] + c0, p.dv_stride[2],
+                          row0, p.seqlen_k, lane);
 }
 
 // kDs: also write dS (the float mask's gradient) for every (row, key) of this query tile, zeros where the
 // tile is skipped; a separate instantiation, so the plain kernel's registers are untouched. Writing dS
 // costs registers (its row addresses): a minimum of 1 block lifts ptxas's default cap (168 at D = 64 and
-// 96, where it spilled), and narrower sub-tiles (32 keys at D = 64, 16 at D = 128) keep it under 255
-// without spills (same accumulation order, so dQ is bit-identical to the plain kernel's).
+// 96, where it spilled), and narrower sub-tiles (32 keys at D = 64, 16 at D >= 128) keep it under 255
+// without spills (same accumulation order, so dQ is bit-identical to the plain kernel's). At D = 256 the
+// plain kernel takes the minimum of 1 block too (the default capped it at 168 on sm_90, spilling).
 template <class T, int D, bool kDs>
-__global__ void __launch_bounds__(kThreads, kDs ? 1 : 0) attn_bwd_dq_kernel(const AttnBwdParams p) {
+__global__ void __launch_bounds__(kThreads, kDs || D > 128 ? 1 : 0) attn_bwd_dq_kernel(const AttnBwdParams p) {
     using Cfg = Tile<D>;
-    constexpr int kLd = Cfg::kLd, kBM = kBlockMdq;
-    constexpr int kSub = !kDs || D < 64 ? Cfg::kSubDq : (D == 128 ? 16 : 32);
+    constexpr int kLd = Cfg::kLd, kBM = Cfg::kRowsDq, kKeys = Cfg::kKeysDq, kSub = kDs ? Cfg::kSubDqDs : Cfg::kSubDq;
+    constexpr int kDw = Cfg::kDw, kRowWarps = 4 / Cfg::kSplit, kSubUnroll = Cfg::kSplit > 1 ? 1 : kBlockN / kSub;
     FA_DYNAMIC_SMEM(T, smem);
-    T* sQ = smem;                   // [64][kLd]
-    T* sdO = sQ + Cfg::kQdqElems;   // [64][kLd]
-    T* sK = sdO + Cfg::kQdqElems;   // [64][kLd]
-    T* sV = sK + Cfg::kKVElems;     // [64][kLd]
+    T* sQ = smem;                   // [kBM][kLd]
+    T* sdO = sQ + Cfg::kQdqElems;   // [kBM][kLd]
+    T* sK = sdO + Cfg::kQdqElems;   // [kKeys][kLd]
+    T* sV = sK + Cfg::kKVdqElems;   // [kKeys][kLd]
+    float* sX = reinterpret_cast<float*>(sV + Cfg::kKVdqElems);  // [kXchgDq] (kSplit = 2)
 
     const int tid = int(threadIdx.x), lane = tid % 32, warp = tid / 32;
     const int g = lane / 4, t = lane % 4;
+    // This warp's 16 query rows (rw) and its columns c0..c0+kDw-1 of dQ (all of D unless kSplit = 2).
+    const int rw = Cfg::kSplit > 1 ? warp % kRowWarps : warp, c0 = Cfg::kSplit > 1 ? (warp / kRowWarps) * kDw : 0;
     const int m_tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
     const int h = int(blockIdx.y), b = int(blockIdx.z);
     const int hk = h / (p.heads_q / p.heads_kv);
@@ -398,8 +478,10 @@ __global__ void __launch_bounds__(kThreads, kDs ? 1 : 0) attn_bwd_dq_kernel(cons
     const int32_t* index = nullptr;
     const int8_t* state = nullptr;
     if (p.kv_count != nullptr) {
+        // The summary's query tile (64 rows: a superset of this block's kBM rows).
+        const int n_q_tiles = (p.seqlen_q + kBlockMdq - 1) / kBlockMdq;
         const int bs = p.summary_batch > 1 ? b : 0, hs = p.summary_heads > 1 ? h : 0;
-        const int64_t row = (int64_t(bs) * p.summary_heads + hs) * int64_t(gridDim.x) + m_tile;
+        const int64_t row = (int64_t(bs) * p.summary_heads + hs) * n_q_tiles + q0 / kBlockMdq;
         n_iter = p.kv_count[row];
         index = p.kv_index + row * n_k_tiles;
         state = p.kv_state + row * n_k_tiles;
@@ -417,17 +499,17 @@ __global__ void __launch_bounds__(kThreads, kDs ? 1 : 0) attn_bwd_dq_kernel(cons
     load_rows<T, D, kBM>(sQ, qg, p.q_stride[2], q0, p.seqlen_q, tid);
     load_rows<T, D, kBM>(sdO, dog, p.dout_stride[2], q0, p.seqlen_q, tid);
     fa::cp_async_commit();
-    // This lane's rows 16w + g + 8r: lse·log2e (+inf past Lq or for an empty row) and delta.
+    // This lane's rows 16rw + g + 8r: lse·log2e (+inf past Lq or for an empty row) and delta.
     float l2[2], dl[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int i = q0 + warp * 16 + g + 8 * r;
+        const int i = q0 + rw * 16 + g + 8 * r;
         l2[r] = i < p.seqlen_q ? lse_log2(p.lse[bh * p.seqlen_q + i]) : INFINITY;
         dl[r] = i < p.seqlen_q ? p.delta[bh * p.seqlen_q + i] : 0.f;
     }
-    float dq[D / 8][4];
+    float dq[kDw / 8][4];
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
+    for (int dn = 0; dn < kDw / 8; ++dn)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dq[dn][e] = 0.f;
     const float scale_log2 = p.scale * kLog2e;
@@ -435,13 +517,6 @@ __global__ void __launch_bounds__(kThreads, kDs ? 1 : 0) attn_bwd_dq_kernel(cons
     for (int it = 0; it < n_iter; ++it) {
         const int kt = index ? index[it] : tile_lo + it;
         const int k0 = kt * kBlockN;
-        __syncthreads();  // everyone is done with the previous K/V tile
-        load_rows<T, D, kBlockN>(sK, kg, p.k_stride[2], k0, p.seqlen_k, tid);
-        load_rows<T, D, kBlockN>(sV, vg, p.v_stride[2], k0, p.seqlen_k, tid);
-        fa::cp_async_commit();
-        fa::cp_async_wait<0>();  // K/V (and Q/dO on the first tile) landed
-        __syncthreads();
-
         bool partial;
         if (state != nullptr) {
             partial = state[kt] != kFull;
@@ -450,20 +525,33 @@ __global__ void __launch_bounds__(kThreads, kDs ? 1 : 0) attn_bwd_dq_kernel(cons
             partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
         }
         const bool tail = k0 + kBlockN > p.seqlen_k;
-        // In sub-tiles of kSub keys. S = Q Kᵀ, dP = dO Vᵀ: 16 rows x kSub keys per warp; lane (g, t) holds
-        // [ni][e] at row 16w + g + 8(e/2), key k0 + sub + 8ni + 2t + e%2.
-#pragma unroll
+        // In sub-tiles of kSub keys; K/V rows kKeys at a time (all 64, or two halves of 32 at D = 256, a half
+        // wholly past Lk skipped). S = Q Kᵀ, dP = dO Vᵀ: 16 rows x kSub keys per warp; lane (g, t) holds
+        // [ni][e] at row 16rw + g + 8(e/2), key k0 + sub + 8ni + 2t + e%2. Not unrolled at D = 256 (fewer
+        // registers: 212 / 213 against 236 / 243, dS-writing 209 / 214 against 248 / 253 on sm_80 / sm_90).
+#pragma unroll kSubUnroll
         for (int sub = 0; sub < kBlockN; sub += kSub) {
+            if (sub % kKeys == 0) {
+                if (k0 + sub >= p.seqlen_k) break;  // block-uniform
+                __syncthreads();  // everyone is done with the previous K/V rows
+                load_rows<T, D, kKeys>(sK, kg, p.k_stride[2], k0 + sub, p.seqlen_k, tid);
+                load_rows<T, D, kKeys>(sV, vg, p.v_stride[2], k0 + sub, p.seqlen_k, tid);
+                fa::cp_async_commit();
+                fa::cp_async_wait<0>();  // K/V (and Q/dO on the first tile) landed
+                __syncthreads();
+            }
+            const int kr = sub % kKeys;  // the sub-tile's first row in sK / sV
             float s[kSub / 8][4], dp[kSub / 8][4];
-            mma_abt<T, D, kSub>(s, sQ + warp * 16 * kLd, sK + sub * kLd, lane);
-            mma_abt<T, D, kSub>(dp, sdO + warp * 16 * kLd, sV + sub * kLd, lane);
+            mma_abt<T, D, kSub, kDw>(s, sQ + rw * 16 * kLd + c0, sK + kr * kLd + c0, lane);
+            mma_abt<T, D, kSub, kDw>(dp, sdO + rw * 16 * kLd + c0, sV + kr * kLd + c0, lane);
+            if (Cfg::kSplit > 1) sum_halves<kSub>(s, dp, sX, warp, lane);
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const int i = q0 + warp * 16 + g + 8 * r;
+                const int i = q0 + rw * 16 + g + 8 * r;
                 const int64_t pos = int64_t(i) + p.q_offset;
                 const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;
                 const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
-                const bool write_ds = kDs && i < p.seqlen_q;
+                const bool write_ds = kDs && i < p.seqlen_q && c0 == 0;  // one warp of a kSplit pair
                 const int64_t dmask_row = dmask_bh + int64_t(i) * p.seqlen_k;
 #pragma unroll
                 for (int ni = 0; ni < kSub / 8; ++ni)
@@ -486,8 +574,8 @@ __global__ void __launch_bounds__(kThreads, kDs ? 1 : 0) attn_bwd_dq_kernel(cons
                             store_mask_grad(p.mask_elem, p.dmask, dmask_row + j, dp[ni][2 * r + c]);
                     }
             }
-            // dQ += dS K (scaled at the end).
-            mma_xb<T, D, kSub>(dq, dp, sK + sub * kLd, lane);
+            // dQ += dS K (scaled at the end), over this warp's columns.
+            mma_xb<T, D, kSub, kDw>(dq, dp, sK + kr * kLd + c0, lane);
         }
     }
 
@@ -503,9 +591,9 @@ __global__ void __launch_bounds__(kThreads, kDs ? 1 : 0) attn_bwd_dq_kernel(cons
     }
     fa::cp_async_wait<0>();  // Q/dO's copies, if no key tile was visited
     __syncthreads();
-    store_rows<T, D>(dq, p.scale, sQ + warp * 16 * kLd,
-                     static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1], p.dq_stride[2],
-                     q0 + warp * 16, p.seqlen_q, lane);
+    store_rows<T, D, kDw>(dq, p.scale, sQ + rw * 16 * kLd + c0,
+                          static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + c0, p.dq_stride[2],
+                          q0 + rw * 16, p.seqlen_q, lane);
 }
 
 #ifndef FASTATTN_EMULATE
@@ -528,12 +616,13 @@ const char* launch_typed(const AttnBwdParams& p, void* stream) {
     if (const char* e = allow_smem(dqk, Cfg::kDqSmem)) return e;
 #endif
     const unsigned n_q64 = unsigned((p.seqlen_q + 63) / 64);
-    const unsigned n_k = unsigned((p.seqlen_k + kBlockN - 1) / kBlockN);
+    const unsigned n_qdq = unsigned((p.seqlen_q + Cfg::kRowsDq - 1) / Cfg::kRowsDq);
+    const unsigned n_k = unsigned((p.seqlen_k + Cfg::kKeysKv - 1) / Cfg::kKeysKv);
     if (p.seqlen_q > 0) FA_LAUNCH_KERNEL(pre, dim3(n_q64, unsigned(p.heads_q), unsigned(p.batch)), dim3(kThreads), 0,
                                          stream, p);
     FA_LAUNCH_KERNEL(dkdv, dim3(n_k, unsigned(p.heads_kv), unsigned(p.batch)), dim3(kThreads), Cfg::kDkdvSmem,
                      stream, p);
-    if (p.seqlen_q > 0) FA_LAUNCH_KERNEL(dqk, dim3(n_q64, unsigned(p.heads_q), unsigned(p.batch)), dim3(kThreads),
+    if (p.seqlen_q > 0) FA_LAUNCH_KERNEL(dqk, dim3(n_qdq, unsigned(p.heads_q), unsigned(p.batch)), dim3(kThreads),
                                          Cfg::kDqSmem, stream, p);
 #ifdef FASTATTN_EMULATE
     (void)stream;
@@ -551,7 +640,8 @@ const char* launch_dtype(const AttnBwdParams& p, void* stream) {
         case 64: return launch_typed<T, 64>(p, stream);
         case 96: return launch_typed<T, 96>(p, stream);
         case 128: return launch_typed<T, 128>(p, stream);
-        default: return "attn_bwd: head_dim must be 32, 64, 96 or 128";
+        case 256: return launch_typed<T, 256>(p, stream);
+        default: return "attn_bwd: head_dim must be 32, 64, 96, 128 or 256";
     }
 }
 

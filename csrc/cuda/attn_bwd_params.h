@@ -55,7 +55,7 @@ namespace attn_bwd {
 constexpr int kBlockN = 64;    // keys per tile: resident in the dK/dV pass, streamed in the dQ pass
 constexpr int kBlockMkv = 32;  // query rows per tile streamed past the dK/dV pass
 constexpr int kBlockMdq = 64;  // query rows per tile resident in the dQ pass
-constexpr int kHeadDims[] = {32, 64, 96, 128};
+constexpr int kHeadDims[] = {32, 64, 96, 128, 256};
 const char* launch(const AttnBwdParams& p, void* stream);
 }  // namespace attn_bwd
 
