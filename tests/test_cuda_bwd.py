@@ -28,7 +28,10 @@ pytestmark = pytest.mark.skipif(
     _ext.unavailable_reason("cuda_emulate") is not None, reason=str(_ext.unavailable_reason("cuda_emulate"))
 )
 
-KINDS = ("none", "causal", "bool", "key_padding", "float", "window", "causal_mask", "q_offset", "window_offset")
+KINDS = (
+    "none", "causal", "bool", "key_padding", "float", "window", "causal_mask", "causal_padding", "q_offset",
+    "window_offset",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,6 +64,9 @@ def _setup(b, hq, hkv, lq, lk, d, dtype, kind, seed=0):
         window = (9, 5)
     elif kind == "causal_mask":  # causal plus an (Lq, Lk) bool mask broadcast over batch and heads
         causal, mask = True, torch.rand(lq, lk, generator=gen) > 0.25
+    elif kind == "causal_padding":  # causal plus (B, 1, 1, Lk) key padding: the common case
+        keep = torch.randint(lk // 2 + 1, lk + 1, (b,), generator=gen)
+        causal, mask = True, (torch.arange(lk).view(1, lk) < keep.view(b, 1)).view(b, 1, 1, lk)
     elif kind == "q_offset":  # bottom-right causal shifted so that the first rows see nothing
         causal, q_offset = True, lk - lq - 2
     elif kind == "window_offset":
@@ -104,6 +110,11 @@ CASES = [
     (1, 3, 1, 129, 17, 32, torch.bfloat16, "key_padding"),
     (1, 1, 1, 1030, 65, 64, torch.float16, "q_offset"),
     (1, 2, 1, 129, 129, 96, torch.float16, "window"),
+    # Head dim 256 (both passes split D between warp pairs): lengths 17 and 65, GQA, partial and skipped tiles.
+    (1, 2, 2, 17, 17, 256, torch.float16, "none"),
+    (2, 2, 2, 65, 65, 256, torch.bfloat16, "causal_padding"),
+    (1, 4, 2, 65, 65, 256, torch.float16, "bool"),
+    (1, 2, 1, 17, 65, 256, torch.bfloat16, "window_offset"),
 ]
 
 
@@ -132,9 +143,15 @@ def test_grads_match_oracle_full(d, dtype, kind, lq, lk, hq, hkv):
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("lq, lk, kind", [(1030, 65, "causal"), (65, 1030, "key_padding"), (1030, 1030, "none")])
-def test_grads_long_full(lq, lk, kind):
-    _check(*_setup(1, 1, 1, lq, lk, 64, torch.float16, kind, seed=3))
+@pytest.mark.parametrize(
+    "lq, lk, d, kind",
+    [
+        (1030, 65, 64, "causal"), (65, 1030, 64, "key_padding"), (1030, 1030, 64, "none"),
+        (1030, 129, 256, "causal_padding"), (129, 1030, 256, "float"), (513, 513, 256, "window"),
+    ],
+)  # fmt: skip
+def test_grads_long_full(lq, lk, d, kind):
+    _check(*_setup(1, 1, 1, lq, lk, d, torch.float16, kind, seed=3))
 
 
 def test_cuda_forward_then_backward():
@@ -144,28 +161,32 @@ def test_cuda_forward_then_backward():
     _check(q, k, v, spec, scale, out, lse, grad_out)
 
 
-def test_deterministic_and_fiber_order(monkeypatch):
+@pytest.mark.parametrize("d, lq, lk", [(64, 65, 129), (256, 65, 65)])
+def test_deterministic_and_fiber_order(monkeypatch, d, lq, lk):
     """Bit-identical gradients run to run and whichever emulated thread (and block) runs first.
 
-    GQA (the group's reduction in the dK/dV pass) with a partial bool mask; a random order would expose a
-    missing barrier or cp.async wait.
+    GQA (the group's reduction in the dK/dV pass) with a partial bool mask; a reversed or random order would
+    expose a missing barrier or cp.async wait. At D = 256 the warp pairs also exchange their partial S and dP
+    through shared memory (two barriers per sub-tile, in both passes).
     """
-    case = _setup(1, 4, 1, 65, 129, 64, torch.float16, "bool", seed=11)
+    case = _setup(1, 4, 1, lq, lk, d, torch.float16, "bool", seed=11)
     results = [_check(*case), _check(*case)]
-    monkeypatch.setenv("FASTATTN_EMULATE_ORDER", "random:7")
-    results.append(_check(*case))
+    for order in ("reversed", "random:7"):
+        monkeypatch.setenv("FASTATTN_EMULATE_ORDER", order)
+        results.append(_check(*case))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-def test_empty_tiles_are_never_loaded():
+@pytest.mark.parametrize("d", [64, 256])
+def test_empty_tiles_are_never_loaded(d):
     """K/V and Q/dO rows that only EMPTY (skipped) tiles hold are NaN: reading them would give NaN gradients.
 
-    Causal, Lq = Lk = 129: query tile 0 (rows < 64) sees no key >= 64, and key tiles above a query tile
-    are skipped; a window (9, 5) on top of that skips far tiles on both sides.
+    A window (9, 5), Lq = Lk = 129: far tiles are skipped on both sides. At D = 256 the blocks are smaller
+    (32 keys in the dK/dV pass, 32 query rows in the dQ pass): the same rows stay unread.
     """
-    q, k, v, spec, scale, out, lse, grad_out = _setup(1, 1, 1, 129, 129, 64, torch.float16, "window", seed=2)
+    q, k, v, spec, scale, out, lse, grad_out = _setup(1, 1, 1, 129, 129, d, torch.float16, "window", seed=2)
     dq, dk, dv, _ = cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), False)
     # Rows 0..15 of q/dO are only in query tile 0 (rows 0..31 and 0..63): key tile 2 (keys 128..) never sees them.
     # Poison K/V rows 128.. (only key tile 2) and check that query rows < 64 (which cannot see them) are unchanged.
@@ -220,9 +241,11 @@ def test_unsupported_raise_clear_errors():
         torch.ops.fastattn.cuda_attn_bwd(
             grad_out, q, k, v, out, lse, None, *([None] * 6), scale, -1, -1, 0, True
         )  # fmt: skip
-    q, k, v, spec, scale, out, lse, grad_out = _setup(1, 1, 1, 17, 17, 256, torch.float16, "none", seed=1)
-    with pytest.raises(NotImplementedError, match="head dims"):
+    q, k, v, spec, scale, out, lse, grad_out = _setup(1, 1, 1, 17, 17, 80, torch.float16, "none", seed=1)
+    with pytest.raises(NotImplementedError, match=r"head dims \(q 80, v 80\) .* one of 32, 64, 96, 128, 256"):
         cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, 0.0, (), False)
+    with pytest.raises(RuntimeError, match=r"head_dim \(q.size\(3\)\) must be one of 32, 64, 96, 128, 256"):
+        torch.ops.fastattn.cuda_attn_bwd(grad_out, q, k, v, out, lse, *([None] * 7), scale, -1, -1, 0)
     with pytest.raises(RuntimeError, match="argument 'lse' must have shape"):
         torch.ops.fastattn.cuda_attn_bwd(
             grad_out[..., :64], q[..., :64], k[..., :64], v[..., :64], out[..., :64], lse[:, :, :3],
@@ -317,6 +340,8 @@ MASK_GRAD_CASES = [
     (2, 2, 2, 17, 65, 32, torch.bfloat16, "key", "window", None),
     (1, 2, 2, 65, 17, 128, torch.bfloat16, "head", "window", torch.float32),
     (2, 2, 2, 65, 65, 32, torch.float16, "key", "causal", torch.float32),
+    (1, 2, 1, 65, 65, 256, torch.bfloat16, "head", "causal", None),
+    (2, 2, 2, 17, 65, 256, torch.float16, "key", "window", torch.float32),
 ]
 
 
@@ -381,3 +406,64 @@ def test_mask_grad_end_to_end(monkeypatch):
     base_mask = base[3].float().sum(0, keepdim=True).to(mask.dtype)
     assert leaves[3].grad.shape == mask.shape
     assert_close(leaves[3].grad, ref_mask, base_mask, factor=3, name="dmask")
+
+
+def test_head_dim_256_end_to_end(monkeypatch):
+    """backend="cuda" at head dim 256: the CUDA backward runs (the fallback is never asked), GQA with causal
+    plus key padding, leaf gradients against the float64 oracle."""
+    from fastattn import scaled_dot_product_attention
+    from fastattn.backends import cuda as cuda_backend_module
+
+    calls = []
+    real = cuda_bwd.attn_bwd
+
+    def spy(*args):
+        calls.append(args[1].shape[-1])
+        return real(*args)
+
+    def no_fallback(self, device):
+        raise AssertionError("the CUDA backend fell back at head dim 256")
+
+    monkeypatch.setattr(cuda_bwd, "attn_bwd", spy)
+    monkeypatch.setattr(cuda_backend_module.CudaBackend, "backward_backend", no_fallback)
+    q, k, v, spec, scale, _, _, grad_out = _setup(2, 4, 2, 33, 65, 256, torch.bfloat16, "causal_padding", seed=22)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = scaled_dot_product_attention(
+        *leaves, attn_mask=spec.tensor, is_causal=True, enable_gqa=True, backend="cuda"
+    )  # fmt: skip
+    out.backward(grad_out)
+    assert calls == [256], f"expected one CUDA backward call at head dim 256, got {calls}"
+    truth = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), spec, scale)
+    base = oracle.attention_backward(grad_out, q, k, v, spec, scale, compute_dtype=q.dtype)
+    for name, leaf, ref, bl in zip(("dq", "dk", "dv"), leaves, truth, base):
+        assert_close(leaf.grad, ref, bl, factor=3, name=name)
+
+
+@pytest.mark.full
+@pytest.mark.skipif(_ext.unavailable_reason("cuda") is not None, reason=str(_ext.unavailable_reason("cuda")))
+def test_real_kernel_sass_has_tensor_cores_and_no_spills(tmp_path):
+    """nvcc (compile only, sm_80 and sm_90): every backward variant (head dims 32-256, fp16/bf16, the dS-writing
+    dQ kernel) has HMMA, LDSM and LDGSTS in its SASS and no spills (the design note's table)."""
+    import subprocess
+    from pathlib import Path
+
+    from fastattn._ext import _sources, ci_check
+
+    home = _ext.find_cuda_home()
+    cuobjdump = ci_check.find_cuobjdump(home)
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found")
+    root = _sources.csrc_root()
+    obj = tmp_path / "attn_bwd.o"
+    cmd = [str(Path(home) / "bin" / "nvcc"), "-std=c++17", "-O3", "-Xptxas=-v", "--expt-relaxed-constexpr"]
+    cmd += [f"-I{root}", "-c", *_sources.gencode_flags(["8.0", "9.0"]), str(root / "cuda" / "attn_bwd.cu")]
+    log = subprocess.run([*cmd, "-o", str(obj)], capture_output=True, text=True, check=True)
+    rows = [r for r in ci_check.parse_ptxas(log.stdout + log.stderr) if "attn_bwd_d" in r["kernel"]]
+    # per arch, dtype and head dim: the dK/dV kernel and the two dQ instantiations
+    assert len(rows) == 2 * 2 * 3 * len(cuda_bwd.HEAD_DIMS), [r["kernel"] for r in rows]
+    assert not [r for r in rows if r["spill"]], [(r["kernel"], r["arch"], r["spill"]) for r in rows if r["spill"]]
+    counts = ci_check.sass_counts(cuobjdump, str(obj))
+    kernels = {key: c for key, c in counts.items() if "attn_bwd_d" in key[0]}
+    assert len(kernels) == len(rows)
+    for (name, arch), c in kernels.items():
+        assert c["HMMA"] > 0 and c["LDSM"] > 0 and c["LDGSTS"] > 0, (name, arch, c)

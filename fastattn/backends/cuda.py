@@ -7,9 +7,10 @@ Kernel ``attn_fwd_kernel`` (``csrc/cuda/attn_fwd.cu``, design note at its top) â
 ``FASTATTN_CUDA_EMULATE=1`` the same kernel source runs on CPU tensors through the emulator
 (``load("cuda_emulate")``, slow; for tests on machines without a GPU).
 
-Backward: there is no CUDA backward kernel yet, so backward runs the Triton backend's kernels on
-CUDA tensors when Triton can run, else the float64-capable reference backend (always on CPU
-tensors under emulation). Both take the forward's ``(out, lse)`` as they are.
+Backward: the CUDA backward kernels (``cuda_bwd``: every head dim and mask the forward takes, GQA, the
+float-mask gradient). Where they cannot run (``cuda_bwd.unsupported_reason``: dropout), backward runs the
+Triton backend's kernels on CUDA tensors when Triton can run, else the float64-capable reference backend
+(always on CPU tensors under emulation). All take the forward's ``(out, lse)`` as they are.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ class CudaBackend(Backend):
     name = "cuda"
     description = (
         "hand-written CUDA forward kernel (FlashAttention-2 schedule: mma.sync/ldmatrix/cp.async, masks with "
-        "tile skipping, GQA; fp16/bf16, head dims 32/64/96/128/256) and backward (deterministic, head dims "
-        "32-128, float-mask gradient); where it cannot run (head dim 256, dropout) it falls back to "
+        "tile skipping, GQA; fp16/bf16, head dims 32/64/96/128/256) and backward (deterministic, the same "
+        "head dims, float-mask gradient); where the backward cannot run (dropout) it falls back to "
         "the Triton backend (the reference backend where Triton cannot run). "
         "FASTATTN_CUDA_EMULATE=1 runs the kernel source on CPU tensors (slow; tests)"
     )

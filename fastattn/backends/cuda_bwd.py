@@ -9,7 +9,8 @@ on CPU tensors through the emulator (slow; for tests without a GPU).
 
 The gradient of a float mask (``need_mask_grad``, a learned bias) is ``dS``, the scores' gradient, written
 ``(B, Hq, Lq, Lk)`` in the mask's dtype by the dQ pass (zeros in the tiles it skips); autograd then reduces
-it over the mask's broadcast dims. Not supported yet (clear errors): dropout, head dim 256.
+it over the mask's broadcast dims. Head dims 32, 64, 96, 128 and 256 (the forward's): at 256 both passes split
+the head dim between pairs of warps (design note). Not supported yet (clear error): dropout.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["attn_bwd", "HEAD_DIMS", "BLOCK_N", "BLOCK_M_KV", "BLOCK_M_DQ"]
 BLOCK_N = 64  # keys per tile (csrc/cuda/attn_bwd_params.h: attn_bwd::kBlockN)
 BLOCK_M_KV = 32  # query rows streamed past the dK/dV pass (kBlockMkv)
 BLOCK_M_DQ = 64  # query rows resident in the dQ pass (kBlockMdq)
-HEAD_DIMS = (32, 64, 96, 128)  # instantiated head dims (kHeadDims)
+HEAD_DIMS = (32, 64, 96, 128, 256)  # instantiated head dims (kHeadDims)
 _DTYPES = (torch.float16, torch.bfloat16)
 
 _fake_registered = False
