@@ -381,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
             }
             // In sub-tiles of kSub queries (fewer live fp32 registers at large D). Sᵀ = K Qᵀ and dPᵀ = V dOᵀ:
             // 16 keys x kSub queries per warp; lane (g, t) holds [ni][e] at key k0 + 16kw + g + 8(e/2),
-            // query q0 + sub + 8ni + 2t + e%2. Not unrolled: two sub-tiles in flight spill at D >= 128.
+            // query q0 + sub + 8ni + 2t + e%2. Not unrolled: two sub-tiles in flight spilled at D = 128 (design note).
 #pragma unroll 1
             for (int sub = 0; sub < kBM; sub += kSub) {
                 float s[kSub / 8][4], dp[kSub / 8][4];
