@@ -36,6 +36,7 @@ __all__ = [
     "band_k_tile_range",
     "band_q_tile_range",
     "band_allowed",
+    "band_allowed_t",
     "load_tensor_mask",
     "apply_tensor_mask",
     "summary_tile",
@@ -126,6 +127,18 @@ def band_allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT: tl.c
         ok = ok & (offs_n[None, :] >= pos - left)
     if HAS_RIGHT:
         ok = ok & (offs_n[None, :] <= pos + right)
+    return ok
+
+
+@triton.jit
+def band_allowed_t(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """``band_allowed`` transposed, ``(BLOCK_N, BLOCK_M)`` (keys are rows), built in that shape directly."""
+    pos = offs_m[None, :] + q_offset
+    ok = offs_n[:, None] < seqlen_k
+    if HAS_LEFT:
+        ok = ok & (offs_n[:, None] >= pos - left)
+    if HAS_RIGHT:
+        ok = ok & (offs_n[:, None] <= pos + right)
     return ok
 
 

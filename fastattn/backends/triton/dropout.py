@@ -17,7 +17,8 @@ Contract (fixed; the forward and backward kernels both rely on it, do not change
 * A kept probability is scaled by ``1 / (1 - p)``; the log-sum-exp never includes dropout
   (as in ``fastattn.reference.attention_forward``).
 
-``dropout_keep`` is the one ``@triton.jit`` helper that implements this; ``dropout_keep_mask``
+``dropout_keep`` is the one ``@triton.jit`` helper that implements this (``dropout_keep_t`` is its
+transpose, for the backward's key-major tiles); ``dropout_keep_mask``
 materialises the mask (``(B, Hq, Lq, Lk)`` bool) for tests and debugging only.
 """
 
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["dropout_keep", "dropout_keep_mask", "philox_seed_offset"]
+__all__ = ["dropout_keep", "dropout_keep_t", "dropout_keep_mask", "philox_seed_offset"]
 
 
 def philox_seed_offset(device: torch.device | str) -> Tensor:
@@ -43,6 +44,16 @@ def dropout_keep(philox_ptr, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p):
     offset = tl.load(philox_ptr + 1)
     row = bh.to(tl.int64) * seqlen_q + offs_m.to(tl.int64)
     elem = offset + row[:, None] * seqlen_k + offs_n.to(tl.int64)[None, :]
+    return tl.rand(seed, elem) >= dropout_p
+
+
+@triton.jit
+def dropout_keep_t(philox_ptr, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p):
+    """``dropout_keep`` transposed, ``(len(offs_n), len(offs_m))``: the same numbers, keys as rows."""
+    seed = tl.load(philox_ptr)
+    offset = tl.load(philox_ptr + 1)
+    row = bh.to(tl.int64) * seqlen_q + offs_m.to(tl.int64)
+    elem = offset + row[None, :] * seqlen_k + offs_n.to(tl.int64)[:, None]
     return tl.rand(seed, elem) >= dropout_p
 
 
