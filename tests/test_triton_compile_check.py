@@ -27,7 +27,9 @@ def compiled():
     # minimum of 16: a genuine compile failure.
     real = [cc.variants([arch], False, head_dims=(16,), dtypes=("fp16",))[0] for arch in (90, 80, 75)]
     assert all(v.mask == "none" for v in real)
-    vs = [*real, _variant(80, block_n=8)]
+    # The backward kernels users get at sm_90, bf16, head dim 64, no mask: dK/dV and dQ.
+    bwd = [v for v in cc.variants([90], False, head_dims=(64,), dtypes=("bf16",)) if v.kernel in cc.BWD_KERNELS]
+    vs = [*real, _variant(80, block_n=8), *(v for v in bwd if v.mask == "none")]
     return cc._run_all(vs, jobs=1)
 
 
@@ -45,9 +47,19 @@ def test_table_and_exit_zero(compiled, capsys, tmp_path):
         assert r["ok"] and r["registers"] > 0 and r["spill_bytes"] == 0 and 0 < r["shared_bytes"] < 64 * 1024
 
 
+def test_backward_kernels_compile_clean(compiled, capsys):
+    bwd = compiled[4:]
+    assert [r.variant.kernel for r in bwd] == list(cc.BWD_KERNELS)
+    assert cc.report(bwd, 1.0, 1) == 0
+    for r in bwd:
+        assert r.ok and r.registers > 0 and r.spill_bytes == 0 and r.mma.startswith("wgmma")
+    out = capsys.readouterr().out
+    assert "_attn_bwd_dkdv_kernel" in out and "_attn_bwd_dq_kernel" in out
+
+
 def test_compile_failure_exits_nonzero(compiled, capsys):
     assert not compiled[3].ok
-    assert cc.report(compiled, 1.0, 1) == 1
+    assert cc.report(compiled[:4], 1.0, 1) == 1
     assert "compile failed" in capsys.readouterr().out
 
 
@@ -79,4 +91,8 @@ def test_parser_and_variant_sets():
     assert {v.mask for v in default} == set(cc.DEFAULT_MASKS) and {v.mask for v in full} == set(cc.ALL_MASKS)
     assert {v.head_dim for v in default} == set(cc.HEAD_DIMS)
     assert not any(v.dtype == "bf16" and v.arch == 75 for v in full)
+    # Every (arch, dtype, head dim, mask) also compiles both backward kernels, in bwd_config's config.
+    cases = {(v.arch, v.dtype, v.head_dim, v.mask) for v in default}
+    for kernel in cc.BWD_KERNELS:
+        assert {(v.arch, v.dtype, v.head_dim, v.mask) for v in default if v.kernel == kernel} == cases
     assert len(full) > len(default)

@@ -38,7 +38,8 @@ class TritonBackend(Backend):
     name = "triton"
     description = (
         "fused Triton kernels: FlashAttention-2 tiling, masks fused with empty-tile skipping, GQA, dropout "
-        "(CUDA GPUs; CPU tensors only under TRITON_INTERPRET=1)"
+        "(CUDA GPUs; CPU tensors only under TRITON_INTERPRET=1); on sm_75 the backward runs the reference "
+        "backward beyond fp16 at head dim <= 64 (no spill-free FMA kernel there)"
     )
 
     def unavailable_reason(self) -> Optional[str]:
@@ -73,10 +74,21 @@ class TritonBackend(Backend):
         return forward(q, k, v, spec, scale, dropout_p)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad):
-        from .bwd import attn_bwd
+        from .bwd import attn_bwd, fallback_reason
 
         if q.dtype != out.dtype:  # the forward ran under autocast: replay it in the same dtype
             q, k, v, grad_out = (t.to(out.dtype) for t in (q, k, v, grad_out))
+        if fallback_reason(q, v, spec, dropout_p) is not None:
+            # No spill-free kernel for this GPU/variant (sm_75 beyond fp16 at head dim <= 64): the
+            # reference backward, with the forward's dropout keep-mask regenerated from its philox.
+            from ..registry import get
+            from .dropout import dropout_keep_mask
+
+            if dropout_p > 0.0:
+                b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+                saved = (dropout_keep_mask(saved[0], b, h, lq, lk, dropout_p),)
+            ref = get("reference")
+            return ref.backward(grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad)
         return attn_bwd(grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad)
 
 

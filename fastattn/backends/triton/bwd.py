@@ -43,18 +43,37 @@ an H100's ~300 FLOP/byte ridge: **compute bound** (tensor cores; target: at leas
 D = 128). Short sequences are bound by launch overhead and the lse/delta/summary reads. With a bias
 gradient, the ``Lq x Lk`` write makes it memory bound (2 bytes per 10 D FLOPs in 16-bit).
 
-Under ``TRITON_INTERPRET=1`` fixed blocks are used (32, or 64 above 512 keys: the interpreter's cost is
-per tile); on a GPU the blocks follow arch, dtype and head dim (the tile summary depends on them, so
-they are not autotuned; not yet measured on a GPU) and ``num_warps``/``num_stages`` are autotuned keyed
-on head dims, a power-of-two bucket of the sequence lengths and the mask/dropout variant. Sequence
-lengths and the scale are runtime arguments, never ``tl.constexpr``. fp32 uses TF32 only where torch
-allows it; float64 (for gradcheck) accumulates in float64.
+Registers (what made the first version spill on every bf16 d64/d128 GPU variant, 0.5-12 KB):
+
+* The dK/dV pass forms ``Sᵀ = K Qᵀ`` and ``dPᵀ = V dOᵀ`` (keys are rows) instead of ``S = Q Kᵀ``:
+  ``Pᵀ``/``dSᵀ`` then enter ``dV += Pᵀ dO`` and ``dK += dSᵀ Q`` as the left operand in the layout the
+  matmul produced; transposing a computed tile costs a shared-memory round trip and its registers.
+  ``Qᵀ`` is loaded transposed from memory; masks, band and dropout are built in ``(key, query)``
+  shape directly (``_probs_tile_t``, ``band_allowed_t``, ``dropout_keep_t``: the same numbers).
+* Head dims are ``tl.constexpr`` (as in the forward) and the launcher passes rows with a unit last
+  stride only (other layouts are copied), so the kernels take no head-dim strides: column masks are
+  known to be uniform over vectors and loads/stores are 16 bytes wide. The first version's spill
+  figures came from compiling it with a runtime head dim and head-dim strides, which makes every
+  access scalar (one 64-bit address per element); a real launch specialises a stride of 1 and a head
+  dim divisible by 16, so they overstated it. At unit strides the transposed form above still
+  removed spills (sm_80 bf16 d64 32x128, 8 warps: 48 B to 0).
+* Blocks and warps per (arch, fp32 or not, padded head dim, mask tensor/dropout or not) come from
+  ``bwd_config``: the first spill-free entry of a preference order, found with ``fastattn
+  compile-check`` (which compiles exactly these variants on every run of ``make test``). Typical
+  (Triton 3.8, bf16, no mask; dK/dV ``BLOCK_M x BLOCK_N``, dQ ``BLOCK_M x BLOCK_N``, 8 warps):
+  sm_90 d64 64x128 / 128x64, d128 32x128 / 128x64 (wgmma); sm_80 d64 32x128 / 128x64, d128 64x64 /
+  128x32 (mma.sync). A mask tensor or dropout (a mask tile and Philox draws per score) takes
+  narrower tiles. Not autotuned: the tile summary depends on the blocks, and nothing has timed
+  alternatives on a GPU yet.
+
+Under ``TRITON_INTERPRET=1`` one fixed block is used (32, or 64 above 512 keys: the interpreter's cost
+is per tile). Sequence lengths and the scale are runtime arguments, never ``tl.constexpr``. fp32 uses
+TF32 only where torch allows it; float64 (for gradcheck) accumulates in float64.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Optional
 
@@ -64,10 +83,18 @@ import triton.language as tl
 from torch import Tensor
 
 from ...masks import MaskSpec, TileSummary
-from ._common import TILE_FULL, apply_tensor_mask, band_allowed, load_tensor_mask
-from .dropout import dropout_keep
+from ._common import TILE_FULL, apply_tensor_mask, band_allowed, band_allowed_t, load_tensor_mask
+from .dropout import dropout_keep, dropout_keep_t
 
-__all__ = ["attn_bwd", "attn_bwd_debug", "triton_attn_bwd", "block_sizes", "INTERPRET_BLOCKS"]
+__all__ = [
+    "attn_bwd",
+    "attn_bwd_debug",
+    "triton_attn_bwd",
+    "block_sizes",
+    "bwd_config",
+    "fallback_reason",
+    "INTERPRET_BLOCKS",
+]
 
 _LOG2E = 1.4426950408889634
 # Under TRITON_INTERPRET=1 one fixed block: the interpreter's cost is per numpy op (the forward's too).
@@ -83,30 +110,133 @@ def _pow2_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _arch(device: torch.device) -> Optional[int]:
+    """Compute capability as 90/80/75, or None when interpreting on CPU tensors."""
+    if _interpreting() or device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def bwd_config(
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: Optional[int], heavy: bool = False
+) -> Optional[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
+    """``((BLOCK_M, BLOCK_N, num_warps, num_stages) of dK/dV, (the same) of dQ)`` for one variant, or None
+    where no spill-free config exists (sm_75 beyond fp16 at head dims <= 64: the backend's backward then
+    runs the reference backward, see ``fallback_reason``).
+
+    ``arch`` is the compute capability (90, 80, 75; None = the interpreter: one fixed 32 x 32 tile);
+    ``heavy``: a mask tensor or dropout. The dK/dV pass keeps ``BLOCK_N`` keys resident and streams
+    ``BLOCK_M`` query rows, the dQ pass the reverse. Each entry is the first spill-free choice, in an
+    order of preference (large resident tiles first; tensor-core MMA kept: wgmma on sm_90 wherever the
+    tile has the 64 rows it needs), that ``fastattn compile-check``
+    found for Triton 3.8's ptxas; the check compiles exactly these. Not autotuned: the tile summary
+    depends on the blocks, and no GPU has timed alternatives yet. fp16 and bf16 share entries.
+    """
+    if arch is None:
+        return (32, 32, 4, 1), (32, 32, 4, 1)
+    d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
+    if dtype == torch.float64:  # gradcheck only; no tensor cores, never compile-checked
+        return (16, 32, 4, 1), (32, 16, 4, 1)
+    family = 90 if arch >= 90 else (80 if arch >= 80 else 75)
+    return _BWD_CONFIGS.get((family, dtype == torch.float32, d, heavy))
+
+
+# From ``fastattn compile-check`` with Triton 3.8 (see ``bwd_config``); sm_75 has entries only where a
+# spill-free one exists (fp16, head dims <= 64: Triton's FMA matmuls hold whole rows in registers).
+# fmt: off
+_BWD_CONFIGS: dict = {
+    # (arch, fp32, head dim, heavy): ((dK/dV BLOCK_M, BLOCK_N, warps, stages), (dQ ...))
+    (90, False,  16, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
+    (90, False,  32, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
+    (90, False,  64, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
+    (90, False, 128, False): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (90, False, 256, False): ((16, 64, 8, 2), (128, 32, 8, 2)),
+    (90, False,  16, True ): ((64, 128, 8, 2), (128, 64, 8, 2)),
+    (90, False,  32, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (90, False,  64, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (90, False, 128, True ): ((16, 64, 8, 2), (128, 32, 8, 2)),
+    (90, False, 256, True ): ((32, 32, 8, 1), (64, 32, 8, 2)),
+    (90, True ,  16, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
+    (90, True ,  32, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
+    (90, True ,  64, False): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (90, True , 128, False): ((16, 32, 4, 2), (128, 32, 8, 2)),
+    (90, True , 256, False): ((16, 16, 4, 1), (32, 32, 8, 2)),
+    (90, True ,  16, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (90, True ,  32, True ): ((32, 128, 8, 2), (128, 32, 8, 2)),
+    (90, True ,  64, True ): ((16, 128, 8, 2), (128, 64, 8, 2)),
+    (90, True , 128, True ): ((16, 32, 4, 2), (64, 32, 8, 2)),
+    (90, True , 256, True ): ((16, 16, 4, 1), (32, 32, 8, 2)),
+    (80, False,  16, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
+    (80, False,  32, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
+    (80, False,  64, False): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (80, False, 128, False): ((32, 64, 8, 2), (128, 32, 8, 2)),
+    (80, False, 256, False): ((16, 64, 8, 2), (64, 64, 8, 2)),
+    (80, False,  16, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (80, False,  32, True ): ((32, 128, 8, 2), (128, 32, 8, 2)),
+    (80, False,  64, True ): ((16, 128, 8, 2), (128, 32, 8, 2)),
+    (80, False, 128, True ): ((16, 32, 4, 2), (64, 64, 8, 2)),
+    (80, False, 256, True ): ((16, 16, 4, 1), (32, 32, 4, 2)),
+    (80, True ,  16, False): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (80, True ,  32, False): ((32, 128, 8, 2), (128, 32, 8, 2)),
+    (80, True ,  64, False): ((16, 128, 8, 2), (128, 32, 8, 2)),
+    (80, True , 128, False): ((32, 64, 8, 2), (64, 32, 4, 2)),
+    (80, True , 256, False): ((16, 16, 4, 1), (32, 32, 8, 2)),
+    (80, True ,  16, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (80, True ,  32, True ): ((16, 128, 8, 2), (128, 32, 8, 2)),
+    (80, True ,  64, True ): ((16, 128, 8, 2), (128, 32, 8, 2)),
+    (80, True , 128, True ): ((16, 64, 8, 2), (64, 32, 8, 2)),
+    (80, True , 256, True ): ((16, 16, 8, 2), (16, 16, 4, 1)),
+    (75, False,  16, False): ((32, 128, 8, 1), (128, 32, 8, 1)),
+    (75, False,  32, False): ((32, 128, 8, 1), (128, 32, 8, 1)),
+    (75, False,  64, False): ((16, 64, 8, 1), (32, 32, 8, 1)),
+    (75, False,  16, True ): ((32, 64, 8, 1), (64, 64, 8, 1)),
+    (75, False,  32, True ): ((16, 64, 8, 1), (128, 32, 8, 1)),
+    (75, False,  64, True ): ((16, 16, 4, 1), (32, 32, 8, 1)),
+}
+# fmt: on
+
+
 def block_sizes(
-    head_dim: int, dtype: torch.dtype, device: torch.device, max_seqlen: int = 0
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_seqlen: int = 0,
+    *,
+    head_dim_v: Optional[int] = None,
+    heavy: bool = False,
 ) -> tuple[int, int, int, int]:
-    """``(dK/dV BLOCK_M, dK/dV BLOCK_N, dQ BLOCK_M, dQ BLOCK_N)`` for this head dim, dtype and device.
+    """``(dK/dV BLOCK_M, dK/dV BLOCK_N, dQ BLOCK_M, dQ BLOCK_N)`` for this variant on ``device``.
 
     Under the interpreter: 32, or 64 for sequences above 512 (its cost is per tile, not per element).
-
-    The dK/dV pass keeps a wide key tile resident and streams narrow query tiles, the dQ pass the
-    reverse (the Triton fused-attention tutorial's shapes). Fixed per (arch, dtype, head dim) rather
-    than autotuned, because the tile summary depends on them. Not yet tuned on a GPU.
+    On a GPU: ``bwd_config``'s blocks.
     """
-    device = torch.device(device)
-    if _interpreting() or device.type != "cuda":
+    arch = _arch(torch.device(device))
+    if arch is None:
         return INTERPRET_BLOCKS if max_seqlen <= 512 else INTERPRET_BLOCKS_LONG
-    major, _ = torch.cuda.get_device_capability(device)
-    d = _pow2_dim(head_dim)
-    if dtype == torch.float64 or major < 8:
-        return (16, 32, 32, 16)
-    wide = dtype == torch.float32  # twice the registers and shared memory per tile
-    if d <= 64 or (d <= 128 and not wide):
-        return (32, 128, 128, 32)
-    if d <= 128 or not wide:
-        return (32, 64, 64, 32)
-    return (16, 32, 32, 16)
+    config = bwd_config(head_dim, head_dim_v or head_dim, dtype, arch, heavy)
+    if config is None:
+        raise ValueError(f"head_dim: {_no_config(head_dim, head_dim_v or head_dim, dtype, arch)}")
+    (bm1, bn1, _, _), (bm2, bn2, _, _) = config
+    return bm1, bn1, bm2, bn2
+
+
+def _no_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int) -> str:
+    return (
+        f"the Triton backward has no spill-free kernel config for sm_{arch}, {dtype}, head dims "
+        f"{head_dim}/{head_dim_v} (fastattn compile-check)"
+    )
+
+
+def fallback_reason(q: Tensor, v: Tensor, spec: MaskSpec, dropout_p: float) -> Optional[str]:
+    """Why the Triton backward kernels do not run for these inputs (``bwd_config`` is None), or None."""
+    arch = _arch(q.device)
+    if arch is None:
+        return None
+    heavy = spec.tensor is not None or dropout_p > 0.0
+    if bwd_config(q.shape[-1], v.shape[-1], q.dtype, arch, heavy) is None:
+        return _no_config(q.shape[-1], v.shape[-1], q.dtype, arch)
+    return None
 
 
 def _transposed_lists(state: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,6 +247,16 @@ def _transposed_lists(state: Tensor) -> tuple[Tensor, Tensor]:
     """
     t = TileSummary.from_state(1, 1, state.transpose(-1, -2))
     return t.kv_count, t.kv_index
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    """``t`` itself when its last dim has unit stride (or size 1), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _rows(t: Tensor) -> tuple[int, int, int]:
+    """Batch, head and row strides of a ``(B, H, L, D)`` tensor whose last dim has unit stride."""
+    return t.stride()[:3]
 
 
 def _bstrides(t: Tensor) -> list[int]:
@@ -152,15 +292,39 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _probs_tile(
-    s, lse2, offs_m, offs_n, mask_ptrs, need_mask, seqlen_q, seqlen_k, left, right, q_offset,
+def _probs_tile_t(
+    s_t, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, need_mask, seqlen_q, seqlen_k, left, right, q_offset,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
 ):  # fmt: skip
-    """``P = exp2(s - lse2)`` of one ``(BLOCK_M, BLOCK_N)`` tile of scaled scores ``s`` (exp2 domain).
+    """``Pᵀ = exp2(sᵀ - lse2)`` of one ``(BLOCK_N, BLOCK_M)`` tile of transposed scaled scores (exp2 domain).
 
+    Rows are keys ``offs_n``, columns queries ``offs_m``: the dK/dV pass forms ``Sᵀ = K Qᵀ`` directly,
+    so ``Pᵀ`` and ``dSᵀ`` enter ``dV += Pᵀ dO`` and ``dK += dSᵀ Q`` as the left operand in the layout
+    the matmul produced (transposing a computed tile costs a shared-memory round trip and registers).
     ``lse2`` is ``lse * log2(e)`` with +inf for an empty row (lse = -inf) and rows past ``seqlen_q``,
-    so those rows give ``P = 0``, never NaN. ``need_mask`` false (a FULL tile) skips the bool mask load.
+    so those columns give 0, never NaN. ``need_mask`` false (a FULL tile) skips the mask load.
     """
+    if HAS_LEFT or HAS_RIGHT:
+        allowed = band_allowed_t(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
+    else:
+        allowed = offs_n[:, None] < seqlen_k
+    if MASK_KIND == 0:
+        s_t = tl.where(allowed, s_t, float("-inf"))
+    else:
+        # The mask's (key, query) tile: the row/column roles of load_tensor_mask swapped.
+        tile = load_tensor_mask(
+            mask_base, stride_mn, stride_mm, offs_n, offs_m, seqlen_k, seqlen_q, need_mask, MASK_KIND
+        )
+        s_t = apply_tensor_mask(s_t, allowed, tile, 1.4426950408889634, MASK_KIND)
+    return tl.exp2(s_t - lse2[None, :])
+
+
+@triton.jit
+def _probs_tile(
+    s, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, need_mask, seqlen_q, seqlen_k, left, right, q_offset,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):  # fmt: skip
+    """``P = exp2(s - lse2)`` of one ``(BLOCK_M, BLOCK_N)`` tile of scaled scores ``s`` (the dQ pass's)."""
     if HAS_LEFT or HAS_RIGHT:
         allowed = band_allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
     else:
@@ -168,8 +332,9 @@ def _probs_tile(
     if MASK_KIND == 0:
         s = tl.where(allowed, s, float("-inf"))
     else:
-        # mask_ptrs already address this tile: unit strides here.
-        tile = load_tensor_mask(mask_ptrs, 0, 0, offs_m, offs_n, seqlen_q, seqlen_k, need_mask, MASK_KIND)
+        tile = load_tensor_mask(
+            mask_base, stride_mm, stride_mn, offs_m, offs_n, seqlen_q, seqlen_k, need_mask, MASK_KIND
+        )
         s = apply_tensor_mask(s, allowed, tile, 1.4426950408889634, MASK_KIND)
     return tl.exp2(s - lse2[:, None])
 
@@ -177,24 +342,29 @@ def _probs_tile(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, Mask, State, QCount, QIndex, Philox,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
     stride_lb, stride_lh, stride_lm,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_sb, stride_sh, stride_sm, stride_sn,
     stride_cb, stride_ch, stride_cn,
     stride_ib, stride_ih, stride_in, stride_im,
-    heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
-    scale, qk_scale2, left, right, q_offset, dropout_p, dropout_scale, seq_bucket,
+    heads_q, heads_kv, group, seqlen_q, seqlen_k,
+    scale, qk_scale2, left, right, q_offset, dropout_p, dropout_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of one key tile of kv head ``g``: K/V resident, the group's query tiles stream past."""
+    """dK, dV of one key tile of kv head ``g``: K/V resident, the group's query tiles stream past.
+
+    Works on transposed tiles (``Sᵀ = K Qᵀ``, ``dPᵀ = V dOᵀ``: keys are rows), so that no computed tile
+    is ever transposed; Q is loaded as ``Qᵀ`` straight from memory.
+    """
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1).to(tl.int64)
     b = pid_bg // heads_kv
@@ -203,76 +373,77 @@ def _attn_bwd_dkdv_kernel(
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d[None, :] < head_dim
-    dv_ok = offs_dv[None, :] < head_dim_v
+    d_ok = offs_d[None, :] < HEAD_DIM
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
     n_ok = offs_n[:, None] < seqlen_k
-    k_ptrs = K + b * stride_kb + g * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + g * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
-    k = tl.load(k_ptrs, mask=n_ok & d_ok, other=0.0)
-    v = tl.load(v_ptrs, mask=n_ok & dv_ok, other=0.0)
+    k_rows = offs_n[:, None].to(tl.int64)
+    k = tl.load(K + b * stride_kb + g * stride_kh + k_rows * stride_kn + offs_d[None, :], mask=n_ok & d_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + g * stride_vh + k_rows * stride_vn + offs_dv[None, :], mask=n_ok & dv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
     # The group's query heads in a fixed order: the GQA reduction is deterministic, with no atomics.
     for r in range(0, group):
         h = g * group + r
         bh = b * heads_q + h
-        # Pointer blocks of this head's first query tile; each step below adds a scalar row offset.
-        q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod
-        lse_ptrs = Lse + b * stride_lb + h * stride_lh + rows * stride_lm
-        delta_ptrs = Delta + bh * seqlen_q + rows
-        mask_ptrs = Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = Lse + b * stride_lb + h * stride_lh
+        mask_base = Mask + b * stride_mb + h * stride_mh
         state_base = State + b * stride_sb + h * stride_sh + pid_n * stride_sn
         index_base = QIndex + b * stride_ib + h * stride_ih + pid_n * stride_in
         count = tl.load(QCount + b * stride_cb + h * stride_ch + pid_n * stride_cn)
         for it in range(0, count):
             m_tile = tl.load(index_base + it * stride_im)
             tile_state = tl.load(state_base + m_tile * stride_sm)
-            start_m = m_tile.to(tl.int64) * BLOCK_M
-            offs_m = start_m + rows
-            m_ok = offs_m[:, None] < seqlen_q
-            q = tl.load(q_ptrs + start_m * stride_qm, mask=m_ok & d_ok, other=0.0)
-            do = tl.load(do_ptrs + start_m * stride_dom, mask=m_ok & dv_ok, other=0.0)
-            lse = tl.load(lse_ptrs + start_m * stride_lm, mask=offs_m < seqlen_q, other=float("-inf")).to(ACC)
+            offs_m = m_tile.to(tl.int64) * BLOCK_M + rows
+            m_in = offs_m < seqlen_q
+            # Qᵀ (BLOCK_D, BLOCK_M): loaded transposed, the K Qᵀ matmul's right operand as it is.
+            q_t = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None],
+                          mask=m_in[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # fmt: skip
+            do = tl.load(
+                do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=m_in[:, None] & dv_ok, other=0.0
+            )
+            lse = tl.load(lse_base + offs_m * stride_lm, mask=m_in, other=float("-inf")).to(ACC)
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(delta_ptrs + start_m, mask=offs_m < seqlen_q, other=0.0).to(ACC)
-            s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=DOT_PRECISION) * qk_scale2
-            p = _probs_tile(
-                s, lse2, offs_m, offs_n, mask_ptrs + start_m * stride_mm, tile_state != TILE_FULL,
+            delta = tl.load(Delta + bh * seqlen_q + offs_m, mask=m_in, other=0.0).to(ACC)
+            s_t = tl.dot(k, q_t, out_dtype=ACC, input_precision=DOT_PRECISION) * qk_scale2
+            p_t = _probs_tile_t(
+                s_t, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, tile_state != TILE_FULL,
                 seqlen_q, seqlen_k, left, right, q_offset, MASK_KIND, HAS_LEFT, HAS_RIGHT,
             )  # fmt: skip
-            dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision=DOT_PRECISION)
             if DROPOUT:
-                keep = dropout_keep(Philox, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
-                pz = tl.where(keep, p * dropout_scale, 0.0)
-                dp = tl.where(keep, dp * dropout_scale, 0.0)
+                keep_t = dropout_keep_t(Philox, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
+                pz_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
+                dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
             else:
-                pz = p
-            dv += tl.dot(tl.trans(pz.to(do.dtype)), do, out_dtype=ACC, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, out_dtype=ACC, input_precision=DOT_PRECISION)
+                pz_t = p_t
+            dv += tl.dot(pz_t.to(do.dtype), do, out_dtype=ACC, input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), out_dtype=ACC, input_precision=DOT_PRECISION)
     dk = dk * scale
-    dk_ptrs = DK + b * stride_dkb + g * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn
-    tl.store(dk_ptrs + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=n_ok & d_ok)
-    dv_ptrs = DV + b * stride_dvb + g * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn
-    tl.store(dv_ptrs + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=n_ok & dv_ok)
+    dk_ptrs = DK + b * stride_dkb + g * stride_dkh + k_rows * stride_dkn + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok & d_ok)
+    dv_ptrs = DV + b * stride_dvb + g * stride_dvh + k_rows * stride_dvn + offs_dv[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok & dv_ok)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, DS, KeepOut, Mask, State, KVCount, KVIndex, Philox,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
     stride_lb, stride_lh, stride_lm,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_sb, stride_sh, stride_sm, stride_sn,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_in,
-    heads_q, group, seqlen_q, seqlen_k, head_dim, head_dim_v, n_k_tiles,
-    scale, qk_scale2, left, right, q_offset, dropout_p, dropout_scale, seq_bucket,
+    heads_q, group, seqlen_q, seqlen_k, n_k_tiles,
+    scale, qk_scale2, left, right, q_offset, dropout_p, dropout_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
     WRITE_DS: tl.constexpr, WRITE_KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -292,24 +463,20 @@ def _attn_bwd_dq_kernel(
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d[None, :] < head_dim
-    dv_ok = offs_dv[None, :] < head_dim_v
+    d_ok = offs_d[None, :] < HEAD_DIM
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
     m_ok = offs_m[:, None] < seqlen_q
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = (
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod
-    )
-    q = tl.load(q_ptrs, mask=m_ok & d_ok, other=0.0)
+    q_rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows * stride_qm + offs_d[None, :], mask=m_ok & d_ok, other=0.0)
+    do_ptrs = DO + b * stride_dob + h * stride_doh + q_rows * stride_dom + offs_dv[None, :]
     do = tl.load(do_ptrs, mask=m_ok & dv_ok, other=0.0)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=offs_m < seqlen_q, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse.to(ACC) * 1.4426950408889634)
     delta = tl.load(Delta + pid_bh * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0).to(ACC)
     # Pointer blocks of the first key tile; each step below adds a scalar key offset.
-    k_ptrs = K + b * stride_kb + g * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + g * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    mask_ptrs = (
-        Mask + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mn
-    )
+    k_ptrs = K + b * stride_kb + g * stride_kh + cols[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + g * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :]
+    mask_base = Mask + b * stride_mb + h * stride_mh
     # (B, Hq, Lq, Lk) contiguous gradient / debug outputs: this tile's first key.
     dense_ptrs = pid_bh * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :]
     state_base = State + b * stride_sb + h * stride_sh + pid_m * stride_sm
@@ -326,7 +493,7 @@ def _attn_bwd_dq_kernel(
         v = tl.load(v_ptrs + start_n * stride_vn, mask=n_ok & dv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=DOT_PRECISION) * qk_scale2
         p = _probs_tile(
-            s, lse2, offs_m, offs_n, mask_ptrs + start_n * stride_mn, tile_state != TILE_FULL,
+            s, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, tile_state != TILE_FULL,
             seqlen_q, seqlen_k, left, right, q_offset, MASK_KIND, HAS_LEFT, HAS_RIGHT,
         )  # fmt: skip
         dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=DOT_PRECISION)
@@ -351,21 +518,8 @@ def _attn_bwd_dq_kernel(
                 keep = dropout_keep(Philox, pid_bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
                 tl.store(KeepOut + dense_ptrs + start_n, keep.to(tl.int8), mask=ok)
     dq = dq * scale
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
-    tl.store(dq_ptrs + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=m_ok & d_ok)
-
-
-@functools.cache
-def _tuned_kernels(interpreting: bool):
-    """The dK/dV and dQ kernels, autotuned on a GPU over num_warps/num_stages (blocks: ``block_sizes``)."""
-    if interpreting:
-        return _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))]
-    key = ["head_dim", "head_dim_v", "seq_bucket", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "DROPOUT"]
-    return (
-        triton.autotune(configs=configs, key=key)(_attn_bwd_dkdv_kernel),
-        triton.autotune(configs=configs, key=key)(_attn_bwd_dq_kernel),
-    )
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + q_rows * stride_dqm + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok & d_ok)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -416,13 +570,20 @@ def _launch(
             )
 
     poison = os.environ.get("FASTATTN_TRITON_POISON") == "1"  # test hook: unwritten elements stay NaN
+    # The gradients take the inputs' layouts (as the op's fake does); the kernels read and write rows
+    # with a unit last stride (vectorised, and what Triton specialises on), so other layouts go
+    # through a contiguous copy.
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    q, k, v, grad_out = (_unit_last(t) for t in (q, k, v, grad_out))
+    dq_k, dk_k, dv_k = (
+        t if _unit_last(t) is t else torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (dq, dk, dv)
+    )
     if need_mask_grad:
         dmask = torch.empty(batch, heads_q, seqlen_q, seqlen_k, dtype=mask.dtype, device=q.device)
     else:
         dmask = q.new_empty(0)
     if poison:
-        for t in (dq, dk, dv, dmask):
+        for t in (dq_k, dk_k, dv_k, dmask):
             t.fill_(float("nan"))
     keep_out = None
     if write_keep:
@@ -442,42 +603,51 @@ def _launch(
     philox_arg = philox if dropout else dummy
     scalars = (
         float(scale), float(scale) * _LOG2E, int(left), int(right), int(q_offset), float(dropout_p),
-        1.0 / (1.0 - dropout_p), min(16384, triton.next_power_of_2(max(seqlen_q, seqlen_k, 1))),
+        1.0 / (1.0 - dropout_p),
     )  # fmt: skip
     meta = dict(
         MASK_KIND=kind,
         HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0,
         DROPOUT=dropout,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
         BLOCK_D=_pow2_dim(head_dim),
         BLOCK_DV=_pow2_dim(head_dim_v),
         DOT_PRECISION=_dot_precision(q.dtype, q.device),
         ACC=_acc_dtype(q.dtype),
     )
-    launch = dict(num_warps=4, num_stages=1) if _interpreting() else {}
-    dkdv_kernel, dq_kernel = _tuned_kernels(_interpreting())
+    config = bwd_config(head_dim, head_dim_v, q.dtype, _arch(q.device), mask is not None or dropout)
+    if config is None:
+        raise ValueError(f"head_dim: {_no_config(head_dim, head_dim_v, q.dtype, _arch(q.device))}")
+    cfg_kv, cfg_q = config
+    launch_kv = dict(num_warps=cfg_kv[2], num_stages=cfg_kv[3])
+    launch_q = dict(num_warps=cfg_q[2], num_stages=cfg_q[3])
 
     state_kv = state_kv.to(device=q.device, dtype=torch.int8)
     q_count, q_index = _transposed_lists(state_kv)
-    dkdv_kernel[(triton.cdiv(seqlen_k, bn1), batch * heads_kv)](
-        q, k, v, grad_out, lse, delta, dk, dv, mask_arg, state_kv, q_count, q_index, philox_arg,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(),
-        *dk.stride(), *dv.stride(), *mask_strides,
+    _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, bn1), batch * heads_kv)](
+        q, k, v, grad_out, lse, delta, dk_k, dv_k, mask_arg, state_kv, q_count, q_index, philox_arg,
+        *_rows(q), *_rows(k), *_rows(v), *_rows(grad_out), *lse.stride(),
+        *_rows(dk_k), *_rows(dv_k), *mask_strides,
         *_bstrides(state_kv), *_bstrides(q_count), *_bstrides(q_index),
-        heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v, *scalars,
-        BLOCK_M=bm1, BLOCK_N=bn1, **meta, **launch,
+        heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, *scalars,
+        BLOCK_M=bm1, BLOCK_N=bn1, **meta, **launch_kv,
     )  # fmt: skip
 
     summary_q = TileSummary.from_state(bm2, bn2, state_q.to(device=q.device, dtype=torch.int8))
-    dq_kernel[(triton.cdiv(seqlen_q, bm2), batch * heads_q)](
-        q, k, v, grad_out, lse, delta, dq, dmask, keep_out if write_keep else dummy,
+    _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, bm2), batch * heads_q)](
+        q, k, v, grad_out, lse, delta, dq_k, dmask, keep_out if write_keep else dummy,
         mask_arg, summary_q.state, summary_q.kv_count, summary_q.kv_index, philox_arg,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(),
-        *dq.stride(), *mask_strides,
+        *_rows(q), *_rows(k), *_rows(v), *_rows(grad_out), *lse.stride(),
+        *_rows(dq_k), *mask_strides,
         *_bstrides(summary_q.state), *_bstrides(summary_q.kv_count), *_bstrides(summary_q.kv_index),
-        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v, summary_q.state.shape[-1], *scalars,
-        WRITE_DS=need_mask_grad, WRITE_KEEP=write_keep, BLOCK_M=bm2, BLOCK_N=bn2, **meta, **launch,
+        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, summary_q.state.shape[-1], *scalars,
+        WRITE_DS=need_mask_grad, WRITE_KEEP=write_keep, BLOCK_M=bm2, BLOCK_N=bn2, **meta, **launch_q,
     )  # fmt: skip
+    for grad, buf in ((dq, dq_k), (dk, dk_k), (dv, dv_k)):
+        if buf is not grad:
+            grad.copy_(buf)
     return dq, dk, dv, dmask, (None if keep_out is None else keep_out.bool())
 
 
@@ -535,7 +705,7 @@ def _tile_states(spec: MaskSpec, blocks: list[int]) -> tuple[Tensor, Tensor]:
     return spec.tile_summary(blocks[0], blocks[1]).state, spec.tile_summary(blocks[2], blocks[3]).state
 
 
-def _prepare(q: Tensor, spec: MaskSpec, dropout_p: float, saved: tuple[Tensor, ...], need_mask_grad: bool):
+def _prepare(q: Tensor, v: Tensor, spec: MaskSpec, dropout_p: float, saved: tuple[Tensor, ...], need_mask_grad: bool):
     if need_mask_grad and (spec.tensor is None or not spec.tensor.dtype.is_floating_point):
         got = "no mask" if spec.tensor is None else f"a {spec.tensor.dtype} mask"
         raise ValueError(f"need_mask_grad: expected a floating attn_mask to differentiate, got {got}")
@@ -546,7 +716,10 @@ def _prepare(q: Tensor, spec: MaskSpec, dropout_p: float, saved: tuple[Tensor, .
                 f"saved: expected (philox,) from the Triton forward when dropout_p > 0, got {len(saved)} tensors"
             )
         philox = saved[0]
-    blocks = list(block_sizes(q.shape[-1], q.dtype, q.device, max(q.shape[2], spec.seqlen_k)))
+    heavy = spec.tensor is not None or dropout_p > 0.0
+    blocks = list(
+        block_sizes(q.shape[-1], q.dtype, q.device, max(q.shape[2], spec.seqlen_k), head_dim_v=v.shape[-1], heavy=heavy)
+    )
     state_kv, state_q = _tile_states(spec, blocks)
     return philox, blocks, state_kv, state_q
 
@@ -570,7 +743,7 @@ def attn_bwd(
     kernel that produced it. ``saved`` is the forward's ``(philox,)`` with dropout (see ``dropout.py``).
     ``dmask`` (``(B, Hq, Lq, Lk)``, the mask's dtype) only when ``need_mask_grad``, for a float mask.
     """
-    philox, blocks, state_kv, state_q = _prepare(q, spec, dropout_p, saved, need_mask_grad)
+    philox, blocks, state_kv, state_q = _prepare(q, v, spec, dropout_p, saved, need_mask_grad)
     left, right = spec.bounds
     dq, dk, dv, dmask = triton_attn_bwd(
         grad_out, q, k, v, out, lse, spec.tensor, state_kv, state_q, philox,
@@ -598,7 +771,7 @@ def attn_bwd_debug(
     ``blocks`` overrides ``block_sizes`` (tests use it to check that results do not depend on tiling).
     Allocates ``Lq x Lk`` for the keep-mask: debugging only, never on the training path.
     """
-    philox, default_blocks, _, _ = _prepare(q, spec, dropout_p, saved, need_mask_grad)
+    philox, default_blocks, _, _ = _prepare(q, v, spec, dropout_p, saved, need_mask_grad)
     blocks = list(blocks or default_blocks)
     state_kv, state_q = _tile_states(spec, blocks)
     left, right = spec.bounds

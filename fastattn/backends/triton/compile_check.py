@@ -8,8 +8,10 @@ dynamic shared memory, which ``triton.compile`` does not check against the arch)
 instruction from the PTX (``wgmma`` on sm_90, ``mma.sync`` on sm_80; Triton 3.8 emits FMA on
 sm_75). Exit status 1 on a compile failure, any spill, or shared memory above the arch's limit.
 
-By default: every autotune config of every dtype × head dim, with the simplest ("none") and the
-most complex ("float+window+dropout") mask variant. ``--all``: the full product of mask kind ×
+By default: every autotune config of the forward and the one config (``bwd.bwd_config``) of each
+backward kernel (dK/dV, dQ), for every dtype × head dim, with the simplest ("none") and the most
+complex ("float+window+dropout") mask variant. The backward is compiled as a real launch specialises
+it: unit last-dim and mask-key strides, 16-aligned pointers and row strides. ``--all``: the full product of mask kind ×
 causal (plus dropout) per config. Variants compile in worker processes (``--jobs``) that run
 without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
 """
@@ -29,7 +31,16 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-__all__ = ["add_compile_check_parser", "run_compile_check", "variants", "compile_variant", "assess", "report", "main"]
+__all__ = [
+    "BWD_KERNELS",
+    "add_compile_check_parser",
+    "run_compile_check",
+    "variants",
+    "compile_variant",
+    "assess",
+    "report",
+    "main",
+]
 
 # Shared memory per block that a kernel may use (opt-in maximum), bytes.
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 75: 64 * 1024}
@@ -92,8 +103,9 @@ def _torch_dtype(name: str):
 
 
 def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYPES) -> list[Variant]:
-    """Every variant to compile: dtype × head dim × mask × autotune config, per arch (bf16 needs sm_80+)."""
-    from . import fwd
+    """Every variant to compile, per arch (bf16 needs sm_80+): dtype × head dim × mask × (the forward's
+    autotune configs, the dK/dV and dQ kernels' one config each)."""
+    from . import bwd, fwd
 
     out = []
     for arch in archs:
@@ -108,10 +120,69 @@ def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYP
                     bm, bn = fwd.fwd_tiles(d, d, tdt, arch, heavy)
                     for w, s in fwd.fwd_configs(bm, d, d, tdt, arch, heavy):
                         out.append(Variant("_attn_fwd_kernel", arch, dtype, d, mask, bm, bn, w, s))
+                    # None: no spill-free config, the backend runs the reference backward instead.
+                    for name, (bm, bn, w, s) in zip(BWD_KERNELS, bwd.bwd_config(d, d, tdt, arch, heavy) or ()):
+                        out.append(Variant(name, arch, dtype, d, mask, bm, bn, w, s))
     return out
 
 
+BWD_KERNELS = ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+
+
+def _bwd_signature(v: Variant):
+    """The backward kernels as a real launch specialises them: unit last-dim and mask-key strides
+    (constexpr 1, what the JIT makes of a stride equal to 1), 16-aligned pointers and row strides."""
+    from . import bwd
+
+    fn = getattr(bwd, v.kernel)
+    mask_kind, has_left, has_right, dropout = MASK_VARIANTS[v.mask]
+    elt = "*" + v.dtype
+    pointers = {
+        **dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV", "DQ", "DS"), elt),
+        "Mask": {0: elt, 1: "*u8", 2: elt}[mask_kind],
+        **dict.fromkeys(("Lse", "Delta"), "*fp32"),
+        **dict.fromkeys(("State", "KeepOut"), "*i8"),
+        **dict.fromkeys(("QCount", "QIndex", "KVCount", "KVIndex"), "*i32"),
+        "Philox": "*i64",
+    }
+    consts = {
+        "HEAD_DIM": v.head_dim,
+        "HEAD_DIM_V": v.head_dim,
+        "BLOCK_M": v.block_m,
+        "BLOCK_N": v.block_n,
+        "BLOCK_D": bwd._pow2_dim(v.head_dim),
+        "BLOCK_DV": bwd._pow2_dim(v.head_dim),
+        "MASK_KIND": mask_kind,
+        "HAS_LEFT": has_left,
+        "HAS_RIGHT": has_right,
+        "DROPOUT": dropout,
+        "WRITE_DS": False,
+        "WRITE_KEEP": False,
+        "DOT_PRECISION": "tf32" if v.dtype == "fp32" else "ieee",
+        "ACC": bwd.tl.float32,
+        "stride_mn": 1,
+    }
+    aligned = {"stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh",
+               "stride_vn", "stride_dob", "stride_doh", "stride_dom", "stride_dkb", "stride_dkh", "stride_dkn",
+               "stride_dvb", "stride_dvh", "stride_dvn", "stride_dqb", "stride_dqh", "stride_dqm"}  # fmt: skip
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            constexprs[name] = consts[name]
+        elif name in pointers:
+            sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in ("scale", "qk_scale2", "dropout_p", "dropout_scale") else "i32"
+            if name in aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return fn, sig, constexprs, attrs
+
+
 def _signature(v: Variant):
+    if v.kernel in BWD_KERNELS:
+        return _bwd_signature(v)
     from . import fwd
 
     fn = fwd._attn_fwd_kernel
@@ -222,7 +293,10 @@ def assess(res: Result) -> Result:
         if res.shared_bytes > SMEM_LIMIT[v.arch]:
             res.problems.append(f"shared memory {res.shared_bytes} > sm_{v.arch} limit {SMEM_LIMIT[v.arch]}")
         if v.dtype in ("fp16", "bf16") and v.arch >= 80:
-            want = "wgmma" if v.arch >= 90 else "mma.sync"
+            # wgmma needs 64 rows per warpgroup: the matmuls' row dim is the dK/dV pass's resident key
+            # tile (BLOCK_N), every other kernel's query tile (BLOCK_M); below 64 Triton uses mma.sync.
+            rows = v.block_n if v.kernel == "_attn_bwd_dkdv_kernel" else v.block_m
+            want = "wgmma" if v.arch >= 90 and rows >= 64 else "mma.sync"
             if not res.mma.startswith(want):
                 res.problems.append(f"expected {want}, got {res.mma}")
     res.ok = not res.problems
