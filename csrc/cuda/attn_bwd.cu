@@ -7,7 +7,8 @@
 // -----------
 // Math (per query head h, kv head h / (Hq / Hkv); P recomputed from the saved lse, never stored):
 //         S = scale·QKᵀ (+ mask), P = exp(S − lse) (0 where masked or lse = −inf), delta = rowsum(dO∘O),
-//         dV = Pᵀ dO, dP = dO Vᵀ, dS = P∘(dP − delta), dQ = scale·dS K, dK = scale·dSᵀ Q.
+//         dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ)∘Z, dS = P∘(dP − delta), dQ = scale·dS K, dK = scale·dSᵀ Q, with
+//         Z = keep / (1 − p) under dropout (1 without), as the Triton backward.
 // Work:   FLOPs reported as 2.5× forward = 10·B·Hq·Lq·Lk·D (the 5 matmuls of a one-pass backward),
 //         halved by causal tile skipping. This schedule executes 7 (QKᵀ and dO Vᵀ in both passes):
 //         1.4× the reported count, the price of a deterministic dQ without atomics.
@@ -30,13 +31,17 @@
 //         queries) 2·kSub/2; dQ pass dQ (D/8)·4, S and dP (16 rows × kSub keys) 2·kSub/2. kSub is the whole
 //         tile (32 queries / 64 keys) for D <= 64 and half of it for D >= 96. All A/B operands come from
 //         shared memory by ldmatrix (keeping K/V or Q/dO fragments in registers would spill at D = 128).
-//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16), spill-store bytes in brackets (as many
-//         loaded back; ci_check reports their sum, 56 / 16):
+//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16) with the dropout path, spill-store bytes
+//         in brackets (as many loaded back; ci_check reports their sum, 8):
 //             D                32    64    96    128
-//             dK/dV  sm_80     99   222   242   255 (28)
-//             dK/dV  sm_90    126   218   248   255 (8)
-//             dQ     sm_80    134   178   168   254
-//             dQ     sm_90    140   186   179   180
+//             dK/dV  sm_80    160   212   224   250
+//             dK/dV  sm_90    140   209   209   246
+//             dQ     sm_80    168   236   177   255
+//             dQ     sm_90    168 (4) 184 182   176
+//         Before dropout: dK/dV sm_80 99 / 222 / 242 / 255 (28), sm_90 126 / 218 / 248 / 255 (8); dQ sm_80
+//         134 / 178 / 168 / 254, sm_90 140 / 186 / 179 / 180. The dQ kernel at D = 32 on sm_90 now sits at
+//         ptxas's default cap (168, 3 blocks per SM) with a 4-byte spill; lifting the cap (a minimum of 1
+//         block) removes it but takes 210 registers (2 blocks per SM), so the cap stays.
 //         preprocess: 32-46. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS.
 // dmask:  with a float mask that needs its gradient (need_mask_grad, a learned bias), dmask = dS, the
 //         gradient of the scores after scaling, (B, Hq, Lq, Lk) contiguous in the mask's dtype. The dQ pass
@@ -47,8 +52,8 @@
 //         written, no extra FLOPs; the dtype-templated store is uncoalesced (2 adjacent keys per lane),
 //         acceptable for a path that materialises Lq×Lk anyway. The <T, D, false> kernel is unchanged
 //         (the table above). The dS-writing variant (min 1 block; key sub-tiles 64 / 32 / 32 / 16),
-//         registers for D = 32 / 64 / 96 / 128, no spills: sm_80 212 / 220 / 246 / 236, sm_90 222 / 234 /
-//         248 / 244.
+//         registers for D = 32 / 64 / 96 / 128, no spills, with the dropout path: sm_80 216 / 208 / 240 /
+//         240, sm_90 216 / 218 / 242 / 254 (before: sm_80 212 / 220 / 246 / 236, sm_90 222 / 234 / 248 / 244).
 // Shared: rows padded by 8 elements (conflict-free ldmatrix, as the forward). dK/dV pass: K, V
 //         [64][D+8], Q, dO [32][D+8], 16-bit, plus lse·log2e and delta [32] fp32: (2·64 + 2·32)·(D+8)·2
 //         + 256 = 15616 / 27904 / 40192 / 52480 bytes for D = 32 / 64 / 96 / 128. dQ pass: Q, dO, K, V
@@ -63,9 +68,17 @@
 //         non-empty tiles (the dK/dV pass walks the transposed lists) and the mask read only in PARTIAL
 //         tiles. Key rows past Lk are masked; query rows past Lq have lse·log2e = +inf (P = 0) and
 //         delta 0. A row that attends nothing has lse = −inf, also mapped to +inf: P = 0, zero gradients.
+// Dropout: both passes regenerate the forward's keep-mask from its philox tensor (cuda/dropout.cuh, the
+//         Triton contract; nothing stored): each lane draws the keep bits of its elements into one 32-bit
+//         word before the matmuls that produce S and dP (few registers live then), in a rolled loop, one
+//         Philox per score, per query sub-tile in the dK/dV pass and per key tile in the dQ pass (the
+//         placements that spilled least), and applies Z where P is formed (a select, like tl.where).
+//         The dmask path (dS) includes it. delta = rowsum(dO∘O) needs nothing: O already holds dropout.
+//         A runtime branch, uniform per launch; its registers are in the tables above.
 #include "attn_common.cuh"
 #include "attn_bwd_params.h"
 #include "attn_params.h"
+#include "dropout.cuh"
 #include "params.h"
 #include "primitives.cuh"
 
@@ -99,6 +112,9 @@ struct Tile {
 
 // lse (natural log) -> the exp2 domain; -inf (a row that attends nothing) -> +inf, so P = exp2(x - it) = 0.
 FA_DEVICE float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// x∘Z with Z = keep / (1 - p): the forward's scaled keep-mask (a select, as the Triton backward's tl.where).
+FA_DEVICE float dropped(float x, bool kept, float scale) { return kept ? x * scale : 0.f; }
 
 // dmask[off] = x in the float mask's dtype (rounded to nearest even).
 FA_DEVICE void store_mask_grad(MaskElem elem, void* dmask, int64_t off, float x) {
@@ -251,6 +267,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
         for (int e = 0; e < 4; ++e) dk[dn][e] = 0.f, dv[dn][e] = 0.f;
     const float scale_log2 = p.scale * kLog2e;
     const bool tail = k0 + kBlockN > p.seqlen_k;
+    const bool dropout = p.dropout.philox != nullptr;
 
     for (int hh = 0; hh < group; ++hh) {
         const int h = hk * group + hh;
@@ -308,6 +325,11 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
             // query q0 + sub + 8ni + 2t + e%2.
 #pragma unroll
             for (int sub = 0; sub < kBM; sub += kSub) {
+                // Dropout: the keep bits of these Sᵀ elements (rows keys, columns queries), drawn before S is live
+                // (per sub-tile here: per query tile, ptxas spills more at D = 128 on sm_90).
+                const uint32_t bits = dropout ? dropout::keep_bits<kSub, true>(p.dropout, p.seqlen_q, p.seqlen_k, bh,
+                                                                              k0 + warp * 16, q0 + sub, lane)
+                                              : 0u;
                 float s[kSub / 8][4], dp[kSub / 8][4];
                 mma_abt<T, D, kSub>(s, sK + warp * 16 * kLd, sQ + sub * kLd, lane);
                 mma_abt<T, D, kSub>(dp, sV + warp * 16 * kLd, sdO + sub * kLd, lane);
@@ -334,8 +356,14 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
                                 }
                             }
                             const float prob = keep ? exp2f(x - sL[iq]) : 0.f;
-                            s[ni][2 * r + c] = prob;
-                            dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - sD[iq]);
+                            float dpz = dp[ni][2 * r + c], pz = prob;
+                            if (dropout) {  // dV takes P∘Z, dS = P∘(dP∘Z − delta)
+                                const bool kept = dropout::kept(bits, ni, 2 * r + c);
+                                pz = dropped(prob, kept, p.dropout.scale);
+                                dpz = dropped(dpz, kept, p.dropout.scale);
+                            }
+                            s[ni][2 * r + c] = pz;
+                            dp[ni][2 * r + c] = prob * (dpz - sD[iq]);
                         }
                 }
                 // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end).
@@ -429,6 +457,7 @@ __global__ void __launch_bounds__(kThreads, kDs ? 1 : 0) attn_bwd_dq_kernel(cons
 #pragma unroll
         for (int e = 0; e < 4; ++e) dq[dn][e] = 0.f;
     const float scale_log2 = p.scale * kLog2e;
+    const bool dropout = p.dropout.philox != nullptr;
 
     for (int it = 0; it < n_iter; ++it) {
         const int kt = index ? index[it] : tile_lo + it;
@@ -448,6 +477,11 @@ __global__ void __launch_bounds__(kThreads, kDs ? 1 : 0) attn_bwd_dq_kernel(cons
             partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
         }
         const bool tail = k0 + kBlockN > p.seqlen_k;
+        // Dropout: the keep bits of this S tile (rows queries, columns keys), drawn before S is live (per key
+        // tile: per sub-tile, ptxas exceeds its default cap at D = 96 and spills).
+        const uint32_t bits = dropout ? dropout::keep_bits<kBlockN, false>(p.dropout, p.seqlen_q, p.seqlen_k, bh,
+                                                                           q0 + warp * 16, k0, lane)
+                                      : 0u;
         // In sub-tiles of kSub keys. S = Q Kᵀ, dP = dO Vᵀ: 16 rows x kSub keys per warp; lane (g, t) holds
         // [ni][e] at row 16w + g + 8(e/2), key k0 + sub + 8ni + 2t + e%2.
 #pragma unroll
@@ -479,7 +513,9 @@ __global__ void __launch_bounds__(kThreads, kDs ? 1 : 0) attn_bwd_dq_kernel(cons
                             }
                         }
                         const float prob = keep ? exp2f(x - l2[r]) : 0.f;
-                        dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - dl[r]);
+                        float dpz = dp[ni][2 * r + c];
+                        if (dropout) dpz = dropped(dpz, dropout::kept(bits, sub / 8 + ni, 2 * r + c), p.dropout.scale);
+                        dp[ni][2 * r + c] = prob * (dpz - dl[r]);
                         if (write_ds && j < p.seqlen_k)
                             store_mask_grad(p.mask_elem, p.dmask, dmask_row + j, dp[ni][2 * r + c]);
                     }
