@@ -5,7 +5,8 @@
 // returns dmask = dS, (B, Hq, Lq, Lk) in the mask's dtype, written by the dQ pass; otherwise an empty
 // tensor. Built like attn_ops.cpp: for CUDA tensors with nvcc, or, with FASTATTN_EMULATE, for CPU tensors
 // run by the emulator (outputs, dmask included, poisoned with NaN first, so an element the kernels miss
-// reads NaN). The fake implementation is registered from Python
+// reads NaN). With dropout_p > 0 the kernels regenerate the forward's keep-mask from its philox tensor
+// (cuda/dropout.cuh). The fake implementation is registered from Python
 // (fastattn/backends/cuda_bwd.py).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -64,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     const std::optional<at::Tensor>& kv_count_opt, const std::optional<at::Tensor>& kv_index_opt,
     const std::optional<at::Tensor>& q_state_opt, const std::optional<at::Tensor>& q_count_opt,
     const std::optional<at::Tensor>& q_index_opt, double scale, int64_t window_left, int64_t window_right,
-    int64_t q_offset, bool need_mask_grad) {
+    int64_t q_offset, bool need_mask_grad, const std::optional<at::Tensor>& philox_opt, double dropout_p) {
     constexpr const char* op = "fastattn::cuda_attn_bwd";
     CHECK_DEVICE(op, q);
     for (const at::Tensor* t : {&grad_out, &k, &v, &out, &lse})
@@ -105,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     TORCH_CHECK(!need_mask_grad || (given(mask_opt) && mask_opt->is_floating_point()), op,
                 ": need_mask_grad=True needs a floating-point argument 'mask' to differentiate, got ",
                 given(mask_opt) ? dtype_name(mask_opt->scalar_type()) : "None");
+    const DropoutParams dropout = dropout_params(op, philox_opt, dropout_p, q);
 
 #ifndef FASTATTN_EMULATE
     const c10::cuda::OptionalCUDAGuard guard(q.device());
@@ -167,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     p.dtype = q.scalar_type() == at::kHalf ? DType::f16 : DType::bf16;
     p.mask_elem = MaskElem::none;
     p.dmask = need_mask_grad ? dmask.data_ptr() : nullptr;
+    p.dropout = dropout;
 
     if (given(mask_opt)) {
         const at::Tensor& mask = *mask_opt;
@@ -214,8 +217,8 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
     m.def(
         "cuda_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
         "Tensor? kv_state, Tensor? kv_count, Tensor? kv_index, Tensor? q_state, Tensor? q_count, Tensor? q_index, "
-        "float scale, int window_left, int window_right, int q_offset, bool need_mask_grad=False) -> "
-        "(Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+        "float scale, int window_left, int window_right, int q_offset, bool need_mask_grad=False, "
+        "Tensor? philox=None, float dropout_p=0.0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("cuda_attn_bwd", &fastattn::cuda_attn_bwd); }

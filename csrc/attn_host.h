@@ -4,7 +4,9 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
+#include "checks.h"
 #include "cuda/attn_params.h"
 
 namespace fastattn {
@@ -28,6 +30,30 @@ inline MaskElem mask_elem(at::ScalarType d) {
         case at::kBFloat16: return MaskElem::bf16;
         default: return MaskElem::f64;
     }
+}
+
+// The dropout arguments of an attention op (the contract of fastattn/backends/triton/dropout.py): with
+// dropout_p > 0, philox is the int64 [seed, offset] tensor on q's device that the kernels read; with
+// dropout_p == 0 it is not read (null in the params, no dropout).
+inline DropoutParams dropout_params(const char* op, const std::optional<at::Tensor>& philox_opt, double dropout_p,
+                                    const at::Tensor& q) {
+    TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": argument 'dropout_p' must be in [0, 1), got ",
+                dropout_p);
+    DropoutParams d{nullptr, 0.f, 1.f};
+    if (dropout_p == 0.0) return d;
+    TORCH_CHECK(philox_opt.has_value() && philox_opt->defined(), op,
+                ": dropout_p > 0 needs argument 'philox' (the int64 [seed, offset] tensor of philox_seed_offset), "
+                "got None");
+    const at::Tensor& philox = *philox_opt;
+    CHECK_SAME_DEVICE(op, philox, q);
+    CHECK_DTYPE(op, philox, at::kLong);
+    TORCH_CHECK(philox.dim() == 1 && philox.size(0) == 2, op,
+                ": argument 'philox' must have shape (2,) ([seed, offset]), got ", philox.sizes());
+    CHECK_CONTIGUOUS(op, philox);
+    d.philox = philox.data_ptr<int64_t>();
+    d.p = float(dropout_p);
+    d.scale = float(1.0 / (1.0 - dropout_p));
+    return d;
 }
 
 }  // namespace fastattn

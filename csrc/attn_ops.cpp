@@ -1,4 +1,5 @@
-// Torch op of the CUDA forward attention kernel (csrc/cuda/attn_fwd.cu): fastattn::cuda_attn_fwd.
+// Torch ops of the CUDA forward attention kernel (csrc/cuda/attn_fwd.cu): fastattn::cuda_attn_fwd, and of the
+// dropout keep-mask it applies (csrc/cuda/dropout_mask.cu): fastattn::cuda_dropout_keep_mask.
 //
 // Checks every argument (naming it, what was expected and what was received), fills the plain
 // params struct and launches. Built like bindings.cpp: for CUDA tensors with nvcc, or, with
@@ -28,7 +29,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& tile_state_opt,
                                                  const std::optional<at::Tensor>& kv_count_opt,
                                                  const std::optional<at::Tensor>& kv_index_opt, double scale,
-                                                 int64_t window_left, int64_t window_right, int64_t q_offset) {
+                                                 int64_t window_left, int64_t window_right, int64_t q_offset,
+                                                 const std::optional<at::Tensor>& philox_opt, double dropout_p) {
     constexpr const char* op = "fastattn::cuda_attn_fwd";
     CHECK_DEVICE(op, q);
     CHECK_SAME_DEVICE(op, k, q);
@@ -59,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
                 ": window_left and window_right must be >= -1 (-1 = unbounded), got ", window_left, " and ",
                 window_right);
     TORCH_CHECK(std::isfinite(scale), op, ": argument 'scale' must be finite, got ", scale);
+    const DropoutParams dropout = dropout_params(op, philox_opt, dropout_p, q);
 
     const bool has_mask = mask_opt.has_value() && mask_opt->defined();
     const bool has_summary = tile_state_opt.has_value() && tile_state_opt->defined();
@@ -108,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
     p.q_offset = q_offset;
     p.dtype = q.scalar_type() == at::kHalf ? DType::f16 : DType::bf16;
     p.mask_elem = MaskElem::none;
+    p.dropout = dropout;
 
     if (has_mask) {
         const at::Tensor& mask = *mask_opt;
@@ -158,14 +162,50 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
     return {out, lse};
 }
 
+// (B, Hq, Lq, Lk) uint8, 1 where the kernels keep score (b, h, i, j) under dropout rate dropout_p.
+at::Tensor cuda_dropout_keep_mask(const at::Tensor& philox, int64_t batch, int64_t heads_q, int64_t seqlen_q,
+                                  int64_t seqlen_k, double dropout_p) {
+    constexpr const char* op = "fastattn::cuda_dropout_keep_mask";
+    CHECK_DEVICE(op, philox);
+    TORCH_CHECK(batch >= 0 && heads_q >= 0 && seqlen_q >= 0 && seqlen_k >= 0, op,
+                ": batch, heads_q, seqlen_q and seqlen_k must be >= 0, got ", batch, ", ", heads_q, ", ", seqlen_q,
+                ", ", seqlen_k);
+    TORCH_CHECK(batch <= std::numeric_limits<int>::max() && heads_q <= std::numeric_limits<int>::max() &&
+                    seqlen_q < (int64_t(1) << 31) && seqlen_k < (int64_t(1) << 31),
+                op, ": sizes must be below 2^31, got ", batch, ", ", heads_q, ", ", seqlen_q, ", ", seqlen_k);
+    TORCH_CHECK(dropout_p > 0.0, op, ": argument 'dropout_p' must be in (0, 1), got ", dropout_p);
+    const DropoutParams dropout = dropout_params(op, philox, dropout_p, philox);
+#ifndef FASTATTN_EMULATE
+    const c10::cuda::OptionalCUDAGuard guard(philox.device());
+#endif
+    // Under emulation poisoned with 0xFF (neither 0 nor 1), so an element the kernel misses shows.
+    const auto opts = philox.options().dtype(at::kByte);
+    at::Tensor keep = kEmulate ? at::full({batch, heads_q, seqlen_q, seqlen_k}, 0xFF, opts)
+                               : at::empty({batch, heads_q, seqlen_q, seqlen_k}, opts);
+    DropoutMaskParams p{keep.data_ptr<uint8_t>(), int(batch), int(heads_q), int(seqlen_q), int(seqlen_k), dropout};
+    const char* err = dropout_mask::launch(p, launch_stream());
+    TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+    return keep;
+}
+
 }  // namespace
 }  // namespace fastattn
 
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
     m.def(
         "cuda_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? tile_state, Tensor? kv_count, "
-        "Tensor? kv_index, float scale, int window_left, int window_right, int q_offset) -> (Tensor out, Tensor lse)");
+        "Tensor? kv_index, float scale, int window_left, int window_right, int q_offset, Tensor? philox=None, "
+        "float dropout_p=0.0) -> (Tensor out, Tensor lse)");
+    m.def(
+        "cuda_dropout_keep_mask(Tensor philox, int batch, int heads_q, int seqlen_q, int seqlen_k, float dropout_p) "
+        "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("cuda_attn_fwd", &fastattn::cuda_attn_fwd); }
-TORCH_LIBRARY_IMPL(fastattn, CPU, m) { m.impl("cuda_attn_fwd", &fastattn::cuda_attn_fwd); }
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+    m.impl("cuda_attn_fwd", &fastattn::cuda_attn_fwd);
+    m.impl("cuda_dropout_keep_mask", &fastattn::cuda_dropout_keep_mask);
+}
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+    m.impl("cuda_attn_fwd", &fastattn::cuda_attn_fwd);
+    m.impl("cuda_dropout_keep_mask", &fastattn::cuda_dropout_keep_mask);
+}

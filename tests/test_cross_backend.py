@@ -57,3 +57,41 @@ def test_fused_backends_agree_forward_and_backward(dtype):
         for label, a, c, t, b, factor in zip(labels, results[first], results[name], truth, baseline, (2, 3, 3, 3)):
             err = float((b.detach().double() - t.detach()).abs().max())
             assert_close(c, a.double(), atol=max(2 * factor * err, 2e-3), name=f"{name} vs {first} {label}")
+
+
+def test_triton_and_cuda_dropout_agree():
+    """Dropout: the same torch seed gives Triton and CUDA the same philox, hence the same keep-mask (one
+    contract). Each matches the oracle given Triton's mask, and they agree with each other, gradients included."""
+    from fastattn.backends.triton.dropout import dropout_keep_mask, philox_seed_offset
+
+    dtype, p = torch.float16, 0.3
+    q, k, v = random_qkv(1, 4, 2, 37, 45, 64, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    pad = (torch.arange(45) < 40).view(1, 1, 1, 45)
+    kw = dict(attn_mask=pad, is_causal=True, q_offset=8, enable_gqa=True, dropout_p=p)
+    grad_out = torch.randn(1, 4, 37, 64).to(dtype)
+    assert {"triton", "cuda"} <= set(runnable_backends(q, k, v, **kw))
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(philox_seed_offset("cpu"), 1, 4, 37, 45, p)
+
+    def run(backend, q, k, v, compute_dtype=None):
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        if backend == "oracle":
+            out = reference.attention(q, k, v, keep_mask=keep, compute_dtype=compute_dtype, **kw)
+        else:
+            torch.manual_seed(7)  # the forward's first draw is its philox
+            out = fastattn.scaled_dot_product_attention(q, k, v, backend=backend, **kw)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype)))
+
+    truth = run("oracle", q.double(), k.double(), v.double())
+    baseline = run("oracle", q, k, v, compute_dtype=dtype)
+    results = {name: run(name, q, k, v) for name in ("triton", "cuda")}
+    labels, factors = ("out", "dq", "dk", "dv"), (2, 3, 3, 3)
+    for name, got in results.items():
+        for label, g, t, b, factor in zip(labels, got, truth, baseline, factors):
+            assert_close(g, t, b, factor=factor, name=f"{name} {label}")
+    for label, a, c, t, b, factor in zip(labels, results["triton"], results["cuda"], truth, baseline, factors):
+        err = float((b.detach().double() - t.detach()).abs().max())
+        assert_close(c, a.double(), atol=max(2 * factor * err, 2e-3), name=f"cuda vs triton {label}")
+    # Not vacuous: without dropout the output is far from these.
+    plain = reference.attention(q.double(), k.double(), v.double(), **{**kw, "dropout_p": 0.0})
+    assert (plain - truth[0]).abs().max() > 0.1

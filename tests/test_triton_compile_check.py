@@ -88,11 +88,15 @@ def test_parser_and_variant_sets():
         parser.parse_args(["compile-check", "--arch", "sm_70"])
     default = cc.variants([75, 80, 90], all_masks=False)
     full = cc.variants([75, 80, 90], all_masks=True)
-    assert {v.mask for v in default} == set(cc.DEFAULT_MASKS) and {v.mask for v in full} == set(cc.ALL_MASKS)
+    fwd_default = [v for v in default if v.kernel == "_attn_fwd_kernel"]
+    assert {v.mask for v in fwd_default} == set(cc.DEFAULT_MASKS) and {v.mask for v in full} == set(cc.ALL_MASKS)
     assert {v.head_dim for v in default} == set(cc.HEAD_DIMS)
     assert not any(v.dtype == "bf16" and v.arch == 75 for v in full)
     # Every (arch, dtype, head dim, mask) also compiles both backward kernels, in bwd_config's config.
-    cases = {(v.arch, v.dtype, v.head_dim, v.mask) for v in default}
+    # Every (arch, dtype, head dim) with a backward config compiles both kernels for each backward mask.
     for kernel in cc.BWD_KERNELS:
-        assert {(v.arch, v.dtype, v.head_dim, v.mask) for v in default if v.kernel == kernel} == cases
+        got = {(v.arch, v.dtype, v.head_dim, v.mask) for v in default if v.kernel == kernel}
+        want = {(v.arch, v.dtype, v.head_dim, m) for v in fwd_default for m in cc.BWD_DEFAULT_MASKS}
+        assert got <= want and {c for c in want if c[0] >= 80} <= got
+        assert (75, "fp16", 64, "window") in got and (75, "fp16", 128, "none") not in got
     assert len(full) > len(default)

@@ -7,7 +7,8 @@
 // -----------
 // Math (per query head h, kv head h / (Hq / Hkv); P recomputed from the saved lse, never stored):
 //         S = scale·QKᵀ (+ mask), P = exp(S − lse) (0 where masked or lse = −inf), delta = rowsum(dO∘O),
-//         dV = Pᵀ dO, dP = dO Vᵀ, dS = P∘(dP − delta), dQ = scale·dS K, dK = scale·dSᵀ Q.
+//         dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ)∘Z, dS = P∘(dP − delta), dQ = scale·dS K, dK = scale·dSᵀ Q, with
+//         Z = keep / (1 − p) under dropout (1 without), as the Triton backward.
 // Work:   FLOPs reported as 2.5× forward = 10·B·Hq·Lq·Lk·D (the 5 matmuls of a one-pass backward),
 //         halved by causal tile skipping. This schedule executes 7 (QKᵀ and dO Vᵀ in both passes):
 //         1.4× the reported count, the price of a deterministic dQ without atomics. D = 256 adds no matmul
@@ -46,27 +47,30 @@
 //         inside a non-empty tile is computed with P = 0; the analytic band is exact per block).
 // Registers per thread (fp32 accumulators): dK/dV pass dK + dV 2·(D/kSplit/8)·4, Sᵀ and dPᵀ (16 keys ×
 //         kSub queries) 2·kSub/2; dQ pass dQ (D/kSplit/8)·4, S and dP (16 rows × kSub keys) 2·kSub/2. kSub
-//         is the whole tile (32 queries / 64 keys) for D <= 64, half of it for D = 96 and 128, and 16
-//         (both passes) at D = 256. The dK/dV pass runs its sub-tiles one at a time (not unrolled: two in
+//         is the whole tile (32 queries / 64 keys) for D <= 64; for D >= 96 16 queries (dK/dV), and 32
+//         keys at D = 96, 16 at D >= 128 (dQ). The dK/dV pass runs its sub-tiles one at a time (not unrolled: two in
 //         flight spilled at D = 128, 255 registers and 28 / 8 spill-store bytes on sm_80 / sm_90), and so
 //         does the dQ pass at D = 256. All A/B operands come from shared memory by ldmatrix (keeping K/V
-//         or Q/dO fragments in registers would spill at D = 128). The dQ kernel at D = 256 takes a minimum
-//         of 1 block (ptxas's default capped it at 168 registers on sm_90 and spilled).
-//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16), no spills in any variant
+//         or Q/dO fragments in registers would spill at D = 128). The dQ kernel takes a minimum of 1 block
+//         (ptxas's default capped it at 168 registers and spilled at D = 32 / 96 / 128 once the dropout path
+//         and the per-sub-tile K/V loads were in), and its key sub-tile is 16 at D >= 128 (32 spilled
+//         16 bytes on sm_90 at D = 128).
+//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16) with the dropout path (a runtime
+//         branch: every launch pays its registers), spill bytes (stored + loaded) in brackets
 //         (dQ+dS: the dS-writing instantiation, below):
 //             D                32    64    96   128   256
-//             dK/dV  sm_80     99   222   222   249   247
-//             dK/dV  sm_90    126   218   226   253   255
-//             dQ     sm_80    134   178   168   254   212
-//             dQ     sm_90    134   188   180   181   213
-//             dQ+dS  sm_80    214   222   242   238   209
-//             dQ+dS  sm_90    222   234   250   248   214
-//         preprocess: 32-56. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS. Before
-//         D = 256 (the dK/dV sub-tiles unrolled, K/V loaded once per dQ tile), dK/dV at D = 96 / 128 was
-//         242 / 255 (28 bytes spilled) on sm_80 and 248 / 255 (8) on sm_90; dQ and dQ+dS within 6
-//         registers of the above. Little headroom is left in dK/dV at D = 128 and 256 (247-255 registers)
-//         and in dQ at D = 128 on sm_80 (254): whatever adds live state where P is formed must be
-//         re-checked here (ci_check).
+//             dK/dV  sm_80    160   212   224   251   255 (16)
+//             dK/dV  sm_90    140   209   230   254   255
+//             dQ     sm_80    210   242   254   233   216
+//             dQ     sm_90    210   242   254   242   217
+//             dQ+dS  sm_80    216   224   246   240   214
+//             dQ+dS  sm_90    216   232   248   248   219
+//         preprocess: 32-56. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS. The one
+//         spill left, dK/dV at D = 256 on sm_80 (8 bytes stored), is the dropout path's: before it that
+//         kernel took 247 registers; ci_check warns. Before dropout and D = 256: dK/dV sm_80 99 / 222 /
+//         242 / 255 (28), sm_90 126 / 218 / 248 / 255 (8); dQ sm_80 134 / 178 / 168 / 254, sm_90 140 / 186
+//         / 179 / 180. No headroom is left in dK/dV at D >= 128 and dQ at D = 96: whatever adds live state
+//         where P is formed must be re-checked here (ci_check).
 // dmask:  with a float mask that needs its gradient (need_mask_grad, a learned bias), dmask = dS, the
 //         gradient of the scores after scaling, (B, Hq, Lq, Lk) contiguous in the mask's dtype. The dQ pass
 //         already holds dS per (row, key) in fp32: the attn_bwd_dq_kernel<T, D, true> instantiation stores
@@ -85,9 +89,27 @@
 //         and 4·32·264·2 + 8192 = 75776 at D = 256 (above 48 KiB the launcher opts in; every variant is
 //         under sm_80's 163 KiB, static_assert). At D = 256 two blocks fit an A100 SM (164 KiB) in shared
 //         memory and registers (2 x 128 x 255 < 64 K): 8 warps per SM, as at D = 128.
+// Operands (mma.m16n8k16, fragments as in the forward): Sᵀ = K Qᵀ and dPᵀ = V dOᵀ take K/V rows as the
+//         A operand (ldmatrix.x4) and Q/dO rows as the "col" B operand (ldmatrix.x4, not transposed);
+//         dV += Pᵀ dO and dK += dSᵀ Q take Pᵀ/dSᵀ packed to the input dtype from the accumulators (their
+//         layout is already the A fragment's) and dO/Q through ldmatrix.x4.trans. The dQ pass is the
+//         forward's S = Q Kᵀ (and dP = dO Vᵀ), then dQ += dS K with K through ldmatrix.x4.trans.
+// Masks:  as the forward: the band (causal, window, q_offset) analytically, tiles outside never
+//         visited and tiles fully inside skip the band arithmetic; with a mask tensor, the TileSummary's
+//         non-empty tiles (the dK/dV pass walks the transposed lists) and the mask read only in PARTIAL
+//         tiles. Key rows past Lk are masked; query rows past Lq have lse·log2e = +inf (P = 0) and
+//         delta 0. A row that attends nothing has lse = −inf, also mapped to +inf: P = 0, zero gradients.
+// Dropout: both passes regenerate the forward's keep-mask from its philox tensor (cuda/dropout.cuh, the
+//         Triton contract; nothing stored): each lane draws the keep bits of its elements into one 32-bit
+//         word before the matmuls that produce S and dP (few registers live then), in a rolled loop, one
+//         Philox per score, per query sub-tile in the dK/dV pass and per key tile in the dQ pass (the
+//         placements that spilled least), and applies Z where P is formed (a select, like tl.where).
+//         The dmask path (dS) includes it. delta = rowsum(dO∘O) needs nothing: O already holds dropout.
+//         A runtime branch, uniform per launch; its registers are in the tables above.
 #include "attn_common.cuh"
 #include "attn_bwd_params.h"
 #include "attn_params.h"
+#include "dropout.cuh"
 #include "params.h"
 #include "primitives.cuh"
 
@@ -122,7 +144,7 @@ struct Tile {
     // Sub-tiles over which S and dP are live (16 x kSub fp32 per warp): halved at D >= 96, where the
     // dK + dV (or dQ) accumulators already take most registers, and again for dQ at D = 256.
     static constexpr int kSubKv = D >= 96 ? 16 : kBlockMkv;
-    static constexpr int kSubDq = D > 128 ? 16 : D >= 96 ? 32 : kBlockN;
+    static constexpr int kSubDq = D >= 128 ? 16 : D >= 96 ? 32 : kBlockN;
     // The dS-writing dQ instantiation's sub-tile: narrower (its row addresses take registers).
     static constexpr int kSubDqDs = D < 64 ? kSubDq : (D >= 128 ? 16 : 32);
     // With kSplit = 2 the two warps of a key (or row) group exchange their partial S and dP: 2 x 16 x sub
@@ -140,6 +162,9 @@ struct Tile {
 
 // lse (natural log) -> the exp2 domain; -inf (a row that attends nothing) -> +inf, so P = exp2(x - it) = 0.
 FA_DEVICE float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// x∘Z with Z = keep / (1 - p): the forward's scaled keep-mask (a select, as the Triton backward's tl.where).
+FA_DEVICE float dropped(float x, bool kept, float scale) { return kept ? x * scale : 0.f; }
 
 // dmask[off] = x in the float mask's dtype (rounded to nearest even).
 FA_DEVICE void store_mask_grad(MaskElem elem, void* dmask, int64_t off, float x) {
@@ -327,6 +352,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
         for (int e = 0; e < 4; ++e) dk[dn][e] = 0.f, dv[dn][e] = 0.f;
     const float scale_log2 = p.scale * kLog2e;
     const bool tail = k0 + kKeys > p.seqlen_k;
+    const bool dropout = p.dropout.philox != nullptr;
 
     for (int hh = 0; hh < group; ++hh) {
         const int h = hk * group + hh;
@@ -384,6 +410,11 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
             // query q0 + sub + 8ni + 2t + e%2. Not unrolled: two sub-tiles in flight spilled at D = 128 (design note).
 #pragma unroll 1
             for (int sub = 0; sub < kBM; sub += kSub) {
+                // Dropout: the keep bits of these Sᵀ elements (rows keys, columns queries), drawn before S is live
+                // (per sub-tile here: per query tile, ptxas spills more at D = 128 on sm_90).
+                const uint32_t bits = dropout ? dropout::keep_bits<kSub, true>(p.dropout, p.seqlen_q, p.seqlen_k, bh,
+                                                                              k0 + kw * 16, q0 + sub, lane)
+                                              : 0u;
                 float s[kSub / 8][4], dp[kSub / 8][4];
                 mma_abt<T, D, kSub, kDw>(s, sK + kw * 16 * kLd + c0, sQ + sub * kLd + c0, lane);
                 mma_abt<T, D, kSub, kDw>(dp, sV + kw * 16 * kLd + c0, sdO + sub * kLd + c0, lane);
@@ -411,8 +442,14 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
                                 }
                             }
                             const float prob = keep ? exp2f(x - sL[iq]) : 0.f;
-                            s[ni][2 * r + c] = prob;
-                            dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - sD[iq]);
+                            float dpz = dp[ni][2 * r + c], pz = prob;
+                            if (dropout) {  // dV takes P∘Z, dS = P∘(dP∘Z − delta)
+                                const bool kept = dropout::kept(bits, ni, 2 * r + c);
+                                pz = dropped(prob, kept, p.dropout.scale);
+                                dpz = dropped(dpz, kept, p.dropout.scale);
+                            }
+                            s[ni][2 * r + c] = pz;
+                            dp[ni][2 * r + c] = prob * (dpz - sD[iq]);
                         }
                 }
                 // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end), over this warp's columns.
@@ -443,7 +480,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
 // without spills (same accumulation order, so dQ is bit-identical to the plain kernel's). At D = 256 the
 // plain kernel takes the minimum of 1 block too (the default capped it at 168 on sm_90, spilling).
 template <class T, int D, bool kDs>
-__global__ void __launch_bounds__(kThreads, kDs || D > 128 ? 1 : 0) attn_bwd_dq_kernel(const AttnBwdParams p) {
+__global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdParams p) {
     using Cfg = Tile<D>;
     constexpr int kLd = Cfg::kLd, kBM = Cfg::kRowsDq, kKeys = Cfg::kKeysDq, kSub = kDs ? Cfg::kSubDqDs : Cfg::kSubDq;
     constexpr int kDw = Cfg::kDw, kRowWarps = 4 / Cfg::kSplit, kSubUnroll = Cfg::kSplit > 1 ? 1 : kBlockN / kSub;
@@ -513,6 +550,7 @@ __global__ void __launch_bounds__(kThreads, kDs || D > 128 ? 1 : 0) attn_bwd_dq_
 #pragma unroll
         for (int e = 0; e < 4; ++e) dq[dn][e] = 0.f;
     const float scale_log2 = p.scale * kLog2e;
+    const bool dropout = p.dropout.philox != nullptr;
 
     for (int it = 0; it < n_iter; ++it) {
         const int kt = index ? index[it] : tile_lo + it;
@@ -525,6 +563,11 @@ __global__ void __launch_bounds__(kThreads, kDs || D > 128 ? 1 : 0) attn_bwd_dq_
             partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
         }
         const bool tail = k0 + kBlockN > p.seqlen_k;
+        // Dropout: the keep bits of this S tile (rows queries, columns keys), drawn before S is live (per key
+        // tile: per sub-tile, ptxas exceeds its default cap at D = 96 and spills).
+        const uint32_t bits = dropout ? dropout::keep_bits<kBlockN, false>(p.dropout, p.seqlen_q, p.seqlen_k, bh,
+                                                                           q0 + rw * 16, k0, lane)
+                                      : 0u;
         // In sub-tiles of kSub keys; K/V rows kKeys at a time (all 64, or two halves of 32 at D = 256, a half
         // wholly past Lk skipped). S = Q Kᵀ, dP = dO Vᵀ: 16 rows x kSub keys per warp; lane (g, t) holds
         // [ni][e] at row 16rw + g + 8(e/2), key k0 + sub + 8ni + 2t + e%2. Not unrolled at D = 256 (fewer
@@ -569,7 +612,9 @@ __global__ void __launch_bounds__(kThreads, kDs || D > 128 ? 1 : 0) attn_bwd_dq_
                             }
                         }
                         const float prob = keep ? exp2f(x - l2[r]) : 0.f;
-                        dp[ni][2 * r + c] = prob * (dp[ni][2 * r + c] - dl[r]);
+                        float dpz = dp[ni][2 * r + c];
+                        if (dropout) dpz = dropped(dpz, dropout::kept(bits, sub / 8 + ni, 2 * r + c), p.dropout.scale);
+                        dp[ni][2 * r + c] = prob * (dpz - dl[r]);
                         if (write_ds && j < p.seqlen_k)
                             store_mask_grad(p.mask_elem, p.dmask, dmask_row + j, dp[ni][2 * r + c]);
                     }

@@ -49,6 +49,7 @@ struct AttnBwdParams {
     const int32_t* q_index;
     int summary_batch, summary_heads;  // Bm, Hm of both summaries: 1 (broadcast) or B, Hq
     DType dtype;
+    DropoutParams dropout;  // the forward's, to regenerate its keep-mask (attn_params.h)
 };
 
 namespace attn_bwd {

@@ -20,12 +20,14 @@
 // Registers per thread (D <= 128): Q fragments D/16 x 4 regs (A operand of every QKᵀ mma, loaded once
 //         by ldmatrix.x4), O accumulator D/8 x 4 fp32, S/P BLOCK_N/8 x 4 fp32, row max and sum x 2.
 //         D = 256: Q is re-read from shared memory per k-step (64 more registers would spill).
-//         ptxas (CUDA 13.0, -O3), registers per thread, fp16 = bf16, no spills in any variant:
+//         ptxas (CUDA 13.0, -O3), registers per thread, fp16 = bf16, no spills in any variant (with the
+//         dropout path; before it: sm_80 124 / 202 / 238 / 245 / 254, sm_90 127 / 224 / 246 / 251 / 254):
 //             D        32    64    96   128   256
-//             sm_80   124   202   238   245   254
-//             sm_90   127   224   246   251   254
-//         i.e. 4 blocks (16 warps) per SM at D = 32 (launch bound; 3 blocks would spill at D = 64),
-//         2 blocks (8 warps) per SM otherwise, as FlashAttention-2's 255-register kernels.
+//             sm_80   128   200   242   249   251
+//             sm_90   128   214   242   246   255
+//         i.e. 4 blocks (16 warps) per SM at D = 32 (launch bound: exactly at its 128 cap now; 3 blocks
+//         would spill at D = 64), 2 blocks (8 warps) per SM otherwise, as FlashAttention-2's 255-register
+//         kernels.
 // Shared: Q tile [64][D+8], one K tile [BLOCK_N][D+8] and one V tile [BLOCK_N][D+8], 16-bit elements.
 //         Rows are padded by 8 elements (16 bytes): the 8 row addresses of an ldmatrix then fall in
 //         8 different 4-bank groups, so ldmatrix and the 16-byte cp.async stores are conflict-free.
@@ -52,8 +54,18 @@
 //         coalesced writes; lse = (max·ln2 + ln(sum)). A row that attends nothing keeps max = -inf:
 //         exponentials then use 0 as the max (no inf - inf), the sum stays 0, O is 0 and lse -inf.
 // GQA:    query head h reads K/V head h / (Hq / Hkv) through strides; nothing is copied.
+// Dropout (p.dropout.philox non-null; the Triton backend's contract, cuda/dropout.cuh): before each key
+//         tile's S = Q Kᵀ (few registers live) every lane draws the keep bits of its 2 x BLOCK_N/4 scores into
+//         one 32-bit word, one Philox-4x32-10 per score (the contract's element index, Triton's tl.rand bit
+//         for bit), in a rolled loop; after the online softmax has summed P, the dropped entries of P are
+//         zeroed before P V, and the epilogue multiplies by 1 / (1 - p). The row sums and lse never
+//         include dropout. A runtime branch, uniform per launch: without dropout no Philox runs, but its
+//         registers count in every variant (the table above). Cost with dropout: 10 rounds (2 mul.hi,
+//         2 mul.lo, 4 xor, 2 add) per score against 4·D tensor-core FLOPs: noticeable at D <= 64; one
+//         output word of the four per Philox call is used, as the contract (tl.rand) fixes. Not measured.
 #include "attn_common.cuh"
 #include "attn_params.h"
+#include "dropout.cuh"
 #include "params.h"
 #include "primitives.cuh"
 
@@ -104,6 +116,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_k
     const int left = p.window_left, right = p.window_right;
     const int n_k_tiles = (p.seqlen_k + kBN - 1) / kBN;
     const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
+    const bool dropout = p.dropout.philox != nullptr;
 
     // Band extremes of this query tile (positions of its first and last in-range rows).
     const int64_t pos_first = int64_t(q0) + p.q_offset;
@@ -161,6 +174,12 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_k
                     fa::ldmatrix_x4(qf[kk], sQ + (warp * 16 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
             }
         }
+
+        // Dropout's keep bits of this tile's P, drawn before S is live (the generator's registers are free).
+        const uint32_t keep_bits = dropout ? dropout::keep_bits<kBN, false>(p.dropout, p.seqlen_q, p.seqlen_k,
+                                                                            int64_t(b) * p.heads_q + h,
+                                                                            q0 + warp * 16, k0, lane)
+                                           : 0u;
 
         // S = Q K^T: 16 x kBN per warp, fp32.
         float s[kBN / 8][4];
@@ -254,6 +273,13 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_k
 #pragma unroll
             for (int dn = 0; dn < D / 8; ++dn) o[dn][2 * r] *= alpha, o[dn][2 * r + 1] *= alpha;
         }
+        // Dropout on P after the row sums (the normaliser and lse never include it); 1 / (1 - p) in the epilogue.
+        if (dropout) {
+#pragma unroll
+            for (int ni = 0; ni < kBN / 8; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[ni][e] = dropout::kept(keep_bits, ni, e) ? s[ni][e] : 0.f;
+        }
 
         fa::cp_async_wait<0>();  // V_j landed
         __syncthreads();         // ... for every thread's copies; everyone is done reading K_j
@@ -291,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_k
     for (int r = 0; r < 2; ++r) {
         row_sum[r] += fa::shfl_xor(row_sum[r], 1);
         row_sum[r] += fa::shfl_xor(row_sum[r], 2);
-        inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
+        inv[r] = row_sum[r] > 0.f ? (dropout ? p.dropout.scale : 1.f) / row_sum[r] : 0.f;
     }
     T* sO = sQ + warp * 16 * kLd;
 #pragma unroll

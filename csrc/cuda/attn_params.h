@@ -8,6 +8,14 @@
 
 namespace fastattn {
 
+// Dropout (the contract of fastattn/backends/triton/dropout.py, implemented by cuda/dropout.cuh): philox is
+// the int64 [seed, offset] tensor on the device (read by the kernels: no host sync), null without dropout;
+// p is the drop rate and scale = 1 / (1 - p).
+struct DropoutParams {
+    const int64_t* philox;
+    float p, scale;
+};
+
 // Element type of the mask tensor: a bool mask is read as bytes, a float one is added to the scores.
 enum class MaskElem : int { none = 0, boolean = 1, f32 = 2, f16 = 3, bf16 = 4, f64 = 5 };
 
@@ -38,7 +46,21 @@ struct AttnFwdParams {
     const int32_t* kv_index;
     int summary_batch, summary_heads;
     DType dtype;
+    DropoutParams dropout;
 };
+
+// keep (B, Hq, Lq, Lk) uint8 contiguous: 1 where the attention kernels keep a probability under `dropout`
+// (cuda/dropout_mask.cu; for tests, and for the reference backward when it replays a CUDA forward).
+struct DropoutMaskParams {
+    uint8_t* keep;
+    int batch, heads_q, seqlen_q, seqlen_k;
+    DropoutParams dropout;
+};
+
+namespace dropout_mask {
+constexpr int kThreads = 128;  // one element per thread
+const char* launch(const DropoutMaskParams& p, void* stream);
+}  // namespace dropout_mask
 
 namespace attn_fwd {
 constexpr int kBlockM = 64;  // query rows per block: 4 warps x 16

@@ -10,7 +10,8 @@ on CPU tensors through the emulator (slow; for tests without a GPU).
 The gradient of a float mask (``need_mask_grad``, a learned bias) is ``dS``, the scores' gradient, written
 ``(B, Hq, Lq, Lk)`` in the mask's dtype by the dQ pass (zeros in the tiles it skips); autograd then reduces
 it over the mask's broadcast dims. Head dims 32, 64, 96, 128 and 256 (the forward's): at 256 both passes split
-the head dim between pairs of warps (design note). Not supported yet (clear error): dropout.
+the head dim between pairs of warps (design note). Dropout regenerates the forward's keep-mask from
+``saved = (philox,)`` (the Triton backend's contract, ``csrc/cuda/dropout.cuh``), in both passes.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def _ensure_loaded() -> None:
 
 
 def _cuda_attn_bwd_fake(grad_out, q, k, v, out, lse, mask, kv_state, kv_count, kv_index, q_state, q_count, q_index,
-                        scale, window_left, window_right, q_offset, need_mask_grad=False):  # fmt: skip
+                        scale, window_left, window_right, q_offset, need_mask_grad=False, philox=None,
+                        dropout_p=0.0):  # fmt: skip
     if need_mask_grad:
         dmask = q.new_empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=mask.dtype)
     else:
@@ -71,9 +73,7 @@ def summaries(spec: MaskSpec) -> tuple[Optional[Tensor], ...]:
 
 
 def unsupported_reason(q: Tensor, v: Tensor, dropout_p: float, need_mask_grad: bool) -> Optional[str]:
-    """Why the CUDA backward cannot run this problem, or None (``need_mask_grad`` is supported: dmask = dS)."""
-    if dropout_p > 0.0:
-        return f"dropout (dropout_p={dropout_p}) is not supported by the CUDA backward kernels yet"
+    """Why the CUDA backward cannot run this problem, or None (``need_mask_grad`` and dropout are supported)."""
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not supported (torch.float16 or torch.bfloat16)"
     if q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
@@ -99,6 +99,8 @@ def attn_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``(dq, dk, dv, dmask or None)`` from the forward's ``(out, lse)``: the Triton backward's contract.
 
+    ``saved``: ``(philox,)`` from the forward (CUDA's or Triton's: one keep-mask contract) when ``dropout_p > 0``.
+
     ``dmask`` only when ``need_mask_grad`` (a float mask): ``(B, Hq, Lq, Lk)`` in the mask's dtype.
 
     Only the lse format matters (natural log, ``(B, Hq, Lq)``, -inf for a row that attends nothing; cast
@@ -110,10 +112,18 @@ def attn_bwd(
     if need_mask_grad and (spec.tensor is None or not spec.tensor.dtype.is_floating_point):
         got = "no mask" if spec.tensor is None else f"a {spec.tensor.dtype} mask"
         raise ValueError(f"need_mask_grad: expected a floating attn_mask to differentiate, got {got}")
+    philox = None
+    if dropout_p > 0.0:
+        if len(saved) != 1 or saved[0].dtype != torch.int64 or saved[0].shape != (2,):
+            got = [(tuple(t.shape), t.dtype) for t in saved]
+            raise ValueError(
+                f"saved: expected (philox,), the forward's int64 [seed, offset] tensor, when dropout_p > 0, got {got}"
+            )
+        (philox,) = saved
     _ensure_loaded()
     left, right = spec.bounds
     dq, dk, dv, dmask = torch.ops.fastattn.cuda_attn_bwd(
         grad_out, q, k, v, out, lse.float(), spec.tensor, *summaries(spec), float(scale), left, right, spec.q_offset,
-        bool(need_mask_grad),
+        bool(need_mask_grad), philox, float(dropout_p),
     )  # fmt: skip
     return dq, dk, dv, (dmask if need_mask_grad else None)

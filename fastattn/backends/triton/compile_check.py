@@ -10,9 +10,10 @@ sm_75). Exit status 1 on a compile failure, any spill, or shared memory above th
 
 By default: every autotune config of the forward and the one config (``bwd.bwd_config``) of each
 backward kernel (dK/dV, dQ), for every dtype × head dim, with the simplest ("none") and the most
-complex ("float+window+dropout") mask variant. The backward is compiled as a real launch specialises
-it: unit last-dim and mask-key strides, 16-aligned pointers and row strides. ``--all``: the full product of mask kind ×
-causal (plus dropout) per config. Variants compile in worker processes (``--jobs``) that run
+complex ("float+window+dropout") mask variant, and "window" for the backward. The backward is
+compiled as a real launch specialises it: unit last-dim and mask-key strides, 16-aligned pointers
+and row strides. ``--all``: the full product of mask kind × causal (plus dropout) per config.
+Variants compile in worker processes (``--jobs``) that run
 without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
 """
 
@@ -60,6 +61,8 @@ MASK_VARIANTS = {
     "float+window+dropout": (2, True, True, True),
 }
 DEFAULT_MASKS = ("none", "float+window+dropout")
+# The backward also compiles "window": its non-mask config serves causal and windows too.
+BWD_DEFAULT_MASKS = ("none", "window", "float+window+dropout")
 ALL_MASKS = ("none", "causal", "window", "bool", "bool+causal", "float", "float+causal", "dropout",
              "float+window+dropout")  # fmt: skip
 
@@ -120,8 +123,11 @@ def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYP
                     bm, bn = fwd.fwd_tiles(d, d, tdt, arch, heavy)
                     for w, s in fwd.fwd_configs(bm, d, d, tdt, arch, heavy):
                         out.append(Variant("_attn_fwd_kernel", arch, dtype, d, mask, bm, bn, w, s))
+                for mask in ALL_MASKS if all_masks else BWD_DEFAULT_MASKS:
+                    kind, _, _, dropout = MASK_VARIANTS[mask]
                     # None: no spill-free config, the backend runs the reference backward instead.
-                    for name, (bm, bn, w, s) in zip(BWD_KERNELS, bwd.bwd_config(d, d, tdt, arch, heavy) or ()):
+                    config = bwd.bwd_config(d, d, tdt, arch, bool(kind) or dropout) or ()
+                    for name, (bm, bn, w, s) in zip(BWD_KERNELS, config):
                         out.append(Variant(name, arch, dtype, d, mask, bm, bn, w, s))
     return out
 

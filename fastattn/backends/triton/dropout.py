@@ -18,8 +18,10 @@ Contract (fixed; the forward and backward kernels both rely on it, do not change
   (as in ``fastattn.reference.attention_forward``).
 
 ``dropout_keep`` is the one ``@triton.jit`` helper that implements this (``dropout_keep_t`` is its
-transpose, for the backward's key-major tiles); ``dropout_keep_mask``
-materialises the mask (``(B, Hq, Lq, Lk)`` bool) for tests and debugging only.
+transpose, for the backward's key-major tiles); ``dropout_keep_mask`` materialises the mask
+(``(B, Hq, Lq, Lk)`` bool) for tests and debugging only. The CUDA backend implements the same contract
+bit for bit (``csrc/cuda/dropout.cuh``; its mask: ``fastattn.backends.cuda.dropout_keep_mask``), so
+either backend's backward replays the other's forward.
 """
 
 from __future__ import annotations
@@ -29,12 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._philox import philox_seed_offset
+
 __all__ = ["dropout_keep", "dropout_keep_t", "dropout_keep_mask", "philox_seed_offset"]
-
-
-def philox_seed_offset(device: torch.device | str) -> Tensor:
-    """``[seed, offset]`` (int64, on ``device``) drawn from torch's default generator of the device."""
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
 
 
 @triton.jit
