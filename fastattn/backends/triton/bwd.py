@@ -49,7 +49,7 @@ Registers (what made the first version spill on every bf16 d64/d128 GPU variant,
   ``Pᵀ``/``dSᵀ`` then enter ``dV += Pᵀ dO`` and ``dK += dSᵀ Q`` as the left operand in the layout the
   matmul produced; transposing a computed tile costs a shared-memory round trip and its registers.
   ``Qᵀ`` is loaded transposed from memory; masks, band and dropout are built in ``(key, query)``
-  shape directly (``_probs_tile_t``, ``band_allowed_t``, ``dropout_keep_t``: the same numbers).
+  shape directly (``_probs_tile(KEY_ROWS=True)``, ``band_allowed_t``, ``dropout_keep_t``: the same numbers).
 * Head dims are ``tl.constexpr`` (as in the forward) and the launcher passes rows with a unit last
   stride only (other layouts are copied), so the kernels take no head-dim strides: column masks are
   known to be uniform over vectors and loads/stores are 16 bytes wide. The first version's spill
@@ -61,7 +61,7 @@ Registers (what made the first version spill on every bf16 d64/d128 GPU variant,
   ``bwd_config``: the first spill-free entry of a preference order, found with ``fastattn
   compile-check`` (which compiles exactly these variants on every run of ``make test``). Typical
   (Triton 3.8, bf16, no mask; dK/dV ``BLOCK_M x BLOCK_N``, dQ ``BLOCK_M x BLOCK_N``, 8 warps):
-  sm_90 d64 64x128 / 128x64, d128 32x128 / 128x64 (wgmma); sm_80 d64 32x128 / 128x64, d128 64x64 /
+  sm_90 d64 64x128 / 128x64, d128 32x128 / 128x64 (wgmma); sm_80 d64 32x128 / 128x64, d128 32x64 /
   128x32 (mma.sync). A mask tensor or dropout (a mask tile and Philox draws per score) takes
   narrower tiles. Not autotuned: the tile summary depends on the blocks, and nothing has timed
   alternatives on a GPU yet.
@@ -85,6 +85,7 @@ from torch import Tensor
 from ...masks import MaskSpec, TileSummary
 from ._common import TILE_FULL, apply_tensor_mask, band_allowed, band_allowed_t, load_tensor_mask
 from .dropout import dropout_keep, dropout_keep_t
+from .fwd import _arch, _last_dim_contiguous
 
 __all__ = [
     "attn_bwd",
@@ -102,20 +103,8 @@ INTERPRET_BLOCKS = (32, 32, 32, 32)
 INTERPRET_BLOCKS_LONG = (64, 64, 64, 64)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _pow2_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
-
-
-def _arch(device: torch.device) -> Optional[int]:
-    """Compute capability as 90/80/75, or None when interpreting on CPU tensors."""
-    if _interpreting() or device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
 
 
 def bwd_config(
@@ -249,11 +238,6 @@ def _transposed_lists(state: Tensor) -> tuple[Tensor, Tensor]:
     return t.kv_count, t.kv_index
 
 
-def _unit_last(t: Tensor) -> Tensor:
-    """``t`` itself when its last dim has unit stride (or size 1), else a contiguous copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _rows(t: Tensor) -> tuple[int, int, int]:
     """Batch, head and row strides of a ``(B, H, L, D)`` tensor whose last dim has unit stride."""
     return t.stride()[:3]
@@ -292,51 +276,44 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _probs_tile_t(
-    s_t, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, need_mask, seqlen_q, seqlen_k, left, right, q_offset,
-    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-):  # fmt: skip
-    """``Pᵀ = exp2(sᵀ - lse2)`` of one ``(BLOCK_N, BLOCK_M)`` tile of transposed scaled scores (exp2 domain).
-
-    Rows are keys ``offs_n``, columns queries ``offs_m``: the dK/dV pass forms ``Sᵀ = K Qᵀ`` directly,
-    so ``Pᵀ`` and ``dSᵀ`` enter ``dV += Pᵀ dO`` and ``dK += dSᵀ Q`` as the left operand in the layout
-    the matmul produced (transposing a computed tile costs a shared-memory round trip and registers).
-    ``lse2`` is ``lse * log2(e)`` with +inf for an empty row (lse = -inf) and rows past ``seqlen_q``,
-    so those columns give 0, never NaN. ``need_mask`` false (a FULL tile) skips the mask load.
-    """
-    if HAS_LEFT or HAS_RIGHT:
-        allowed = band_allowed_t(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
-    else:
-        allowed = offs_n[:, None] < seqlen_k
-    if MASK_KIND == 0:
-        s_t = tl.where(allowed, s_t, float("-inf"))
-    else:
-        # The mask's (key, query) tile: the row/column roles of load_tensor_mask swapped.
-        tile = load_tensor_mask(
-            mask_base, stride_mn, stride_mm, offs_n, offs_m, seqlen_k, seqlen_q, need_mask, MASK_KIND
-        )
-        s_t = apply_tensor_mask(s_t, allowed, tile, 1.4426950408889634, MASK_KIND)
-    return tl.exp2(s_t - lse2[None, :])
-
-
-@triton.jit
 def _probs_tile(
     s, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, need_mask, seqlen_q, seqlen_k, left, right, q_offset,
-    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, KEY_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """``P = exp2(s - lse2)`` of one ``(BLOCK_M, BLOCK_N)`` tile of scaled scores ``s`` (the dQ pass's)."""
-    if HAS_LEFT or HAS_RIGHT:
-        allowed = band_allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
+    """``P = exp2(s - lse2)`` of one tile of scaled scores (exp2 domain).
+
+    ``(BLOCK_M, BLOCK_N)`` (the dQ pass), or with ``KEY_ROWS`` the transposed ``(BLOCK_N, BLOCK_M)``: the
+    dK/dV pass forms ``Sᵀ = K Qᵀ`` directly, so ``Pᵀ`` and ``dSᵀ`` enter ``dV += Pᵀ dO`` and
+    ``dK += dSᵀ Q`` as the left operand in the layout the matmul produced (transposing a computed tile
+    costs a shared-memory round trip and its registers). ``lse2`` is ``lse * log2(e)`` with +inf for an
+    empty row (lse = -inf) and rows past ``seqlen_q``, so those give 0, never NaN. ``need_mask`` false
+    (a FULL tile) skips the mask load.
+    """
+    if KEY_ROWS:
+        if HAS_LEFT or HAS_RIGHT:
+            allowed = band_allowed_t(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
+        else:
+            allowed = offs_n[:, None] < seqlen_k
+        lse2 = lse2[None, :]
     else:
-        allowed = offs_n[None, :] < seqlen_k
+        if HAS_LEFT or HAS_RIGHT:
+            allowed = band_allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
+        else:
+            allowed = offs_n[None, :] < seqlen_k
+        lse2 = lse2[:, None]
     if MASK_KIND == 0:
         s = tl.where(allowed, s, float("-inf"))
     else:
-        tile = load_tensor_mask(
-            mask_base, stride_mm, stride_mn, offs_m, offs_n, seqlen_q, seqlen_k, need_mask, MASK_KIND
-        )
+        if KEY_ROWS:  # the mask's (key, query) tile: the row/column roles of load_tensor_mask swapped
+            tile = load_tensor_mask(
+                mask_base, stride_mn, stride_mm, offs_n, offs_m, seqlen_k, seqlen_q, need_mask, MASK_KIND
+            )
+        else:
+            tile = load_tensor_mask(
+                mask_base, stride_mm, stride_mn, offs_m, offs_n, seqlen_q, seqlen_k, need_mask, MASK_KIND
+            )
         s = apply_tensor_mask(s, allowed, tile, 1.4426950408889634, MASK_KIND)
-    return tl.exp2(s - lse2[:, None])
+    return tl.exp2(s - lse2)
 
 
 @triton.jit
@@ -407,9 +384,9 @@ def _attn_bwd_dkdv_kernel(
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             delta = tl.load(Delta + bh * seqlen_q + offs_m, mask=m_in, other=0.0).to(ACC)
             s_t = tl.dot(k, q_t, out_dtype=ACC, input_precision=DOT_PRECISION) * qk_scale2
-            p_t = _probs_tile_t(
+            p_t = _probs_tile(
                 s_t, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, tile_state != TILE_FULL,
-                seqlen_q, seqlen_k, left, right, q_offset, MASK_KIND, HAS_LEFT, HAS_RIGHT,
+                seqlen_q, seqlen_k, left, right, q_offset, MASK_KIND, HAS_LEFT, HAS_RIGHT, True,
             )  # fmt: skip
             dp_t = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision=DOT_PRECISION)
             if DROPOUT:
@@ -494,7 +471,7 @@ def _attn_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=DOT_PRECISION) * qk_scale2
         p = _probs_tile(
             s, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, tile_state != TILE_FULL,
-            seqlen_q, seqlen_k, left, right, q_offset, MASK_KIND, HAS_LEFT, HAS_RIGHT,
+            seqlen_q, seqlen_k, left, right, q_offset, MASK_KIND, HAS_LEFT, HAS_RIGHT, False,
         )  # fmt: skip
         dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -574,9 +551,10 @@ def _launch(
     # with a unit last stride (vectorised, and what Triton specialises on), so other layouts go
     # through a contiguous copy.
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    q, k, v, grad_out = (_unit_last(t) for t in (q, k, v, grad_out))
+    q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
     dq_k, dk_k, dv_k = (
-        t if _unit_last(t) is t else torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (dq, dk, dv)
+        t if _last_dim_contiguous(t) is t else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        for t in (dq, dk, dv)
     )
     if need_mask_grad:
         dmask = torch.empty(batch, heads_q, seqlen_q, seqlen_k, dtype=mask.dtype, device=q.device)
