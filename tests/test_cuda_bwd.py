@@ -439,11 +439,6 @@ def test_head_dim_256_end_to_end(monkeypatch):
         assert_close(leaf.grad, ref, bl, factor=3, name=name)
 
 
-def rows_named(rows, kernel: str, head_dim: int) -> set:
-    """Mangled names among ptxas ``rows`` of ``kernel`` at ``head_dim`` (Itanium: ``Li<head_dim>E``)."""
-    return {r["kernel"] for r in rows if kernel in r["kernel"] and f"Li{head_dim}E" in r["kernel"]}
-
-
 @pytest.mark.full
 @pytest.mark.skipif(_ext.unavailable_reason("cuda") is not None, reason=str(_ext.unavailable_reason("cuda")))
 def test_real_kernel_sass_has_tensor_cores_and_no_spills(tmp_path):
@@ -466,10 +461,7 @@ def test_real_kernel_sass_has_tensor_cores_and_no_spills(tmp_path):
     rows = [r for r in ci_check.parse_ptxas(log.stdout + log.stderr) if "attn_bwd_d" in r["kernel"]]
     # per arch, dtype and head dim: the dK/dV kernel and the two dQ instantiations
     assert len(rows) == 2 * 2 * 3 * len(cuda_bwd.HEAD_DIMS), [r["kernel"] for r in rows]
-    # One known spill (the design note): dK/dV at D = 256 on sm_80 with the dropout path, 16 bytes (8 stored).
-    known = {(kernel, "sm_80") for kernel in rows_named(rows, "attn_bwd_dkdv_kernel", 256)}
-    spills = [(r["kernel"], r["arch"], r["spill"]) for r in rows if r["spill"]]
-    assert all((k, a) in known and n <= 16 for k, a, n in spills), spills
+    assert not [r for r in rows if r["spill"]], [(r["kernel"], r["arch"], r["spill"]) for r in rows if r["spill"]]
     counts = ci_check.sass_counts(cuobjdump, str(obj))
     kernels = {key: c for key, c in counts.items() if "attn_bwd_d" in key[0]}
     assert len(kernels) == len(rows)

@@ -56,18 +56,19 @@
 //         and the per-sub-tile K/V loads were in), and its key sub-tile is 16 at D >= 128 (32 spilled
 //         16 bytes on sm_90 at D = 128).
 //         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16) with the dropout path (a runtime
-//         branch: every launch pays its registers), spill bytes (stored + loaded) in brackets
-//         (dQ+dS: the dS-writing instantiation, below):
+//         branch: every launch pays its registers), no spills (dQ+dS: the dS-writing instantiation, below):
 //             D                32    64    96   128   256
-//             dK/dV  sm_80    160   212   224   251   255 (16)
+//             dK/dV  sm_80    160   212   224   251   246
 //             dK/dV  sm_90    140   209   230   254   255
 //             dQ     sm_80    210   242   254   233   216
 //             dQ     sm_90    210   242   254   242   217
 //             dQ+dS  sm_80    216   224   246   240   214
 //             dQ+dS  sm_90    216   232   248   248   219
-//         preprocess: 32-56. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS. The one
-//         spill left, dK/dV at D = 256 on sm_80 (8 bytes stored), is the dropout path's: before it that
-//         kernel took 247 registers; ci_check warns. Before dropout and D = 256: dK/dV sm_80 99 / 222 /
+//         preprocess: 32-56. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS. dK/dV at
+//         D = 256 draws its keep bits after the pair's exchange (Dropout, below): drawn before the matmuls,
+//         as at D <= 128, it took 255 registers and spilled 8 + 8 bytes on sm_80 (255, none, on sm_90);
+//         drawn once per query tile for both sub-tiles, 255 and 16 + 16 (sm_90 251); before the dropout
+//         path, 247. Before dropout and D = 256: dK/dV sm_80 99 / 222 /
 //         242 / 255 (28), sm_90 126 / 218 / 248 / 255 (8); dQ sm_80 134 / 178 / 168 / 254, sm_90 140 / 186
 //         / 179 / 180. No headroom is left in dK/dV at D >= 128 and dQ at D = 96: whatever adds live state
 //         where P is formed must be re-checked here (ci_check).
@@ -103,7 +104,9 @@
 //         Triton contract; nothing stored): each lane draws the keep bits of its elements into one 32-bit
 //         word before the matmuls that produce S and dP (few registers live then), in a rolled loop, one
 //         Philox per score, per query sub-tile in the dK/dV pass and per key tile in the dQ pass (the
-//         placements that spilled least), and applies Z where P is formed (a select, like tl.where).
+//         placements that spilled least), and applies Z where P is formed (a select, like tl.where). At
+//         D = 256 the dK/dV pass draws them after the pair's exchange of S and dP instead (kLateBits: of the
+//         placements tried the only one without a spill on sm_80; same bits, same arithmetic: bit-identical).
 //         The dmask path (dS) includes it. delta = rowsum(dO∘O) needs nothing: O already holds dropout.
 //         A runtime branch, uniform per launch; its registers are in the tables above.
 #include "attn_common.cuh"
@@ -318,6 +321,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
     using Cfg = Tile<D>;
     constexpr int kLd = Cfg::kLd, kBM = kBlockMkv, kSub = Cfg::kSubKv;
     constexpr int kKeys = Cfg::kKeysKv, kDw = Cfg::kDw, kKeyWarps = 4 / Cfg::kSplit;
+    constexpr bool kLateBits = Cfg::kSplit > 1;  // dropout's keep bits drawn after S and dP (D = 256), else before
     FA_DYNAMIC_SMEM(T, smem);
     T* sK = smem;                        // [kKeys][kLd]
     T* sV = sK + Cfg::kKVElems;          // [kKeys][kLd]
@@ -410,15 +414,20 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
             // query q0 + sub + 8ni + 2t + e%2. Not unrolled: two sub-tiles in flight spilled at D = 128 (design note).
 #pragma unroll 1
             for (int sub = 0; sub < kBM; sub += kSub) {
-                // Dropout: the keep bits of these Sᵀ elements (rows keys, columns queries), drawn before S is live
-                // (per sub-tile here: per query tile, ptxas spills more at D = 128 on sm_90).
-                const uint32_t bits = dropout ? dropout::keep_bits<kSub, true>(p.dropout, p.seqlen_q, p.seqlen_k, bh,
-                                                                              k0 + kw * 16, q0 + sub, lane)
-                                              : 0u;
+                // Dropout: the keep bits of these Sᵀ elements (rows keys, columns queries), per sub-tile (per query
+                // tile, ptxas spills more at D = 128 on sm_90), drawn before S is live; at D = 256 after the pair's
+                // exchange instead (drawn before, the word stays live across the matmuls and sm_80 spilled).
+                uint32_t bits = 0u;
+                if (dropout && !kLateBits)
+                    bits = dropout::keep_bits<kSub, true>(p.dropout, p.seqlen_q, p.seqlen_k, bh, k0 + kw * 16, q0 + sub,
+                                                          lane);
                 float s[kSub / 8][4], dp[kSub / 8][4];
                 mma_abt<T, D, kSub, kDw>(s, sK + kw * 16 * kLd + c0, sQ + sub * kLd + c0, lane);
                 mma_abt<T, D, kSub, kDw>(dp, sV + kw * 16 * kLd + c0, sdO + sub * kLd + c0, lane);
                 if (Cfg::kSplit > 1) sum_halves<kSub>(s, dp, sX, warp, lane);
+                if (dropout && kLateBits)
+                    bits = dropout::keep_bits<kSub, true>(p.dropout, p.seqlen_q, p.seqlen_k, bh, k0 + kw * 16, q0 + sub,
+                                                          lane);
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                     const int j = k0 + kw * 16 + g + 8 * r;
