@@ -678,13 +678,7 @@ const char* launch_typed(const AttnBwdParams& p, void* stream) {
                      stream, p);
     if (p.seqlen_q > 0) FA_LAUNCH_KERNEL(dqk, dim3(n_qdq, unsigned(p.heads_q), unsigned(p.batch)), dim3(kThreads),
                                          Cfg::kDqSmem, stream, p);
-#ifdef FASTATTN_EMULATE
-    (void)stream;
-    return nullptr;
-#else
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-#endif
+    return fa_launch_status();
 }
 
 template <class T>

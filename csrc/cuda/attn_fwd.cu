@@ -359,13 +359,7 @@ const char* launch_typed(const AttnFwdParams& p, void* stream) {
 #endif
     const dim3 grid(unsigned((p.seqlen_q + kBlockM - 1) / kBlockM), unsigned(p.heads_q), unsigned(p.batch));
     FA_LAUNCH_KERNEL(kernel, grid, dim3(kThreads), kSmem, stream, p);
-#ifdef FASTATTN_EMULATE
-    (void)stream;
-    return nullptr;
-#else
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-#endif
+    return fa_launch_status();
 }
 
 template <class T>

@@ -26,13 +26,7 @@ const char* launch(const DropoutMaskParams& p, void* stream) {
     const int64_t blocks = (total + kThreads - 1) / kThreads;
     if (blocks > 0x7fffffff) return "dropout_mask: more than 2^31 - 1 blocks of 128 elements";
     FA_LAUNCH_KERNEL(dropout_mask_kernel, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, p);
-#ifdef FASTATTN_EMULATE
-    (void)stream;
-    return nullptr;
-#else
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-#endif
+    return fa_launch_status();
 }
 
 }  // namespace dropout_mask

@@ -44,6 +44,17 @@
     type* name = reinterpret_cast<type*>(fa_dynamic_smem_)
 #endif
 
+// What a launcher returns after its launches: nullptr, or the CUDA error of the last one. The emulator
+// runs kernels synchronously and reports its errors itself, so there it is always nullptr.
+inline const char* fa_launch_status() {
+#ifdef FASTATTN_EMULATE
+    return nullptr;
+#else
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+#endif
+}
+
 namespace fa {
 
 #ifdef FASTATTN_EMULATE

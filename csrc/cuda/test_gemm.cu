@@ -151,12 +151,7 @@ const char* launch_typed(const TestGemmParams& p, void* stream) {
     FA_LAUNCH_KERNEL(gemm_kernel<T>, grid, dim3(kThreads), kSmemBytes, stream,
                      static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.c, p.k, p.lda, p.ldb,
                      p.ldc);
-#ifdef FASTATTN_EMULATE
-    return nullptr;
-#else
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-#endif
+    return fa_launch_status();
 }
 
 const char* launch(const TestGemmParams& p, void* stream) {
