@@ -23,10 +23,10 @@ $(VENV_STAMP): requirements-dev.txt pyproject.toml
 TEST_DEPS := compile-check
 -include mk/*.mk
 
-# The Triton kernels compiled for Turing, Ampere and Hopper without a GPU: fails on a compile
+# The Triton kernels compiled for Turing, Ampere (A100 and the 99 KB sm_86/89 parts) and Hopper without a GPU: fails on a compile
 # error, any spill, shared memory over the arch's limit, or fp16/bf16 without tensor-core MMA.
 compile-check: $(VENV_STAMP)
-	$(VENV)/bin/fastattn compile-check --arch sm_75,sm_80,sm_90
+	$(VENV)/bin/fastattn compile-check --arch sm_75,sm_80,sm_86,sm_90
 
 test: $(VENV_STAMP) lint $(TEST_DEPS) test-py
 

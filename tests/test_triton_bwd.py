@@ -371,6 +371,10 @@ def test_bwd_config_table():
             assert bm >= 16 and bn >= 16 and warps in (1, 2, 4, 8) and stages in (1, 2, 3)
     assert bwd.bwd_config(64, 128, torch.float16, 80, False) == bwd.bwd_config(128, 128, torch.float16, 80, False)
     assert bwd.bwd_config(64, 64, torch.float16, None, True) == ((32, 32, 4, 1), (32, 32, 4, 1))
+    # sm_86/sm_89 (99 KB of shared memory) take their own entries where sm_80's need more; sm_87 too.
+    for arch in (86, 87, 89):
+        assert bwd.bwd_config(256, 256, torch.bfloat16, arch) != bwd.bwd_config(256, 256, torch.bfloat16, 80)
+        assert bwd.bwd_config(64, 64, torch.bfloat16, arch) == bwd.bwd_config(64, 64, torch.bfloat16, 80)
 
 
 def test_dropout_same_seed_same_gradients():

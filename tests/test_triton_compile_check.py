@@ -82,12 +82,12 @@ def test_wrong_mma_is_flagged(compiled, capsys):
 def test_parser_and_variant_sets():
     parser = argparse.ArgumentParser()
     cc.add_compile_check_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["compile-check", "--arch", "sm_80,sm_90", "--json", "x.json"])
-    assert args.arch == [80, 90] and args.json == "x.json" and args.func is cc.run_compile_check
+    args = parser.parse_args(["compile-check", "--arch", "sm_80,sm_86,sm_90", "--json", "x.json"])
+    assert args.arch == [80, 86, 90] and args.json == "x.json" and args.func is cc.run_compile_check
     with pytest.raises(SystemExit):
         parser.parse_args(["compile-check", "--arch", "sm_70"])
-    default = cc.variants([75, 80, 90], all_masks=False)
-    full = cc.variants([75, 80, 90], all_masks=True)
+    default = cc.variants([75, 80, 86, 90], all_masks=False)
+    full = cc.variants([75, 80, 86, 90], all_masks=True)
     fwd_default = [v for v in default if v.kernel == "_attn_fwd_kernel"]
     assert {v.mask for v in fwd_default} == set(cc.DEFAULT_MASKS) and {v.mask for v in full} == set(cc.ALL_MASKS)
     assert {v.head_dim for v in default} == set(cc.HEAD_DIMS)

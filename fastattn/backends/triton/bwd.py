@@ -112,7 +112,8 @@ def bwd_config(
 ) -> Optional[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
     """``((BLOCK_M, BLOCK_N, num_warps, num_stages) of dK/dV, (the same) of dQ)`` for one variant, or None
     where no spill-free config exists (sm_75 beyond fp16 at head dims <= 64: the backend's backward then
-    runs the reference backward, see ``fallback_reason``).
+    runs the reference backward, see ``fallback_reason``). sm_86/sm_89 (99 KB of shared memory per block)
+    take ``_BWD_CONFIGS_99KB`` where sm_80's entry needs more.
 
     ``arch`` is the compute capability (90, 80, 75; None = the interpreter: one fixed 32 x 32 tile);
     ``heavy``: a mask tensor or dropout. The dK/dV pass keeps ``BLOCK_N`` keys resident and streams
@@ -128,7 +129,10 @@ def bwd_config(
     if dtype == torch.float64:  # gradcheck only; no tensor cores, never compile-checked
         return (16, 32, 4, 1), (32, 16, 4, 1)
     family = 90 if arch >= 90 else (80 if arch >= 80 else 75)
-    return _BWD_CONFIGS.get((family, dtype == torch.float32, d, heavy))
+    key = (family, dtype == torch.float32, d, heavy)
+    if 80 < arch < 90 and key[1:] in _BWD_CONFIGS_99KB:  # sm_86/sm_89: 99 KB of shared memory per block
+        return _BWD_CONFIGS_99KB[key[1:]]
+    return _BWD_CONFIGS.get(key)
 
 
 # From ``fastattn compile-check`` with Triton 3.8 (see ``bwd_config``); sm_75 has entries only where a
@@ -182,6 +186,18 @@ _BWD_CONFIGS: dict = {
     (75, False,  16, True ): ((32, 64, 8, 1), (64, 64, 8, 1)),
     (75, False,  32, True ): ((16, 64, 8, 1), (128, 32, 8, 1)),
     (75, False,  64, True ): ((16, 16, 4, 1), (32, 32, 8, 1)),
+}
+# sm_86/sm_89 (99 KB of shared memory per block, against sm_80's 163): the sm_80 entries above that
+# need more, or spill with sm_86's ptxas (fastattn compile-check --arch sm_86), replaced by the next
+# spill-free candidates.
+_BWD_CONFIGS_99KB: dict = {
+    # (fp32, head dim, heavy): ((dK/dV ...), (dQ ...))
+    (False, 128, True):  ((16, 32, 4, 2), (64, 32, 8, 2)),  # sm_80's dQ 64x64 spills 16 B on sm_86
+    (False, 256, False): ((16, 64, 8, 2), (32, 32, 4, 2)),
+    (True,   64, True):  ((16, 128, 8, 2), (32, 64, 4, 2)),
+    (True,  128, False): ((16, 64, 8, 2), (32, 32, 4, 2)),
+    (True,  128, True):  ((16, 64, 8, 2), (32, 32, 4, 2)),
+    (True,  256, False): ((16, 16, 4, 1), (16, 16, 4, 1)),
 }
 # fmt: on
 

@@ -1,4 +1,4 @@
-"""``fastattn compile-check``: compile the Triton kernels for sm_75/sm_80/sm_90 with no GPU and audit them.
+"""``fastattn compile-check``: compile the Triton kernels for sm_75/80/86/90 with no GPU and audit them.
 
 Each variant (kernel × dtype × head dim × mask variant × autotune config) is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``. Registers and spill bytes
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 # Shared memory per block that a kernel may use (opt-in maximum), bytes.
-SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 75: 64 * 1024}
+SMEM_LIMIT = {90: 227 * 1024, 86: 99 * 1024, 80: 163 * 1024, 75: 64 * 1024}  # sm_86 stands for sm_86/sm_89
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 DTYPES = ("fp16", "bf16", "fp32")
 # Mask variant → (MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT).
@@ -327,7 +327,7 @@ def _parse_archs(text: str) -> list[int]:
         m = re.fullmatch(r"\s*sm_?(\d+)\s*", part)
         if not m or int(m.group(1)) not in SMEM_LIMIT:
             raise argparse.ArgumentTypeError(
-                f"--arch: expected a comma-separated list of sm_75, sm_80, sm_90, got {text!r}"
+                f"--arch: expected a comma-separated list of sm_75, sm_80, sm_86, sm_90, got {text!r}"
             )
         archs.append(int(m.group(1)))
     return archs
@@ -337,10 +337,10 @@ def add_compile_check_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the ``compile-check`` subcommand to ``fastattn``'s CLI (``subparsers`` from ``add_subparsers``)."""
     p = subparsers.add_parser(
         "compile-check",
-        help="compile the Triton kernels for sm_75/sm_80/sm_90 without a GPU; report registers, spills, shared, MMA",
+        help="compile the Triton kernels for sm_75/80/86/90 without a GPU; report registers, spills, shared, MMA",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--arch", type=_parse_archs, default=[75, 80, 90], help="e.g. sm_75,sm_80,sm_90 (default)")
+    p.add_argument("--arch", type=_parse_archs, default=[75, 80, 86, 90], help="e.g. sm_75,sm_80,sm_86,sm_90 (default)")
     p.add_argument("--all", action="store_true", help="the full product: every mask kind × causal per config")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON (for the benchmark report)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")

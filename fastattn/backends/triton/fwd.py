@@ -124,7 +124,20 @@ def fwd_configs(
     if arch >= 90 and block_m >= 128 and dtype != torch.float32 and not heavy:
         # Measured: 2 stages crash ptxas (-11) at head dim 16; 3 stages spill 8 bytes at 80..128 (fp16).
         return {16: [(warps, 3)], 32: [(warps, 3)], 64: [(warps, 3), (warps, 2)]}.get(d, [(warps, 2)])
+    if 80 < arch < 90:
+        stages = _STAGES_SM86.get((d, dtype == torch.float32, heavy), stages)
     return [(warps, stages)]
+
+
+# sm_86/sm_89 (99 KB of shared memory per block, sm_80: 163; fastattn compile-check --arch sm_86):
+# (head dim, fp32, heavy) variants whose sm_80 stages need 104-116 KB, or spill 8 bytes there.
+_STAGES_SM86 = {
+    (256, False, False): 1,
+    (64, True, True): 1,
+    (256, True, False): 1,
+    (16, True, True): 2,
+    (32, True, True): 2,
+}
 
 
 def _seq_bucket(seqlen_q: int, seqlen_k: int) -> int:
