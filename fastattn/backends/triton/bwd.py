@@ -85,7 +85,7 @@ from torch import Tensor
 from ...masks import MaskSpec, TileSummary
 from ._common import TILE_FULL, apply_tensor_mask, band_allowed, band_allowed_t, load_tensor_mask
 from .dropout import dropout_keep, dropout_keep_t
-from .fwd import _arch, _last_dim_contiguous
+from .fwd import _arch, _last_dim_contiguous, _pow2_dim
 
 __all__ = [
     "attn_bwd",
@@ -103,10 +103,6 @@ INTERPRET_BLOCKS = (32, 32, 32, 32)
 INTERPRET_BLOCKS_LONG = (64, 64, 64, 64)
 
 
-def _pow2_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
 def bwd_config(
     head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: Optional[int], heavy: bool = False
 ) -> Optional[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
@@ -115,13 +111,13 @@ def bwd_config(
     runs the reference backward, see ``fallback_reason``). sm_86/sm_89 (99 KB of shared memory per block)
     take ``_BWD_CONFIGS_99KB`` where sm_80's entry needs more.
 
-    ``arch`` is the compute capability (90, 80, 75; None = the interpreter: one fixed 32 x 32 tile);
-    ``heavy``: a mask tensor or dropout. The dK/dV pass keeps ``BLOCK_N`` keys resident and streams
+    ``arch`` is the compute capability (e.g. 90, 89, 86, 80, 75; None = the interpreter: one fixed 32 x 32
+    tile); ``heavy``: a mask tensor or dropout. The dK/dV pass keeps ``BLOCK_N`` keys resident and streams
     ``BLOCK_M`` query rows, the dQ pass the reverse. Each entry is the first spill-free choice, in an
     order of preference (large resident tiles first; tensor-core MMA kept: wgmma on sm_90 wherever the
-    tile has the 64 rows it needs), that ``fastattn compile-check``
-    found for Triton 3.8's ptxas; the check compiles exactly these. Not autotuned: the tile summary
-    depends on the blocks, and no GPU has timed alternatives yet. fp16 and bf16 share entries.
+    tile has the 64 rows it needs), that ``fastattn compile-check`` found for Triton 3.8's ptxas; the
+    check compiles exactly these. Not autotuned: the tile summary depends on the blocks, and no GPU has
+    timed alternatives yet. fp16 and bf16 share entries.
     """
     if arch is None:
         return (32, 32, 4, 1), (32, 32, 4, 1)
