@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _cuda_support import emulate, sass_audit  # noqa: F401
 
 from fastattn import _ext
 from fastattn import reference as oracle
@@ -32,15 +33,6 @@ KINDS = (
     "none", "causal", "bool", "key_padding", "float", "window", "causal_mask", "causal_padding", "q_offset",
     "window_offset",
 )  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def emulate():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTATTN_CUDA_EMULATE", "1")
-        mp.delenv("FASTATTN_EMULATE_ORDER", raising=False)
-        cuda_bwd._ensure_loaded()
-        yield
 
 
 def _setup(b, hq, hkv, lq, lk, d, dtype, kind, seed=0):
@@ -444,26 +436,6 @@ def test_head_dim_256_end_to_end(monkeypatch):
 def test_real_kernel_sass_has_tensor_cores_and_no_spills(tmp_path):
     """nvcc (compile only, sm_80 and sm_90): every backward variant (head dims 32-256, fp16/bf16, the dS-writing
     dQ kernel) has HMMA, LDSM and LDGSTS in its SASS and no spills (the design note's table)."""
-    import subprocess
-    from pathlib import Path
-
-    from fastattn._ext import _sources, ci_check
-
-    home = _ext.find_cuda_home()
-    cuobjdump = ci_check.find_cuobjdump(home)
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not found")
-    root = _sources.csrc_root()
-    obj = tmp_path / "attn_bwd.o"
-    cmd = [str(Path(home) / "bin" / "nvcc"), "-std=c++17", "-O3", "-Xptxas=-v", "--expt-relaxed-constexpr"]
-    cmd += [f"-I{root}", "-c", *_sources.gencode_flags(["8.0", "9.0"]), str(root / "cuda" / "attn_bwd.cu")]
-    log = subprocess.run([*cmd, "-o", str(obj)], capture_output=True, text=True, check=True)
-    rows = [r for r in ci_check.parse_ptxas(log.stdout + log.stderr) if "attn_bwd_d" in r["kernel"]]
+    rows = sass_audit(tmp_path, "attn_bwd.cu", "attn_bwd_d")
     # per arch, dtype and head dim: the dK/dV kernel and the two dQ instantiations
     assert len(rows) == 2 * 2 * 3 * len(cuda_bwd.HEAD_DIMS), [r["kernel"] for r in rows]
-    assert not [r for r in rows if r["spill"]], [(r["kernel"], r["arch"], r["spill"]) for r in rows if r["spill"]]
-    counts = ci_check.sass_counts(cuobjdump, str(obj))
-    kernels = {key: c for key, c in counts.items() if "attn_bwd_d" in key[0]}
-    assert len(kernels) == len(rows)
-    for (name, arch), c in kernels.items():
-        assert c["HMMA"] > 0 and c["LDSM"] > 0 and c["LDGSTS"] > 0, (name, arch, c)

@@ -20,6 +20,7 @@ import math
 
 import pytest
 import torch
+from _cuda_support import emulate  # noqa: F401
 
 import fastattn
 from fastattn import _ext
@@ -35,15 +36,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 triton_dropout = pytest.importorskip("fastattn.backends.triton.dropout", reason="triton is not installed")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def emulate():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTATTN_CUDA_EMULATE", "1")
-        mp.delenv("FASTATTN_EMULATE_ORDER", raising=False)
-        cuda_bwd._ensure_loaded()
-        yield
 
 
 def _philox(seed: int, offset: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import itertools
 
 import pytest
 import torch
+from _cuda_support import emulate, sass_audit  # noqa: F401
 
 import fastattn
 from fastattn import _ext
@@ -27,15 +28,6 @@ from fastattn.testing import assert_close
 pytestmark = pytest.mark.skipif(
     _ext.unavailable_reason("cuda_emulate") is not None, reason=str(_ext.unavailable_reason("cuda_emulate"))
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def emulate():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTATTN_CUDA_EMULATE", "1")
-        mp.delenv("FASTATTN_EMULATE_ORDER", raising=False)
-        cuda_backend._ensure_loaded()
-        yield
 
 
 def _inputs(b, hq, hkv, lq, lk, d, dtype, mask_kind, seed):
@@ -284,25 +276,5 @@ def test_torch_compile_fullgraph():
 @pytest.mark.skipif(_ext.unavailable_reason("cuda") is not None, reason=str(_ext.unavailable_reason("cuda")))
 def test_real_kernel_sass_has_tensor_cores_and_no_spills(tmp_path):
     """nvcc (compile only, sm_80 and sm_90): every variant's SASS has HMMA, LDSM and LDGSTS, and no spills."""
-    import subprocess
-    from pathlib import Path
-
-    from fastattn._ext import _sources, ci_check
-
-    home = _ext.find_cuda_home()
-    cuobjdump = ci_check.find_cuobjdump(home)
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not found")
-    root = _sources.csrc_root()
-    obj = tmp_path / "attn_fwd.o"
-    cmd = [str(Path(home) / "bin" / "nvcc"), "-std=c++17", "-O3", "-Xptxas=-v", f"-I{root}", "-c"]
-    cmd += [*_sources.gencode_flags(["8.0", "9.0"]), str(root / "cuda" / "attn_fwd.cu"), "-o", str(obj)]
-    log = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    rows = [r for r in ci_check.parse_ptxas(log.stdout + log.stderr) if "attn_fwd_kernel" in r["kernel"]]
+    rows = sass_audit(tmp_path, "attn_fwd.cu", "attn_fwd_kernel")
     assert len(rows) == 2 * 2 * len(cuda_backend.HEAD_DIMS), [r["kernel"] for r in rows]
-    assert not [r for r in rows if r["spill"]], [(r["kernel"], r["arch"], r["spill"]) for r in rows if r["spill"]]
-    counts = ci_check.sass_counts(cuobjdump, str(obj))
-    kernels = {key: c for key, c in counts.items() if "attn_fwd_kernel" in key[0]}
-    assert len(kernels) == len(rows)
-    for (name, arch), c in kernels.items():
-        assert c["HMMA"] > 0 and c["LDSM"] > 0 and c["LDGSTS"] > 0, (name, arch, c)
