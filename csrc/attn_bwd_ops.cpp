@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     const c10::cuda::OptionalCUDAGuard guard(q.device());
 #endif
     const auto alloc = [&](const at::Tensor& like) {
-        return kEmulate ? at::full(like.sizes(), std::numeric_limits<float>::quiet_NaN(), like.options())
+        return poison_outputs() ? at::full(like.sizes(), std::numeric_limits<float>::quiet_NaN(), like.options())
                         : at::empty(like.sizes(), like.options());
     };
     at::Tensor dq = alloc(q), dk = alloc(k), dv = alloc(v);
@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     at::Tensor dmask = at::empty({0}, q.options());
     if (need_mask_grad) {
         const std::vector<int64_t> shape{batch, heads_q, seqlen_q, seqlen_k};
-        dmask = kEmulate ? at::full(shape, std::numeric_limits<float>::quiet_NaN(), mask_opt->options())
+        dmask = poison_outputs() ? at::full(shape, std::numeric_limits<float>::quiet_NaN(), mask_opt->options())
                          : at::empty(shape, mask_opt->options());
     }
     if (seqlen_k == 0 || batch == 0 || heads_q == 0) {  // nothing attended: zero gradients

@@ -74,9 +74,9 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
 #ifndef FASTATTN_EMULATE
     const c10::cuda::OptionalCUDAGuard guard(q.device());
 #endif
-    // Under emulation the outputs are poisoned, so an element the kernel fails to write reads NaN.
+    // Poisoned outputs (emulation, FASTATTN_POISON=1): an element the kernel fails to write reads NaN.
     const auto alloc = [&](at::IntArrayRef shape, at::TensorOptions opts) {
-        return kEmulate ? at::full(shape, std::numeric_limits<float>::quiet_NaN(), opts) : at::empty(shape, opts);
+        return poison_outputs() ? at::full(shape, std::numeric_limits<float>::quiet_NaN(), opts) : at::empty(shape, opts);
     };
     at::Tensor out = alloc({batch, heads_q, seqlen_q, head_dim}, q.options());
     at::Tensor lse = alloc({batch, heads_q, seqlen_q}, q.options().dtype(at::kFloat));

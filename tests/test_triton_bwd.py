@@ -171,7 +171,7 @@ def _run(q, k, v, spec, scale, out, lse, grad_out, blocks, need_mask_grad):
 
 
 def _check_case(case: dict, monkeypatch) -> None:
-    monkeypatch.setenv("FASTATTN_TRITON_POISON", "1")  # gradients start as NaN: unwritten elements fail
+    monkeypatch.setenv("FASTATTN_POISON", "1")  # gradients start as NaN: unwritten elements fail
     q, k, v, spec, scale, out, lse, grad_out, blocks = _setup(case)
     need_mask_grad = spec.kind == "float"
     dq, dk, dv, dmask = _run(q, k, v, spec, scale, out, lse, grad_out, blocks, need_mask_grad)
@@ -229,7 +229,7 @@ def test_transposed_lists_match_dense_states():
 
 def test_bias_grad_written_in_skipped_tiles(monkeypatch):
     """A windowed float mask: the bias gradient of the tiles the kernels skip is written (zero), not left NaN."""
-    monkeypatch.setenv("FASTATTN_TRITON_POISON", "1")
+    monkeypatch.setenv("FASTATTN_POISON", "1")
     case = dict(kind="float", length=129, lk="same", heads=(2, 1), head_dim=(16, 16), dtype=torch.float32, blocks=None)
     q, k, v, _, scale, _, _, grad_out, _ = _setup(case, seed=11)
     bias = torch.randn(1, 2, 129, 129)

@@ -86,6 +86,7 @@ from ...masks import MaskSpec, TileSummary
 from ._common import TILE_FULL, apply_tensor_mask, band_allowed, band_allowed_t, load_tensor_mask
 from .dropout import dropout_keep, dropout_keep_t
 from .fwd import _arch, _last_dim_contiguous, _pow2_dim
+from .tuning import family, lookup
 
 __all__ = [
     "attn_bwd",
@@ -104,7 +105,12 @@ INTERPRET_BLOCKS_LONG = (64, 64, 64, 64)
 
 
 def bwd_config(
-    head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: Optional[int], heavy: bool = False
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    arch: Optional[int],
+    heavy: bool = False,
+    fam: Optional[str] = None,
 ) -> Optional[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
     """``((BLOCK_M, BLOCK_N, num_warps, num_stages) of dK/dV, (the same) of dQ)`` for one variant, or None
     where no spill-free config exists (sm_75 beyond fp16 at head dims <= 64: the backend's backward then
@@ -116,12 +122,16 @@ def bwd_config(
     ``BLOCK_M`` query rows, the dQ pass the reverse. Each entry is the first spill-free choice, in an
     order of preference (large resident tiles first; tensor-core MMA kept: wgmma on sm_90 wherever the
     tile has the 64 rows it needs), that ``fastattn compile-check`` found for Triton 3.8's ptxas; the
-    check compiles exactly these. Not autotuned: the tile summary depends on the blocks, and no GPU has
-    timed alternatives yet. fp16 and bf16 share entries.
+    check compiles exactly these. Not autotuned per call (the tile summary depends on the blocks): ``fam``
+    (the launch's ``tuning.family``) selects a config timed on a GPU by ``benchmarks/tune.py`` where the
+    tuned table for this arch and Triton version has one. fp16 and bf16 share entries.
     """
+    d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
+    tuned = lookup("bwd", arch, dtype, d, fam if fam is not None else ("mask" if heavy else "none"))
+    if tuned is not None:
+        return tuned
     if arch is None:
         return (32, 32, 4, 1), (32, 32, 4, 1)
-    d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
     if dtype == torch.float64:  # gradcheck only; no tensor cores, never compile-checked
         return (16, 32, 4, 1), (32, 16, 4, 1)
     family = 90 if arch >= 90 else (80 if arch >= 80 else 75)
@@ -206,6 +216,7 @@ def block_sizes(
     *,
     head_dim_v: Optional[int] = None,
     heavy: bool = False,
+    fam: Optional[str] = None,
 ) -> tuple[int, int, int, int]:
     """``(dK/dV BLOCK_M, dK/dV BLOCK_N, dQ BLOCK_M, dQ BLOCK_N)`` for this variant on ``device``.
 
@@ -213,9 +224,10 @@ def block_sizes(
     On a GPU: ``bwd_config``'s blocks.
     """
     arch = _arch(torch.device(device))
-    if arch is None:
+    padded = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v or head_dim))
+    if arch is None and lookup("bwd", None, dtype, padded, fam or ("mask" if heavy else "none")) is None:
         return INTERPRET_BLOCKS if max_seqlen <= 512 else INTERPRET_BLOCKS_LONG
-    config = bwd_config(head_dim, head_dim_v or head_dim, dtype, arch, heavy)
+    config = bwd_config(head_dim, head_dim_v or head_dim, dtype, arch, heavy, fam)
     if config is None:
         raise ValueError(f"head_dim: {_no_config(head_dim, head_dim_v or head_dim, dtype, arch)}")
     (bm1, bn1, _, _), (bm2, bn2, _, _) = config
@@ -558,7 +570,7 @@ def _launch(
                 f"{name}: expected tile states for block ({bq}, {bk}) {expected}, got {tuple(state.shape)}"
             )
 
-    poison = os.environ.get("FASTATTN_TRITON_POISON") == "1"  # test hook: unwritten elements stay NaN
+    poison = os.environ.get("FASTATTN_POISON") == "1"  # test hook: unwritten elements stay NaN
     # The gradients take the inputs' layouts (as the op's fake does); the kernels read and write rows
     # with a unit last stride (vectorised, and what Triton specialises on), so other layouts go
     # through a contiguous copy.
@@ -607,7 +619,8 @@ def _launch(
         DOT_PRECISION=_dot_precision(q.dtype, q.device),
         ACC=_acc_dtype(q.dtype),
     )
-    config = bwd_config(head_dim, head_dim_v, q.dtype, _arch(q.device), mask is not None or dropout)
+    heavy = mask is not None or dropout
+    config = bwd_config(head_dim, head_dim_v, q.dtype, _arch(q.device), heavy, family(heavy, left, right))
     if config is None:
         raise ValueError(f"head_dim: {_no_config(head_dim, head_dim_v, q.dtype, _arch(q.device))}")
     cfg_kv, cfg_q = config
@@ -707,8 +720,11 @@ def _prepare(q: Tensor, v: Tensor, spec: MaskSpec, dropout_p: float, saved: tupl
             )
         philox = saved[0]
     heavy = spec.tensor is not None or dropout_p > 0.0
+    fam = family(heavy, *spec.bounds)
     blocks = list(
-        block_sizes(q.shape[-1], q.dtype, q.device, max(q.shape[2], spec.seqlen_k), head_dim_v=v.shape[-1], heavy=heavy)
+        block_sizes(
+            q.shape[-1], q.dtype, q.device, max(q.shape[2], spec.seqlen_k), head_dim_v=v.shape[-1], heavy=heavy, fam=fam
+        )
     )
     state_kv, state_q = _tile_states(spec, blocks)
     return philox, blocks, state_kv, state_q

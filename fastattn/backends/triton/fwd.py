@@ -42,6 +42,7 @@ fp32 inputs use TF32 tensor cores when ``torch.backends.cuda.matmul.allow_tf32``
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -58,8 +59,9 @@ from ._common import (
     summary_tile,
 )
 from .dropout import dropout_keep, philox_seed_offset
+from .tuning import family, lookup
 
-__all__ = ["attn_fwd", "triton_attn_fwd", "forward", "fwd_tiles", "fwd_configs", "INTERPRET_TILE"]
+__all__ = ["attn_fwd", "triton_attn_fwd", "forward", "fwd_blocks", "fwd_tiles", "fwd_configs", "INTERPRET_TILE"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -105,6 +107,17 @@ def fwd_tiles(
     if d <= 32:
         return (32, 32) if heavy else (64, 32)
     return (32, 32) if d <= 128 else (16, 32)
+
+
+def fwd_blocks(
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: Optional[int], heavy: bool, left: int, right: int
+) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of a launch: the tuned table's (``tuning.lookup``) where it has one, else ``fwd_tiles``."""
+    padded = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
+    tuned = lookup("fwd", arch, dtype, padded, family(heavy, left, right))
+    if tuned is not None:
+        return tuned[0], tuned[1]
+    return fwd_tiles(head_dim, head_dim_v, dtype, arch, heavy)
 
 
 def fwd_configs(
@@ -440,10 +453,15 @@ def attn_fwd(
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    poison = os.environ.get("FASTATTN_POISON") == "1"  # test hook: unwritten elements stay NaN
     if out is None:
         out = torch.empty(batch, heads_q, seqlen_q, head_dim_v, dtype=q.dtype, device=q.device)
+        if poison:
+            out.fill_(float("nan"))
     if lse is None:
         lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
+        if poison:
+            lse.fill_(float("nan"))
     if out.shape != (batch, heads_q, seqlen_q, head_dim_v) or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(
             f"out: expected {(batch, heads_q, seqlen_q, head_dim_v)} {q.dtype} with unit last stride, "
@@ -511,9 +529,14 @@ def attn_fwd(
     arch = _arch(q.device)
     if arch is None:
         _attn_fwd_kernel[grid](*args, **meta, num_warps=4, num_stages=1)
-    else:
-        with torch.cuda.device(q.device):
-            _autotuned(arch, block_m, head_dim, head_dim_v, q.dtype, mask is not None or dropout)[grid](*args, **meta)
+        return out, lse
+    heavy = mask is not None or dropout
+    tuned = lookup("fwd", arch, q.dtype, max(meta["BLOCK_D"], meta["BLOCK_DV"]), family(heavy, left, right))
+    with torch.cuda.device(q.device):
+        if tuned is not None and tuple(tuned[:2]) == (block_m, block_n):
+            _attn_fwd_kernel[grid](*args, **meta, num_warps=tuned[2], num_stages=tuned[3])
+        else:
+            _autotuned(arch, block_m, head_dim, head_dim_v, q.dtype, heavy)[grid](*args, **meta)
     return out, lse
 
 
@@ -557,13 +580,13 @@ def forward(
     draws the dropout seed on the device, and calls the op. ``saved = (philox,)`` with dropout, else ``()``.
     """
     heavy = spec.tensor is not None or dropout_p > 0.0
-    block_m, block_n = fwd_tiles(q.shape[-1], v.shape[-1], q.dtype, _arch(q.device), heavy)
+    left, right = spec.bounds
+    block_m, block_n = fwd_blocks(q.shape[-1], v.shape[-1], q.dtype, _arch(q.device), heavy, left, right)
     state = count = index = None
     if spec.tensor is not None:
         summary = spec.tile_summary(block_m, block_n)
         state, count, index = summary.state, summary.kv_count, summary.kv_index
     philox = philox_seed_offset(q.device) if dropout_p > 0.0 else None
-    left, right = spec.bounds
     call = (q, k, v, spec.tensor, state, count, index, philox, scale, left, right, spec.q_offset, dropout_p)
     saved = () if philox is None else (philox,)
     if count_visited:
