@@ -134,6 +134,54 @@ def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYP
 
 BWD_KERNELS = ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
+# The tile grids ``--candidates`` compiles for ``benchmarks/tune.py``: (BLOCK_M, BLOCK_N, warps, stages).
+# The dK/dV pass keeps BLOCK_N keys resident and streams BLOCK_M query rows; the dQ pass the reverse.
+CANDIDATE_GRIDS = {
+    "_attn_fwd_kernel": [(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)],
+    "_attn_bwd_dkdv_kernel": [(m, n, w, s) for m in (16, 32, 64) for n in (64, 128) for w in (4, 8) for s in (1, 2)],
+    "_attn_bwd_dq_kernel": [(m, n, w, s) for m in (64, 128) for n in (32, 64) for w in (4, 8) for s in (1, 2)],
+}
+# One compile stands for a tuning family: "window" (both band bounds) for none/causal/window, the heaviest
+# variant for the mask family, so a candidate that is clean here is clean for every launch it serves.
+CANDIDATE_MASKS = {False: "window", True: "float+window+dropout"}
+CANDIDATE_HEAD_DIMS = (64, 128, 256)
+
+
+def candidate_variants(archs: list[int], head_dims=CANDIDATE_HEAD_DIMS, dtypes=("bf16",)) -> list[Variant]:
+    """Every tile of ``CANDIDATE_GRIDS`` per arch, dtype, head dim and heavy-or-not (fp16 shares bf16's)."""
+    out = []
+    for arch in archs:
+        for dtype in dtypes:
+            for d in head_dims:
+                for mask in CANDIDATE_MASKS.values():
+                    for kernel, grid in CANDIDATE_GRIDS.items():
+                        out.extend(Variant(kernel, arch, dtype, d, mask, *cfg) for cfg in grid)
+    return out
+
+
+def write_candidates(results: list[Result], path: str) -> int:
+    """The clean candidates as ``{"sm<arch>/<kernel>/<dtype>/d<dim>/<heavy|light>": [[m, n, w, s], ...]}``.
+
+    Returns how many there are."""
+    import triton
+
+    table: dict[str, list] = {}
+    if os.path.exists(path):  # a run for other head dims or archs adds to the file
+        with open(path) as f:
+            table = json.load(f)["candidates"]
+    fresh: dict[str, list] = {}
+    for r in results:
+        if r.ok:
+            v = r.variant
+            kernel = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}[v.kernel]
+            weight = "heavy" if v.mask == CANDIDATE_MASKS[True] else "light"
+            key = f"sm{v.arch}/{kernel}/{v.dtype}/d{v.head_dim}/{weight}"
+            fresh.setdefault(key, []).append([v.block_m, v.block_n, v.num_warps, v.num_stages])
+    table.update(fresh)
+    with open(path, "w") as f:
+        json.dump({"triton": triton.__version__, "candidates": table}, f, indent=0, sort_keys=True)
+    return sum(len(x) for x in fresh.values())
+
 
 def _bwd_signature(v: Variant):
     """The backward kernels as a real launch specialises them: unit last-dim and mask-key strides
@@ -351,6 +399,12 @@ def add_compile_check_parser(subparsers) -> argparse.ArgumentParser:
         help="comma-separated head dims (default: %(default)s)",
     )
     p.add_argument("--dtypes", type=lambda s: tuple(s.split(",")), default=DTYPES, help="fp16,bf16,fp32 (default: all)")
+    p.add_argument(
+        "--candidates",
+        metavar="PATH",
+        help="compile the tuning grids instead (bf16, head dims 64/128/256) and write the clean tiles to PATH "
+        "for benchmarks/tune.py; a failing candidate is dropped, not an error",
+    )
     p.set_defaults(func=run_compile_check)
     return p
 
@@ -361,6 +415,14 @@ def run_compile_check(args) -> int:
         if d not in DTYPES:
             print(f"--dtypes: expected a subset of {','.join(DTYPES)}, got {d!r}", file=sys.stderr)
             return 2
+    if args.candidates:
+        head_dims = CANDIDATE_HEAD_DIMS if args.head_dims == HEAD_DIMS else args.head_dims
+        dtypes = ("bf16",) if args.dtypes == DTYPES else args.dtypes
+        start = time.perf_counter()
+        results = [assess(r) for r in _run_all(candidate_variants(args.arch, head_dims, dtypes), max(1, args.jobs))]
+        n = write_candidates(results, args.candidates)
+        print(f"{n} of {len(results)} candidates clean in {time.perf_counter() - start:.1f} s; wrote {args.candidates}")
+        return 0
     vs = variants(args.arch, args.all, args.head_dims, args.dtypes)
     start = time.perf_counter()
     results = _run_all(vs, max(1, args.jobs))
