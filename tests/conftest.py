@@ -4,13 +4,17 @@
 at decoration time), so it is set here, first, for the whole session: Triton kernels then run on
 CPU tensors, and the automatic backend choice on CPU prefers "triton", as it does for users.
 Tests that must stay fast name their backend.
+
+``FASTATTN_TEST_DEVICE=cuda`` (the GPU suite, ``tests/test_gpu.py``, under ``make gpu-check``) leaves
+the interpreter off, so that Triton compiles for the GPU and the kernels run on it.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("FASTATTN_TEST_DEVICE") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
