@@ -32,6 +32,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .._philox import philox_seed_offset
+from ._compat import fix_interpreter_index
+
+fix_interpreter_index()  # before any kernel of this module launches (it imports no other kernel module)
 
 __all__ = ["dropout_keep", "dropout_keep_t", "dropout_keep_mask", "philox_seed_offset"]
 
