@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
-export FASTATTN_SKIP_CUDA_BUILD ?= 1
+export FASTATTN_BUILD_CUDA ?= 0
 
 .PHONY: venv test test-py test-full bench bench-quick lint format info clean compile-check
 

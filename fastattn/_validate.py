@@ -44,6 +44,30 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
+_LAYOUT_HINT = (
+    "; the shapes look like (batch, seqlen, heads, head_dim): fastattn, like torch's SDPA, takes "
+    "(batch, heads, seqlen, head_dim), so pass {names}"
+)
+
+
+def _layout_hint(query: Tensor, key: Tensor, value: Tensor) -> str:
+    """A hint when exchanging the heads and seqlen dims of some of the inputs makes their shapes agree.
+
+    The usual cause of a head-count or length error is a ``(batch, seqlen, heads, head_dim)`` tensor (the
+    layout of FlashAttention's API and of many models' projections): if transposing all three inputs, or
+    key and value, or one of them, gives consistent heads and lengths, and one of those reads as more
+    heads than positions (rare in a real (batch, heads, seqlen, head_dim) tensor), say so.
+    """
+    dims = {"query": tuple(query.shape[-3:-1]), "key": tuple(key.shape[-3:-1]), "value": tuple(value.shape[-3:-1])}
+    for names in (("query", "key", "value"), ("key", "value"), ("query",), ("key",), ("value",)):
+        if not any(dims[n][0] > dims[n][1] for n in names):  # read as heads > seqlen: the mark of a transpose
+            continue
+        (hq, _), (hk, lk), (hv, lv) = ((d[1], d[0]) if n in names else d for n, d in dims.items())
+        if hk == hv and lk == lv and hk > 0 and hq % hk == 0:
+            return _LAYOUT_HINT.format(names=", ".join(f"{n}.transpose(-3, -2)" for n in names))
+    return ""
+
+
 def _causal_bias(attn_mask: Any) -> Optional[str]:
     """'upper_left' / 'lower_right' for torch's CausalBias objects, else None."""
     try:
@@ -112,18 +136,25 @@ def validate(
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(
             f"value: expected the same seqlen as key ({k.shape[-2]}), got {v.shape[-2]} (value shape {_shape(value)})"
+            + _layout_hint(query, key, value)
         )
     if k.shape[-3] != v.shape[-3]:
-        raise ValueError(f"value: expected {k.shape[-3]} heads (key's), got {v.shape[-3]}")
+        raise ValueError(
+            f"value: expected {k.shape[-3]} heads (key's), got {v.shape[-3]}" + _layout_hint(query, key, value)
+        )
     heads_kv = k.shape[-3]
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"enable_gqa: expected a bool, got {type(enable_gqa).__name__}")
     if heads_kv != heads_q:
         if not enable_gqa:
-            raise ValueError(f"key, value: expected {heads_q} heads (query's) unless enable_gqa=True, got {heads_kv}")
+            raise ValueError(
+                f"key, value: expected {heads_q} heads (query's) unless enable_gqa=True, got {heads_kv}"
+                + _layout_hint(query, key, value)
+            )
         if heads_kv == 0 or heads_q % heads_kv:
             raise ValueError(
                 f"key, value: with enable_gqa, expected a head count dividing query's {heads_q}, got {heads_kv}"
+                + _layout_hint(query, key, value)
             )
     seqlen_k = k.shape[-2]
 
@@ -190,6 +221,7 @@ def validate(
         ):
             raise ValueError(
                 f"attn_mask: expected a shape broadcastable to ({', '.join(map(str, target))}), got {_shape(attn_mask)}"
+                + (_layout_hint(query, key, value) if heads_q > seqlen_q else "")
             )
         # Left-pad to 4-D with size-1 dims (base), then a stride-0 broadcast view (never copied).
         base = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))

@@ -63,6 +63,12 @@ def run_info(args: Optional[argparse.Namespace] = None) -> int:
         print(f"  {name:10} {status}")
         if backend.description:
             print(f"  {'':10} ({backend.description})")
+    slow = [(name, case) for name in backends.names() for case in backends.get(name).slow_cases]
+    if slow:
+        print()
+        print("slow paths: calls the automatic choice runs on the reference backend (it warns once), and the fix:")
+        for name, case in slow:
+            print(f"  {name:10} {case}")
     return 0
 
 

@@ -4,19 +4,24 @@
 //
 // This is its own TORCH_LIBRARY_FRAGMENT so that the CPU library builds and loads with a plain
 // C++ compiler, where no CUDA toolkit exists.
+#include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
+#include "attn_cpu_dropout.h"
 #include "attn_cpu_params.h"
 
 namespace fastattn_cpu {
@@ -138,11 +143,36 @@ void fill_common(AttnParams& p, const Shapes& s, const at::Tensor& q, const at::
   }
 }
 
+// Dropout arguments: philox = int64 [seed, offset] on the CPU (the GPU backends' contract), 0 <= p < 1.
+void check_dropout_p(double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastattn cpu op: dropout_p: expected 0 <= p < 1, got ",
+              dropout_p);
+}
+
+std::pair<int64_t, int64_t> read_philox(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.numel() == 2,
+              "fastattn cpu op: philox: expected a CPU int64 tensor of 2 elements [seed, offset], got ",
+              t.scalar_type(), " ", describe(t), " on ", t.device());
+  const at::Tensor c = t.contiguous();
+  return {c.data_ptr<int64_t>()[0], c.data_ptr<int64_t>()[1]};
+}
+
+void fill_dropout(AttnParams& p, const std::optional<at::Tensor>& philox, double dropout_p) {
+  check_dropout_p(dropout_p);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.philox_seed = p.philox_offset = 0;
+  if (dropout_p == 0.0) return;
+  TORCH_CHECK(philox.has_value(),
+              "fastattn cpu op: philox: expected the int64 [seed, offset] tensor when dropout_p > 0, got None");
+  std::tie(p.philox_seed, p.philox_offset) = read_philox(*philox);
+}
+
 std::tuple<at::Tensor, at::Tensor> cpu_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const std::optional<at::Tensor>& mask,
                                                 const std::optional<at::Tensor>& tile_state, int64_t block_q,
                                                 int64_t block_k, double scale, int64_t window_left,
-                                                int64_t window_right, int64_t q_offset) {
+                                                int64_t window_right, int64_t q_offset,
+                                                const std::optional<at::Tensor>& philox, double dropout_p) {
   const Shapes s = check_qkv(q, k, v);
   at::Tensor out = at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options());
   at::Tensor lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(at::kFloat));
@@ -154,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_attn_fwd(const at::Tensor& q, const at::T
   }
   AttnParams p{};
   fill_common(p, s, q, k, v, mask, tile_state, block_q, block_k, scale, window_left, window_right, q_offset);
+  fill_dropout(p, philox, dropout_p);
   const bool vnni = p.bf16_brgemm;
   const int64_t Dp = vnni ? round_even(s.D) : s.D, nK = ceil_div(s.Lk, block_k);
   at::Tensor kv_pack = at::empty({s.B * s.Hkv * nK * block_k * (Dp + s.Dv)},
@@ -170,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& tile_state,
     int64_t block_q, int64_t block_k, double scale, int64_t window_left, int64_t window_right, int64_t q_offset,
-    bool need_mask_grad) {
+    bool need_mask_grad, const std::optional<at::Tensor>& philox, double dropout_p) {
   const Shapes s = check_qkv(q, k, v);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == s.B && out.size(1) == s.Hq &&
                   out.size(2) == s.Lq && out.size(3) == s.Dv,
@@ -193,6 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_attn_bwd(
   }
   AttnParams p{};
   fill_common(p, s, q, k, v, mask, tile_state, block_q, block_k, scale, window_left, window_right, q_offset);
+  fill_dropout(p, philox, dropout_p);
   const at::Tensor lse_c = lse.contiguous();
   const int64_t nK = ceil_div(s.Lk, block_k);
   // Chunks of key tiles per kv head: enough tasks to share out, fixed by the problem alone.
@@ -212,6 +244,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_attn_bwd(
   return {dq, dk, dv, dmask};
 }
 
+// The keep-mask the kernels apply, (B, Hq, Lq, Lk) uint8 (tests, and replaying a forward elsewhere).
+at::Tensor cpu_dropout_keep_mask(const at::Tensor& philox, int64_t batch, int64_t heads_q, int64_t seqlen_q,
+                                 int64_t seqlen_k, double dropout_p) {
+  TORCH_CHECK(batch >= 0 && heads_q >= 0 && seqlen_q >= 0 && seqlen_k >= 0,
+              "fastattn cpu op: batch, heads_q, seqlen_q, seqlen_k: expected sizes >= 0, got ", batch, ", ", heads_q,
+              ", ", seqlen_q, ", ", seqlen_k);
+  check_dropout_p(dropout_p);
+  const auto [seed, offset] = read_philox(philox);
+  at::Tensor out = at::empty({batch, heads_q, seqlen_q, seqlen_k}, philox.options().dtype(at::kByte));
+  const philox::Rng rng = philox::make_rng(seed, offset, seqlen_q, seqlen_k, static_cast<float>(dropout_p));
+  uint8_t* o = out.data_ptr<uint8_t>();
+  at::parallel_for(0, batch * heads_q * seqlen_q, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> keep(static_cast<size_t>(std::max<int64_t>(seqlen_k, 1)));
+    for (int64_t row = begin; row < end; ++row) {
+      philox::keep_scale(rng, philox::element(rng, row / seqlen_q, row % seqlen_q, 0), 1, seqlen_k, 1.f, keep.data());
+      for (int64_t j = 0; j < seqlen_k; ++j) o[row * seqlen_k + j] = keep[j] != 0.f;
+    }
+  });
+  return out;
+}
+
 std::string cpu_attn_info() {
   const Kernels* k = select_kernels();
   return std::string("isa=") + k->isa + " brgemm_f32=" + (brgemm_ok(false) ? "1" : "0") +
@@ -224,15 +277,21 @@ std::string cpu_attn_info() {
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   m.def(
       "cpu_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? tile_state, int block_q, int block_k, "
-      "float scale, int window_left, int window_right, int q_offset) -> (Tensor out, Tensor lse)");
+      "float scale, int window_left, int window_right, int q_offset, Tensor? philox=None, float dropout_p=0.0) -> "
+      "(Tensor out, Tensor lse)");
   m.def(
       "cpu_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
       "Tensor? tile_state, int block_q, int block_k, float scale, int window_left, int window_right, int q_offset, "
-      "bool need_mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+      "bool need_mask_grad, Tensor? philox=None, float dropout_p=0.0) -> (Tensor dq, Tensor dk, Tensor dv, "
+      "Tensor dmask)");
+  m.def(
+      "cpu_dropout_keep_mask(Tensor philox, int batch, int heads_q, int seqlen_q, int seqlen_k, float dropout_p) -> "
+      "Tensor");
   m.def("cpu_attn_info() -> str", &fastattn_cpu::cpu_attn_info);
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("cpu_attn_fwd", &fastattn_cpu::cpu_attn_fwd);
   m.impl("cpu_attn_bwd", &fastattn_cpu::cpu_attn_bwd);
+  m.impl("cpu_dropout_keep_mask", &fastattn_cpu::cpu_dropout_keep_mask);
 }

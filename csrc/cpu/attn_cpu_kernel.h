@@ -18,6 +18,11 @@
 // Softmax is fp32 and vectorised (at::vec, exp_u20); P is rounded to bf16 only as the PV GEMM's
 // input. Scratch is O(BQ·BK + BQ·Dv) per thread plus the packed K/V (O(Lk·D)): no Lq × Lk buffer.
 //
+// Dropout (attn_cpu_dropout.h, the GPU backends' Philox contract bit for bit): the forward zeroes the
+// dropped probabilities of each row of P before the PV GEMM (the row sum l and the lse stay undropped)
+// and scales the output by 1 / (1 - p); the backward regenerates the same bits per key column of Pᵀ and
+// applies dP ∘ Z and P ∘ Z (Z = keep / (1 - p)), as fastattn.reference.attention_backward states it.
+//
 // Tile skipping: a (query tile, key tile) pair is EMPTY (skipped), PARTIAL (mask read per
 // element) or FULL (no mask read). Causal, window and q_offset are analytic; a mask tensor
 // contributes a per-tile state, either passed in (fastattn.Mask's cached summary) or built here
@@ -44,6 +49,7 @@
 #include <memory>
 #include <type_traits>
 
+#include "attn_cpu_dropout.h"
 #include "attn_cpu_params.h"
 
 namespace fastattn_cpu {
@@ -211,6 +217,19 @@ inline float exp_store(const float* x, int64_t n, float mul, float sub, out_t* o
 template <typename T>
 inline void fill_zero(T* x, int64_t n) {
   if (n > 0) std::memset(static_cast<void*>(x), 0, sizeof(T) * n);
+}
+
+// x[c] *= keep[c] (keep is 0 or 1: dropped probabilities of a row of P become exact zeros).
+inline void apply_keep(float* x, const float* keep, int64_t n) {
+  const int64_t vs = Vec::size();
+  int64_t c = 0;
+  for (; c + vs <= n; c += vs) (Vec::loadu(x + c) * Vec::loadu(keep + c)).store(x + c);
+  for (; c < n; ++c) x[c] *= keep[c];
+}
+
+inline void apply_keep(BFloat16* x, const float* keep, int64_t n) {
+  for (int64_t c = 0; c < n; ++c)
+    if (keep[c] == 0.f) x[c] = BFloat16(0.f);
 }
 
 // ---------------------------------------------------------------- masks and tile states
@@ -398,8 +417,13 @@ void attn_fwd(const AttnParams& p) {
     }
   });
 
+  const bool drop = p.dropout_p > 0.f;
+  const philox::Rng rng = philox::make_rng(p.philox_seed, p.philox_offset, Lq, Lk, p.dropout_p);
+  const float out_scale = drop ? 1.f / (1.f - p.dropout_p) : 1.f;
+
   const int64_t n_tasks = B * Hq * nQ;
   parallel_dynamic(n_tasks, [&](const auto& claim) {
+    auto keep = scratch<float>(drop ? BK : 1);
     auto qa = scratch<pack_t>(BQ * Dp);
     auto S = scratch<float>(BQ * BK);
     auto Pb = scratch<pack_t>(vnni ? BQ * BK : 1);
@@ -471,6 +495,10 @@ void attn_fwd(const AttnParams& p) {
           const float sum = exp_store(s + c0, c1 - c0, mul, m_new, prow + c0);
           fill_zero(prow, c0);
           fill_zero(prow + c1, npad - c1);
+          if (drop) {  // after the sum: l and the lse never include dropout
+            philox::keep_scale(rng, philox::element(rng, b * Hq + h, i, k0 + c0), 1, c1 - c0, 1.f, keep.get());
+            apply_keep(prow + c0, keep.get(), c1 - c0);
+          }
           lrow[r] = lrow[r] * alpha + sum;
           mrow[r] = m_new;
           if (alpha != 1.f) scale_inplace(acc.get() + r * Dv, Dv, alpha);
@@ -479,7 +507,7 @@ void attn_fwd(const AttnParams& p) {
       }
       for (int64_t r = 0; r < m; ++r) {
         const float l = lrow[r];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float inv = l > 0.f ? out_scale / l : 0.f;
         const float* a = acc.get() + r * Dv;
         scalar_t* o = orow + r * Dv;
         for (int64_t e = 0; e < Dv; ++e) o[e] = from_f<scalar_t>(a[e] * inv);
@@ -524,9 +552,14 @@ void attn_bwd(const AttnParams& p) {
     }
   });
 
+  const bool drop = p.dropout_p > 0.f;
+  const philox::Rng rng = philox::make_rng(p.philox_seed, p.philox_offset, Lq, Lk, p.dropout_p);
+  const float keep_value = drop ? 1.f / (1.f - p.dropout_p) : 1.f;
+
   const int64_t n_tasks = B * Hkv * n_chunks;
   parallel_dynamic(n_tasks, [&](const auto& claim) {
     const int64_t mp = vnni ? round_even(BQ) : BQ;
+    auto zcol = scratch<float>(drop ? BQ : 1);  // Z = keep / (1 - p) of one key column
     auto KA = scratch<pack_t>(per_chunk * BK * Dp);  // K tile as A: BK × Dp
     auto KB = scratch<pack_t>(per_chunk * BK * D);   // K tile as B: BK × D
     auto VA = scratch<pack_t>(per_chunk * BK * Dvp);  // V tile as A: BK × Dvp
@@ -640,9 +673,24 @@ void attn_bwd(const AttnParams& p) {
               // dSᵀ = Pᵀ ∘ (dPᵀ − delta), in place over dPᵀ.
               const int64_t vs = Vec::size();
               int64_t r = r0;
-              for (; r + vs <= r1; r += vs)
-                (Vec::loadu(s + r) * (Vec::loadu(dp + r) - Vec::loadu(delta + r))).store(dp + r);
-              for (; r < r1; ++r) dp[r] = s[r] * (dp[r] - delta[r]);
+              if (drop) {  // dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − delta), then Pᵀ ∘ Z for dV
+                philox::keep_scale(rng, philox::element(rng, b * Hq + h, q0 + r0, key), static_cast<uint64_t>(Lk),
+                                   r1 - r0, keep_value, zcol.get() + r0);
+                const float* z = zcol.get();
+                for (; r + vs <= r1; r += vs) {
+                  const Vec vp = Vec::loadu(s + r), vz = Vec::loadu(z + r);
+                  (vp * at::vec::fmsub(Vec::loadu(dp + r), vz, Vec::loadu(delta + r))).store(dp + r);
+                  (vp * vz).store(s + r);
+                }
+                for (; r < r1; ++r) {
+                  dp[r] = s[r] * (dp[r] * z[r] - delta[r]);
+                  s[r] *= z[r];
+                }
+              } else {
+                for (; r + vs <= r1; r += vs)
+                  (Vec::loadu(s + r) * (Vec::loadu(dp + r) - Vec::loadu(delta + r))).store(dp + r);
+                for (; r < r1; ++r) dp[r] = s[r] * (dp[r] - delta[r]);
+              }
             }
             if (p.dmask != nullptr) {
               float* dm = p.dmask + ((b * Hq + h) * Lq + q0) * Lk + k0;

@@ -31,6 +31,9 @@ struct AttnParams {
   int64_t BQ, BK;
   float scale;
   int64_t left, right, q_offset;  // band: i + q_offset - left <= j <= i + q_offset + right, -1 unbounded
+  // Dropout (attn_cpu_dropout.h): the philox tensor's [seed, offset] and the drop rate; p = 0 means none.
+  int64_t philox_seed, philox_offset;
+  float dropout_p;
   bool use_brgemm;   // fp32 GEMMs through oneDNN's brgemm ukernel (else the portable at::vec loop)
   bool bf16_brgemm;  // bf16 inputs: bf16 GEMMs (VNNI-packed B) through brgemm (else converted to fp32)
 

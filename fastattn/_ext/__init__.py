@@ -15,6 +15,12 @@ the arch list. The build runs in a child Python process so that its full compile
 resource report included) is captured into ``build.log`` and nothing is loaded into the caller as a
 side effect; :func:`load` then loads the library with ``torch.ops.load_library``. A library built ahead
 of time by ``setup.py`` is used instead when its recorded key matches.
+
+A damaged cache never reaches ``dlopen``: a truncated library (a build killed mid-link, a full disk) is
+mapped past its end and kills the process with SIGBUS. So ninja links in a staging folder, the library
+is renamed into place only when complete, ``build.json`` beside it records its size and sha256 (and is
+itself written by rename), and both are checked before every load; a library that disagrees is rebuilt,
+with one line on stderr saying why.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ __all__ = [
     "find_cuda_home",
     "cuda_include_paths",
     "build_log",
+    "cached_library",
 ]
 
 # (kind, explicit sources or None) -> path of the library loaded into this process
@@ -159,9 +166,55 @@ class _Spec:
         self.build_dir = _cache_root() / f"{kind}-{self.key}"
         self.library = self.build_dir / f"{self.name}.so"
         self.stamp = self.build_dir / "build.json"
+        self.staging = self.build_dir / "ninja"  # ninja's objects and its link output, never loaded from
+
+    def damage(self) -> Optional[str]:
+        """Why the cached library cannot be loaded (not built, or damaged), or None when it checks out."""
+        return _damage(self.library, self.stamp)
 
     def built(self) -> bool:
-        return self.stamp.is_file() and self.library.is_file()
+        return self.damage() is None
+
+
+def _file_record(path: Path) -> dict:
+    """``{"size", "sha256"}`` of a file: what a library's record holds and what is checked before loading it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+NOT_BUILT = "not built yet"
+
+
+def _damage(library: Path, record: Path) -> Optional[str]:
+    """Compares a library with its record (JSON with ``size`` and ``sha256``); None when they agree."""
+    if not record.is_file() and not library.is_file():
+        return NOT_BUILT
+    try:
+        info = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return f"its record {record.name} is missing or unreadable"
+    try:
+        size, digest = int(info["size"]), str(info["sha256"])
+    except (KeyError, TypeError, ValueError):
+        return f"its record {record.name} holds no size and sha256 (an older fastattn's build)"
+    try:
+        actual = _file_record(library)
+    except OSError:
+        return f"the library {library.name} is missing"
+    if actual["size"] != size:
+        return f"{library.name} is {actual['size']} bytes, {size} recorded"
+    if actual["sha256"] != digest:
+        return f"{library.name}'s sha256 differs from the one recorded"
+    return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _aot_library(kind: str) -> Optional[Path]:
@@ -178,7 +231,7 @@ def _aot_library(kind: str) -> Optional[Path]:
         if info.get("torch") != torch.__version__ or info.get("sources_hash") != _sources_hash("cuda"):
             return None
         lib = Path(__file__).with_name(info["library"])
-        return lib if lib.is_file() else None
+        return lib if _damage(lib, meta) is None else None
     except (OSError, ValueError, KeyError):
         return None
 
@@ -222,9 +275,12 @@ def _run_build(spec: _Spec, verbose: bool) -> None:
         "extra_cuda_cflags": spec.cuda_cflags,
         "extra_ldflags": spec.ldflags,
         "extra_include_paths": spec.include,
-        "build_directory": str(spec.build_dir),
+        "build_directory": str(spec.staging),
         "with_cuda": spec.kind == "cuda",
     }
+    spec.staging.mkdir(parents=True, exist_ok=True)
+    staged = spec.staging / spec.library.name
+    staged.unlink(missing_ok=True)  # always relink: ninja would take a truncated output for an up-to-date one
     env = dict(os.environ)
     env.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
     if spec.kind == "cuda":
@@ -242,14 +298,16 @@ def _run_build(spec: _Spec, verbose: bool) -> None:
     (spec.build_dir / "build.log").write_text(proc.stdout)
     if verbose:
         sys.stdout.write(proc.stdout)
-    if proc.returncode != 0 or not spec.library.is_file():
+    if proc.returncode != 0 or not staged.is_file():
         tail = "\n".join(proc.stdout.splitlines()[-40:])
         raise RuntimeError(
             f"fastattn: building the {spec.kind} extension failed (log: {spec.build_dir / 'build.log'}):\n{tail}"
         )
-    spec.stamp.write_text(
-        json.dumps({"kind": spec.kind, "library": spec.library.name, "archs": spec.archs, "seconds": round(seconds, 1)})
-    )
+    record = _file_record(staged)
+    spec.stamp.unlink(missing_ok=True)  # from here until the new record lands, the old one cannot vouch
+    os.replace(staged, spec.library)
+    meta = {"kind": spec.kind, "library": spec.library.name, "archs": spec.archs, "seconds": round(seconds, 1)}
+    _write_atomic(spec.stamp, json.dumps({**meta, **record}))
     _prune(spec)
 
 
@@ -295,14 +353,14 @@ def build(
             return str(aot)
     spec = _Spec(kind, arch, sources)
     with _locked(spec.build_dir):
-        if force or not spec.built():
-            print(
-                f"fastattn: building the {kind} extension"
-                + (f" for {', '.join('sm_' + a.replace('.', '') for a in spec.archs)}" if spec.archs else "")
-                + f" (first use; cached in {spec.build_dir})",
-                file=sys.stderr,
-                flush=True,
-            )
+        damage = spec.damage()
+        if force or damage is not None:
+            archs = f" for {', '.join('sm_' + a.replace('.', '') for a in spec.archs)}" if spec.archs else ""
+            if damage in (None, NOT_BUILT):
+                line = f"fastattn: building the {kind} extension{archs} (first use; cached in {spec.build_dir})"
+            else:
+                line = f"fastattn: the cached {kind} extension in {spec.build_dir} is damaged ({damage}); rebuilding it"
+            print(line, file=sys.stderr, flush=True)
             _run_build(spec, verbose)
         elif verbose and (spec.build_dir / "build.log").is_file():
             sys.stdout.write((spec.build_dir / "build.log").read_text())
@@ -334,6 +392,20 @@ def library_path(kind: str = "cuda", arch=None, *, sources=None) -> str:
             f"run `fastattn build` or call fastattn._ext.load({kind!r})"
         )
     return str(spec.library)
+
+
+def cached_library(kind: str) -> Optional[str]:
+    """The library :func:`load` would load for ``kind`` if it is built and checks out, without building; else None.
+
+    Lets a backend load an already built library when fastattn is imported, so that ``torch.compile`` finds
+    its ops registered and never has to build or load anything while it traces.
+    """
+    if kind == "cuda":
+        aot = _aot_library(kind)
+        if aot is not None:
+            return str(aot)
+    spec = _Spec(kind)
+    return str(spec.library) if spec.built() else None
 
 
 def load(kind: str = "cuda", *, sources: Optional[Sequence[str | os.PathLike]] = None) -> str:

@@ -1,4 +1,4 @@
-"""``fastattn build``: build the CUDA backend's extension ahead of its first use."""
+"""``fastattn build``: build an extension library ahead of its first use (by default the one this machine runs)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,21 @@ def add_build_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``build`` subcommand to an argparse subparsers object."""
     p = subparsers.add_parser(
         "build",
-        help="build the CUDA extension now (it is otherwise built on first use)",
+        help="build the extension library this machine runs now (it is otherwise built on first use)",
         description=(
-            "JIT-build fastattn's C++/CUDA extension with torch.utils.cpp_extension and ninja into the per-user "
-            "cache. Works without a GPU (compile and link only) given nvcc."
+            "JIT-build one of fastattn's C++/CUDA extension libraries with torch.utils.cpp_extension and ninja into "
+            "the per-user cache. By default the one this machine can run: the CUDA library where a GPU is visible, "
+            "the emulated one with FASTATTN_CUDA_EMULATE=1, else the CPU backend's. --kind cuda builds the CUDA "
+            "library without a GPU too (compile and link only; needs nvcc)."
         ),
     )
     p.add_argument(
         "--kind",
         choices=("cuda", "cuda_emulate", "cpu"),
         default=None,
-        help="which library (default: cuda, or cuda_emulate when FASTATTN_CUDA_EMULATE=1)",
+        help="which library: cuda (nvcc; CUDA tensors), cuda_emulate (the CUDA kernels on CPU tensors, tests), "
+        "cpu (the native CPU backend; plain C++ compiler). Default: cuda_emulate when FASTATTN_CUDA_EMULATE=1, "
+        "else cuda where a GPU is visible, else cpu",
     )
     p.add_argument(
         "--arch",
@@ -46,10 +50,21 @@ def resource_report(log: str) -> list[str]:
     return [line.strip() for line in log.splitlines() if _RESOURCE_LINE.search(line)]
 
 
+def default_kind() -> str:
+    """The library this machine runs: emulated CUDA when asked for, CUDA where a GPU is visible, else CPU."""
+    import torch
+
+    from fastattn import _ext
+
+    if _ext.cuda_kind() == "cuda_emulate":
+        return "cuda_emulate"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_build(args: argparse.Namespace) -> int:
     from fastattn import _ext
 
-    kind = args.kind or _ext.cuda_kind()
+    kind = args.kind or default_kind()
     reason = _ext.unavailable_reason(kind)
     if reason:
         print(f"fastattn build: cannot build the {kind} extension: {reason}", file=sys.stderr)

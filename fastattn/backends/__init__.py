@@ -9,7 +9,7 @@ import importlib
 import importlib.util
 
 from . import reference  # noqa: F401  (registers "reference")
-from .registry import Backend, UnsupportedError, choose, get, names, register
+from .registry import Backend, SlowPathWarning, UnsupportedError, choose, get, names, register
 
 _OPTIONAL = ("triton", "cpu", "cuda")
 
@@ -17,4 +17,4 @@ for _name in _OPTIONAL:
     if importlib.util.find_spec(f"{__name__}.{_name}") is not None:
         importlib.import_module(f"{__name__}.{_name}")
 
-__all__ = ["Backend", "UnsupportedError", "choose", "get", "names", "register"]
+__all__ = ["Backend", "SlowPathWarning", "UnsupportedError", "choose", "get", "names", "register"]

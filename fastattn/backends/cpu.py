@@ -10,6 +10,16 @@ through its strides. The per-tile states that drive tile skipping are built insi
 pass over the mask's own elements (much cheaper than ``MaskSpec.tile_summary``'s generic reductions
 at long lengths); a ``fastattn.Mask``'s cached summary is passed in instead, so reused masks are never
 scanned again.
+
+Dropout follows the GPU backends' contract (``fastattn/backends/triton/dropout.py``) bit for bit
+(``csrc/cpu/attn_cpu_dropout.h``): the forward draws ``philox = [seed, offset]`` from torch's CPU
+generator and returns ``saved = (philox,)``; the backward regenerates the keep-mask from it, so nothing
+of size Lq x Lk is stored and one torch seed gives the same mask on every backend.
+
+``torch.compile`` cannot build or load a library while it traces, so an already built library is
+loaded when this module is imported (:func:`_load_if_built`): a compiled model then finds the ops
+registered. Only before the first build does a compiled call see the backend unavailable (one eager
+call, or ``fastattn build --kind cpu``, builds it).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from .._validate import Problem
 from ..masks import MaskSpec
 from .registry import Backend, register
 
-__all__ = ["CPUBackend", "block_sizes", "load"]
+__all__ = ["CPUBackend", "block_sizes", "load", "dropout_keep_mask"]
 
 _LOADED = False
 _LOAD_ERROR: Optional[str] = None
@@ -45,11 +55,32 @@ def load() -> None:
     _LOADED = True
 
 
+def _load_if_built() -> None:
+    """Load the CPU library at import when it is already built and intact (cheap; never builds, never raises)."""
+    global _LOADED
+    from .. import _ext
+
+    try:
+        if _ext.unavailable_reason("cpu") is None and _ext.cached_library("cpu") is not None:
+            _ext.load("cpu")
+            _register_fakes()
+            _LOADED = True
+    except Exception:  # whatever failed here fails again, with its message, on the first call
+        pass
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("fastattn::cpu_attn_fwd")
-    def _fwd_fake(q, k, v, mask, tile_state, block_q, block_k, scale, window_left, window_right, q_offset):
+    def _fwd_fake(
+        q, k, v, mask, tile_state, block_q, block_k, scale, window_left, window_right, q_offset, philox=None,
+        dropout_p=0.0,
+    ):  # fmt: skip
         out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
         return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("fastattn::cpu_dropout_keep_mask")
+    def _keep_fake(philox, batch, heads_q, seqlen_q, seqlen_k, dropout_p):
+        return philox.new_empty((batch, heads_q, seqlen_q, seqlen_k), dtype=torch.uint8)
 
     @torch.library.register_fake("fastattn::cpu_attn_bwd")
     def _bwd_fake(
@@ -68,12 +99,24 @@ def _register_fakes() -> None:
         window_right,
         q_offset,
         need_mask_grad,
+        philox=None,
+        dropout_p=0.0,
     ):
         if need_mask_grad:
             dmask = q.new_empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=torch.float32)
         else:
             dmask = q.new_empty(0, dtype=torch.float32)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+def dropout_keep_mask(philox: Tensor, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, p: float) -> Tensor:
+    """The keep-mask the CPU kernels apply, ``(B, Hq, Lq, Lk)`` bool (``fastattn::cpu_dropout_keep_mask``).
+
+    Same arguments and result as the Triton and CUDA backends' ``dropout_keep_mask``; the attention kernels
+    never materialise it (tests, and replaying a forward with an explicit mask).
+    """
+    load()
+    return torch.ops.fastattn.cpu_dropout_keep_mask(philox, batch, heads_q, seqlen_q, seqlen_k, float(p)).bool()
 
 
 def block_sizes(spec: MaskSpec, seqlen_k: int) -> tuple[int, int]:
@@ -98,13 +141,26 @@ def _mask_args(spec: MaskSpec, block_q: int, block_k: int) -> tuple[Optional[Ten
 
 class CPUBackend(Backend):
     name = "cpu"
-    description = "native C++ kernels: tiled, at::vec + oneDNN brgemm, multi-threaded, tile skipping (fp32, bf16)"
+    description = (
+        "native C++ kernels: tiled, at::vec + oneDNN brgemm, multi-threaded, tile skipping, dropout with the "
+        "GPU backends' Philox stream (fp32, bf16)"
+    )
+    slow_cases = (
+        "CPU tensors in float16 or float64: cast them to float32 or bfloat16",
+        "before the CPU library is built, calls under torch.compile: run `fastattn build --kind cpu` or one eager call",
+        "no C++ compiler or ninja: install them (apt-get install g++; pip install ninja)",
+    )
 
     def unavailable_reason(self) -> Optional[str]:
         if _LOADED:
             return None
         if _LOAD_ERROR:
             return _LOAD_ERROR
+        if torch.compiler.is_compiling():  # nothing may touch the file system while torch.compile traces
+            return (
+                "its library is not built yet, and a call under torch.compile cannot build it: run "
+                "`fastattn build --kind cpu` or one eager call first"
+            )
         from .. import _ext
 
         return _ext.unavailable_reason("cpu")
@@ -113,20 +169,23 @@ class CPUBackend(Backend):
         if problem.device.type != "cpu":
             return f"it runs on CPU tensors only, got device {problem.device}"
         if problem.dtype not in (torch.float32, torch.bfloat16):
-            return f"it supports float32 and bfloat16, got {problem.dtype}"
-        if dropout_p > 0.0:
-            return "it has no dropout (dropout_p > 0): use backend='reference' or dropout_p=0"
+            return (
+                f"it supports float32 and bfloat16, got {problem.dtype}: cast the inputs with .float() or .bfloat16()"
+            )
         return None
 
     def forward(self, q, k, v, spec, scale, dropout_p):
+        from ._philox import philox_seed_offset
+
         load()
         block_q, block_k = block_sizes(spec, k.shape[2])
         mask, state = _mask_args(spec, block_q, block_k)
         left, right = spec.bounds
+        philox = philox_seed_offset(q.device) if dropout_p > 0.0 else None
         out, lse = torch.ops.fastattn.cpu_attn_fwd(
-            q, k, v, mask, state, block_q, block_k, float(scale), left, right, spec.q_offset
+            q, k, v, mask, state, block_q, block_k, float(scale), left, right, spec.q_offset, philox, float(dropout_p)
         )
-        return out, lse, ()
+        return out, lse, (() if philox is None else (philox,))
 
     def backward(self, grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad):
         load()
@@ -149,6 +208,8 @@ class CPUBackend(Backend):
             right,
             spec.q_offset,
             bool(need_mask_grad),
+            saved[0] if dropout_p > 0.0 else None,
+            float(dropout_p),
         )
         if not need_mask_grad:
             return dq, dk, dv, None
@@ -158,3 +219,4 @@ class CPUBackend(Backend):
 
 
 register(CPUBackend())
+_load_if_built()

@@ -130,6 +130,11 @@ class CudaBackend(Backend):
                 "no CUDA GPU (torch.cuda.is_available() is False), and FASTATTN_CUDA_EMULATE=1 is not set "
                 "(it runs the kernel source on CPU tensors, slowly)"
             )
+        if torch.compiler.is_compiling():  # nothing may touch the file system while torch.compile traces
+            return (
+                f"its {kind} library is not loaded, and a call under torch.compile cannot build or load it: run "
+                "`fastattn build` or one eager call first"
+            )
         reason = _ext.unavailable_reason(kind)
         return f"cannot build the {kind} extension: {reason}" if reason else None
 

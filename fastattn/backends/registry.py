@@ -5,11 +5,22 @@ machine at all; ``unsupported_reason``: can it take these inputs) that answer ``
 sentence, and two calls (``forward``, ``backward``) that run its ``torch.library`` ops. The
 entry point validates once, asks the registry for a backend and hands it the normalised 4-D
 tensors and the ``MaskSpec``; no backend re-validates or re-interprets masks.
+
+Never silently slow: when the automatic choice lands on ``reference`` (unfused, O(Lq·Lk) memory)
+because the fused backends it tried refused the call, a :class:`SlowPathWarning` names their reasons
+and the fix, once per distinct message; naming ``backend="reference"`` is the way to choose it
+knowingly, without a warning. ``fastattn info`` lists each backend's ``slow_cases``.
+
+Compile-safe: ``choose`` runs while ``torch.compile`` traces, so every ``unavailable_reason`` must
+answer without touching the file system there (backends settle availability when their library
+loads), and the warning is issued at trace time through Dynamo's ``comptime`` hook, since
+``warnings.warn`` would break the graph.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -18,11 +29,15 @@ from torch import Tensor
 from .._validate import Problem
 from ..masks import MaskSpec
 
-__all__ = ["Backend", "register", "get", "names", "choose", "UnsupportedError"]
+__all__ = ["Backend", "register", "get", "names", "choose", "UnsupportedError", "SlowPathWarning"]
 
 
 class UnsupportedError(RuntimeError):
     """A backend named explicitly cannot take these inputs (or cannot run here)."""
+
+
+class SlowPathWarning(UserWarning):
+    """The automatic choice ran a call on the unfused ``reference`` backend that a fused one could take."""
 
 
 class Backend:
@@ -30,6 +45,8 @@ class Backend:
 
     name: str = ""
     description: str = ""
+    # What sends a call this backend would otherwise take to ``reference``, each with its fix (``fastattn info``).
+    slow_cases: tuple[str, ...] = ()
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run on this machine at all, or None."""
@@ -116,6 +133,37 @@ def choose(name: Optional[str], problem: Problem, spec: MaskSpec, dropout_p: flo
             continue
         reason = _reason(backend, problem, spec, dropout_p)
         if reason is None:
+            if candidate == "reference" and skipped:
+                _warn_slow_path(
+                    "fastattn: this call runs on the slow reference backend (unfused, O(Lq*Lk) memory), refused by "
+                    f"{'; '.join(skipped)}. Pass backend='reference' to choose it knowingly (no warning); this "
+                    "warning is shown once per reason."
+                )
             return backend
         skipped.append(f"{candidate}: {reason}")
     raise UnsupportedError("no backend can run this call; " + "; ".join(skipped))
+
+
+_WARNED: set[str] = set()
+
+
+def _emit_slow_path(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, SlowPathWarning, stacklevel=5)
+
+
+def _emit_at_trace_time(ctx) -> None:
+    """Dynamo's ``comptime`` callback: it runs once while the graph is traced, and adds nothing to the graph."""
+    _emit_slow_path(ctx.get_local("message").as_python_constant())
+
+
+def _warn_slow_path(message: str) -> None:
+    if torch.compiler.is_compiling():
+        try:
+            from torch._dynamo.comptime import comptime
+        except ImportError:  # an older or changed torch: no warning under compile rather than a graph break
+            return
+        comptime(_emit_at_trace_time)
+    else:
+        _emit_slow_path(message)

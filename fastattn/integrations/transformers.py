@@ -312,7 +312,15 @@ def register(name: str = "fastattn", *, backend: Optional[str] = None) -> str:
     Calling it again with the same arguments does nothing; with another backend it re-points the
     name. It refuses to replace one of transformers' own implementations.
     """
-    import transformers
+    try:
+        import transformers
+    except ModuleNotFoundError as e:
+        if e.name != "transformers":
+            raise
+        raise ImportError(
+            "fastattn.integrations.transformers.register(): Hugging Face transformers is not installed; "
+            "pip install 'transformers>=5.23,<6' (or, from a fastattn checkout, pip install -e '.[transformers]')"
+        ) from e
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

@@ -18,6 +18,8 @@ __all__ = ["TritonBackend"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# Settled at import: unavailable_reason runs while torch.compile traces, where find_spec (file system) breaks the graph.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:
@@ -41,9 +43,16 @@ class TritonBackend(Backend):
         "(CUDA GPUs; CPU tensors only under TRITON_INTERPRET=1); on sm_75 the backward runs the reference "
         "backward beyond fp16 at head dim <= 64 (no spill-free FMA kernel there)"
     )
+    slow_cases = (
+        "CUDA tensors without triton installed (and outside the cuda backend's dtypes and head dims): "
+        "pip install 'triton>=3.6'",
+        "CUDA tensors in float64: cast them to float32, float16 or bfloat16",
+        f"head dims above {MAX_HEAD_DIM}",
+        "bfloat16 on GPUs older than sm_80: use float16",
+    )
 
     def unavailable_reason(self) -> Optional[str]:
-        if importlib.util.find_spec("triton") is None:
+        if not _TRITON_INSTALLED:
             return "triton is not installed (pip install 'triton>=3.6')"
         if not torch.cuda.is_available() and not _interpreting():
             return "no CUDA GPU, and TRITON_INTERPRET=1 is not set (the interpreter runs it on CPU tensors, slowly)"
