@@ -47,7 +47,6 @@ fi
 BENCH_BACKENDS=${GPU_BENCH_BACKENDS:-triton,cuda,flash,cudnn,efficient}
 mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export FASTATTN_SKIP_CUDA_BUILD=0
 START=$(date +%s)
 DEADLINE=$((START + MINUTES * 60))
 declare -a SUMMARY=()
