@@ -31,6 +31,8 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -47,37 +49,91 @@ namespace CPU_CAPABILITY {
 namespace {
 
 using c10::BFloat16;
+using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlock = 16;  // edges scored per running-max update
+constexpr int64_t kV = Vec::size();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline void load_row(const float* __restrict s, float* __restrict d, int64_t n) { std::memcpy(d, s, n * sizeof(float)); }
+// ---------------------------------------------------------------- rows and vector helpers
 
-inline void load_row(const BFloat16* __restrict s, float* __restrict d, int64_t n) {
-  const uint16_t* r = reinterpret_cast<const uint16_t*>(s);
+// Row `index` of a (rows, n) matrix as fp32: the row itself for float32, widened into buf for bfloat16.
+inline const float* row(const float* base, int64_t index, int64_t n, float*) { return base + index * n; }
+
+inline const float* row(const BFloat16* base, int64_t index, int64_t n, float* buf) {
+  const uint16_t* r = reinterpret_cast<const uint16_t*>(base + index * n);
   for (int64_t k = 0; k < n; ++k) {
     const uint32_t bits = uint32_t(r[k]) << 16;  // bf16 is the top half of a float32
-    __builtin_memcpy(d + k, &bits, sizeof(float));
+    __builtin_memcpy(buf + k, &bits, sizeof(float));
   }
+  return buf;
 }
 
-inline void store_row(const float* __restrict s, float* __restrict d, int64_t n) { std::memcpy(d, s, n * sizeof(float)); }
+inline void store_row(const float* s, float* d, int64_t n) { std::memcpy(d, s, n * sizeof(float)); }
 
-inline void store_row(const float* __restrict s, BFloat16* __restrict d, int64_t n) {
+inline void store_row(const float* s, BFloat16* d, int64_t n) {
   for (int64_t k = 0; k < n; ++k) d[k] = BFloat16(s[k]);
 }
 
 inline float lrelu(float z, float slope) { return z > 0.f ? z : z * slope; }
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t k = 0;
   float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
+  if (n >= kV) {
+    Vec acc(0.f);
+    for (; k + kV <= n; k += kV) acc = at::vec::fmadd(Vec::loadu(a + k), Vec::loadu(b + k), acc);
+    s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  }
+  for (; k < n; ++k) s += a[k] * b[k];
   return s;
 }
 
-inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) y[k] += alpha * x[k];
+// y += alpha · x
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  const Vec va(alpha);
+  int64_t k = 0;
+  for (; k + kV <= n; k += kV) at::vec::fmadd(va, Vec::loadu(x + k), Vec::loadu(y + k)).store(y + k);
+  for (; k < n; ++k) y[k] += alpha * x[k];
+}
+
+// out = a + b (+ c when c is not null); out may alias a.
+inline void add3(const float* a, const float* b, const float* c, float* out, int64_t n) {
+  int64_t k = 0;
+  if (c != nullptr) {
+    for (; k + kV <= n; k += kV) (Vec::loadu(a + k) + Vec::loadu(b + k) + Vec::loadu(c + k)).store(out + k);
+    for (; k < n; ++k) out[k] = a[k] + b[k] + c[k];
+  } else {
+    for (; k + kV <= n; k += kV) (Vec::loadu(a + k) + Vec::loadu(b + k)).store(out + k);
+    for (; k < n; ++k) out[k] = a[k] + b[k];
+  }
+}
+
+// out = LeakyReLU(z)
+inline void lrelu_row(const float* z, float slope, float* out, int64_t n) {
+  const Vec zero(0.f), vs(slope);
+  int64_t k = 0;
+  for (; k + kV <= n; k += kV) {
+    const Vec v = Vec::loadu(z + k);
+    at::vec::fmadd(vs, at::vec::minimum(v, zero), at::vec::maximum(v, zero)).store(out + k);
+  }
+  for (; k < n; ++k) out[k] = lrelu(z[k], slope);
+}
+
+// out = ds · att ⊙ LeakyReLU'(z)   (the derivative is taken as slope at z = 0, as torch does)
+inline void dlrelu_row(float ds, const float* att, const float* z, float slope, float* out, int64_t n) {
+  const Vec zero(0.f), vs(slope * ds), vd(ds);
+  int64_t k = 0;
+  for (; k + kV <= n; k += kV) {
+    const Vec g = Vec::blendv(vs, vd, Vec::loadu(z + k) > zero);
+    (g * Vec::loadu(att + k)).store(out + k);
+  }
+  for (; k < n; ++k) out[k] = (z[k] > 0.f ? ds : ds * slope) * att[k];
+}
+
+inline void exp_row(float* x, int64_t n) {
+  int64_t k = 0;
+  for (; k + kV <= n; k += kV) Vec::loadu(x + k).exp().store(x + k);
+  for (; k < n; ++k) x[k] = std::exp(x[k]);
 }
 
 // The dropout scale of (edge id e, head h): 1/(1-p) kept, 0 dropped, 1 without dropout.
@@ -87,31 +143,31 @@ inline float keep_scale(const GraphParams& p, int64_t e, int64_t h) {
   return philox_uniform(p.k0, p.k1, elem) >= p.p ? 1.f / (1.f - p.p) : 0.f;
 }
 
-// Per-thread rows and the edge-feature reader every pass shares.
+// The edge-feature reader every pass shares (one per thread).
 template <typename T>
 struct Edges {
   const GraphParams& p;
   const T* edge_attr;
   const T* loop_attr;
   int64_t width;  // De (raw features) or H (GAT logits)
-  std::vector<float> raw;
+  std::vector<float> buf;
+  const float* raw = nullptr;  // the last features read, fp32
 
   explicit Edges(const GraphParams& params)
       : p(params),
         edge_attr(static_cast<const T*>(params.edge_attr)),
         loop_attr(static_cast<const T*>(params.loop_attr)),
         width(params.kind == kGat ? params.H : params.De),
-        raw(std::max<int64_t>(width, 1)) {}
+        buf(std::max<int64_t>(width, 1)) {}
 
-  // Edge id e's feature row (real edge or added self loop), widened to fp32.
+  // Edge id e's feature row (real edge or added self loop), as fp32.
   const float* features(int64_t e) {
-    const T* r = e < p.E ? edge_attr + e * width : loop_attr + (e - p.E) * width;
-    load_row(r, raw.data(), width);
-    return raw.data();
+    raw = e < p.E ? row(edge_attr, e, width, buf.data()) : row(loop_attr, e - p.E, width, buf.data());
+    return raw;
   }
 
-  // out (H·C) = W_e e_ij for kDot/kGatV2; the H logits for kGat.
-  void project(int64_t e, float* __restrict out) {
+  // out (H·C) = W_e e_ij for kDot/kGatV2; out (H) = the logits for kGat.
+  void project(int64_t e, float* out) {
     const float* f = features(e);
     if (p.kind == kGat) {
       std::memcpy(out, f, p.H * sizeof(float));
@@ -135,18 +191,24 @@ template <int KIND, typename T>
 void fwd_range(const GraphParams& p, int64_t t0, int64_t t1) {
   const int64_t H = p.H, C = p.C, Cv = p.Cv, HC = H * C, HCv = H * Cv;
   const int64_t Ks = KIND == kGat ? H : HC;  // width of a score-side node row
+  const float slope = p.slope;
+  const bool edge = p.has_edge;
   const T* dst = static_cast<const T*>(p.dst);
   const T* src = static_cast<const T*>(p.src);
   const T* val = KIND == kGatV2 ? src : static_cast<const T*>(p.values);
   T* out = static_cast<T*>(p.out);
   Edges<T> edges(p);
-  std::vector<float> drow(Ks), kbuf(kBlock * Ks), vbuf(KIND == kGatV2 ? 1 : kBlock * HCv), ebuf(kBlock * Ks), z(HC),
-      s(kBlock * H), acc(HCv), m(H), l(H), orow(HCv);
+  std::vector<float> dbuf(Ks), kbuf(kBlock * Ks), vbuf(kBlock * HCv), ebuf(Ks), z(HC), s(kBlock * H), acc(HCv),
+      m(H), l(H), orow(HCv);
+  const float* krows[kBlock];
+  const float* vrows[kBlock];
 
   for (int64_t i = t0; i < t1; ++i) {
-    load_row(dst + i * Ks, drow.data(), Ks);
-    if (KIND == kDot)
-      for (int64_t k = 0; k < HC; ++k) drow[k] *= p.scale;
+    const float* drow = row(dst, i, Ks, dbuf.data());
+    if (KIND == kDot) {  // q · scale, once per target
+      for (int64_t k = 0; k < HC; ++k) dbuf[k] = drow[k] * p.scale;
+      drow = dbuf.data();
+    }
     std::fill(acc.begin(), acc.end(), 0.f);
     std::fill(m.begin(), m.end(), kNegInf);
     std::fill(l.begin(), l.end(), 0.f);
@@ -155,31 +217,27 @@ void fwd_range(const GraphParams& p, int64_t t0, int64_t t1) {
       const int64_t nb = std::min(kBlock, end - b0);
       // Scores of the block: all heads of each edge from one gathered source row.
       for (int64_t b = 0; b < nb; ++b) {
-        const int64_t j = p.col[b0 + b], e = p.eid[b0 + b];
-        float* kr = kbuf.data() + b * Ks;
-        float* er = ebuf.data() + b * Ks;
+        const int64_t j = p.col[b0 + b];
         float* sb = s.data() + b * H;
-        load_row(src + j * Ks, kr, Ks);
-        if (KIND != kGatV2) load_row(val + j * HCv, vbuf.data() + b * HCv, HCv);
-        if (p.has_edge) edges.project(e, er);
+        const float* kr = row(src, j, Ks, kbuf.data() + b * Ks);
+        const float* vr = KIND == kGatV2 ? kr : row(val, j, HCv, vbuf.data() + b * HCv);
+        if (edge) edges.project(p.eid[b0 + b], ebuf.data());
         if (KIND == kDot) {
-          if (p.has_edge) {
-            axpy(1.f, er, kr, HC);  // k_j + e_ij
-            axpy(1.f, er, vbuf.data() + b * HCv, HC);  // v_j + e_ij (Cv == C)
+          if (edge) {  // k_j + e_ij and v_j + e_ij (Cv == C), into this edge's slots of the block
+            add3(kr, ebuf.data(), nullptr, kbuf.data() + b * Ks, HC);
+            add3(vr, ebuf.data(), nullptr, vbuf.data() + b * HCv, HC);
+            kr = kbuf.data() + b * Ks, vr = vbuf.data() + b * HCv;
           }
-          for (int64_t h = 0; h < H; ++h) sb[h] = dot(drow.data() + h * C, kr + h * C, C);
+          for (int64_t h = 0; h < H; ++h) sb[h] = dot(drow + h * C, kr + h * C, C);
         } else if (KIND == kGat) {
-          for (int64_t h = 0; h < H; ++h) sb[h] = lrelu(kr[h] + drow[h] + (p.has_edge ? er[h] : 0.f), p.slope);
+          for (int64_t h = 0; h < H; ++h) sb[h] = lrelu(kr[h] + drow[h] + (edge ? ebuf[h] : 0.f), slope);
         } else {
-#pragma omp simd
-          for (int64_t k = 0; k < HC; ++k) z[k] = p.att[k] * lrelu(kr[k] + drow[k] + (p.has_edge ? er[k] : 0.f), p.slope);
-          for (int64_t h = 0; h < H; ++h) {
-            float a = 0.f;
-#pragma omp simd reduction(+ : a)
-            for (int64_t c = 0; c < C; ++c) a += z[h * C + c];
-            sb[h] = a;
-          }
+          add3(kr, drow, edge ? ebuf.data() : nullptr, z.data(), HC);
+          lrelu_row(z.data(), slope, z.data(), HC);
+          for (int64_t h = 0; h < H; ++h) sb[h] = dot(p.att + h * C, z.data() + h * C, C);
         }
+        krows[b] = kr;
+        vrows[b] = vr;
         if (p.probs != nullptr) std::memcpy(p.probs + (b0 + b) * H, sb, H * sizeof(float));
       }
       // One running-max update per block, then the block's weighted values.
@@ -193,14 +251,16 @@ void fwd_range(const GraphParams& p, int64_t t0, int64_t t1) {
         }
         m[h] = mb;
       }
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t h = 0; h < H; ++h) s[b * H + h] -= m[h];
+      exp_row(s.data(), nb * H);
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t e = p.eid[b0 + b];
-        const float* vr = KIND == kGatV2 ? kbuf.data() + b * HC : vbuf.data() + b * HCv;
         for (int64_t h = 0; h < H; ++h) {
-          const float pr = std::exp(s[b * H + h] - m[h]);
+          const float pr = s[b * H + h];
           l[h] += pr;  // the normaliser never includes dropout
-          const float pk = p.dropout ? (keep_scale(p, e, h) != 0.f ? pr : 0.f) : pr;
-          if (pk != 0.f) axpy(pk, vr + h * Cv, acc.data() + h * Cv, Cv);
+          if (p.dropout && keep_scale(p, e, h) == 0.f) continue;
+          axpy(pr, vrows[b] + h * Cv, acc.data() + h * Cv, Cv);
         }
       }
     }
@@ -224,7 +284,8 @@ template <int KIND, typename T>
 void bwd_target_range(const GraphParams& p, int64_t chunk, int64_t t0, int64_t t1) {
   const int64_t H = p.H, C = p.C, Cv = p.Cv, HC = H * C, HCv = H * Cv, De = p.De;
   const int64_t Ks = KIND == kGat ? H : HC;
-  const bool proj_grad = p.has_edge && KIND != kGat;
+  const float slope = p.slope;
+  const bool edge = p.has_edge, proj_grad = edge && KIND != kGat;
   const T* dst = static_cast<const T*>(p.dst);
   const T* src = static_cast<const T*>(p.src);
   const T* val = KIND == kGatV2 ? src : static_cast<const T*>(p.values);
@@ -233,84 +294,81 @@ void bwd_target_range(const GraphParams& p, int64_t chunk, int64_t t0, int64_t t
   float* datt = KIND == kGatV2 ? p.d_att_part + chunk * HC : nullptr;
   float* dproj = proj_grad ? p.d_proj_part + chunk * De * HC : nullptr;
   Edges<T> edges(p);
-  std::vector<float> drow(Ks), go(HCv), orow(HCv), delta(H), gd(Ks), kr(Ks), vr(HCv), er(Ks), z(HC), dproj_e(HC),
-      dea(std::max<int64_t>(De, H));
+  std::vector<float> dbuf(Ks), gbuf(HCv), obuf(HCv), delta(H), sc(H), dp(H), gd(Ks), kbuf(Ks), vbuf(HCv), er(Ks),
+      z(HC), lz(HC), dz(HC), dea(std::max<int64_t>(De, H));
 
   for (int64_t i = t0; i < t1; ++i) {
-    load_row(dst + i * Ks, drow.data(), Ks);
-    load_row(dout + i * HCv, go.data(), HCv);
-    load_row(o + i * HCv, orow.data(), HCv);
+    const int64_t begin = p.rowptr[i], end = p.rowptr[i + 1];
+    if (begin == end) {  // no incoming edge: no gradient to the target
+      std::fill(gd.begin(), gd.end(), 0.f);
+      store_row(gd.data(), static_cast<T*>(p.d_dst) + i * Ks, Ks);
+      continue;
+    }
+    const float* drow = row(dst, i, Ks, dbuf.data());
+    const float* go = row(dout, i, HCv, gbuf.data());
+    const float* orow = row(o, i, HCv, obuf.data());
     for (int64_t h = 0; h < H; ++h)
-      delta[h] = dot(go.data() + h * Cv, orow.data() + h * Cv, Cv) - (p.dlse ? p.dlse[i * H + h] : 0.f);
+      delta[h] = dot(go + h * Cv, orow + h * Cv, Cv) - (p.dlse ? p.dlse[i * H + h] : 0.f);
     std::fill(gd.begin(), gd.end(), 0.f);
     const float* lse = p.lse_in + i * H;
-    for (int64_t q = p.rowptr[i]; q < p.rowptr[i + 1]; ++q) {
+    for (int64_t q = begin; q < end; ++q) {
       const int64_t j = p.col[q], e = p.eid[q];
-      load_row(src + j * Ks, kr.data(), Ks);
-      if (KIND == kGatV2)
-        std::memcpy(vr.data(), kr.data(), HC * sizeof(float));
-      else
-        load_row(val + j * HCv, vr.data(), HCv);
-      if (p.has_edge) edges.project(e, er.data());
-      if (KIND == kDot && p.has_edge) {
-        axpy(1.f, er.data(), kr.data(), HC);
-        axpy(1.f, er.data(), vr.data(), HC);
+      const float* kr = row(src, j, Ks, kbuf.data());
+      const float* vr = KIND == kGatV2 ? kr : row(val, j, HCv, vbuf.data());
+      if (edge) edges.project(e, er.data());
+      if (KIND == kDot && edge) {
+        add3(kr, er.data(), nullptr, kbuf.data(), HC);
+        add3(vr, er.data(), nullptr, vbuf.data(), HC);
+        kr = kbuf.data(), vr = vbuf.data();
       }
       if (KIND == kGatV2) {
-#pragma omp simd
-        for (int64_t k = 0; k < HC; ++k) z[k] = kr[k] + drow[k] + (p.has_edge ? er[k] : 0.f);
+        add3(kr, drow, edge ? er.data() : nullptr, z.data(), HC);
+        lrelu_row(z.data(), slope, lz.data(), HC);
       }
       for (int64_t h = 0; h < H; ++h) {
-        float sc;
-        if (KIND == kDot) {
-          sc = p.scale * dot(drow.data() + h * C, kr.data() + h * C, C);
-        } else if (KIND == kGat) {
-          sc = lrelu(kr[h] + drow[h] + (p.has_edge ? er[h] : 0.f), p.slope);
-        } else {
-          sc = 0.f;
-#pragma omp simd reduction(+ : sc)
-          for (int64_t c = 0; c < C; ++c) sc += p.att[h * C + c] * lrelu(z[h * C + c], p.slope);
-        }
-        const float pr = std::exp(sc - lse[h]);
-        const float ks = keep_scale(p, e, h);
-        const float dp = ks * dot(go.data() + h * Cv, vr.data() + h * Cv, Cv);
-        const float ds = pr * (dp - delta[h]);
+        if (KIND == kDot)
+          sc[h] = p.scale * dot(drow + h * C, kr + h * C, C);
+        else if (KIND == kGat)
+          sc[h] = lrelu(kr[h] + drow[h] + (edge ? er[h] : 0.f), slope);
+        else
+          sc[h] = dot(p.att + h * C, lz.data() + h * C, C);
+        sc[h] -= lse[h];
+        dp[h] = dot(go + h * Cv, vr + h * Cv, Cv);
+      }
+      exp_row(sc.data(), H);
+      for (int64_t h = 0; h < H; ++h) {
+        const float pr = sc[h], ks = keep_scale(p, e, h);
+        const float ds = pr * (ks * dp[h] - delta[h]);
         const float pk = pr * ks;
         p.P[q * H + h] = pk;
         if (KIND == kDot) {
           const float dss = ds * p.scale;
           p.DS[q * H + h] = dss;
-          axpy(dss, kr.data() + h * C, gd.data() + h * C, C);
-          if (proj_grad) {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) dproj_e[h * C + c] = dss * drow[h * C + c] + pk * go[h * C + c];
+          axpy(dss, kr + h * C, gd.data() + h * C, C);
+          if (proj_grad) {  // d(e_ij) = ds·scale·q_i (key side) + p·dO_i (value side)
+            std::fill(dz.data() + h * C, dz.data() + (h + 1) * C, 0.f);
+            axpy(dss, drow + h * C, dz.data() + h * C, C);
+            axpy(pk, go + h * C, dz.data() + h * C, C);
           }
         } else if (KIND == kGat) {
-          const float pre = kr[h] + drow[h] + (p.has_edge ? er[h] : 0.f);
-          const float dpre = pre > 0.f ? ds : ds * p.slope;
+          const float pre = kr[h] + drow[h] + (edge ? er[h] : 0.f);
+          const float dpre = pre > 0.f ? ds : ds * slope;
           p.DS[q * H + h] = dpre;
           gd[h] += dpre;
           dea[h] = dpre;
         } else {
           p.DS[q * H + h] = ds;
-          const float* a = p.att + h * C;
-          const float* zh = z.data() + h * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const float dz = ds * a[c] * (zh[c] > 0.f ? 1.f : p.slope);
-            gd[h * C + c] += dz;
-            datt[h * C + c] += ds * lrelu(zh[c], p.slope);
-            dproj_e[h * C + c] = dz;
-          }
+          dlrelu_row(ds, p.att + h * C, z.data() + h * C, slope, dz.data() + h * C, C);
+          axpy(ds, lz.data() + h * C, datt + h * C, C);
         }
       }
-      if (KIND == kGat && p.has_edge) edges.store_grad(e, dea.data());
+      if (KIND == kGatV2) axpy(1.f, dz.data(), gd.data(), HC);
+      if (KIND == kGat && edge) edges.store_grad(e, dea.data());
       if (proj_grad) {
         // d e_raw = W_eᵀ d(W_e e), dW_eᵀ += e_raw ⊗ d(W_e e); edges.raw still holds e's features.
-        const float* f = edges.raw.data();
         for (int64_t d = 0; d < De; ++d) {
-          dea[d] = dot(p.proj_t + d * HC, dproj_e.data(), HC);
-          axpy(f[d], dproj_e.data(), dproj + d * HC, HC);
+          dea[d] = dot(p.proj_t + d * HC, dz.data(), HC);
+          axpy(edges.raw[d], dz.data(), dproj + d * HC, HC);
         }
         edges.store_grad(e, dea.data());
       }
@@ -325,45 +383,43 @@ template <int KIND, typename T>
 void bwd_source_range(const GraphParams& p, int64_t s0, int64_t s1) {
   const int64_t H = p.H, C = p.C, Cv = p.Cv, HC = H * C, HCv = H * Cv;
   const int64_t Ks = KIND == kGat ? H : HC;
+  const float slope = p.slope;
+  const bool edge = p.has_edge;
   const T* dst = static_cast<const T*>(p.dst);
   const T* src = static_cast<const T*>(p.src);
   const T* dout = static_cast<const T*>(p.dout);
   Edges<T> edges(p);
-  std::vector<float> kr(Ks), go(HCv), qr(Ks), er(Ks), gs(Ks), gv(HCv);
+  std::vector<float> kbuf(Ks), gbuf(HCv), qbuf(Ks), er(Ks), z(HC), dz(HC), gs(Ks), gv(HCv);
 
   for (int64_t j = s0; j < s1; ++j) {
-    if (KIND == kGatV2) load_row(src + j * Ks, kr.data(), Ks);
+    const float* kr = KIND == kGatV2 ? row(src, j, Ks, kbuf.data()) : nullptr;
     std::fill(gs.begin(), gs.end(), 0.f);
     std::fill(gv.begin(), gv.end(), 0.f);
     for (int64_t t = p.colptr[j]; t < p.colptr[j + 1]; ++t) {
       const int64_t i = p.row[t], q = p.slot[t];
       const float* P = p.P + q * H;
       const float* DS = p.DS + q * H;
-      load_row(dout + i * HCv, go.data(), HCv);
+      const float* go = row(dout, i, HCv, gbuf.data());
       if (KIND == kDot) {
-        load_row(dst + i * Ks, qr.data(), Ks);
+        const float* qr = row(dst, i, Ks, qbuf.data());
         for (int64_t h = 0; h < H; ++h) {
-          axpy(DS[h], qr.data() + h * C, gs.data() + h * C, C);
-          axpy(P[h], go.data() + h * Cv, gv.data() + h * Cv, Cv);
+          axpy(DS[h], qr + h * C, gs.data() + h * C, C);
+          axpy(P[h], go + h * Cv, gv.data() + h * Cv, Cv);
         }
       } else if (KIND == kGat) {
         for (int64_t h = 0; h < H; ++h) {
           gs[h] += DS[h];
-          axpy(P[h], go.data() + h * Cv, gv.data() + h * Cv, Cv);
+          axpy(P[h], go + h * Cv, gv.data() + h * Cv, Cv);
         }
       } else {
-        load_row(dst + i * Ks, qr.data(), Ks);
-        if (p.has_edge) edges.project(p.eid[q], er.data());
+        const float* xr = row(dst, i, Ks, qbuf.data());
+        if (edge) edges.project(p.eid[q], er.data());
+        add3(kr, xr, edge ? er.data() : nullptr, z.data(), HC);
         for (int64_t h = 0; h < H; ++h) {
-          const float ds = DS[h], pk = P[h];
-          const float* a = p.att + h * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t k = h * C + c;
-            const float zk = kr[k] + qr[k] + (p.has_edge ? er[k] : 0.f);
-            gs[k] += ds * a[c] * (zk > 0.f ? 1.f : p.slope) + pk * go[k];
-          }
+          dlrelu_row(DS[h], p.att + h * C, z.data() + h * C, slope, dz.data() + h * C, C);
+          axpy(P[h], go + h * C, dz.data() + h * C, C);
         }
+        axpy(1.f, dz.data(), gs.data(), HC);
       }
     }
     store_row(gs.data(), static_cast<T*>(p.d_src) + j * Ks, Ks);
