@@ -8,7 +8,7 @@ CPU tensors under ``TRITON_INTERPRET=1``) and ``reference`` (the float64 per-edg
 ``fastattn.nn.GATConv``, ``GATv2Conv``, ``TransformerConv``.
 """
 
-from . import _cpu  # noqa: F401  (registers the "cpu" backend; nothing is built yet)
+from . import _cpu, _triton  # noqa: F401  (register the "cpu" and "triton" backends; nothing is built yet)
 from ._backends import choose, get, names
 from ._structure import Graph, clear_cache
 from .functional import dot_attention, gat_attention, gatv2_attention, self_loop_attr
