@@ -201,6 +201,8 @@ def graph_for(
         return g
     if torch.compiler.is_compiling():
         return build_graph(edge_index.long(), num_src, num_dst, add_self_loops)
+    if not isinstance(edge_index, Tensor) or edge_index.layout != torch.strided:
+        check_edge_index(edge_index, num_src, num_dst, device)  # raises, naming what was given
     key = (id(edge_index), edge_index.data_ptr(), edge_index._version, num_src, num_dst, bool(add_self_loops))
     hit = _cache.get(key)
     if hit is not None and hit[0]() is edge_index:
