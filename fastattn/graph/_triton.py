@@ -20,7 +20,8 @@ from ._ops import bwd_fake, fwd_fake, register_autograd
 
 __all__ = ["TritonGraphBackend"]
 
-BLOCK_E = 16  # edges per block: one running-max update per block
+BLOCK_E = 8  # edges per block: one running-max update per block
+NUM_WARPS = 4
 
 
 def _interpreting() -> bool:
@@ -40,8 +41,22 @@ def _sizes(kind: int, dst: Tensor, src: Tensor, values: Optional[Tensor], edge_a
     return heads, channels, channels_v, edge_dim
 
 
+def _poisoned(t: Tensor) -> Tensor:
+    """``FASTATTN_POISON=1`` (tests): outputs start as NaN, so an element a kernel never writes shows."""
+    return t.fill_(float("nan")) if os.environ.get("FASTATTN_POISON") == "1" and t.numel() else t
+
+
 def _blocks(heads: int, channels: int, channels_v: int) -> dict:
-    return {"BLOCK_E": BLOCK_E, "BLOCK_H": _pow2(heads), "BLOCK_C": _pow2(channels), "BLOCK_CV": _pow2(channels_v)}
+    """Launch constants. ``BLOCK_E`` = 8 edges and 4 warps were chosen with
+    ``python -m fastattn.graph.compile_check`` (sm_80/sm_90, H = 8, C = 16): 16 edges per block took up to
+    255 registers with edge features and left stray spills; 8 warps spilled more. Not timed on a GPU."""
+    return {
+        "BLOCK_E": BLOCK_E,
+        "BLOCK_H": _pow2(heads),
+        "BLOCK_C": _pow2(channels),
+        "BLOCK_CV": _pow2(channels_v),
+        "num_warps": NUM_WARPS,
+    }
 
 
 @torch.library.custom_op("fastattn::triton_graph_attn", mutates_args=())
@@ -71,8 +86,8 @@ def triton_graph_attn(
 
     heads, channels, channels_v, edge_dim = _sizes(kind, dst, src, values, edge_attr)
     num_dst = dst.shape[0]
-    out = torch.empty(num_dst, heads, channels_v, dtype=dst.dtype, device=dst.device)
-    lse = torch.empty(num_dst, heads, dtype=torch.float32, device=dst.device)
+    out = _poisoned(torch.empty(num_dst, heads, channels_v, dtype=dst.dtype, device=dst.device))
+    lse = _poisoned(torch.empty(num_dst, heads, dtype=torch.float32, device=dst.device))
     # Zeros: the slots of replaced self loops (past rowptr[-1]) are never visited and must read 0.
     probs = torch.zeros(eid.shape[0] if return_probs else 0, heads, dtype=torch.float32, device=dst.device)
     proj_t = edge_proj.float().t().contiguous() if edge_proj is not None else lse  # (De, H·C) fp32
@@ -124,12 +139,12 @@ def triton_graph_attn_bwd(
     device, f32 = dst.device, torch.float32
     has_edge = edge_attr is not None
     loops = has_edge and loop_attr is not None and num_ids > num_edges
-    p_kept = torch.empty(num_ids, heads, dtype=f32, device=device)
-    d_score = torch.empty(num_ids, heads, dtype=f32, device=device)
-    d_dst, d_src = torch.empty_like(dst), torch.empty_like(src)
-    d_values = torch.empty_like(values) if values is not None else dst.new_empty(0)
+    p_kept = _poisoned(torch.empty(num_ids, heads, dtype=f32, device=device))
+    d_score = _poisoned(torch.empty(num_ids, heads, dtype=f32, device=device))
+    d_dst, d_src = _poisoned(torch.empty_like(dst)), _poisoned(torch.empty_like(src))
+    d_values = _poisoned(torch.empty_like(values)) if values is not None else dst.new_empty(0)
     d_edge_attr = torch.zeros_like(edge_attr) if has_edge else dst.new_empty(0)  # replaced self loops keep 0
-    d_loop_attr = torch.empty_like(loop_attr) if loops else dst.new_empty(0)
+    d_loop_attr = _poisoned(torch.empty_like(loop_attr)) if loops else dst.new_empty(0)
     d_att = torch.zeros(heads, channels, dtype=f32, device=device) if kind == 2 else dst.new_empty(0)
     d_proj_t = torch.zeros(edge_dim, heads * channels, dtype=f32, device=device) if edge_dim else dst.new_empty(0)
     proj_t = edge_proj.float().t().contiguous() if edge_proj is not None else lse
