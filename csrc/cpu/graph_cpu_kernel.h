@@ -16,7 +16,11 @@
 // backward, E · H · 8 of per-edge scalars. Per edge the forward touches H·C·4 bytes of one gathered
 // source row for 4–6 FLOPs per element, so it is bound by the gather (memory latency and L2/L3
 // bandwidth), not by arithmetic: the bound to reach is the rate of random 512-byte row reads of
-// the machine (at H·C = 128), a few GB/s per core, i.e. tens of ns per edge per core.
+// the machine (at H·C = 128), a few GB/s per core, i.e. tens of ns per edge per core. Latency, not
+// bandwidth, is what a plain loop hits (one row's 8 cache lines at a time), so every pass
+// prefetches the rows of the edges ahead (the next block; kAhead edges in the backward): measured
+// on the 2-core EPYC, 20k nodes / 340k edges, H = 8, C = 16, one thread, CPU time: GATv2 forward
+// 81 -> 53 ms, backward 243 -> 124 ms; GAT 62 -> 27 and 132 -> 78 ms (about 80 ns per edge forward).
 //
 // Backward, two passes, no atomics, results independent of the thread count:
 //  1. by target (CSR): recompute each edge's score, p = exp(s − lse), dp = dO_i · v_j,
@@ -51,6 +55,7 @@ namespace {
 using c10::BFloat16;
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlock = 16;  // edges scored per running-max update
+constexpr int64_t kAhead = 8;   // edges the backward prefetches ahead
 constexpr int64_t kV = Vec::size();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -75,6 +80,13 @@ inline void store_row(const float* s, BFloat16* d, int64_t n) {
 }
 
 inline float lrelu(float z, float slope) { return z > 0.f ? z : z * slope; }
+
+// Gathered rows are random reads from node tables of megabytes: ask for them ahead of use.
+template <typename T>
+inline void prefetch_row(const T* base, int64_t index, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(base + index * n);
+  for (int64_t off = 0; off < n * int64_t(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t k = 0;
@@ -215,6 +227,10 @@ void fwd_range(const GraphParams& p, int64_t t0, int64_t t1) {
     const int64_t begin = p.rowptr[i], end = p.rowptr[i + 1];
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int64_t nb = std::min(kBlock, end - b0);
+      for (int64_t q = b0 + kBlock; q < std::min(b0 + 2 * kBlock, p.rowptr[t1]); ++q) {  // the next block's rows
+        prefetch_row(src, p.col[q], Ks);
+        if (KIND != kGatV2) prefetch_row(val, p.col[q], HCv);
+      }
       // Scores of the block: all heads of each edge from one gathered source row.
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t j = p.col[b0 + b];
@@ -313,6 +329,10 @@ void bwd_target_range(const GraphParams& p, int64_t chunk, int64_t t0, int64_t t
     const float* lse = p.lse_in + i * H;
     for (int64_t q = begin; q < end; ++q) {
       const int64_t j = p.col[q], e = p.eid[q];
+      if (q + kAhead < p.rowptr[t1]) {
+        prefetch_row(src, p.col[q + kAhead], Ks);
+        if (KIND != kGatV2) prefetch_row(val, p.col[q + kAhead], HCv);
+      }
       const float* kr = row(src, j, Ks, kbuf.data());
       const float* vr = KIND == kGatV2 ? kr : row(val, j, HCv, vbuf.data());
       if (edge) edges.project(e, er.data());
@@ -397,6 +417,13 @@ void bwd_source_range(const GraphParams& p, int64_t s0, int64_t s1) {
     std::fill(gv.begin(), gv.end(), 0.f);
     for (int64_t t = p.colptr[j]; t < p.colptr[j + 1]; ++t) {
       const int64_t i = p.row[t], q = p.slot[t];
+      if (t + kAhead < p.colptr[s1]) {
+        const int64_t ia = p.row[t + kAhead];
+        prefetch_row(dout, ia, HCv);
+        if (KIND != kGat) prefetch_row(dst, ia, Ks);
+        __builtin_prefetch(p.P + p.slot[t + kAhead] * H);
+        __builtin_prefetch(p.DS + p.slot[t + kAhead] * H);
+      }
       const float* P = p.P + q * H;
       const float* DS = p.DS + q * H;
       const float* go = row(dout, i, HCv, gbuf.data());
