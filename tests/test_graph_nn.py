@@ -260,3 +260,17 @@ def test_layers_import_and_run_without_pyg():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_example_trains_a_gatv2_model():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "graph_node_classification.py"
+    spec = importlib.util.spec_from_file_location("graph_node_classification", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    accuracy = example.main(
+        ["--nodes", "600", "--epochs", "30", "--p-in", "0.05", "--p-out", "0.005", "--backend", "cpu"]
+    )
+    assert accuracy > 0.6  # 5 classes: chance is 0.2

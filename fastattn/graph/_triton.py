@@ -21,7 +21,7 @@ from ._ops import bwd_fake, fwd_fake, register_autograd
 __all__ = ["TritonGraphBackend"]
 
 BLOCK_E = 8  # edges per block: one running-max update per block
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 def _interpreting() -> bool:
@@ -46,16 +46,23 @@ def _poisoned(t: Tensor) -> Tensor:
     return t.fill_(float("nan")) if os.environ.get("FASTATTN_POISON") == "1" and t.numel() else t
 
 
-def _blocks(heads: int, channels: int, channels_v: int) -> dict:
-    """Launch constants. ``BLOCK_E`` = 8 edges and 4 warps were chosen with
-    ``python -m fastattn.graph.compile_check`` (sm_80/sm_90, H = 8, C = 16): 16 edges per block took up to
-    255 registers with edge features and left stray spills; 8 warps spilled more. Not timed on a GPU."""
+def num_warps(kernel: str, kind: int, has_edge: bool) -> int:
+    """Warps per program: 8, but 2 for the dot-product backward with edge features (see :func:`_blocks`)."""
+    return 2 if (kernel == "bwd_dst" and kind == 0 and has_edge) else NUM_WARPS
+
+
+def _blocks(kernel: str, kind: int, heads: int, channels: int, channels_v: int, has_edge: bool) -> dict:
+    """Launch constants. ``BLOCK_E`` = 8 edges and the warps of :func:`num_warps` were chosen with
+    ``python -m fastattn.graph.compile_check`` (sm_80/sm_90, H = 8, C = 16): with 16 edges per block the
+    edge-feature variants took up to 255 registers; with 4 warps ptxas spilled a value inside the edge
+    loop of three backward variants on sm_90, with 8 warps inside that of the dot-product backward with
+    edge features on sm_80, which 2 warps compile cleanly. Not timed on a GPU."""
     return {
         "BLOCK_E": BLOCK_E,
         "BLOCK_H": _pow2(heads),
         "BLOCK_C": _pow2(channels),
         "BLOCK_CV": _pow2(channels_v),
-        "num_warps": NUM_WARPS,
+        "num_warps": num_warps(kernel, kind, has_edge),
     }
 
 
@@ -98,7 +105,7 @@ def triton_graph_attn(
             philox if philox is not None else rowptr, out, lse, probs if return_probs else lse,
             num_edges, heads, channels, channels_v, edge_dim, scale, negative_slope, dropout_p,
             KIND=kind, HAS_EDGE=edge_attr is not None, DROPOUT=dropout_p > 0.0, WRITE_PROBS=return_probs,
-            **_blocks(heads, channels, channels_v),
+            **_blocks("fwd", kind, heads, channels, channels_v, edge_attr is not None),
         )  # fmt: skip
     return out, lse, probs
 
@@ -149,7 +156,6 @@ def triton_graph_attn_bwd(
     d_proj_t = torch.zeros(edge_dim, heads * channels, dtype=f32, device=device) if edge_dim else dst.new_empty(0)
     proj_t = edge_proj.float().t().contiguous() if edge_proj is not None else lse
     dlse = grad_lse.float().contiguous() if grad_lse is not None else None
-    blocks = _blocks(heads, channels, channels_v)
     if num_dst > 0:
         _graph_bwd_dst_kernel[(num_dst,)](
             rowptr, col, eid, dst, src, values if values is not None else src, att if att is not None else dst,
@@ -158,7 +164,8 @@ def triton_graph_attn_bwd(
             p_kept, d_score, d_dst, d_edge_attr if has_edge else dst, d_loop_attr if loops else dst,
             d_att if kind == 2 else lse, d_proj_t if edge_dim else lse,
             num_edges, heads, channels, channels_v, edge_dim, scale, negative_slope, dropout_p,
-            KIND=kind, HAS_EDGE=has_edge, DROPOUT=dropout_p > 0.0, HAS_DLSE=dlse is not None, **blocks,
+            KIND=kind, HAS_EDGE=has_edge, DROPOUT=dropout_p > 0.0, HAS_DLSE=dlse is not None,
+            **_blocks("bwd_dst", kind, heads, channels, channels_v, has_edge),
         )  # fmt: skip
     if num_src > 0:
         _graph_bwd_src_kernel[(num_src,)](
@@ -166,7 +173,7 @@ def triton_graph_attn_bwd(
             loop_attr if loop_attr is not None else dst, proj_t, grad_out, p_kept, d_score, d_src,
             d_values if values is not None else d_src,
             num_edges, heads, channels, channels_v, edge_dim, negative_slope,
-            KIND=kind, HAS_EDGE=has_edge, **blocks,
+            KIND=kind, HAS_EDGE=has_edge, **_blocks("bwd_src", kind, heads, channels, channels_v, has_edge),
         )  # fmt: skip
     d_att = d_att.to(dst.dtype) if kind == 2 else dst.new_empty(0)
     d_proj = d_proj_t.t().contiguous().to(dst.dtype) if edge_dim else dst.new_empty(0)  # (De, H·C) -> (H·C, De)

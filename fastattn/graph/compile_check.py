@@ -140,14 +140,14 @@ def compile_variant(v: Variant) -> Result:
     from triton.compiler import ASTSource
     from triton.compiler import compile as triton_compile
 
-    from ._triton import NUM_WARPS
+    from ._triton import num_warps
 
     try:
         fn, sig, constexprs, attrs = _signature(v)
         kernel = triton_compile(
             ASTSource(fn, sig, constexprs, attrs),
             target=GPUTarget("cuda", v.arch, 32),
-            options={"num_warps": NUM_WARPS, "num_stages": 1},
+            options={"num_warps": num_warps(v.kernel, v.kind, v.has_edge), "num_stages": 1},
         )
     except Exception as exc:  # a compiler failure is a result to report
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
