@@ -20,6 +20,8 @@ caches reach the other's numbers:
   events (every tensor torch allocates, nothing else).
 
 Ratios: ``speed-up`` = PyG's median / fastattn's; ``memory`` = fastattn's / PyG's (growth and torch peak).
+``--device cuda`` runs the same comparison on a GPU with fastattn's Triton backend (timing synchronised,
+memory from ``torch.cuda.max_memory_allocated``); written without a GPU, it has not run on one yet.
 """
 
 from __future__ import annotations
@@ -71,18 +73,28 @@ def worker(point: dict) -> dict:
     else:
         import fastattn.nn as layers
     cls = getattr(layers, LAYERS[point["layer"]])
-    kwargs = {"backend": "cpu"} if point["library"] == "fastattn" else {}
-    tiny = cls(4, 2, heads=2, **kwargs)  # load the library's code outside the measurement
-    tiny(torch.randn(3, 4), torch.tensor([[0, 1], [1, 2]])).sum().backward()
+    device = torch.device(point.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    kwargs = {"backend": "triton" if cuda else "cpu"} if point["library"] == "fastattn" else {}
+    tiny = cls(4, 2, heads=2, **kwargs).to(device)  # load the library's code outside the measurement
+    tiny(torch.randn(3, 4, device=device), torch.tensor([[0, 1], [1, 2]], device=device)).sum().backward()
 
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    sync()
     before = _rss_mb()
+    before_cuda = torch.cuda.memory_allocated(device) if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator().manual_seed(0)
     n, e = point["nodes"], point["edges"]
-    x = torch.randn(n, point["in_channels"], generator=gen).requires_grad_(True)
-    edge_index = torch.randint(0, n, (2, e), generator=gen)
+    x = torch.randn(n, point["in_channels"], generator=gen).to(device).requires_grad_(True)
+    edge_index = torch.randint(0, n, (2, e), generator=gen).to(device)
     torch.manual_seed(0)
-    layer = cls(point["in_channels"], point["channels"], heads=point["heads"], **kwargs)
-    grad = torch.randn(n, point["heads"] * point["channels"], generator=gen)
+    layer = cls(point["in_channels"], point["channels"], heads=point["heads"], **kwargs).to(device)
+    grad = torch.randn(n, point["heads"] * point["channels"], generator=gen).to(device)
 
     def step():
         out = layer(x, edge_index)
@@ -90,23 +102,31 @@ def worker(point: dict) -> dict:
         x.grad = None
         layer.zero_grad(set_to_none=True)
 
-    step()  # warm-up: fastattn builds and caches the graph here
+    step()  # warm-up: fastattn builds and caches the graph here (and Triton compiles on a GPU)
     times = []
     for _ in range(point["reps"]):
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     growth, peak = _rss_mb() - before, _rss_mb()
-    return {
+    result = {
         **point,
         "ms": statistics.median(times) * 1e3,
         "min_ms": min(times) * 1e3,
         "max_ms": max(times) * 1e3,
         "rss_growth_mb": growth,
         "peak_rss_mb": peak,
-        "torch_peak_mb": _torch_peak_mb(step),
         "threads": torch.get_num_threads(),
     }
+    if cuda:  # device memory: the peak above what was allocated before the inputs, in place of RSS growth
+        result["rss_growth_mb"] = (torch.cuda.max_memory_allocated(device) - before_cuda) / 2**20
+        result["torch_peak_mb"] = result["rss_growth_mb"]
+        result["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        result["torch_peak_mb"] = _torch_peak_mb(step)
+    return result
 
 
 def run_point(point: dict) -> dict:
@@ -190,6 +210,12 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default=",".join(LAYERS), help=f"comma-separated subset of {', '.join(LAYERS)}")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in each worker (0: torch's)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda: fastattn's Triton backend against PyG on the GPU; memory is then "
+        "torch.cuda.max_memory_allocated above the pre-input value (this path has not run on a GPU yet)",
+    )
     parser.add_argument("--markdown", help="write the table (and the machine) to this file")
     parser.add_argument("--json", help="write every point's numbers to this file")
     args = parser.parse_args(argv)
@@ -212,6 +238,7 @@ def main(argv=None) -> int:
                 "channels": args.channels,
                 "reps": args.reps,
                 "threads": args.threads,
+                "device": args.device,
             }
             r = run_point(point)
             results.append(r)
