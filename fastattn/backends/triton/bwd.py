@@ -121,10 +121,12 @@ def bwd_config(
     tile); ``heavy``: a mask tensor or dropout. The dK/dV pass keeps ``BLOCK_N`` keys resident and streams
     ``BLOCK_M`` query rows, the dQ pass the reverse. Each entry is the first spill-free choice, in an
     order of preference (large resident tiles first; tensor-core MMA kept: wgmma on sm_90 wherever the
-    tile has the 64 rows it needs), that ``fastattn compile-check`` found for Triton 3.8's ptxas; the
-    check compiles exactly these. Not autotuned per call (the tile summary depends on the blocks): ``fam``
-    (the launch's ``tuning.family``) selects a config timed on a GPU by ``benchmarks/tune.py`` where the
-    tuned table for this arch and Triton version has one. fp16 and bf16 share entries.
+    tile has the 64 rows it needs), that ``fastattn compile-check`` found clean under both Triton 3.8's
+    and 3.6's ptxas; the check compiles exactly these. Head dims below their padded size take
+    ``_BWD_CONFIGS_PARTIAL_DIM`` where it has an entry. Not autotuned per call (the tile summary depends
+    on the blocks): ``fam`` (the launch's ``tuning.family``) selects a config timed on a GPU by
+    ``benchmarks/tune.py`` where the tuned table for this arch and Triton version has one. fp16 and bf16
+    share entries.
     """
     d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
     tuned = lookup("bwd", arch, dtype, d, fam if fam is not None else ("mask" if heavy else "none"))
@@ -138,11 +140,15 @@ def bwd_config(
     key = (family, dtype == torch.float32, d, heavy)
     if 80 < arch < 90 and key[1:] in _BWD_CONFIGS_99KB:  # sm_86/sm_89: 99 KB of shared memory per block
         return _BWD_CONFIGS_99KB[key[1:]]
+    partial = head_dim != _pow2_dim(head_dim) or head_dim_v != _pow2_dim(head_dim_v)
+    if partial and key in _BWD_CONFIGS_PARTIAL_DIM:
+        return _BWD_CONFIGS_PARTIAL_DIM[key]
     return _BWD_CONFIGS.get(key)
 
 
-# From ``fastattn compile-check`` with Triton 3.8 (see ``bwd_config``); sm_75 has entries only where a
-# spill-free one exists (fp16, head dims <= 64: Triton's FMA matmuls hold whole rows in registers).
+# From ``fastattn compile-check`` with Triton 3.8 and 3.6 (spill-free under both: see ``bwd_config``); sm_75
+# has entries only where a spill-free one exists (fp16, head dims <= 64: Triton's FMA matmuls hold whole rows
+# in registers).
 # fmt: off
 _BWD_CONFIGS: dict = {
     # (arch, fp32, head dim, heavy): ((dK/dV BLOCK_M, BLOCK_N, warps, stages), (dQ ...))
@@ -151,39 +157,39 @@ _BWD_CONFIGS: dict = {
     (90, False,  64, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
     (90, False, 128, False): ((32, 128, 8, 2), (128, 64, 8, 2)),
     (90, False, 256, False): ((16, 64, 8, 2), (128, 32, 8, 2)),
-    (90, False,  16, True ): ((64, 128, 8, 2), (128, 64, 8, 2)),
+    (90, False,  16, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
     (90, False,  32, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
     (90, False,  64, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
     (90, False, 128, True ): ((16, 64, 8, 2), (128, 32, 8, 2)),
     (90, False, 256, True ): ((32, 32, 8, 1), (64, 32, 8, 2)),
     (90, True ,  16, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
-    (90, True ,  32, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
+    (90, True ,  32, False): ((64, 128, 8, 1), (128, 64, 8, 2)),
     (90, True ,  64, False): ((32, 128, 8, 2), (128, 64, 8, 2)),
     (90, True , 128, False): ((16, 32, 4, 2), (128, 32, 8, 2)),
     (90, True , 256, False): ((16, 16, 4, 1), (32, 32, 8, 2)),
     (90, True ,  16, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
     (90, True ,  32, True ): ((32, 128, 8, 2), (128, 32, 8, 2)),
-    (90, True ,  64, True ): ((16, 128, 8, 2), (128, 64, 8, 2)),
+    (90, True ,  64, True ): ((16, 128, 8, 2), (64, 64, 8, 2)),
     (90, True , 128, True ): ((16, 32, 4, 2), (64, 32, 8, 2)),
     (90, True , 256, True ): ((16, 16, 4, 1), (32, 32, 8, 2)),
     (80, False,  16, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
-    (80, False,  32, False): ((64, 128, 8, 2), (128, 64, 8, 2)),
-    (80, False,  64, False): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (80, False,  32, False): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (80, False,  64, False): ((32, 128, 8, 1), (128, 64, 8, 2)),
     (80, False, 128, False): ((32, 64, 8, 2), (128, 32, 8, 2)),
     (80, False, 256, False): ((16, 64, 8, 2), (64, 64, 8, 2)),
     (80, False,  16, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
-    (80, False,  32, True ): ((32, 128, 8, 2), (128, 32, 8, 2)),
+    (80, False,  32, True ): ((32, 128, 8, 1), (128, 32, 8, 2)),
     (80, False,  64, True ): ((16, 128, 8, 2), (128, 32, 8, 2)),
     (80, False, 128, True ): ((16, 32, 4, 2), (64, 64, 8, 2)),
     (80, False, 256, True ): ((16, 16, 4, 1), (32, 32, 4, 2)),
     (80, True ,  16, False): ((32, 128, 8, 2), (128, 64, 8, 2)),
     (80, True ,  32, False): ((32, 128, 8, 2), (128, 32, 8, 2)),
     (80, True ,  64, False): ((16, 128, 8, 2), (128, 32, 8, 2)),
-    (80, True , 128, False): ((32, 64, 8, 2), (64, 32, 4, 2)),
+    (80, True , 128, False): ((32, 64, 8, 1), (64, 32, 4, 2)),
     (80, True , 256, False): ((16, 16, 4, 1), (32, 32, 8, 2)),
-    (80, True ,  16, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (80, True ,  16, True ): ((32, 128, 8, 1), (128, 64, 8, 2)),
     (80, True ,  32, True ): ((16, 128, 8, 2), (128, 32, 8, 2)),
-    (80, True ,  64, True ): ((16, 128, 8, 2), (128, 32, 8, 2)),
+    (80, True ,  64, True ): ((16, 32, 8, 1), (128, 32, 8, 2)),
     (80, True , 128, True ): ((16, 64, 8, 2), (64, 32, 8, 2)),
     (80, True , 256, True ): ((16, 16, 8, 2), (16, 16, 4, 1)),
     (75, False,  16, False): ((32, 128, 8, 1), (128, 32, 8, 1)),
@@ -200,10 +206,17 @@ _BWD_CONFIGS_99KB: dict = {
     # (fp32, head dim, heavy): ((dK/dV ...), (dQ ...))
     (False, 128, True):  ((16, 32, 4, 2), (64, 32, 8, 2)),  # sm_80's dQ 64x64 spills 16 B on sm_86
     (False, 256, False): ((16, 64, 8, 2), (32, 32, 4, 2)),
-    (True,   64, True):  ((16, 128, 8, 2), (32, 64, 4, 2)),
+    (True,   64, True):  ((16, 64, 8, 1), (32, 64, 4, 2)),
     (True,  128, False): ((16, 64, 8, 2), (32, 32, 4, 2)),
-    (True,  128, True):  ((16, 64, 8, 2), (32, 32, 4, 2)),
+    (True,  128, True):  ((16, 64, 8, 1), (32, 32, 4, 2)),
     (True,  256, False): ((16, 16, 4, 1), (16, 16, 4, 1)),
+}
+# Head dims below their padded size (80 and 96 pad to 128) mask the head dim in every load, which costs
+# registers: where the padded dim's dK/dV tile spills for them (Triton 3.6's ptxas, 8-16 bytes), they
+# take these, and the padded dim keeps its larger tile.
+_BWD_CONFIGS_PARTIAL_DIM: dict = {
+    (90, False, 128, False): ((16, 128, 8, 2), (128, 64, 8, 2)),
+    (90, False, 128, True):  ((16, 32, 8, 2), (128, 32, 8, 2)),
 }
 # fmt: on
 

@@ -148,7 +148,7 @@ _STAGES_SM86 = {
     (256, False, False): 1,
     (64, True, True): 1,
     (256, True, False): 1,
-    (16, True, True): 2,
+    (16, True, True): 1,
     (32, True, True): 2,
 }
 
