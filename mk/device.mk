@@ -1,7 +1,7 @@
 # The GPU preflight (included by the top-level Makefile).
 #
 #   make gpu-preflight   the exact flow of a GPU run, here on the CPU, with the GPU machine's versions
-#                        (mk/device-versions.txt, in .venv-device): Triton's compile-check for sm_90 (0 spills),
+#                        (mk/device-versions.txt, in .venv-device): Triton's compile-checks for sm_90 (attention and graph, 0 spills),
 #                        the tuning candidates present for that Triton, the CUDA extension built against that
 #                        torch for sm_90 (tensor-core SASS, no spills), then `make gpu-check` as a dry run
 #                        (GPU_CHECK_DEVICE=cpu: the GPU suite under the interpreter and the emulator, the
@@ -26,6 +26,7 @@ $(DEVICE_STAMP): mk/device-versions.txt
 gpu-preflight: $(DEVICE_STAMP)
 	@rm -rf $(PREFLIGHT_OUT) && mkdir -p $(PREFLIGHT_OUT)
 	PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m fastattn.cli compile-check --arch sm_$(DEVICE_ARCH)
+	PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m fastattn.graph.compile_check --arch $(DEVICE_ARCH) --all
 	PYTHONPATH=$(CURDIR) $(DEVICE_PY) -c "import sys, triton; from fastattn.backends.triton import tuning as t; \
 		p = t.TABLE_DIR / f'candidates-sm$(DEVICE_ARCH)-triton{t.TRITON_VERSION[0]}.{t.TRITON_VERSION[1]}.json'; \
 		print('tuning candidates:', p, 'present' if p.exists() else 'MISSING'); sys.exit(0 if p.exists() else 1)"
