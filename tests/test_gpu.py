@@ -357,7 +357,7 @@ def test_kernels_ran_on_the_gpu(backend: str, kernels: tuple[str, ...]):
 
 @pytest.mark.parametrize("kind, dtype", [("dot", torch.float32), ("gat", torch.float32), ("gatv2", torch.float32),
                                          ("gatv2", torch.bfloat16)])  # fmt: skip
-def test_graph_attention_against_oracle(kind: str, dtype: torch.dtype):
+def test_graph_attention_triton_against_oracle(kind: str, dtype: torch.dtype):
     """``fastattn.graph``'s Triton kernels on the device: a random graph with isolated targets, duplicate
     edges and edge features; output, lse and every gradient against the float64 per-edge oracle."""
     from _graph_support import OPS, make_inputs, oracle
