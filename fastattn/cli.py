@@ -63,6 +63,16 @@ def run_info(args: Optional[argparse.Namespace] = None) -> int:
         print(f"  {name:10} {status}")
         if backend.description:
             print(f"  {'':10} ({backend.description})")
+    from fastattn import graph
+
+    print()
+    print("graph backends (fastattn.graph, fastattn.nn.GATConv/GATv2Conv/TransformerConv):")
+    for name in graph.backend_names():
+        backend = graph.get(name)
+        reason = backend.unavailable_reason()
+        print(f"  {name:10} {'available' if reason is None else f'unavailable: {reason}'}")
+        if backend.description:
+            print(f"  {'':10} ({backend.description})")
     slow = [(name, case) for name in backends.names() for case in backends.get(name).slow_cases]
     if slow:
         print()

@@ -44,3 +44,13 @@ def test_info_runs_in_process(capsys):
 
     assert main(["info"]) == 0
     assert "reference" in capsys.readouterr().out
+
+
+def test_info_lists_the_graph_backends():
+    from fastattn import graph
+
+    section = _info().split("graph backends", 1)[1].split("slow paths", 1)[0]
+    for name in graph.backend_names():
+        reason = graph.get(name).unavailable_reason()
+        line = next(line for line in section.splitlines() if line.strip().startswith(name + " "))
+        assert ("unavailable" in line) == (reason is not None)
