@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastattn.masks import band_allowed
+from fastattn.variants import allowed as band_allowed
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 MASKS = ("none", "padding", "boolean", "window")
@@ -139,7 +139,7 @@ class MaskInputs:
 
     @property
     def bounds(self) -> tuple[int, int]:
-        """``(left, right)`` of causal and window together, -1 unbounded (as ``MaskSpec.bounds``)."""
+        """``(left, right)`` of causal and window together, -1 unbounded (as ``AttnParams.bounds``)."""
         left, right = self.window or (-1, -1)
         if self.causal:
             right = 0 if right < 0 else min(right, 0)
@@ -150,7 +150,7 @@ class MaskInputs:
 
     def band(self, seqlen_q: int, seqlen_k: int, device) -> Tensor:
         left, right = self.bounds
-        return band_allowed(seqlen_q, seqlen_k, left, right, 0, device)
+        return band_allowed(seqlen_q, seqlen_k, left, right, 0, 0, device)
 
     def dense(self, seqlen_q: int, seqlen_k: int, device) -> Optional[Tensor]:
         """One boolean mask with causal and window folded in, ``(B|1, 1, Lq, Lk)``, for torch SDPA
@@ -205,7 +205,7 @@ def build_mask(shape: Shape, device) -> MaskInputs:
 
 def attended_pairs(shape: Shape, maskin: MaskInputs) -> int:
     """(query, key) pairs that take part, summed over batch and heads; equal to
-    ``MaskSpec.attended_pairs`` but summed over the mask's own (broadcast) size, never B·H·Lq·Lk."""
+    ``AttnParams.attended_pairs`` but summed over the mask's own (broadcast) size, never B·H·Lq·Lk."""
     allowed = maskin.band(shape.seqlen, shape.seqlen_k, "cpu").view(1, 1, shape.seqlen, shape.seqlen_k)
     if maskin.tensor is not None:
         allowed = allowed & maskin.tensor.cpu()

@@ -45,6 +45,41 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# Variables that cap the instruction sets of fastattn's CPU kernels and of torch's (its own kernels, MKL, oneDNN).
+ISA_VARS = ("FASTATTN_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def cpu_isa_fields() -> dict:
+    """The instruction sets CPU figures were made with, for every benchmark's header.
+
+    ``cpu_isa``: the build of fastattn's CPU kernels that ran (``avx512``, ``avx2``, ``default``;
+    ``FASTATTN_CPU_ISA`` forces a lower one), None if the CPU library is not loaded; ``cpu_isa_detail``: why
+    (forced, capped, or the CPU's best); ``torch_cpu_capability``: torch's own kernels' choice; ``isa_env``: the
+    capping variables that were set (an AVX2 machine emulated on an AVX-512 one sets all four).
+    """
+    fields: dict = {"cpu_isa": None, "cpu_isa_detail": None}
+    try:
+        from fastattn.backends import cpu
+
+        fields["cpu_isa_detail"] = cpu.describe_isa()  # never builds the library
+        if cpu._LOADED and not fields["cpu_isa_detail"].startswith("error"):
+            fields["cpu_isa"] = cpu.isa()
+    except Exception as exc:  # a header must not fail the run it describes
+        fields["cpu_isa_detail"] = f"unavailable: {type(exc).__name__}: {exc}"
+    fields["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    fields["isa_env"] = {var: os.environ[var] for var in ISA_VARS if os.environ.get(var)}
+    return fields
+
+
+def isa_line(fields: dict) -> str:
+    """``fastattn CPU kernels: avx2 (forced ...); torch: AVX2; set: ATEN_CPU_CAPABILITY=avx2, ...`` for tables."""
+    env = ", ".join(f"{k}={v}" for k, v in fields["isa_env"].items()) or "none"
+    return (
+        f"fastattn CPU kernels: {fields['cpu_isa_detail']}; torch's CPU kernels: {fields['torch_cpu_capability']}; "
+        f"ISA variables set: {env}"
+    )
+
+
 def _git_commit() -> Optional[str]:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -84,6 +119,7 @@ def header(device: torch.device, argv: list[str]) -> dict:
         "git": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(argv),
+        **cpu_isa_fields(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -96,7 +132,8 @@ def header(device: torch.device, argv: list[str]) -> dict:
 def hardware(head: dict) -> str:
     if head.get("gpu"):
         return f"{head['gpu']} (CUDA {head['cuda']})"
-    return f"{head['cpu']} ({head['torch_threads']} threads)"
+    isa = f", fastattn {head['cpu_isa']} kernels" if head.get("cpu_isa") else ""
+    return f"{head['cpu']} ({head['torch_threads']} threads{isa})"
 
 
 def write_json(path: str, head: dict, rows: list[dict]) -> None:

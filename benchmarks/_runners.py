@@ -65,8 +65,8 @@ class FastattnRunner(Runner):
     def unsupported_reason(self, shape, mode, maskin, q, k, v):
         if mode != "fwd" and type(self.backend).backward is Backend.backward:
             return f"fastattn backend {self.name!r} has no backward"
-        problem, *_, spec = validate(q, k, v, maskin.tensor, 0.0, maskin.causal, None, False, maskin.window, 0)
-        return self.backend.unsupported_reason(problem, spec, 0.0)
+        params, *_ = validate(q, k, v, maskin.tensor, 0.0, maskin.causal, None, False, maskin.window, 0)
+        return self.backend.unsupported_reason(params)
 
     def make_call(self, shape, maskin, device):
         kwargs = maskin.fastattn_kwargs()

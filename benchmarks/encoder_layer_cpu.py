@@ -104,9 +104,19 @@ def cpu_name() -> str:
     return f"{model or platform.machine()} ({isa})"
 
 
+def isa_line() -> str:
+    """Which instruction-set build of fastattn's CPU kernels ran, and torch's (benchmarks/_report.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _report
+
+    return _report.isa_line(_report.cpu_isa_fields())
+
+
 def markdown(r: dict, reps: int, threads: int) -> str:
     lines = [
         "# nn.TransformerEncoderLayer training step on the CPU: torch's attention vs fastattn's",
+        "",
+        isa_line(),
         "",
         f"`python benchmarks/encoder_layer_cpu.py --reps {reps}`; {cpu_name()}, "
         f"{threads} threads, torch {torch.__version__}, python {platform.python_version()}. d_model {r['d_model']}, "
@@ -145,6 +155,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     r = measure(args.batch, args.seqlen, args.d_model, args.heads, args.dropout, args.reps, args.warmup)
+    print(isa_line())
     print(
         f"torch {r['torch_s'] * 1e3:.0f} ms  fastattn {r['fastattn_s'] * 1e3:.0f} ms  "
         f"ratio {r['ratio']:.2f}x (paired {r['paired_ratio']:.2f}x)  (batch {r['batch']}, seq {r['seqlen']}, "

@@ -8,6 +8,7 @@
 #   gpu-tests.jsonl     where each GPU-suite case ran (checked: every case on cuda, no interpreter/emulator)
 #   bench-main.json     fastattn triton and cuda against SDPA's flash, cudnn and efficient kernels
 #   bench-flex.json     FlexAttention at the head-dim-128 points
+#   bench-softcap.json  Gemma-2-shaped softcap attention (D=256, GQA, window): fastattn against Flex's score_mod
 #   sm<arch>-triton<v>.json   the tuned tile table (benchmarks/tune.py), to commit under fastattn/backends/triton/tuned/
 #   bench-tuned.json    the Triton backend again with the tuned table
 # (`benchmarks/run.py --from-json F --markdown F.md --plot F.png` redraws the tables and plots elsewhere.)
@@ -17,7 +18,7 @@
 #   build      the CUDA extension, in the background while the Triton half of the GPU suite runs
 #   tests      tests/test_gpu.py on cuda tensors (Triton, then CUDA once built), then the record check
 #   sanitizer  compute-sanitizer memcheck on a small CUDA-backend forward and backward
-#   bench      the main points; then FlexAttention at head dim 128
+#   bench      the main points; then FlexAttention at head dim 128; then the softcap points against Flex
 #   tune       benchmarks/tune.py with the time left (minus what rebench needs)
 #   rebench    the Triton backend at the main head-dim-128 points with the tuned table
 # A short table of the results is printed last, so that a run cut off by its limit still reports.
@@ -38,11 +39,13 @@ if [ "$DEVICE" = cuda ]; then
     BENCH_ARGS=${GPU_BENCH_ARGS:---seqlens 1024,4096,16384 --head-dims 64,128 $POINTS}
     FLEX_ARGS=${GPU_FLEX_ARGS:---seqlens 4096,16384 --head-dims 128 $POINTS}
     REBENCH_ARGS=${GPU_REBENCH_ARGS:---seqlens 4096,16384 --head-dims 128 $POINTS}
+    SOFTCAP_ARGS=${GPU_SOFTCAP_ARGS:---backends cuda,triton,flex}
 else  # the dry run: the same steps at sizes the interpreter and the emulator finish quickly
     POINTS="--dtypes float16 --modes fwd,bwd --causal false,true --tokens 128 --hidden 128 --rep-seconds 0.01"
     BENCH_ARGS=${GPU_BENCH_ARGS:---seqlens 64 --head-dims 64 $POINTS}
     FLEX_ARGS=${GPU_FLEX_ARGS:---seqlens 64 --head-dims 64 $POINTS}
     REBENCH_ARGS=${GPU_REBENCH_ARGS:---seqlens 64 --head-dims 64 $POINTS}
+    SOFTCAP_ARGS=${GPU_SOFTCAP_ARGS:---dry-run --backends cuda,triton,flex}
 fi
 BENCH_BACKENDS=${GPU_BENCH_BACKENDS:-triton,cuda,flash,cudnn,efficient}
 mkdir -p "$RESULTS"
@@ -141,6 +144,10 @@ if wants bench; then
     # shellcheck disable=SC2086
     step "benchmark: FlexAttention" 90 "${BENCH_ENV[@]}" "$PY" benchmarks/run.py --device "$BENCH_DEVICE" $FLEX_ARGS \
         --backends flex --max-minutes 1 --json "$RESULTS/bench-flex.json"
+    # Each backend's output passes the float64 oracle check at every point before it is timed (--strict).
+    # shellcheck disable=SC2086
+    step "benchmark: Gemma-2 softcap against FlexAttention" 150 "${BENCH_ENV[@]}" "$PY" benchmarks/softcap_flex.py \
+        --device "$BENCH_DEVICE" $SOFTCAP_ARGS --max-minutes 2 --strict --json "$RESULTS/bench-softcap.json"
 fi
 
 # 5. Tuning with the time left, keeping 60 s for the rebench.
@@ -173,5 +180,6 @@ echo
 echo "gpu-check summary ($(($(date +%s) - START)) s of ${MINUTES} min):"
 printf '  %s\n' "${SUMMARY[@]}"
 "$PY" benchmarks/gpu_summary.py "$RESULTS" || true
+[ -f "$RESULTS/bench-softcap.json" ] && { "$PY" benchmarks/softcap_flex.py --from-json "$RESULTS/bench-softcap.json" || true; }
 ls -1 "$RESULTS" | sed 's/^/  wrote /'
 exit $FAILED

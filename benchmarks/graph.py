@@ -175,7 +175,22 @@ def machine() -> dict:
         "fastattn_commit": commit,
         "date": date.today().isoformat(),
         "load_before": os.getloadavg()[0],
+        **_isa_fields(),
     }
+
+
+def _isa_fields() -> dict:
+    """fastattn's CPU kernel build (the graph kernels follow the attention kernels' rule, FASTATTN_CPU_ISA)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _report
+
+    try:
+        from fastattn.backends import cpu
+
+        cpu.load()
+    except Exception:  # reported as unavailable below
+        pass
+    return _report.cpu_isa_fields()
 
 
 def table(results: list[dict]) -> str:

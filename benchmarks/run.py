@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick               # a handful of points, under a minute
     python benchmarks/run.py --backends cpu,sdpa,flex --masks window --causal true --seqlens 8192
     python benchmarks/run.py --json r.json --markdown r.md --plot r.png
+    python benchmarks/run.py --device cpu --variants  # softcap, ALiBi, sinks, chunk vs none (cpu_variants.py)
 
 Backends: fastattn's registered ones by name (``fastattn.backends.names()``), ``sdpa`` (torch's
 own choice), ``flash``/``efficient``/``cudnn``/``math`` (SDPA with that kernel forced through
@@ -105,7 +106,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         metavar="N",
         help="ring attention on N local processes vs one: time and per-rank peak memory (context_parallel.py)",
     )
+    p.add_argument(
+        "--variants",
+        action="store_true",
+        help="CPU: softcap, ALiBi, sinks and chunk against the same call without them, interleaved "
+        "(cpu_variants.py; default --seqlens 2048, --dtypes float32,bfloat16)",
+    )
+    p.add_argument(
+        "--varlen",
+        action="store_true",
+        help="packed documents of mixed lengths: varlen_attention vs padded SDPA and FlexAttention (varlen.py)",
+    )
     args = p.parse_args(argv)
+    args.given = {key for key in ("seqlens", "dtypes", "modes") if getattr(args, key) is not None}
     if args.context_parallel is not None and args.context_parallel < 2:
         p.error(f"--context-parallel: expected at least 2 processes, got {args.context_parallel}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -379,12 +392,56 @@ def _run_context_parallel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_variants(args: argparse.Namespace) -> int:
+    """Each variant's cost on the CPU backend, interleaved with the same call without it (``cpu_variants.py``)."""
+    import cpu_variants
+
+    if args.device.type != "cpu":
+        raise SystemExit("--variants: measures the CPU backend; run it with --device cpu")
+    bad = [m for m in args.modes if m not in ("fwd", "fwd+bwd")] if "modes" in args.given else []
+    if bad:
+        raise SystemExit(f"--variants: --modes expected fwd and/or fwd+bwd, got {bad}")
+    rows = cpu_variants.run(
+        seqlens=args.seqlens if "seqlens" in args.given else [2048],
+        dtypes=[getattr(torch, d) for d in args.dtypes] if "dtypes" in args.given else [torch.float32, torch.bfloat16],
+        causal=[_points.parse_bool(c) for c in args.causal],
+        modes=args.modes if "modes" in args.given else ["fwd", "fwd+bwd"],
+        reps=2 if args.quick else 7,
+        warmup=1 if args.quick else 2,
+    )
+    command = ["benchmarks/run.py", *args.argv]
+    reps = 2 if args.quick else 7
+    print("\n".join(cpu_variants.write(rows, command, args.json, args.markdown, reps)))
+    return 0
+
+
+def _run_varlen(args: argparse.Namespace) -> int:
+    """Packed documents (``benchmarks/varlen.py``) with this run's device, dtypes, backend and output file."""
+    import varlen
+
+    argv = ["--device", args.device.type, "--dtypes", ",".join(str(d).removeprefix("torch.") for d in args.dtypes)]
+    argv += ["--modes", ",".join("fwd_bwd" if m == "fwd+bwd" else m for m in args.modes if m != "bwd")]
+    if args.backends:
+        argv += ["--backend", args.backends[0]]
+    if args.quick:
+        argv += ["--docs", "6", "--longest", "512", "--reps", "3"]
+    if args.markdown:
+        argv += ["--markdown", args.markdown]
+    if [_points.parse_bool(c) for c in args.causal] == [False]:
+        argv.append("--not-causal")
+    return varlen.main(argv)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
     args.argv = raw
     if args.context_parallel:
         return _run_context_parallel(args)
+    if args.variants:
+        return _run_variants(args)
+    if args.varlen:
+        return _run_varlen(args)
     t0 = time.perf_counter()
     if args.from_json:
         with open(args.from_json) as f:

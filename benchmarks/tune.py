@@ -90,11 +90,11 @@ def _callable(kind: str, q, k, v, do, kw: dict):
 
     if kind == "fwd":
         return lambda: fastattn.scaled_dot_product_attention(q, k, v, **kw, backend="triton")
-    problem, q4, k4, v4, spec = validate(
+    params, q4, k4, v4 = validate(
         q, k, v, kw.get("attn_mask"), 0.0, kw.get("is_causal", False), None, False, kw.get("window"), 0
     )
     out, lse = fastattn.scaled_dot_product_attention(q, k, v, **kw, backend="triton", return_lse=True)
-    return lambda: bwd.attn_bwd(do, q4, k4, v4, out, lse, spec, problem.scale, 0.0, (), False)[:3]
+    return lambda: bwd.attn_bwd(do, q4, k4, v4, out, lse, params, None, False)[:3]
 
 
 def _static(kind: str, d: int, fam: str, dtype: torch.dtype, arch: Optional[int]):

@@ -59,14 +59,28 @@ std::pair<int64_t, int64_t> check_summary(const char* op, const char* which, con
     return {state.size(0), state.size(1)};
 }
 
+// The registry's backward op (fastattn/backends/registry.py: OP_BWD_ARGS): summary = [] or the six tensors of
+// the dQ pass's TileSummary for (kBlockMdq, kBlockN) and the dK/dV pass's transposed one for (kBlockMkv,
+// kBlockN), blocks = [kBlockMdq, kBlockN, kBlockMkv].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& mask_opt, const std::optional<at::Tensor>& kv_state_opt,
-    const std::optional<at::Tensor>& kv_count_opt, const std::optional<at::Tensor>& kv_index_opt,
-    const std::optional<at::Tensor>& q_state_opt, const std::optional<at::Tensor>& q_count_opt,
-    const std::optional<at::Tensor>& q_index_opt, double scale, int64_t window_left, int64_t window_right,
-    int64_t q_offset, bool need_mask_grad, const std::optional<at::Tensor>& philox_opt, double dropout_p) {
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask_opt, const std::optional<at::Tensor>& alibi_opt,
+    at::TensorList summary, const std::optional<at::Tensor>& philox_opt, double scale, double dropout_p,
+    int64_t window_left, int64_t window_right, int64_t q_offset, int64_t chunk, double softcap,
+    at::IntArrayRef blocks, bool need_mask_grad, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
     constexpr const char* op = "fastattn::cuda_attn_bwd";
+    check_dense_layout(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+    TORCH_CHECK(summary.empty() || summary.size() == 6, op,
+                ": argument 'summary' must be [] or [kv_state, kv_count, kv_index, q_state, q_count, q_index], got ",
+                summary.size(), " tensors");
+    TORCH_CHECK(blocks.size() == 3 && blocks[0] == attn_bwd::kBlockMdq && blocks[1] == attn_bwd::kBlockN &&
+                    blocks[2] == attn_bwd::kBlockMkv,
+                op, ": argument 'blocks' must be [", attn_bwd::kBlockMdq, ", ", attn_bwd::kBlockN, ", ",
+                attn_bwd::kBlockMkv, "] (the kernels' tiles), got ", blocks);
+    const std::optional<at::Tensor> kv_state_opt = summary_part(summary, 0), kv_count_opt = summary_part(summary, 1),
+                                    kv_index_opt = summary_part(summary, 2), q_state_opt = summary_part(summary, 3),
+                                    q_count_opt = summary_part(summary, 4), q_index_opt = summary_part(summary, 5);
     CHECK_DEVICE(op, q);
     for (const at::Tensor* t : {&grad_out, &k, &v, &out, &lse})
         TORCH_CHECK(t->device() == q.device(), op, ": every tensor must be on ", q.device(), " like 'q', got ",
@@ -99,10 +113,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
                 batch, " and ", heads_q);
     TORCH_CHECK(seqlen_q < (int64_t(1) << 31) && seqlen_k < (int64_t(1) << 31), op,
                 ": sequence lengths must be below 2^31, got ", seqlen_q, " and ", seqlen_k);
-    TORCH_CHECK(window_left >= -1 && window_right >= -1, op,
-                ": window_left and window_right must be >= -1 (-1 = unbounded), got ", window_left, " and ",
-                window_right);
     TORCH_CHECK(std::isfinite(scale), op, ": argument 'scale' must be finite, got ", scale);
+    const rules::Variant variant =
+        variant_params(op, q, alibi_opt, std::nullopt, window_left, window_right, q_offset, chunk, softcap);
     TORCH_CHECK(!need_mask_grad || (given(mask_opt) && mask_opt->is_floating_point()), op,
                 ": need_mask_grad=True needs a floating-point argument 'mask' to differentiate, got ",
                 given(mask_opt) ? dtype_name(mask_opt->scalar_type()) : "None");
@@ -163,9 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     p.seqlen_k = int(seqlen_k);
     p.head_dim = int(head_dim);
     p.scale = float(scale);
-    p.window_left = int(std::min<int64_t>(window_left, std::numeric_limits<int>::max()));
-    p.window_right = int(std::min<int64_t>(window_right, std::numeric_limits<int>::max()));
-    p.q_offset = q_offset;
+    p.variant = variant;
     p.dtype = q.scalar_type() == at::kHalf ? DType::f16 : DType::bf16;
     p.mask_elem = MaskElem::none;
     p.dmask = need_mask_grad ? dmask.data_ptr() : nullptr;
@@ -214,11 +225,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
 }  // namespace fastattn
 
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+    // The registry's op arguments (fastattn/backends/registry.py: OP_BWD_ARGS), as every backend's.
     m.def(
         "cuda_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-        "Tensor? kv_state, Tensor? kv_count, Tensor? kv_index, Tensor? q_state, Tensor? q_count, Tensor? q_index, "
-        "float scale, int window_left, int window_right, int q_offset, bool need_mask_grad=False, "
-        "Tensor? philox=None, float dropout_p=0.0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+        "Tensor? alibi_slopes, Tensor[] summary, Tensor? philox, float scale, float dropout_p, int window_left, "
+        "int window_right, int q_offset, int chunk, float softcap, int[] blocks, bool need_mask_grad, "
+        "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) -> "
+        "(Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("cuda_attn_bwd", &fastattn::cuda_attn_bwd); }

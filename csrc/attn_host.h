@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -54,6 +55,59 @@ inline DropoutParams dropout_params(const char* op, const std::optional<at::Tens
     d.p = float(dropout_p);
     d.scale = float(1.0 / (1.0 - dropout_p));
     return d;
+}
+
+// The variant of an attention op (csrc/attn_rules.h) from its arguments, checked: the band (window_left/right,
+// -1 unbounded), q_offset, chunk (0: none), softcap (0: none), ALiBi slopes ((1|B, Hq) float32, contiguous, on
+// q's device) and sinks ((Hq,) float32, contiguous, on q's device). The tensors must outlive the launch.
+inline rules::Variant variant_params(const char* op, const at::Tensor& q, const std::optional<at::Tensor>& alibi_opt,
+                                     const std::optional<at::Tensor>& sinks_opt, int64_t window_left,
+                                     int64_t window_right, int64_t q_offset, int64_t chunk, double softcap) {
+    const int64_t batch = q.size(0), heads_q = q.size(1);
+    TORCH_CHECK(window_left >= -1 && window_right >= -1, op,
+                ": window_left and window_right must be >= -1 (-1 = unbounded), got ", window_left, " and ",
+                window_right);
+    TORCH_CHECK(chunk >= 0, op, ": argument 'chunk' must be >= 0 (0 = none), got ", chunk);
+    TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": argument 'softcap' must be >= 0 (0 = none), got ",
+                softcap);
+    rules::Variant v{window_left, window_right, q_offset, chunk, float(softcap), nullptr, 0, nullptr};
+    if (alibi_opt.has_value() && alibi_opt->defined()) {
+        const at::Tensor& alibi_slopes = *alibi_opt;
+        CHECK_SAME_DEVICE(op, alibi_slopes, q);
+        CHECK_DTYPE(op, alibi_slopes, at::kFloat);
+        CHECK_CONTIGUOUS(op, alibi_slopes);
+        TORCH_CHECK(alibi_slopes.dim() == 2 && (alibi_slopes.size(0) == 1 || alibi_slopes.size(0) == batch) &&
+                        alibi_slopes.size(1) == heads_q,
+                    op, ": argument 'alibi_slopes' must have shape (1 or ", batch, ", ", heads_q, "), got ",
+                    alibi_slopes.sizes());
+        v.alibi = alibi_slopes.data_ptr<float>();
+        v.alibi_stride_b = alibi_slopes.size(0) == 1 ? 0 : heads_q;
+    }
+    if (sinks_opt.has_value() && sinks_opt->defined()) {
+        const at::Tensor& sinks = *sinks_opt;
+        CHECK_SAME_DEVICE(op, sinks, q);
+        CHECK_DTYPE(op, sinks, at::kFloat);
+        CHECK_CONTIGUOUS(op, sinks);
+        TORCH_CHECK(sinks.dim() == 1 && sinks.size(0) == heads_q, op, ": argument 'sinks' must have shape (",
+                    heads_q, ",), got ", sinks.sizes());
+        v.sinks = sinks.data_ptr<float>();
+    }
+    return v;
+}
+
+// Element `i` of an op's summary list, or none (the list is empty without a mask tensor).
+inline std::optional<at::Tensor> summary_part(at::TensorList summary, size_t i) {
+    return i < summary.size() ? std::optional<at::Tensor>(summary[i]) : std::nullopt;
+}
+
+// The registry's sequence layout (OP_LAYOUT_ARGS): the CUDA kernels take dense batches only, so packed offsets
+// are refused here (the capability table already keeps packed calls off this backend).
+inline void check_dense_layout(const char* op, const std::optional<at::Tensor>& cu_seqlens_q,
+                               const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                               int64_t max_seqlen_k) {
+    TORCH_CHECK(!cu_seqlens_q.has_value() && !cu_seqlens_k.has_value() && max_seqlen_q == 0 && max_seqlen_k == 0, op,
+                ": arguments 'cu_seqlens_q'/'cu_seqlens_k': expected None (the CUDA kernels take dense batches; "
+                "packed sequences run on the triton or cpu backend), got packed offsets");
 }
 
 }  // namespace fastattn

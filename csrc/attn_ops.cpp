@@ -24,14 +24,26 @@
 namespace fastattn {
 namespace {
 
+// The registry's forward op (fastattn/backends/registry.py: OP_FWD_ARGS): summary = [] or the mask's
+// [tile_state, kv_count, kv_index] for blocks = [kBlockM, block_n(head_dim)].
 std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const std::optional<at::Tensor>& mask_opt,
-                                                 const std::optional<at::Tensor>& tile_state_opt,
-                                                 const std::optional<at::Tensor>& kv_count_opt,
-                                                 const std::optional<at::Tensor>& kv_index_opt, double scale,
-                                                 int64_t window_left, int64_t window_right, int64_t q_offset,
-                                                 const std::optional<at::Tensor>& philox_opt, double dropout_p) {
+                                                 const std::optional<at::Tensor>& alibi_opt,
+                                                 const std::optional<at::Tensor>& sinks_opt, at::TensorList summary,
+                                                 const std::optional<at::Tensor>& philox_opt, double scale,
+                                                 double dropout_p, int64_t window_left, int64_t window_right,
+                                                 int64_t q_offset, int64_t chunk, double softcap,
+                                                 at::IntArrayRef blocks,
+                                                 const std::optional<at::Tensor>& cu_seqlens_q,
+                                                 const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                                 int64_t max_seqlen_k) {
     constexpr const char* op = "fastattn::cuda_attn_fwd";
+    check_dense_layout(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+    TORCH_CHECK(summary.empty() || summary.size() == 3, op,
+                ": argument 'summary' must be [] or [tile_state, kv_count, kv_index], got ", summary.size(),
+                " tensors");
+    const std::optional<at::Tensor> tile_state_opt = summary_part(summary, 0), kv_count_opt = summary_part(summary, 1),
+                                    kv_index_opt = summary_part(summary, 2);
     CHECK_DEVICE(op, q);
     CHECK_SAME_DEVICE(op, k, q);
     CHECK_SAME_DEVICE(op, v, q);
@@ -57,11 +69,13 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
                 batch, " and ", heads_q);
     TORCH_CHECK(seqlen_q < (int64_t(1) << 31) && seqlen_k < (int64_t(1) << 31), op,
                 ": sequence lengths must be below 2^31, got ", seqlen_q, " and ", seqlen_k);
-    TORCH_CHECK(window_left >= -1 && window_right >= -1, op,
-                ": window_left and window_right must be >= -1 (-1 = unbounded), got ", window_left, " and ",
-                window_right);
     TORCH_CHECK(std::isfinite(scale), op, ": argument 'scale' must be finite, got ", scale);
+    TORCH_CHECK(blocks.size() == 2 && blocks[0] == attn_fwd::kBlockM && blocks[1] == attn_fwd::block_n(int(head_dim)),
+                op, ": argument 'blocks' must be [", attn_fwd::kBlockM, ", ", attn_fwd::block_n(int(head_dim)),
+                "] (the kernel's tile at head_dim ", head_dim, "), got ", blocks);
     const DropoutParams dropout = dropout_params(op, philox_opt, dropout_p, q);
+    const rules::Variant variant =
+        variant_params(op, q, alibi_opt, sinks_opt, window_left, window_right, q_offset, chunk, softcap);
 
     const bool has_mask = mask_opt.has_value() && mask_opt->defined();
     const bool has_summary = tile_state_opt.has_value() && tile_state_opt->defined();
@@ -80,9 +94,12 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
     };
     at::Tensor out = alloc({batch, heads_q, seqlen_q, head_dim}, q.options());
     at::Tensor lse = alloc({batch, heads_q, seqlen_q}, q.options().dtype(at::kFloat));
-    if (seqlen_k == 0) {  // nothing to attend: zeros, lse -inf
+    if (seqlen_k == 0) {  // nothing to attend: zeros, lse -inf (or the sink's logit)
         out.zero_();
-        lse.fill_(-std::numeric_limits<float>::infinity());
+        if (variant.sinks != nullptr)
+            lse.copy_(sinks_opt->view({1, heads_q, 1}).expand({batch, heads_q, seqlen_q}));
+        else
+            lse.fill_(-std::numeric_limits<float>::infinity());
         return {out, lse};
     }
 
@@ -106,9 +123,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
     p.seqlen_k = int(seqlen_k);
     p.head_dim = int(head_dim);
     p.scale = float(scale);
-    p.window_left = int(std::min<int64_t>(window_left, std::numeric_limits<int>::max()));
-    p.window_right = int(std::min<int64_t>(window_right, std::numeric_limits<int>::max()));
-    p.q_offset = q_offset;
+    p.variant = variant;
     p.dtype = q.scalar_type() == at::kHalf ? DType::f16 : DType::bf16;
     p.mask_elem = MaskElem::none;
     p.dropout = dropout;
@@ -192,10 +207,12 @@ at::Tensor cuda_dropout_keep_mask(const at::Tensor& philox, int64_t batch, int64
 }  // namespace fastattn
 
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+    // The registry's op arguments (fastattn/backends/registry.py: OP_FWD_ARGS), as every backend's.
     m.def(
-        "cuda_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? tile_state, Tensor? kv_count, "
-        "Tensor? kv_index, float scale, int window_left, int window_right, int q_offset, Tensor? philox=None, "
-        "float dropout_p=0.0) -> (Tensor out, Tensor lse)");
+        "cuda_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, Tensor? sinks, "
+        "Tensor[] summary, Tensor? philox, float scale, float dropout_p, int window_left, int window_right, "
+        "int q_offset, int chunk, float softcap, int[] blocks, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+        "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor out, Tensor lse)");
     m.def(
         "cuda_dropout_keep_mask(Tensor philox, int batch, int heads_q, int seqlen_q, int seqlen_k, float dropout_p) "
         "-> Tensor");

@@ -46,7 +46,18 @@ def _versions() -> list[tuple[str, str]]:
     else:
         rows.append(("GPU", "none visible (torch.cuda.is_available() is False)"))
     rows.append(("CPU threads", str(torch.get_num_threads())))
+    rows.append(("CPU kernels ISA", _cpu_isa()))
     return rows
+
+
+def _cpu_isa() -> str:
+    """The instruction-set build the CPU backend runs (``FASTATTN_CPU_ISA`` forces a lower one), and the choices."""
+    from fastattn.backends import cpu
+
+    line = cpu.describe_isa()
+    if cpu._LOADED and not line.startswith("error"):
+        line += f"; this CPU runs: {', '.join(cpu.available_isas())} (FASTATTN_CPU_ISA forces one)"
+    return line
 
 
 def run_info(args: Optional[argparse.Namespace] = None) -> int:

@@ -1,39 +1,28 @@
-"""The one mask language below the entry point: ``MaskSpec`` and its per-tile summary.
+"""Mask tensors and the per-tile summary that lets every fused backend skip empty tiles.
 
-Every backend receives a ``MaskSpec`` and applies the same rules (the reference backend is their
-executable statement):
+The summary says, for each (query tile, key tile) pair of a block size, whether the tile is EMPTY (skip
+it), FULL (no mask arithmetic needed) or PARTIAL. Its structural part (causal, window, offset, chunk) is
+analytic (``fastattn.variants.tile_states``); a mask tensor's part is one reduction over the mask, at a
+cost proportional to the mask's own size, and keeps the mask's broadcast (size-1) batch and head dims
+(``tensor_tile_summary``). ``AttnParams.tile_summary`` combines the two per tile as ``min(structure,
+tensor)``: always sound, though a tile that only their conjunction empties stays PARTIAL (exactness would
+cost ``Lq x Lk`` work for a padding mask). It is plain tensors, so it passes through op schemas, and it
+never syncs with the host.
 
-* query ``i`` sits at key position ``i + q_offset``;
-* causal: key ``j`` is visible when ``j <= i + q_offset`` (torch's ``tril(ones(Lq, Lk))`` when
-  ``q_offset == 0``);
-* window ``(left, right)``: ``i + q_offset - left <= j <= i + q_offset + right``, ``-1`` unbounded;
-* a boolean mask tensor: True takes part; a floating mask tensor is added to the scores;
-* all of them combine; a row with nothing to attend gives zeros and a log-sum-exp of ``-inf``.
-
-Causal and window are both bands around the diagonal, so a spec folds them into one pair of
-bounds (``bounds``); kernels only ever see ``(left, right, q_offset)`` and an optional tensor.
-
-The per-tile summary says, for each (query tile, key tile) pair of a block size, whether the tile
-is EMPTY (skip it), FULL (no mask arithmetic needed) or PARTIAL. The structural part (causal,
-window, offset) is analytic; the tensor part is one reduction over the mask, at a cost
-proportional to the mask's own size, and keeps the mask's broadcast (size-1) batch and head dims.
-The two combine per tile as ``min(band, tensor)``: always sound, though a tile that only their
-conjunction empties stays PARTIAL (exactness would cost ``Lq × Lk`` work for a padding mask).
-It is plain tensors, so it passes through op schemas, and it never syncs with the host.
+``Mask`` wraps a mask tensor reused across calls so that its summary is computed once.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
+from .variants import EMPTY, FULL, PARTIAL
 
-__all__ = ["EMPTY", "PARTIAL", "FULL", "Mask", "MaskSpec", "TileSummary", "band_allowed"]
+__all__ = ["EMPTY", "PARTIAL", "FULL", "Mask", "TileSummary", "tensor_tile_summary"]
 
 
 @dataclass(frozen=True)
@@ -106,10 +95,10 @@ class Mask:
     def _tensor_summary(self, mask4: Tensor, seqlen_q: int, seqlen_k: int, block_q: int, block_k: int) -> TileSummary:
         bq0, bk0 = self.base_block
         if block_q % bq0 or block_k % bk0:
-            return _tensor_tile_summary(mask4, seqlen_q, seqlen_k, block_q, block_k)
+            return tensor_tile_summary(mask4, seqlen_q, seqlen_k, block_q, block_k)
         key = (tuple(mask4.shape), seqlen_q, seqlen_k)
         if key not in self._base:
-            self._base[key] = _tensor_tile_summary(mask4, seqlen_q, seqlen_k, bq0, bk0)
+            self._base[key] = tensor_tile_summary(mask4, seqlen_q, seqlen_k, bq0, bk0)
         return self._base[key].coarsen(block_q, block_k)
 
     def __repr__(self) -> str:
@@ -118,42 +107,7 @@ class Mask:
         )
 
 
-def band_allowed(
-    seqlen_q: int, seqlen_k: int, left: int, right: int, q_offset: int, device: torch.device | str = "cpu"
-) -> Tensor:
-    """Dense ``(Lq, Lk)`` boolean of the band ``i + q_offset - left <= j <= i + q_offset + right``."""
-    i = torch.arange(seqlen_q, device=device).unsqueeze(1) + q_offset
-    j = torch.arange(seqlen_k, device=device).unsqueeze(0)
-    ok = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    if left >= 0:
-        ok &= j >= i - left
-    if right >= 0:
-        ok &= j <= i + right
-    return ok
-
-
-def _band_tile_state(
-    seqlen_q: int, seqlen_k: int, left: int, right: int, q_offset: int, block_q: int, block_k: int, device
-) -> Tensor:
-    """Analytic ``(n_q, n_k)`` states of the band: row ``i`` sees keys in ``[i+off-left, i+off+right]``."""
-    n_q, n_k = max(1, math.ceil(seqlen_q / block_q)), max(1, math.ceil(seqlen_k / block_k))
-    q0 = torch.arange(n_q, device=device).unsqueeze(1) * block_q + q_offset
-    q1 = torch.clamp(torch.arange(n_q, device=device) * block_q + block_q, max=seqlen_q).unsqueeze(1) - 1 + q_offset
-    k0 = torch.arange(n_k, device=device).unsqueeze(0) * block_k
-    k1 = torch.clamp(torch.arange(n_k, device=device) * block_k + block_k, max=seqlen_k).unsqueeze(0) - 1
-    big = seqlen_q + seqlen_k + abs(q_offset) + 1
-    lo_first = q0 - left if left >= 0 else q0 - big  # lowest visible key of the tile's first row
-    lo_last = q1 - left if left >= 0 else q1 - big
-    hi_first = q0 + right if right >= 0 else q0 + big
-    hi_last = q1 + right if right >= 0 else q1 + big
-    # Bounds grow with i, so the tile's extremes come from its first and last rows.
-    empty = (hi_last < k0) | (lo_first > k1)
-    full = (lo_last <= k0) & (hi_first >= k1)
-    state = torch.where(empty, EMPTY, torch.where(full, FULL, PARTIAL)).to(torch.int8)
-    return state.view(1, 1, n_q, n_k)
-
-
-def _tensor_tile_summary(mask4: Tensor, seqlen_q: int, seqlen_k: int, block_q: int, block_k: int) -> TileSummary:
+def tensor_tile_summary(mask4: Tensor, seqlen_q: int, seqlen_k: int, block_q: int, block_k: int) -> TileSummary:
     """States of a mask tensor (4-D, broadcast dims of size 1 kept): one reduction over it."""
     bm, hm, mq, mk = mask4.shape
     n_q, n_k = max(1, math.ceil(seqlen_q / block_q)), max(1, math.ceil(seqlen_k / block_k))
@@ -177,79 +131,3 @@ def _tensor_tile_summary(mask4: Tensor, seqlen_q: int, seqlen_k: int, block_q: i
         state = torch.where(~has, EMPTY, PARTIAL)  # an additive mask must always be read: never FULL
     state = state.to(torch.int8).expand(bm, hm, n_q, n_k)
     return TileSummary.from_state(block_q, block_k, state)
-
-
-@dataclass(frozen=True, eq=False)
-class MaskSpec:
-    """Normalised mask description of one call (see the module docstring for the rules).
-
-    ``tensor`` is ``None`` or a 4-D view broadcast to ``(B, Hq, Lq, Lk)`` with stride 0 on the
-    broadcast dims (never materialised); ``base`` is the same mask with its size-1 dims kept.
-    """
-
-    seqlen_q: int
-    seqlen_k: int
-    causal: bool = False
-    window: tuple[int, int] = (-1, -1)
-    q_offset: int = 0
-    tensor: Optional[Tensor] = None
-    base: Optional[Tensor] = None
-    mask_obj: Optional[Mask] = None
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def bounds(self) -> tuple[int, int]:
-        """``(left, right)`` of the band with causal folded in; -1 is unbounded."""
-        left, right = self.window
-        if self.causal:
-            right = 0 if right < 0 else min(right, 0)
-        return left, right
-
-    @property
-    def kind(self) -> str:
-        if self.tensor is None:
-            return "none"
-        return "bool" if self.tensor.dtype == torch.bool else "float"
-
-    @property
-    def is_key_padding(self) -> bool:
-        """A tensor mask that depends on the key only (``(B|1, 1|H, 1, Lk)``)."""
-        return self.base is not None and self.base.shape[-2] == 1
-
-    @property
-    def has_band(self) -> bool:
-        return self.bounds != (-1, -1)
-
-    def band(self, device=None) -> Tensor:
-        """Dense ``(Lq, Lk)`` boolean of causal and window (for the oracle and tests)."""
-        left, right = self.bounds
-        return band_allowed(self.seqlen_q, self.seqlen_k, left, right, self.q_offset, device or "cpu")
-
-    def tile_summary(self, block_q: int, block_k: int) -> TileSummary:
-        """The per-tile summary for ``(block_q, block_k)``, cached on this spec."""
-        key = (block_q, block_k)
-        if key in self._cache:
-            return self._cache[key]
-        device = self.tensor.device if self.tensor is not None else "cpu"
-        left, right = self.bounds
-        band = _band_tile_state(self.seqlen_q, self.seqlen_k, left, right, self.q_offset, block_q, block_k, device)
-        if self.base is None:
-            state = band
-        else:
-            if self.mask_obj is not None:
-                tens = self.mask_obj._tensor_summary(self.base, self.seqlen_q, self.seqlen_k, block_q, block_k)
-            else:
-                tens = _tensor_tile_summary(self.base, self.seqlen_q, self.seqlen_k, block_q, block_k)
-            state = torch.minimum(band.to(tens.state.device), tens.state)
-        summary = TileSummary.from_state(block_q, block_k, state)
-        self._cache[key] = summary
-        return summary
-
-    def attended_pairs(self, batch: int, heads: int) -> int:
-        """Number of (query, key) pairs that take part, summed over batch and heads (for FLOP counts)."""
-        allowed = self.band(self.tensor.device if self.tensor is not None else "cpu")
-        if self.tensor is not None:
-            base = self.base if self.base.dtype == torch.bool else self.base != float("-inf")
-            allowed = allowed & base
-            return int(allowed.expand(batch, heads, -1, -1).sum())
-        return int(allowed.sum()) * batch * heads

@@ -3,7 +3,8 @@
 #   make gpu-preflight   the exact flow of a GPU run, here on the CPU, with the GPU machine's versions
 #                        (mk/device-versions.txt, in .venv-device): Triton's compile-checks for sm_90 (attention and graph, 0 spills),
 #                        the tuning candidates present for that Triton, the CUDA extension built against that
-#                        torch for sm_90 (tensor-core SASS, no spills), then `make gpu-check` as a dry run
+#                        torch for sm_90 (tensor-core SASS, no spills but those mk/known-spills.json lists, each
+#                        with its bytes and reason: a new or grown spill fails), then `make gpu-check` as a dry run
 #                        (GPU_CHECK_DEVICE=cpu: the GPU suite under the interpreter and the emulator, the
 #                        benchmark and tuning flows at toy sizes). Green means a GPU run will not spend its
 #                        minutes on a version problem. Not part of `make test` (about 10 minutes).
@@ -31,7 +32,7 @@ gpu-preflight: $(DEVICE_STAMP)
 		p = t.TABLE_DIR / f'candidates-sm$(DEVICE_ARCH)-triton{t.TRITON_VERSION[0]}.{t.TRITON_VERSION[1]}.json'; \
 		print('tuning candidates:', p, 'present' if p.exists() else 'MISSING'); sys.exit(0 if p.exists() else 1)"
 	FASTATTN_CACHE_DIR=$(PREFLIGHT_OUT)/ext PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m fastattn._ext.ci_check \
-		--arch "$(DEVICE_ARCH:%0=%).0" --strict-spills
+		--arch "$(DEVICE_ARCH:%0=%).0" --strict-spills --known-spills mk/known-spills.json
 	GPU_CHECK_DEVICE=cpu GPU_PY=$(CURDIR)/$(DEVICE_PY) GPU_RESULTS=$(PREFLIGHT_OUT)/results GPU_TEST_WORKERS=2 \
 		FASTATTN_CACHE_DIR=$(PREFLIGHT_OUT)/ext GPU_CHECK_MINUTES=15 bash benchmarks/gpu_check.sh
 	@echo "gpu-preflight: green (results of the dry run in $(PREFLIGHT_OUT)/results)"

@@ -6,9 +6,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastattn import _ext
-from fastattn.backends import cuda_bwd
+from fastattn.backends import cuda as cuda_backend
+from fastattn.params import AttnParams
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -17,7 +19,7 @@ def emulate():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTATTN_CUDA_EMULATE", "1")
         mp.delenv("FASTATTN_EMULATE_ORDER", raising=False)
-        cuda_bwd._ensure_loaded()  # the one library, forward and backward ops registered
+        cuda_backend._ensure_loaded()  # the one library, forward and backward ops registered
         yield
 
 
@@ -43,3 +45,26 @@ def sass_audit(tmp_path: Path, source: str, kernel: str) -> list[dict]:
     for (name, arch), c in kernels.items():
         assert c["HMMA"] > 0 and c["LDSM"] > 0 and c["LDGSTS"] > 0, (name, arch, c)
     return rows
+
+
+def params_for(seqlen_q: int, seqlen_k: int, mask=None, heads: int = 2, batch: int = 1, **kw) -> AttnParams:
+    """AttnParams of a ``(batch, heads, Lq, 32) x (batch, heads, Lk, 32)`` call (for tile summaries in tests)."""
+    q, k = torch.empty(batch, heads, seqlen_q, 32), torch.empty(batch, heads, seqlen_k, 32)
+    return AttnParams.for_tensors(q, k, k, 1.0, mask=mask, **kw)
+
+
+def fwd_args(q, k, v, mask=None, summary=(), philox=None, scale=1.0, dropout_p=0.0, left=-1, right=-1, q_offset=0,
+             chunk=0, softcap=0.0, alibi=None, sinks=None, blocks=None) -> tuple:  # fmt: skip
+    """The arguments of ``fastattn::cuda_attn_fwd`` (the registry's order), with defaults for a plain call."""
+    blocks = list(blocks or (cuda_backend.BLOCK_M, cuda_backend.block_n(q.shape[-1])))
+    return (q, k, v, mask, alibi, sinks, list(summary), philox, scale, dropout_p, left, right, q_offset, chunk,
+            softcap, blocks)  # fmt: skip
+
+
+def bwd_args(grad_out, q, k, v, out, lse, mask=None, summary=(), philox=None, scale=1.0, dropout_p=0.0, left=-1,
+             right=-1, q_offset=0, chunk=0, softcap=0.0, alibi=None, need_mask_grad=False,
+             blocks=None) -> tuple:  # fmt: skip
+    """The arguments of ``fastattn::cuda_attn_bwd`` (the registry's order), with defaults for a plain call."""
+    blocks = list(blocks or (cuda_backend.BLOCK_M_DQ, cuda_backend.BLOCK_N, cuda_backend.BLOCK_M_KV))
+    return (grad_out, q, k, v, out, lse, mask, alibi, list(summary), philox, scale, dropout_p, left, right, q_offset,
+            chunk, softcap, blocks, need_mask_grad)  # fmt: skip

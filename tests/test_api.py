@@ -90,19 +90,21 @@ def test_dropout_backward_replays_the_forward_mask():
     torch.manual_seed(3)
     out = fn(q, k, v)
     grads = torch.autograd.grad(out.sum(), [q, k, v])
-    # The same draw, made explicit: the oracle with the keep-mask the backend used.
+    # The same draw, made explicit: the oracle with the keep-mask of the call's seed (the shared contract).
+    from fastattn.backends._philox import keep_mask, philox_seed_offset
+
     torch.manual_seed(3)
-    keep = torch.rand(1, 2, 6, 7) >= 0.4
+    keep = keep_mask(philox_seed_offset("cpu"), 1, 2, 6, 7, 0.4)
     expected = reference.attention(q, k, v, keep_mask=keep, dropout_p=0.4)
     torch.testing.assert_close(out, expected)
     for a, e in zip(grads, torch.autograd.grad(expected.sum(), [q, k, v])):
         torch.testing.assert_close(a, e)
 
 
-def _problem(device="cpu"):
+def _params(device="cpu"):
     q, k, v = _qkv(dtype=torch.float32)
-    problem, *_, spec = validate(q, k, v)
-    return problem, spec
+    params, *_ = validate(q, k, v)
+    return params
 
 
 def test_auto_order_follows_the_documented_precedence(monkeypatch):
@@ -117,27 +119,26 @@ def test_auto_order_follows_the_documented_precedence(monkeypatch):
 
 
 def test_env_backend_overrides_auto_and_is_validated(monkeypatch):
-    problem, spec = _problem()
+    params = _params()
     monkeypatch.setenv("FASTATTN_BACKEND", "reference")
-    assert registry.choose(None, problem, spec, 0.0).name == "reference"
+    assert registry.choose(None, params).name == "reference"
     monkeypatch.setenv("FASTATTN_BACKEND", "nope")
     with pytest.raises(ValueError, match="backend: expected one of"):
-        registry.choose("auto", problem, spec, 0.0)
+        registry.choose("auto", params)
 
 
 def test_auto_skips_a_backend_that_refuses(monkeypatch):
     class Refuses(registry.Backend):
         name = "refuses-test"
 
-        def unsupported_reason(self, problem, spec, dropout_p):
+        def unsupported_reason(self, params):
             return "never"
 
     monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
     monkeypatch.setattr(registry, "_auto_order", lambda device: ["refuses-test", "reference"])
     registry.register(Refuses())
     try:
-        problem, spec = _problem()
-        assert registry.choose(None, problem, spec, 0.0).name == "reference"
+        assert registry.choose(None, _params()).name == "reference"
     finally:
         registry._REGISTRY.pop("refuses-test")
 
@@ -160,16 +161,21 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 def test_opcheck_reference_ops():
     q, k, v = _qkv(dtype=torch.float32, lq=7, lk=11)
-    mask = torch.randn(2, 1, 7, 11)
-    keep = torch.rand(2, 4, 7, 11) > 0.2
-    for mask_arg, keep_arg, p in ((None, None, 0.0), (mask, keep, 0.2)):
-        torch.library.opcheck(torch.ops.fastattn.reference_fwd.default, (q, k, v, mask_arg, keep_arg, 0.25, 3, 0, 2, p))
-        out, lse = torch.ops.fastattn.reference_fwd(q, k, v, mask_arg, keep_arg, 0.25, 3, 0, 2, p)
+    mask = torch.randn(2, 4, 7, 11)
+    philox = torch.tensor([123, 456], dtype=torch.int64)
+    alibi, sinks = torch.rand(1, 4), torch.randn(4)
+    cases = ((None, None, None, None, 0.0, 0, 0.0), (mask, alibi, sinks, philox, 0.2, 5, 3.0))
+    for mask_arg, alibi_arg, sinks_arg, philox_arg, p, chunk, softcap in cases:
+        scalars = (0.25, p, 3, 0, 2, chunk, softcap, [])
+        fwd_args = (q, k, v, mask_arg, alibi_arg, sinks_arg, [], philox_arg, *scalars)
+        torch.library.opcheck(torch.ops.fastattn.reference_fwd.default, fwd_args)
+        out, lse = torch.ops.fastattn.reference_fwd(*fwd_args)
         grad_out = torch.randn(2, 4, 7, 16)
-        torch.library.opcheck(
-            torch.ops.fastattn.reference_bwd.default,
-            (grad_out, q, k, v, out, lse, mask_arg, keep_arg, 0.25, 3, 0, 2, p),
-        )
+        for need_mask_grad in (False, mask_arg is not None):
+            torch.library.opcheck(
+                torch.ops.fastattn.reference_bwd.default,
+                (grad_out, q, k, v, out, lse, mask_arg, alibi_arg, [], philox_arg, *scalars, need_mask_grad),
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

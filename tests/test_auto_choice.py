@@ -33,7 +33,7 @@ def auto_env(monkeypatch):
 @needs_cpu
 def test_slow_path_warns_once_naming_the_reason_and_the_fix(auto_env):
     cpu_backend.load()
-    q = torch.randn(1, 2, 16, 8, dtype=torch.float16)
+    q = torch.randn(1, 2, 16, 8, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
@@ -44,8 +44,8 @@ def test_slow_path_warns_once_naming_the_reason_and_the_fix(auto_env):
     assert len(slow) == 1, [str(w.message) for w in slow]
     text = str(slow[0].message)
     assert "slow reference backend" in text
-    assert "cpu: it supports float32 and bfloat16, got torch.float16" in text  # the reason
-    assert ".float() or .bfloat16()" in text and "backend='reference'" in text  # the fixes
+    assert "cpu: dtype torch.float64 is not supported (float32, bfloat16, float16)" in text  # the reason
+    assert ".float() or .bfloat16() or .half()" in text and "backend='reference'" in text  # the fixes
     assert slow[0].filename == __file__  # points at the caller's line
 
 
@@ -55,7 +55,7 @@ def test_dropout_and_supported_dtypes_take_the_fused_backend_without_warning(aut
     q = torch.randn(1, 2, 16, 8, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SlowPathWarning)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = q.detach().to(dtype).requires_grad_()
             fastattn.scaled_dot_product_attention(x, x, x, dropout_p=0.1).sum().backward()
 
@@ -72,7 +72,7 @@ def test_info_lists_the_slow_paths():
     for name in registry.names():
         for case in registry.get(name).slow_cases:
             assert f"{name:10} {case}" in section
-    assert "float16 or float64" in section
+    assert "cpu        CPU tensors in float64: cast them to float32" in section
 
 
 _COMPILE_CHILD = """

@@ -27,9 +27,9 @@ import _runners  # noqa: E402
 
 
 def _load_run():
-    spec = importlib.util.spec_from_file_location("fastattn_bench_run", os.path.join(BENCH, "run.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    params = importlib.util.spec_from_file_location("fastattn_bench_run", os.path.join(BENCH, "run.py"))
+    module = importlib.util.module_from_spec(params)
+    params.loader.exec_module(module)
     return module
 
 
@@ -48,10 +48,10 @@ def _oracle_allowed(shape, maskin):
     q = torch.randn(shape.batch, shape.heads, shape.seqlen, shape.head_dim)
     k = torch.randn(shape.batch, shape.heads, shape.seqlen_k, shape.head_dim)
     kw = maskin.fastattn_kwargs()
-    _, *_, spec = validate(q, k, k, kw["attn_mask"], 0.0, kw["is_causal"], None, False, kw["window"], 0)
-    allowed, bias = reference.allowed_and_bias(spec, "cpu", torch.float64)
+    params, *_ = validate(q, k, k, kw["attn_mask"], 0.0, kw["is_causal"], None, False, kw["window"], 0)
+    allowed, bias = reference.allowed_and_bias(params, "cpu", torch.float64)
     assert bias is None
-    return allowed.expand(shape.batch, shape.heads, shape.seqlen, shape.seqlen_k), spec
+    return allowed.expand(shape.batch, shape.heads, shape.seqlen, shape.seqlen_k), params
 
 
 def _flex_allowed(shape, maskin):
@@ -94,11 +94,11 @@ MASK_CASES = [
 def test_every_backend_form_of_a_mask_is_the_oracles(mask, causal, lq, lk, window):
     shape = _shape(mask, causal, lq=lq, lk=lk, window=window, block=16, density=0.3)
     maskin = _points.build_mask(shape, "cpu")
-    allowed, spec = _oracle_allowed(shape, maskin)
+    allowed, params = _oracle_allowed(shape, maskin)
     assert torch.equal(_sdpa_allowed(shape, maskin), allowed)
     assert torch.equal(_flex_allowed(shape, maskin), allowed)
     # The FLOP count's pair count is the oracle's, without expanding to B·H·Lq·Lk.
-    assert _points.attended_pairs(shape, maskin) == spec.attended_pairs(shape.batch, shape.heads)
+    assert _points.attended_pairs(shape, maskin) == params.attended_pairs(shape.batch, shape.heads)
     assert _points.attended_pairs(shape, maskin) == int(allowed.sum())
 
 
@@ -187,14 +187,13 @@ class _Refuser(Backend):
     name = "bench_test_refuser"
     description = "test only"
 
-    def unsupported_reason(self, problem, spec, dropout_p):
-        return "takes no mask tensor" if spec.tensor is not None else None
+    def unsupported_reason(self, params):
+        return "takes no mask tensor" if params.mask is not None else None
 
-    def forward(self, q, k, v, spec, scale, dropout_p):
-        if spec.causal:
+    def forward(self, q, k, v, params, philox):
+        if params.causal:
             raise torch.OutOfMemoryError("test: out of memory")
-        out, lse = reference.attention_forward(q, k, v, spec, scale)
-        return out, lse, ()
+        return reference.attention_forward(q, k, v, params)
 
 
 def test_quick_run_end_to_end_json_markdown_and_skips(tmp_path, monkeypatch, capsys):
@@ -299,3 +298,41 @@ def test_bwd_mode_replays_the_same_gradients_and_runs_end_to_end(tmp_path):
     assert rows and all(r["status"] == "ok" and r["mode"] == "bwd" for r in rows)
     r = rows[0]
     assert r["flops"] == 2.5 * _points.flops(_shape(b=r["batch"], h=2, lq=r["seqlen"], d=16, causal=r["causal"]), "fwd")
+
+
+def _cpu_ext_reason():
+    from fastattn import _ext
+
+    return _ext.unavailable_reason("cpu")
+
+
+@pytest.mark.skipif(_cpu_ext_reason() is not None, reason=str(_cpu_ext_reason()))
+def test_variants_rows_end_to_end(tmp_path, monkeypatch):
+    """``run.py --variants``: each variant beside its base call per (mask, dtype, mode), pairs from the oracle's
+    rule, overhead per attended pair; a variant that does not change the output is an error, not a row."""
+    import cpu_variants
+
+    out = tmp_path / "v.json"
+    argv = ["--device", "cpu", "--variants", "--quick", "--seqlens", "64", "--dtypes", "float32"]
+    assert bench_run.main(argv + ["--json", str(out), "--markdown", str(tmp_path / "v.md")]) == 0
+    data = json.loads(out.read_text())
+    assert "--variants" in data["header"]["command"] and data["header"]["cpu_isa"]
+    rows = data["rows"]
+    # (dense, causal) x float32 x (fwd, fwd+bwd) x (base, 4 variants, chunk's split twin)
+    assert len(rows) == 2 * 2 * 6
+    assert {r["who"] for r in rows} == {"base", "chunk-split", *cpu_variants.VARIANTS}
+    for r in rows:
+        kw = {"is_causal": r["mask"] == "causal", "chunk": 16 if r["who"].startswith("chunk") else None}
+        params, *_ = validate(*(torch.empty(1, 1, 64, 8) for _ in range(3)), **kw)
+        assert r["pairs"] == int(reference.allowed_and_bias(params, "cpu", torch.float32)[0].sum())
+        if r["who"] in ("base", "chunk-split"):
+            assert r["overhead"] is None
+        else:
+            assert r["against"] == ("chunk-split" if r["who"] == "chunk" else "base")
+            base = next(b for b in rows if b["point"] == r["point"] and b["who"] == r["against"])
+            want = (r["ms"] / r["pairs"]) / (base["ms"] / base["pairs"]) - 1
+            assert math.isclose(r["overhead"], want, rel_tol=1e-6) and r["bar"] == cpu_variants.BAR
+    assert "overhead" in (tmp_path / "v.md").read_text()
+    monkeypatch.setattr(cpu_variants, "variant_kwargs", lambda name, seqlen, gen: {})  # a variant that does nothing
+    with pytest.raises(RuntimeError, match="did not take effect"):
+        cpu_variants.run_group(64, False, torch.float32, "fwd", ["softcap"], reps=1, warmup=0)

@@ -101,10 +101,10 @@ def _check(b, hq, hkv, lq, lk, d, dv, dtype, mask_kind, layout="contiguous", see
         kw64["attn_mask"] = kw["attn_mask"].double()
 
     def oracle_run(tensors, kwargs, compute_dtype):
-        problem, q4, k4, v4, spec = validate(*tensors, enable_gqa=gqa, **kwargs)
-        o, lse_ = oracle.attention_forward(q4, k4, v4, spec, problem.scale, compute_dtype=compute_dtype)
+        params, q4, k4, v4 = validate(*tensors, enable_gqa=gqa, **kwargs)
+        o, lse_ = oracle.attention_forward(q4, k4, v4, params, compute_dtype=compute_dtype)
         g = grad.to(compute_dtype)
-        grads = oracle.attention_backward(g, q4, k4, v4, spec, problem.scale, compute_dtype=compute_dtype)[:3]
+        grads = oracle.attention_backward(g, q4, k4, v4, params, compute_dtype=compute_dtype)[:3]
         return o, lse_, grads
 
     ref, ref_lse, ref_grads = oracle_run([t.detach().double() for t in (q, k, v)], kw64, torch.float64)
@@ -132,6 +132,8 @@ COVER = [
     (1, 2, 1, 1030, 1030, 64, 64, torch.bfloat16, "causal", "contiguous"),
     (1, 2, 2, 129, 1030, 33, 33, torch.bfloat16, "bool", "contiguous"),
     (1, 2, 2, 1, 129, 64, 64, torch.float32, "window", "blhd"),
+    (2, 4, 2, 65, 129, 64, 64, torch.float16, "causal_mask", "blhd"),
+    (1, 2, 1, 129, 65, 33, 33, torch.float16, "float", "sliced"),
 ]
 
 
@@ -142,7 +144,7 @@ def test_against_oracle(case):
 
 FULL = list(
     itertools.product(
-        [torch.float32, torch.bfloat16],
+        [torch.float32, torch.bfloat16, torch.float16],
         ["none", "causal", "bool", "key_padding", "float", "window", "causal_mask", "q_offset", "block_sparse"],
         [(1, 1), (17, 17), (65, 129), (129, 65), (1030, 1030)],
         [(2, 2), (4, 1)],
@@ -236,14 +238,16 @@ def test_memory_is_linear_in_length():
 
 
 def test_portable_gemm_path(monkeypatch):
-    """The at::vec GEMM used where oneDNN's brgemm is missing gives the same answers."""
+    """FASTATTN_CPU_GEMM=portable: bf16 in converted fp32 tiles even where brgemm has a native bf16 dot."""
     monkeypatch.setenv("FASTATTN_CPU_GEMM", "portable")
+    assert "brgemm_bf16=0" in torch.ops.fastattn.cpu_attn_info()
     _check(1, 2, 1, 65, 100, 33, 33, torch.float32, "causal_mask")
     _check(1, 2, 2, 65, 100, 32, 32, torch.bfloat16, "window")
 
 
 def _run_child(code: str, env_update: dict) -> str:
-    env = dict(os.environ, **env_update)
+    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_CPU_ISA"}  # the automatic choice
+    env.update(env_update)
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
     )
@@ -276,10 +280,10 @@ def test_loads_and_runs_without_nvcc_on_the_baseline_instruction_set():
 @pytest.mark.full
 @pytest.mark.parametrize("capability", ["avx2", "avx512"])
 def test_instruction_set_chosen_at_run_time(capability):
-    """Each compiled instruction set gives right answers where the CPU has it."""
-    info = torch.ops.fastattn.cpu_attn_info()
-    if capability == "avx512" and "isa=avx512" not in info:
-        pytest.skip(f"this CPU has no AVX512 ({info})")
+    """Each compiled instruction set gives right answers where the CPU has it (chosen through torch's
+    ATEN_CPU_CAPABILITY when FASTATTN_CPU_ISA is unset; tests/test_cpu_isa.py forces each one)."""
+    if capability not in cpu_backend.available_isas():
+        pytest.skip(f"this CPU cannot run {capability} (it runs {cpu_backend.available_isas()})")
     out = _run_child(_CHILD, {"ATEN_CPU_CAPABILITY": capability})
     assert f"isa={capability}" in out and out.strip().endswith("ok"), out
 
@@ -287,10 +291,11 @@ def test_instruction_set_chosen_at_run_time(capability):
 def test_opcheck():
     q, k, v = (torch.randn(1, 2, 70, 32) for _ in range(3))
     mask = torch.rand(1, 1, 70, 70) < 0.7
-    args = (q, k, v, mask, None, 64, 64, 32**-0.5, -1, 0, 0)
+    scalars = (32**-0.5, 0.0, -1, 0, 0, 0, 0.0, [64, 64])
+    args = (q, k, v, mask, None, None, [], None, *scalars)
     torch.library.opcheck(torch.ops.fastattn.cpu_attn_fwd.default, args)
     out, lse = torch.ops.fastattn.cpu_attn_fwd(*args)
-    bwd_args = (torch.randn_like(out), q, k, v, out, lse, mask, None, 64, 64, 32**-0.5, -1, 0, 0, False)
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, mask, None, [], None, *scalars, False)
     torch.library.opcheck(torch.ops.fastattn.cpu_attn_bwd.default, bwd_args)
 
 
@@ -317,23 +322,32 @@ def test_choice_and_refusals(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
-    problem, *_, spec = validate(q, k, v)
-    assert choose(None, problem, spec, 0.0).name == "cpu"
-    assert choose(None, problem, spec, 0.1).name == "cpu"  # dropout too (tests/test_cpu_dropout.py)
-    half = validate(q.half(), k.half(), v.half())
-    assert choose(None, half[0], half[-1], 0.0).name == "reference"
-    with pytest.raises(UnsupportedError, match="float32 and bfloat16"):
-        sdpa(q.half(), k.half(), v.half(), backend="cpu")
+    params, *_ = validate(q, k, v)
+    assert choose(None, params).name == "cpu"
+    assert choose(None, params.replace(dropout_p=0.1)).name == "cpu"  # dropout too (tests/test_cpu_dropout.py)
+    assert choose(None, validate(q.half(), k.half(), v.half())[0]).name == "cpu"  # float16 in fp32 tiles
+    assert choose(None, validate(q.double(), k.double(), v.double())[0]).name == "reference"
+    with pytest.raises(UnsupportedError, match=r"dtype torch.float64 is not supported \(float32, bfloat16, float16\)"):
+        sdpa(q.double(), k.double(), v.double(), backend="cpu")
 
 
 def test_bad_op_arguments_name_what_was_expected():
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
-    with pytest.raises(RuntimeError, match="mask: expected a 4-D shape broadcastable to"):
-        torch.ops.fastattn.cpu_attn_fwd(q, k, v, torch.ones(1, 1, 8, 9, dtype=torch.bool), None, 64, 64, 1.0, -1, -1, 0)
-    with pytest.raises(RuntimeError, match="tile_state: expected int8"):
-        state = torch.zeros(1, 1, 2, 2, dtype=torch.int8)
-        torch.ops.fastattn.cpu_attn_fwd(
-            q, k, v, torch.ones(8, 8, dtype=torch.bool).view(1, 1, 8, 8), state, 64, 64, 1.0, -1, -1, 0
+
+    def fwd(mask=None, summary=(), blocks=(64, 64), alibi=None, sinks=None, chunk=0, softcap=0.0):
+        return torch.ops.fastattn.cpu_attn_fwd(
+            q, k, v, mask, alibi, sinks, list(summary), None, 1.0, 0.0, -1, -1, 0, chunk, softcap, list(blocks)
         )
+
+    with pytest.raises(RuntimeError, match="mask: expected a 4-D shape broadcastable to"):
+        fwd(torch.ones(1, 1, 8, 9, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="tile_state: expected int8"):
+        fwd(torch.ones(8, 8, dtype=torch.bool).view(1, 1, 8, 8), [torch.zeros(1, 1, 2, 2, dtype=torch.int8)])
     with pytest.raises(RuntimeError, match="block_q, block_k: expected even sizes"):
-        torch.ops.fastattn.cpu_attn_fwd(q, k, v, None, None, 63, 64, 1.0, -1, -1, 0)
+        fwd(blocks=(63, 64))
+    with pytest.raises(RuntimeError, match=r"alibi_slopes: expected a contiguous CPU float32 tensor of \(1 or 1, 2\)"):
+        fwd(alibi=torch.ones(1, 3))
+    with pytest.raises(RuntimeError, match=r"sinks: expected a contiguous CPU float32 tensor of \(2,\)"):
+        fwd(sinks=torch.ones(2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="chunk: expected an integer >= 0"):
+        fwd(chunk=-2)

@@ -143,27 +143,33 @@ def test_automatic_choice_takes_cpu_for_dropout(monkeypatch):
     for var in ("TRITON_INTERPRET", "FASTATTN_CUDA_EMULATE", "FASTATTN_BACKEND"):
         monkeypatch.delenv(var, raising=False)
     q = torch.randn(1, 2, 8, 16)
-    problem, *_, spec = validate(q, q, q, dropout_p=0.1)
-    assert choose(None, problem, spec, 0.1).name == "cpu"
+    params, *_ = validate(q, q, q, dropout_p=0.1)
+    assert choose(None, params).name == "cpu"
 
 
 def test_bad_philox_names_what_was_expected():
     q = torch.randn(1, 1, 8, 16)
+
+    def fwd(philox, p):
+        args = (q, q, q, None, None, None, [], philox, 1.0, p, -1, -1, 0, 0, 0.0, [64, 64])
+        return torch.ops.fastattn.cpu_attn_fwd(*args)
+
     with pytest.raises(RuntimeError, match=r"philox: expected the int64 \[seed, offset\] tensor when dropout_p > 0"):
-        torch.ops.fastattn.cpu_attn_fwd(q, q, q, None, None, 64, 64, 1.0, -1, -1, 0, None, 0.1)
+        fwd(None, 0.1)
     with pytest.raises(RuntimeError, match="philox: expected a CPU int64 tensor of 2 elements"):
-        torch.ops.fastattn.cpu_attn_fwd(q, q, q, None, None, 64, 64, 1.0, -1, -1, 0, torch.zeros(3).long(), 0.1)
+        fwd(torch.zeros(3).long(), 0.1)
     with pytest.raises(RuntimeError, match="dropout_p: expected 0 <= p < 1, got 1"):
-        torch.ops.fastattn.cpu_attn_fwd(q, q, q, None, None, 64, 64, 1.0, -1, -1, 0, torch.zeros(2).long(), 1.0)
+        fwd(torch.zeros(2).long(), 1.0)
 
 
 def test_opcheck_with_dropout():
     q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))
     philox = torch.tensor([5, 6], dtype=torch.int64)
-    args = (q, k, v, None, None, 64, 64, 32**-0.5, -1, 0, 0, philox, 0.2)
+    scalars = (32**-0.5, 0.2, -1, 0, 0, 0, 0.0, [64, 64])
+    args = (q, k, v, None, None, None, [], philox, *scalars)
     torch.library.opcheck(torch.ops.fastattn.cpu_attn_fwd.default, args)
     out, lse = torch.ops.fastattn.cpu_attn_fwd(*args)
-    bwd = (torch.randn_like(out), q, k, v, out, lse, None, None, 64, 64, 32**-0.5, -1, 0, 0, False, philox, 0.2)
+    bwd = (torch.randn_like(out), q, k, v, out, lse, None, None, [], philox, *scalars, False)
     torch.library.opcheck(torch.ops.fastattn.cpu_attn_bwd.default, bwd)
     torch.library.opcheck(torch.ops.fastattn.cpu_dropout_keep_mask.default, (philox, 1, 2, 40, 40, 0.2))
 

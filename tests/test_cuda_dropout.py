@@ -20,14 +20,13 @@ import math
 
 import pytest
 import torch
-from _cuda_support import emulate  # noqa: F401
+from _cuda_support import bwd_args, emulate, fwd_args, params_for  # noqa: F401
 
 import fastattn
 from fastattn import _ext
 from fastattn import reference as oracle
 from fastattn._validate import validate
 from fastattn.backends import cuda as cuda_fwd
-from fastattn.backends import cuda_bwd
 from fastattn.backends._philox import philox_seed_offset
 from fastattn.testing import assert_close, random_qkv
 
@@ -96,11 +95,11 @@ def test_keep_mask_argument_errors():
         torch.ops.fastattn.cuda_dropout_keep_mask(philox, 1, 1, 4, 4, 0.0)
     q = torch.randn(1, 1, 8, 64, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"dropout_p > 0 needs argument 'philox'.*got None"):
-        torch.ops.fastattn.cuda_attn_fwd(q, q, q, None, None, None, None, 1.0, -1, -1, 0, None, 0.5)
+        torch.ops.fastattn.cuda_attn_fwd(*fwd_args(q, q, q, dropout_p=0.5))
     with pytest.raises(RuntimeError, match=r"argument 'dropout_p' must be in \[0, 1\), got 1"):
-        torch.ops.fastattn.cuda_attn_fwd(q, q, q, None, None, None, None, 1.0, -1, -1, 0, philox, 1.0)
+        torch.ops.fastattn.cuda_attn_fwd(*fwd_args(q, q, q, philox=philox, dropout_p=1.0))
     with pytest.raises(ValueError, match=r"philox: expected the \[seed, offset\] int64 tensor"):
-        cuda_fwd.attn_fwd(q, q, q, fastattn.masks.MaskSpec(8, 8), 1.0, 0.5, None)
+        cuda_fwd.attn_fwd(q, q, q, params_for(8, 8, heads=1, dropout_p=0.5), None)
 
 
 # ---- the masks the kernels apply, read back from probe inputs --------------------------------------------
@@ -133,13 +132,14 @@ def test_kernels_apply_tritons_mask(b, hq, hkv, lq, lk, d, dtype, offset):
     keep = _triton_keep(philox, b, hq, lq, lk, p)
     q, k = _probe_inputs(b, hq, hkv, lq, lk, d, dtype, seed=lq + lk)
     scale = 1.0 / math.sqrt(d)
-    spec = fastattn.masks.MaskSpec(lq, lk)
     if lk <= d:
         v = torch.eye(lk, d).to(dtype).expand(b, hkv, lk, d).contiguous()
-        out, lse = cuda_fwd.attn_fwd(q, k, v, spec, scale, p, philox)
+        params = fastattn.AttnParams.for_tensors(q, k, v, scale, dropout_p=p)
+        out, lse = cuda_fwd.attn_fwd(q, k, v, params, philox)
         assert torch.equal(out[..., :lk] != 0, keep), "forward: the applied mask is not Triton's"
         assert (out[..., lk:] == 0).all()
-        assert_close(lse, oracle.attention_forward(q.double(), k.double(), v.double(), spec, scale)[1], name="lse")
+        plain = params.replace(dropout_p=0.0)
+        assert_close(lse, oracle.attention_forward(q.double(), k.double(), v.double(), plain)[1], name="lse")
     if lq <= d:
         # The backward's probe: a zero float mask asks the dQ pass for dS; no GQA in dV (it sums the group).
         hkv_b = hq
@@ -147,10 +147,11 @@ def test_kernels_apply_tritons_mask(b, hq, hkv, lq, lk, d, dtype, offset):
         v = torch.ones(b, hkv_b, lk, d).to(dtype)
         grad_out = torch.eye(lq, d).to(dtype).expand(b, hq, lq, d).contiguous()
         out = torch.zeros(b, hq, lq, d).to(dtype)
-        lse = oracle.attention_forward(q, k_b, v, spec, scale)[1]  # score + log(Lk): P = 1 / Lk up to rounding
+        plain = fastattn.AttnParams.for_tensors(q, k_b, v, scale)
+        lse = oracle.attention_forward(q, k_b, v, plain)[1]  # score + log(Lk): P = 1 / Lk up to rounding
         zero_bias = torch.zeros(1, 1, lq, lk).to(dtype)
-        spec_b = fastattn.masks.MaskSpec(lq, lk, tensor=zero_bias.expand(b, hq, lq, lk), base=zero_bias)
-        dq, dk, dv, dmask = cuda_bwd.attn_bwd(grad_out, q, k_b, v, out, lse, spec_b, scale, p, (philox,), True)
+        spec_b = plain.replace(mask=zero_bias.expand(b, hq, lq, lk), mask_base=zero_bias, dropout_p=p)
+        dq, dk, dv, dmask = cuda_fwd.attn_bwd(grad_out, q, k_b, v, out, lse, spec_b, philox, True)
         assert torch.equal(dmask != 0, keep), "dQ pass: the applied mask is not Triton's"
         assert torch.equal(dv[..., :lq].transpose(-1, -2) != 0, keep), "dK/dV pass: the applied mask is not Triton's"
         assert (dv[..., lq:] == 0).all()
@@ -160,7 +161,7 @@ def test_kernels_apply_tritons_mask(b, hq, hkv, lq, lk, d, dtype, offset):
 
 
 def _setup(b, hq, hkv, lq, lk, d, dtype, kind, seed):
-    """Inputs, spec and scale of one case: "causal_pad" (causal with key padding), "window", "float"."""
+    """Inputs, params and scale of one case: "causal_pad" (causal with key padding), "window", "float"."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = random_qkv(b, hq, hkv, lq, lk, d, d, dtype, generator=gen)
     mask, causal, window, q_offset = None, False, None, 0
@@ -180,8 +181,8 @@ def _setup(b, hq, hkv, lq, lk, d, dtype, kind, seed):
         # Z: at p = 0.6 that exceeded the 2e-3 floor (the kernel matched the float64 oracle given its own O to
         # 1e-6); the check against that oracle below covers such rows in "causal_pad" (Lq > Lk).
         causal, q_offset = True, 4
-    problem, q, k, v, spec = validate(q, k, v, mask, 0.1, causal, None, hq != hkv, window, q_offset)
-    return q, k, v, spec, problem.scale
+    params, q, k, v = validate(q, k, v, mask, 0.1, causal, None, hq != hkv, window, q_offset)
+    return q, k, v, params, params.scale
 
 
 # (b, hq, hkv, lq, lk, d, dtype, kind, p): fp16 and bf16, GQA, causal + padding, every backward head dim.
@@ -195,45 +196,43 @@ VALUE_CASES = [
 
 @pytest.mark.parametrize("b, hq, hkv, lq, lk, d, dtype, kind, p", VALUE_CASES)
 def test_forward_and_grads_match_oracle_with_the_keep_mask(b, hq, hkv, lq, lk, d, dtype, kind, p):
-    q, k, v, spec, scale = _setup(b, hq, hkv, lq, lk, d, dtype, kind, seed=lq * 7 + lk + d)
-    out, lse, saved = cuda_fwd.CudaBackend().forward(q, k, v, spec, scale, p)
-    (philox,) = saved
-    assert philox.dtype == torch.int64 and philox.shape == (2,)
+    q, k, v, params, scale = _setup(b, hq, hkv, lq, lk, d, dtype, kind, seed=lq * 7 + lk + d)
+    params = params.replace(dropout_p=p)
+    philox = philox_seed_offset("cpu")
+    out, lse = cuda_fwd.CudaBackend().forward(q, k, v, params, philox)
     keep = _triton_keep(philox, b, hq, lq, lk, p)
     assert keep.any() and not keep.all()
-    ref, ref_lse = oracle.attention_forward(q.double(), k.double(), v.double(), spec, scale, keep, p)
-    base = oracle.attention_forward(q, k, v, spec, scale, keep, p, compute_dtype=dtype)[0]
-    base_lse = oracle.attention_forward(q.float(), k.float(), v.float(), spec, scale)[1]
+    ref, ref_lse = oracle.attention_forward(q.double(), k.double(), v.double(), params, keep)
+    base = oracle.attention_forward(q, k, v, params, keep, compute_dtype=dtype)[0]
+    base_lse = oracle.attention_forward(q.float(), k.float(), v.float(), params.replace(dropout_p=0.0))[1]
     assert_close(out, ref, base, factor=2)
     assert_close(lse, ref_lse, base_lse, factor=2, name="lse")  # never includes dropout
 
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(lq)).to(dtype)
     need_mask_grad = kind == "float"
-    dq, dk, dv, dmask = cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, p, saved, need_mask_grad)
-    truth = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), spec, scale, keep, p)
+    dq, dk, dv, dmask = cuda_fwd.attn_bwd(grad_out, q, k, v, out, lse, params, philox, need_mask_grad)
+    truth = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), params, keep)
     # The baseline gets the kernels' inputs: the same (checked above) out and lse, delta = rowsum(dO∘O) from
     # it. Where a row attends one key, dS = P·(dP·Z − delta) cancels to 0 and what is left is O's rounding
     # (times Z): both must see the same O for "3x PyTorch's own error" to mean anything there.
-    bl = oracle.attention_backward(
-        grad_out, q, k, v, spec, scale, keep.to(dtype), p, compute_dtype=dtype, out=out, lse=lse
-    )
+    bl = oracle.attention_backward(grad_out, q, k, v, params, keep.to(dtype), compute_dtype=dtype, out=out, lse=lse)
     names = ("dq", "dk", "dv", "dmask")
     got = (dq, dk, dv, dmask) if need_mask_grad else (dq, dk, dv)
     for name, g, t, bb in zip(names, got, truth, bl):
         assert_close(g, t, bb, factor=3, name=name)
     # The backward alone: against the float64 oracle given the same out and lse (well conditioned everywhere).
     given = oracle.attention_backward(
-        *(t.double() for t in (grad_out, q, k, v)), spec, scale, keep, p, out=out.double(), lse=lse.double()
+        *(t.double() for t in (grad_out, q, k, v)), params, keep, out=out.double(), lse=lse.double()
     )
     for name, g, t, bb in zip(names, got, given, bl):
         assert_close(g, t, bb, factor=3, name=f"{name} (given out, lse)")
     # Without the mask (or with another seed) the gradients are clearly different: the mask is not a no-op.
-    plain = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), spec, scale)
+    plain = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), params.replace(dropout_p=0.0))
     assert (dv.double() - plain[2]).abs().max() > 10 * (dv.double() - truth[2]).abs().max()
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("d", cuda_bwd.HEAD_DIMS)
+@pytest.mark.parametrize("d", cuda_fwd.HEAD_DIMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["causal_pad", "window", "float"])
 @pytest.mark.parametrize("lq, lk", [(1, 17), (65, 129), (129, 65)])
@@ -243,36 +242,43 @@ def test_forward_and_grads_match_oracle_full(d, dtype, kind, lq, lk, p):
 
 
 def test_forward_head_dim_256_and_reference_backward_fallback(monkeypatch):
-    """Head dim 256 in the CUDA forward; the backward made to fall back (as it does where the CUDA backward cannot
-    run) to the reference backward on CPU tensors, which replays an explicit mask: it must get the CUDA keep-mask
-    materialised from the saved philox. Gradients match the oracle given Triton's mask."""
+    """Head dim 256 in the CUDA forward; the backward made to fall back (as the registry does where a backend's
+    backward cannot run) to another backend on CPU tensors: it gets the call's dropout seed and applies
+    the shared contract's keep-mask. Gradients match the oracle given Triton's mask."""
     from fastattn.backends import get
 
     b, hq, hkv, lq, lk, d, dtype, p = 1, 2, 1, 17, 40, 256, torch.float16, 0.3
-    q, k, v, spec, scale = _setup(b, hq, hkv, lq, lk, d, dtype, "causal_pad", seed=3)
-    monkeypatch.setattr(cuda_bwd, "unsupported_reason", lambda *args: "forced by this test")
-    reference_backend = get("reference")
+    q, k, v, params, scale = _setup(b, hq, hkv, lq, lk, d, dtype, "causal_pad", seed=3)
+    params = params.replace(dropout_p=p)
+    monkeypatch.setattr(cuda_fwd.CudaBackend, "backward_reason", lambda self, params: "forced by this test")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the fallback: first able in cuda, cpu, reference
     seen = []
-    real_backward = type(reference_backend).backward
+    # The fallback is the first able of cpu (float16 since the per-ISA kernels) and reference: either must get
+    # the call's seed.
+    for name in ("cpu", "reference"):
+        backend_type = type(get(name))
+        real_backward = backend_type.backward
 
-    def spy(self, *args):
-        seen.append(args[9])  # saved
-        return real_backward(self, *args)
+        def spy(self, *args, _real=real_backward):
+            seen.append(args[7])  # philox
+            return _real(self, *args)
 
-    monkeypatch.setattr(type(reference_backend), "backward", spy)
+        monkeypatch.setattr(backend_type, "backward", spy)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.manual_seed(11)
-    kw = dict(attn_mask=spec.tensor, is_causal=True, q_offset=spec.q_offset, enable_gqa=True, dropout_p=p)
+    kw = dict(attn_mask=params.mask, is_causal=True, q_offset=params.q_offset, enable_gqa=True, dropout_p=p)
     out = fastattn.scaled_dot_product_attention(*leaves, backend="cuda", **kw)
     grad_out = torch.randn(out.shape).to(dtype)
     out.backward(grad_out)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton's keep-mask below runs under the interpreter again
     torch.manual_seed(11)
-    keep = _triton_keep(philox_seed_offset("cpu"), b, hq, lq, lk, p)
-    assert len(seen) == 1 and len(seen[0]) == 1 and torch.equal(seen[0][0], keep)
-    ref = oracle.attention_forward(q.double(), k.double(), v.double(), spec, scale, keep, p)[0]
-    assert_close(out, ref, oracle.attention_forward(q, k, v, spec, scale, keep, p, compute_dtype=dtype)[0])
-    truth = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), spec, scale, keep, p)
-    bl = oracle.attention_backward(grad_out, q, k, v, spec, scale, keep.to(dtype), p, compute_dtype=dtype)
+    philox = philox_seed_offset("cpu")
+    keep = _triton_keep(philox, b, hq, lq, lk, p)
+    assert len(seen) == 1 and torch.equal(seen[0], philox)
+    ref = oracle.attention_forward(q.double(), k.double(), v.double(), params, keep)[0]
+    assert_close(out, ref, oracle.attention_forward(q, k, v, params, keep, compute_dtype=dtype)[0])
+    truth = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), params, keep)
+    bl = oracle.attention_backward(grad_out, q, k, v, params, keep.to(dtype), compute_dtype=dtype)
     for name, leaf, t, bb in zip(("dq", "dk", "dv"), leaves, truth, bl):
         assert_close(leaf.grad, t, bb, factor=3, name=name)
 
@@ -282,13 +288,13 @@ def test_forward_head_dim_256_and_reference_backward_fallback(monkeypatch):
 
 def test_same_seed_same_bits_other_seed_differs(monkeypatch):
     """One philox -> bit-identical out, lse and gradients (in any fiber order); another seed -> other results."""
-    q, k, v, spec, scale = _setup(1, 4, 2, 65, 65, 64, torch.bfloat16, "causal_pad", seed=5)
+    q, k, v, params, scale = _setup(1, 4, 2, 65, 65, 64, torch.bfloat16, "causal_pad", seed=5)
     grad_out = torch.randn(q.shape).to(q.dtype)
-    p = 0.3
+    params = params.replace(dropout_p=0.3)
 
     def run(philox):
-        out, lse = cuda_fwd.attn_fwd(q, k, v, spec, scale, p, philox)
-        grads = cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, p, (philox,), False)[:3]
+        out, lse = cuda_fwd.attn_fwd(q, k, v, params, philox)
+        grads = cuda_fwd.attn_bwd(grad_out, q, k, v, out, lse, params, philox, False)[:3]
         return (out, lse, *grads)
 
     first = run(_philox(42, 1000))
@@ -323,8 +329,8 @@ def test_dropout_is_unbiased():
     p = 0.4
     q, k, _ = random_qkv(1, 2, 2, 256, 256, 32, dtype=torch.float16)
     v = torch.ones(1, 2, 256, 32, dtype=torch.float16)
-    spec = fastattn.masks.MaskSpec(256, 256)
-    out, _ = cuda_fwd.attn_fwd(q, k, v, spec, 32**-0.5, p, philox_seed_offset("cpu"))
+    params = fastattn.AttnParams.for_tensors(q, k, v, 32**-0.5, dropout_p=p)
+    out, _ = cuda_fwd.attn_fwd(q, k, v, params, philox_seed_offset("cpu"))
     rows = out[..., 0].double().flatten()
     assert torch.equal(out, out[..., :1].expand_as(out))  # V's columns are equal, so are out's
     assert rows.std() > 0.01
@@ -337,21 +343,18 @@ def test_entry_point_autograd_runs_the_cuda_kernels(monkeypatch):
     from fastattn.backends.cuda import CudaBackend
 
     calls = []
-    real = cuda_bwd.attn_bwd
+    real = cuda_fwd.attn_bwd
 
     def spy(*args):
-        calls.append(args[8])
+        calls.append(args[6].dropout_p)
         return real(*args)
 
-    def no_fallback(self, device):
-        raise AssertionError("the CUDA backend fell back for dropout")
-
-    monkeypatch.setattr(cuda_bwd, "attn_bwd", spy)
-    monkeypatch.setattr(CudaBackend, "backward_backend", no_fallback)
+    monkeypatch.setattr(cuda_fwd, "attn_bwd", spy)
+    assert CudaBackend().backward_reason(None) is None
     b, hq, hkv, lq, lk, d, dtype, p = 2, 4, 2, 33, 47, 64, torch.float16, 0.25
-    q, k, v, spec, scale = _setup(b, hq, hkv, lq, lk, d, dtype, "causal_pad", seed=8)
+    q, k, v, params, scale = _setup(b, hq, hkv, lq, lk, d, dtype, "causal_pad", seed=8)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    kw = dict(attn_mask=spec.tensor, is_causal=True, q_offset=spec.q_offset, enable_gqa=True, dropout_p=p)
+    kw = dict(attn_mask=params.mask, is_causal=True, q_offset=params.q_offset, enable_gqa=True, dropout_p=p)
     torch.manual_seed(21)
     out = fastattn.scaled_dot_product_attention(*leaves, backend="cuda", **kw)
     grad_out = torch.randn(out.shape).to(dtype)
@@ -361,8 +364,9 @@ def test_entry_point_autograd_runs_the_cuda_kernels(monkeypatch):
     keep = _triton_keep(philox_seed_offset("cpu"), b, hq, lq, lk, p)
     ref = oracle.attention(q.double(), k.double(), v.double(), keep_mask=keep, **kw)
     assert_close(out, ref, oracle.attention(q, k, v, keep_mask=keep, compute_dtype=dtype, **kw))
-    truth = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), spec, scale, keep, p)
-    bl = oracle.attention_backward(grad_out, q, k, v, spec, scale, keep.to(dtype), p, compute_dtype=dtype)
+    params = params.replace(dropout_p=p)
+    truth = oracle.attention_backward(*(t.double() for t in (grad_out, q, k, v)), params, keep)
+    bl = oracle.attention_backward(grad_out, q, k, v, params, keep.to(dtype), compute_dtype=dtype)
     for name, leaf, t, bb in zip(("dq", "dk", "dv"), leaves, truth, bl):
         assert_close(leaf.grad, t, bb, factor=3, name=name)
     # A fresh call draws a fresh seed: another mask.
@@ -377,39 +381,39 @@ def test_auto_choice_takes_cuda_with_dropout(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
     q, k, v = random_qkv(1, 2, 2, 9, 9, 64, dtype=torch.bfloat16)
-    problem, *_, spec = validate(q, k, v, None, 0.2, False, None, False, None, 0)
-    assert registry.choose(None, problem, spec, 0.2).name == "cuda"
+    params, *_ = validate(q, k, v, None, 0.2, False, None, False, None, 0)
+    assert registry.choose(None, params).name == "cuda"
 
 
 def test_opcheck_with_dropout():
-    q, k, v, spec, scale = _setup(1, 2, 1, 17, 33, 32, torch.float16, "causal_pad", seed=13)
+    q, k, v, params, scale = _setup(1, 2, 1, 17, 33, 32, torch.float16, "causal_pad", seed=13)
     philox = _philox(7, 2**32 - 100)
-    left, right = spec.bounds
-    s = spec.tile_summary(cuda_fwd.BLOCK_M, cuda_fwd.block_n(32))
-    fwd_args = (q, k, v, spec.tensor, s.state, s.kv_count, s.kv_index, scale, left, right, spec.q_offset, philox, 0.3)
-    torch.library.opcheck(torch.ops.fastattn.cuda_attn_fwd.default, fwd_args)
-    out, lse = torch.ops.fastattn.cuda_attn_fwd(*fwd_args)
+    left, right = params.bounds
+    s = params.tile_summary(cuda_fwd.BLOCK_M, cuda_fwd.block_n(32))
+    kw = dict(philox=philox, scale=scale, dropout_p=0.3, left=left, right=right, q_offset=params.q_offset)
+    fwd = fwd_args(q, k, v, params.mask, (s.state, s.kv_count, s.kv_index), **kw)
+    torch.library.opcheck(torch.ops.fastattn.cuda_attn_fwd.default, fwd)
+    out, lse = torch.ops.fastattn.cuda_attn_fwd(*fwd)
     grad_out = torch.randn(out.shape).to(q.dtype)
-    bwd_args = (grad_out, q, k, v, out, lse, spec.tensor, *cuda_bwd.summaries(spec), scale, left, right,
-                spec.q_offset, False, philox, 0.3)  # fmt: skip
-    torch.library.opcheck(torch.ops.fastattn.cuda_attn_bwd.default, bwd_args)
+    bwd = bwd_args(grad_out, q, k, v, out, lse, params.mask, cuda_fwd.summaries(params), **kw)
+    torch.library.opcheck(torch.ops.fastattn.cuda_attn_bwd.default, bwd)
     torch.library.opcheck(torch.ops.fastattn.cuda_dropout_keep_mask.default, (philox, 2, 3, 17, 33, 0.3))
 
 
 def test_torch_compile_fullgraph_with_dropout():
     """torch.compile(fullgraph=True) traces the dropout call (the seed drawn inside the graph) through both fakes."""
-    q, k, v, spec, scale = _setup(1, 2, 2, 17, 33, 64, torch.float16, "causal_pad", seed=14)
+    q, k, v, params, scale = _setup(1, 2, 2, 17, 33, 64, torch.float16, "causal_pad", seed=14)
     q.requires_grad_()
 
     def f(q, k, v, mask):
         return fastattn.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=True, q_offset=spec.q_offset, dropout_p=0.3, backend="cuda"
+            q, k, v, attn_mask=mask, is_causal=True, q_offset=params.q_offset, dropout_p=0.3, backend="cuda"
         )
 
     torch.manual_seed(4)
-    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, spec.tensor)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, params.mask)
     (dq,) = torch.autograd.grad(out.float().sum(), q)
     torch.manual_seed(4)
-    eager = f(q, k, v, spec.tensor)
+    eager = f(q, k, v, params.mask)
     (dq_eager,) = torch.autograd.grad(eager.float().sum(), q)
     assert torch.equal(out, eager) and torch.equal(dq, dq_eager)

@@ -15,12 +15,14 @@ import itertools
 
 import pytest
 import torch
-from _cuda_support import emulate, sass_audit  # noqa: F401
+from _cuda_support import emulate, fwd_args, params_for, sass_audit  # noqa: F401
 
 import fastattn
 from fastattn import _ext
 from fastattn import reference as oracle
+from fastattn._validate import validate
 from fastattn.backends import cuda as cuda_backend
+from fastattn.backends import registry
 from fastattn.backends.registry import UnsupportedError
 from fastattn.masks import EMPTY
 from fastattn.testing import assert_close
@@ -148,7 +150,7 @@ def test_empty_tiles_are_never_loaded():
     assert_close(out, ref, oracle.attention(q, k, v, compute_dtype=q.dtype, **kw))
     # Mask tensor: key padding that drops keys 128.. for every query (tile 2 and 3 EMPTY in the summary).
     mask = (torch.arange(256) < 128).view(1, 1, 1, 256)
-    spec_state = fastattn.masks.MaskSpec(65, 256, tensor=mask.expand(1, 2, 65, 256), base=mask).tile_summary(64, 64)
+    spec_state = params_for(65, 256, mask.expand(1, 2, 65, 256)).tile_summary(64, 64)
     assert (spec_state.state[..., 2:] == EMPTY).all()
     q, k, v, _ = _inputs(1, 2, 2, 65, 256, 64, torch.bfloat16, "none", seed=6)
     ref = oracle.attention(q.double(), k.double(), v.double(), attn_mask=mask)
@@ -177,8 +179,6 @@ def test_fully_masked_rows_give_zeros_and_minus_inf_lse():
 
 def test_strided_inputs_forward_and_backward():
     """(B, L, H, D) storage read in place through strides; the CUDA backward (no fallback) matches the oracle."""
-    from fastattn.backends import cuda_bwd
-
     g = torch.Generator().manual_seed(12)
     q = torch.randn(1, 33, 2, 64, generator=g).to(torch.float16).transpose(1, 2).requires_grad_()
     k = torch.randn(1, 40, 2, 64, generator=g).to(torch.float16).transpose(1, 2).requires_grad_()
@@ -192,7 +192,7 @@ def test_strided_inputs_forward_and_backward():
     rq, rk, rv = torch.autograd.grad(oracle.attention(qd, kd, vd, is_causal=True), (qd, kd, vd), grad.double())
     for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
         assert_close(got, want, name=name, atol=2e-2 * max(1.0, float(want.abs().max())))
-    assert cuda_bwd.unsupported_reason(q, v, 0.0, False) is None
+    assert registry.backward_backend(registry.get("cuda"), validate(q, k, v, is_causal=True)[0]).name == "cuda"
     # A start that is not 16-byte aligned (copied by the op) and a transposed (non-contiguous) mask.
     q2 = torch.randn(1, 2, 17, 72, generator=g).to(torch.bfloat16)[..., 3:67]
     k2 = torch.randn(1, 2, 20, 64, generator=g).to(torch.bfloat16)
@@ -205,18 +205,22 @@ def test_strided_inputs_forward_and_backward():
 def test_opcheck():
     q, k, v, _ = _inputs(1, 2, 1, 17, 33, 32, torch.float16, "none", seed=13)
     op = torch.ops.fastattn.cuda_attn_fwd.default
-    torch.library.opcheck(op, (q, k, v, None, None, None, None, 0.125, -1, 0, 0))
+    torch.library.opcheck(op, fwd_args(q, k, v, scale=0.125, right=0))
     mask = torch.rand(1, 1, 17, 33) > 0.5
-    spec = fastattn.masks.MaskSpec(17, 33, tensor=mask.expand(1, 2, 17, 33), base=mask)
-    s = spec.tile_summary(cuda_backend.BLOCK_M, cuda_backend.block_n(32))
-    torch.library.opcheck(op, (q, k, v, spec.tensor, s.state, s.kv_count, s.kv_index, 0.125, 3, -1, 2))
+    params = params_for(17, 33, mask.expand(1, 2, 17, 33))
+    s = params.tile_summary(cuda_backend.BLOCK_M, cuda_backend.block_n(32))
+    summary = (s.state, s.kv_count, s.kv_index)
+    torch.library.opcheck(op, fwd_args(q, k, v, params.mask, summary, scale=0.125, left=3, q_offset=2))
+    alibi, sinks = torch.rand(1, 2), torch.randn(2)
+    variant = dict(scale=0.125, left=3, q_offset=2, chunk=5, softcap=2.0, alibi=alibi, sinks=sinks)
+    torch.library.opcheck(op, fwd_args(q, k, v, params.mask, summary, **variant))
 
 
 @pytest.mark.parametrize(
     "d, dtype, message",
     [
         (80, torch.float16, r"head_dim 80 is not supported \(one of 32, 64, 96, 128, 256\)"),
-        (64, torch.float32, r"dtype torch.float32 is not supported \(torch.float16 or torch.bfloat16\)"),
+        (64, torch.float32, r"dtype torch.float32 is not supported \(float16, bfloat16\)"),
     ],
 )
 def test_unsupported_inputs_are_refused_with_the_supported_set(d, dtype, message):
@@ -228,17 +232,23 @@ def test_unsupported_inputs_are_refused_with_the_supported_set(d, dtype, message
 def test_op_errors_name_the_argument():
     q = torch.randn(1, 1, 8, 80, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"head_dim \(q.size\(3\)\) must be one of 32, 64, 96, 128, 256"):
-        torch.ops.fastattn.cuda_attn_fwd(q, q, q, None, None, None, None, 1.0, -1, -1, 0)
+        torch.ops.fastattn.cuda_attn_fwd(*fwd_args(q, q, q))
     q = torch.randn(1, 1, 8, 64, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"argument 'k' must have dtype torch.float16 like 'q'"):
-        torch.ops.fastattn.cuda_attn_fwd(q, q.bfloat16(), q, None, None, None, None, 1.0, -1, -1, 0)
+        torch.ops.fastattn.cuda_attn_fwd(*fwd_args(q, q.bfloat16(), q))
     q = torch.randn(1, 1, 80, 64, dtype=torch.float16)
     mask = torch.ones(1, 1, 80, 80, dtype=torch.bool)
     with pytest.raises(RuntimeError, match=r"a mask needs its tile summary"):
-        torch.ops.fastattn.cuda_attn_fwd(q, q, q, mask, None, None, None, 1.0, -1, -1, 0)
-    wrong = fastattn.masks.MaskSpec(80, 80, tensor=mask, base=mask).tile_summary(32, 32)
+        torch.ops.fastattn.cuda_attn_fwd(*fwd_args(q, q, q, mask))
+    wrong = params_for(80, 80, mask, heads=1).tile_summary(32, 32)
     with pytest.raises(RuntimeError, match=r"argument 'tile_state' must be the TileSummary for block \(64, 64\)"):
-        torch.ops.fastattn.cuda_attn_fwd(q, q, q, mask, wrong.state, wrong.kv_count, wrong.kv_index, 1.0, -1, -1, 0)
+        torch.ops.fastattn.cuda_attn_fwd(*fwd_args(q, q, q, mask, (wrong.state, wrong.kv_count, wrong.kv_index)))
+    with pytest.raises(RuntimeError, match=r"argument 'alibi_slopes' must have shape \(1 or 1, 1\), got \[2\]"):
+        torch.ops.fastattn.cuda_attn_fwd(*fwd_args(q, q, q, alibi=torch.ones(2)))
+    with pytest.raises(RuntimeError, match=r"argument 'sinks' must have dtype torch.float32, got torch.float16"):
+        torch.ops.fastattn.cuda_attn_fwd(*fwd_args(q, q, q, sinks=torch.ones(1, dtype=torch.float16)))
+    with pytest.raises(RuntimeError, match=r"argument 'blocks' must be \[64, 64\]"):
+        torch.ops.fastattn.cuda_attn_fwd(*fwd_args(q, q, q, blocks=(64, 32)))
 
 
 def test_covering_set_covers_every_factor():

@@ -228,10 +228,10 @@ def _skip_unless_runs(backend: str, case: Case, q, k, v, mask) -> None:
         from fastattn.backends import registry
 
         kw = _kwargs(case, mask)
-        problem, *_, spec = validate(q, k, v, kw["attn_mask"], 0.0, case.causal, None, kw.get("enable_gqa", False),
-                                     case.window, case.q_offset)  # fmt: skip
+        params, *_ = validate(q, k, v, kw["attn_mask"], 0.0, case.causal, None, kw.get("enable_gqa", False),
+                              case.window, case.q_offset)  # fmt: skip
         b = registry.get(backend)
-        pytest.skip(f"{backend}: {b.unavailable_reason() or b.unsupported_reason(problem, spec, 0.0)}")
+        pytest.skip(f"{backend}: {b.unavailable_reason() or b.unsupported_reason(params)}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

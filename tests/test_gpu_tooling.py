@@ -124,3 +124,51 @@ def test_gpu_suite_dry_run_records_its_device(tmp_path):
     lines = record.read_text().splitlines()
     assert len(lines) == 2 and gpu_record.check(lines, "cpu") == []
     assert gpu_record.check(lines, "cuda")  # the same record fails a GPU run's check
+
+
+# ---------------------------------------------------------------------------- the preflight's spill ratchet
+
+_DKDV_256 = "_ZN8fastattn8attn_bwd20attn_bwd_dkdv_kernelI13__nv_bfloat16Li256ELb0EEEvNS_13AttnBwdParams"
+_DKDV_128 = "_ZN8fastattn8attn_bwd20attn_bwd_dkdv_kernelI13__nv_bfloat16Li128ELb0EEEvNS_13AttnBwdParams"
+
+
+def _row(kernel: str, arch: str, spill: int) -> dict:
+    return {"kernel": kernel, "arch": arch, "spill": spill}
+
+
+def test_known_spills_file_covers_the_dkdv_256_spill_only():
+    """The preflight's file: the one known kernel within its bytes passes strict mode, anything else fails."""
+    from fastattn._ext import ci_check
+
+    known = ci_check.load_known_spills(str(ROOT / "mk" / "known-spills.json"))
+    ok_failures, ok_warnings = ci_check.spill_verdicts([_row(_DKDV_256, "sm_90", 68)], True, known)
+    assert ok_failures == [] and any("known" in w for w in ok_warnings)
+    for rows in (
+        [_row(_DKDV_256, "sm_90", 69)],  # grew past its entry
+        [_row(_DKDV_256, "sm_80", 8)],  # another arch
+        [_row(_DKDV_128, "sm_90", 8)],  # another kernel
+        [_row("_Z16test_gemm_kernelv", "sm_90", 4)],  # the test GEMM never spills
+    ):
+        failures, _ = ci_check.spill_verdicts(rows, True, known)
+        assert len(failures) == 1, rows
+
+
+def test_spill_verdicts_without_strict_warn_and_report_stale_entries():
+    from fastattn._ext import ci_check
+
+    known = [{"kernel": "attn_bwd_dkdv_kernel.*Li256E", "arch": "sm_90", "max_bytes": 68, "why": "test"}]
+    failures, warnings = ci_check.spill_verdicts(
+        [_row(_DKDV_128, "sm_90", 8), _row(_DKDV_256, "sm_90", 0)], False, known
+    )
+    assert failures == []
+    assert any("spills 8 bytes" in w for w in warnings)
+    assert any("no longer spills" in w for w in warnings)
+
+
+def test_known_spills_entries_need_every_field(tmp_path):
+    from fastattn._ext import ci_check
+
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps([{"kernel": "x", "arch": "sm_90"}]))
+    with pytest.raises(SystemExit, match="lacks"):
+        ci_check.load_known_spills(str(path))

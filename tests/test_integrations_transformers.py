@@ -1,7 +1,9 @@
 """fastattn as a transformers attention implementation: same answers as "eager", compact masks.
 
 Tiny randomly initialised models built from configs (no hub access): Llama (GQA), Mistral (sliding
-window smaller than the sequence), Qwen2 (full and sliding layers mixed) and BERT (an encoder).
+window smaller than the sequence), Qwen2 (full and sliding layers mixed) and BERT (an encoder); and the
+attention variants: Bloom (ALiBi, in the kernel), gpt-oss (learned sinks, alternating sliding layers),
+Gemma 2 (logit softcap, alternating sliding layers) and Llama 4 (chunked layers).
 Every comparison is against the same weights under ``attn_implementation="eager"``, in fp32, on a
 left-padded batch, at the non-padding positions (padding rows attend nothing under fastattn and
 give zeros; eager averages over masked keys there, so they are not comparable).
@@ -26,8 +28,9 @@ from transformers import masking_utils  # noqa: E402
 import fastattn  # noqa: E402
 import fastattn.integrations.transformers as fastattn_hf  # noqa: E402
 
-VOCAB, SEQ, WINDOW = 97, 11, 4
-PADS = (0, 3, 6)  # left padding per batch row; SEQ > WINDOW so the window bites
+VOCAB, SEQ, WINDOW, CHUNK = 97, 11, 4, 3
+PADS = (0, 3, 6)  # left padding per batch row; SEQ > WINDOW so the window bites; multiples of CHUNK
+SOFTCAP = 1.0  # small, so that the cap bites on these scores (checked in the test)
 
 
 def _config(kind: str, **overrides):
@@ -64,6 +67,44 @@ def _config(kind: str, **overrides):
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
         )
+    elif kind == "bloom":
+        cfg = transformers.BloomConfig(
+            vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.3, pad_token_id=0
+        )
+    elif kind == "gpt_oss":
+        # gpt-oss's YaRN parameters assume its own context length, so max_position_embeddings stays its own.
+        common.pop("max_position_embeddings")
+        cfg = transformers.GptOssConfig(
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            **common,
+        )
+    elif kind == "gemma2":
+        cfg = transformers.Gemma2Config(
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            attn_logit_softcapping=SOFTCAP,
+            **common,
+        )
+    elif kind == "llama4":
+        cfg = transformers.Llama4TextConfig(
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size_mlp=64,
+            attention_chunk_size=CHUNK,
+            layer_types=["chunked_attention", "full_attention"],
+            no_rope_layers=[1, 0],
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            **common,
+        )
     else:
         raise ValueError(kind)
     for name, value in overrides.items():
@@ -77,6 +118,10 @@ def _model_class(kind: str):
         "mistral": transformers.MistralForCausalLM,
         "qwen2": transformers.Qwen2ForCausalLM,
         "bert": transformers.BertForMaskedLM,
+        "bloom": transformers.BloomForCausalLM,
+        "gpt_oss": transformers.GptOssForCausalLM,
+        "gemma2": transformers.Gemma2ForCausalLM,
+        "llama4": transformers.Llama4ForCausalLM,
     }[kind]
 
 
@@ -87,6 +132,10 @@ def _pair(kind: str, name: str = "fastattn", **overrides):
     cls = _model_class(kind)
     # _from_config writes the implementation into the config it is given: one copy each.
     fast = cls._from_config(copy.deepcopy(cfg), attn_implementation=name)
+    with torch.no_grad():
+        for param_name, param in fast.named_parameters():
+            if param_name.endswith("sinks"):
+                param.normal_()  # gpt-oss initialises them at the weights' scale: make them matter
     eager = cls._from_config(copy.deepcopy(cfg), attn_implementation="eager")
     eager.load_state_dict(fast.state_dict())
     assert fast.config._attn_implementation == name and eager.config._attn_implementation == "eager"
@@ -122,9 +171,13 @@ class Spy:
                     causal=kw["is_causal"],
                     window=kw["window"],
                     q_offset=kw["q_offset"],
-                    gqa=kw["enable_gqa"],
+                    gqa=kw.get("enable_gqa", False),
                     dropout=kw["dropout_p"],
                     backend=kw["backend"],
+                    softcap=kw.get("softcap"),
+                    sinks=kw.get("sinks"),
+                    chunk=kw.get("chunk"),
+                    alibi=kw.get("alibi_slopes"),
                 )
             )
             return inner(q, k, v, **kw)
@@ -334,17 +387,109 @@ def test_compact_path_for_causal_plus_padding_builds_no_dense_mask(monkeypatch):
         assert torch.equal(m.padding[:, 0, 0], mask.bool())
 
 
-def test_packed_sequences_fall_back_to_a_dense_mask(monkeypatch):
-    """position_ids that restart mark packed sequences: transformers' dense mask, same answers."""
-    fast, eager = _pair("llama")
-    ids = torch.randint(1, VOCAB, (1, 9))
-    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+class VarlenSpy:
+    """Records what reaches ``fastattn.varlen_attention`` from the integration."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        inner = fastattn_hf._fastattn_varlen
+
+        def spy(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+            self.calls.append(dict(q=tuple(q.shape), cu=cu_q.tolist(), max=(max_q, max_k), **kw))
+            return inner(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+        monkeypatch.setattr(fastattn_hf, "_fastattn_varlen", spy)
+
+
+DOC_LENGTHS = (5, 13, 1, 8)  # > WINDOW, so the sliding layers' window bites inside a document
+
+
+def _documents():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in DOC_LENGTHS]
+
+
+def _flattened(return_flash_attn_kwargs: bool) -> dict:
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=return_flash_attn_kwargs)
+    batch = collator([{"input_ids": d} for d in _documents()])
+    batch.pop("labels")
+    return batch
+
+
+# How the packed batch reaches the model: the collator's FlashAttention keywords, position_ids without a cache
+# (transformers' mask function sees the documents), position_ids with the default cache (it does not).
+PACKED_ROUTES = ["flash_kwargs", "position_ids_no_cache", "position_ids_cache"]
+
+
+def _packed_inputs(route: str) -> dict:
+    batch = _flattened(return_flash_attn_kwargs=route == "flash_kwargs")
+    if route == "position_ids_no_cache":
+        batch["use_cache"] = False
+    return batch
+
+
+@pytest.mark.parametrize("route", PACKED_ROUTES)
+@pytest.mark.parametrize("kind", DECODERS)
+def test_packed_documents_equal_each_document_alone(kind, route, monkeypatch):
+    """Every document's logits in the packed row equal that document run alone under eager (not eager on the
+    packed row: with a cache, eager lets documents attend each other)."""
+    fast, eager = _pair(kind)
     with torch.no_grad():
-        ref = eager(input_ids=ids, position_ids=position_ids, use_cache=False).logits
-        spy = Spy(monkeypatch)
-        out = fast(input_ids=ids, position_ids=position_ids, use_cache=False).logits
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert all(c["mask"] == ((1, 1, 9, 9), torch.bool) and not c["causal"] for c in spy.calls)
+        alone = torch.cat([eager(input_ids=torch.tensor([d])).logits[0] for d in _documents()])
+        _forbid_torch_attention(monkeypatch)
+        _forbid_dense_masks(monkeypatch)
+        spy = VarlenSpy(monkeypatch)
+        packed = fast(**_packed_inputs(route)).logits[0]
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+    bounds = [0, 5, 18, 19, 27]
+    assert len(spy.calls) == fast.config.num_hidden_layers
+    assert all(c["cu"] == bounds and c["max"] == (13, 13) and c["is_causal"] for c in spy.calls)
+    if kind == "mistral":
+        assert all(c["window"] == (WINDOW - 1, 0) for c in spy.calls)
+
+
+def test_eager_on_the_packed_row_is_wrong_with_a_cache():
+    """The pitfall the integration guards against (transformers 5.24): not a fastattn bug, a reason to test
+    against each document alone."""
+    _, eager = _pair("llama")
+    with torch.no_grad():
+        alone = torch.cat([eager(input_ids=torch.tensor([d])).logits[0] for d in _documents()])
+        packed = eager(**_packed_inputs("position_ids_cache")).logits[0]
+    assert (packed - alone).norm() / alone.norm() > 0.1
+
+
+@pytest.mark.parametrize("route", ["flash_kwargs", "position_ids_cache"])
+def test_packed_training_step_gradients_equal_the_documents_alone(route):
+    fast, eager = _pair("qwen2")
+    grads = {}
+    fast.train()
+    loss = fast(**_packed_inputs(route)).logits.square().mean()
+    loss.backward()
+    grads["fast"] = {n: p.grad for n, p in fast.named_parameters() if p.grad is not None}
+    eager.train()
+    total = sum(DOC_LENGTHS)
+    for d in _documents():
+        # The packed loss is a mean over all tokens: each document contributes its sum over the total count.
+        (eager(input_ids=torch.tensor([d]), use_cache=False).logits.square().sum() / (total * VOCAB)).backward()
+    grads["eager"] = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
+    assert grads["fast"].keys() == grads["eager"].keys()
+    for n, g in grads["fast"].items():
+        torch.testing.assert_close(g, grads["eager"][n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_the_packed_mask_is_compact():
+    """No cache: transformers hands the mask function its packed pattern; fastattn keeps the document ids only."""
+    batch = _flattened(return_flash_attn_kwargs=False)
+    cfg = _config("llama")
+    cfg._attn_implementation = "fastattn"
+    embeds = torch.randn(1, sum(DOC_LENGTHS), 32)
+    mask = masking_utils.create_causal_mask(
+        config=cfg, inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=batch["position_ids"]
+    )
+    assert isinstance(mask, fastattn_hf.CompactMask) and mask.documents is not None
+    cu, longest = mask.packed_layout()
+    assert cu.tolist() == [0, 5, 18, 19, 27] and longest == 13
+    assert mask.packed_layout()[0] is cu  # every layer reuses it: the host reads the ids once per forward
 
 
 @pytest.mark.parametrize("kind", DECODERS)
@@ -398,7 +543,7 @@ def test_gradients_flow_and_match_eager_in_training(kind):
     _gradients_match_eager(kind, "fastattn")
 
 
-def _gradients_match_eager(kind: str, name: str) -> None:
+def _gradients_match_eager(kind: str, name: str) -> dict:
     fast, eager = _pair(kind, name=name)
     ids, mask = _batch(kind)
     grads = {}
@@ -414,6 +559,7 @@ def _gradients_match_eager(kind: str, name: str) -> None:
         torch.testing.assert_close(g, grads["eager"][n], rtol=1e-3, atol=1e-5, msg=n)
     q_proj = next(g for n, g in grads["fast"].items() if "q_proj" in n or "query" in n)
     assert q_proj.abs().sum() > 0  # the query projection learns only through attention
+    return grads["fast"]
 
 
 def test_dropout_only_in_training(monkeypatch):
@@ -440,6 +586,144 @@ def test_dropout_only_in_training(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# models with attention variants: Bloom (ALiBi), gpt-oss (sinks), Gemma 2 (softcap), Llama 4 (chunks)
+
+VARIANT_MODELS = ["bloom", "gpt_oss", "gemma2", "llama4"]
+
+
+def _check_variant_calls(kind: str, calls: list, model) -> None:
+    """What reached fastattn on the prefill: each model's variant, per layer."""
+    assert len(calls) == 2
+    if kind == "bloom":
+        slopes = fastattn_hf._alibi_slopes(4, torch.device("cpu"))
+        assert all(torch.equal(c["alibi"], slopes) and c["causal"] for c in calls)
+        assert all(c["mask"] == ((len(PADS), 1, 1, SEQ), torch.bool) for c in calls)  # padding only, no bias
+    else:
+        assert all(c["alibi"] is None for c in calls)
+    if kind == "gpt_oss":
+        sinks = [layer.self_attn.sinks for layer in model.model.layers]
+        assert all(c["sinks"] is s for c, s in zip(calls, sinks))
+    else:
+        assert all(c["sinks"] is None for c in calls)
+    assert [c["softcap"] for c in calls] == ([SOFTCAP] * 2 if kind == "gemma2" else [None] * 2)
+    assert [c["chunk"] for c in calls] == ([CHUNK, None] if kind == "llama4" else [None] * 2)
+    if kind in ("gpt_oss", "gemma2"):
+        assert [c["window"] for c in calls] == [(WINDOW - 1, 0), None]
+
+
+@pytest.mark.parametrize("kind", VARIANT_MODELS)
+def test_variant_models_logits_equal_eager(kind, monkeypatch):
+    fast, eager = _pair(kind)
+    ids, mask = _batch(kind)
+    keep = mask.bool()
+    with torch.no_grad():
+        ref = eager(input_ids=ids, attention_mask=mask).logits
+        if kind == "gemma2":  # the cap changes the answer, so ignoring it would fail the comparison below
+            uncapped = _pair(kind, attn_logit_softcapping=None)[1](input_ids=ids, attention_mask=mask).logits
+            assert (uncapped[keep] - ref[keep]).abs().max() > 1e-2
+        spy = Spy(monkeypatch)
+        _forbid_torch_attention(monkeypatch)
+        _forbid_dense_masks(monkeypatch)
+        out = fast(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(out[keep], ref[keep], rtol=1e-4, atol=1e-4)
+    _check_variant_calls(kind, spy.calls, fast)
+
+
+@pytest.mark.parametrize("kind", ["bloom", "gpt_oss", "gemma2"])
+def test_variant_models_greedy_generate(kind, monkeypatch):
+    fast, eager = _pair(kind)
+    ids, mask = _batch(kind)
+    new = 3
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    ref = eager.generate(**args)
+    spy = Spy(monkeypatch)
+    out = fast.generate(**args)
+    assert torch.equal(out, ref), (out[:, SEQ:], ref[:, SEQ:])
+    assert len(spy.calls) == 2 * new
+    assert all(c["q"][2] == 1 for c in spy.calls[2:])
+
+
+@pytest.mark.parametrize("kind", ["bloom", "gpt_oss", "gemma2"])
+def test_variant_models_gradients_match_eager(kind):
+    grads = _gradients_match_eager(kind, "fastattn")
+    if kind == "gpt_oss":
+        sinks = [g for n, g in grads.items() if n.endswith("sinks")]
+        assert len(sinks) == 2 and all(g.abs().min() > 0 for g in sinks)
+
+
+def test_bloom_mask_with_a_hole_uses_blooms_own_bias(monkeypatch):
+    """Real tokens that are not one run (a hole in the attention mask): Bloom counts positions among the
+    real tokens only, so the in-kernel ALiBi would differ; its own bias goes in as a (B, H, 1, Lk) float."""
+    fast, eager = _pair("bloom")
+    ids, mask = _batch("bloom")
+    mask[0, 4:6] = 0
+    keep = mask.bool()
+    with torch.no_grad():
+        ref = eager(input_ids=ids, attention_mask=mask).logits
+        spy = Spy(monkeypatch)
+        out = fast(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(out[keep], ref[keep], rtol=1e-4, atol=1e-4)
+    assert all(c["alibi"] is None and c["mask"] == ((len(PADS), 4, 1, SEQ), torch.float32) for c in spy.calls)
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        with torch.no_grad():
+            fast(input_ids=ids, attention_mask=mask, output_attentions=True)
+
+
+def test_bloom_static_cache_decoding_uses_blooms_bias_on_the_dense_mask(monkeypatch):
+    """A static cache decodes with a materialised mask (transformers asks for one): it carries no query
+    position, so Bloom's own ALiBi bias goes in; the prefill keeps the in-kernel ALiBi."""
+    fast, eager = _pair("bloom")
+    ids, mask = _batch("bloom")
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    args.update(min_new_tokens=3, output_logits=True, return_dict_in_generate=True)
+    ref = eager.generate(**args)
+    spy = Spy(monkeypatch)
+    out = fast.generate(**args)
+    assert torch.equal(out.sequences, ref.sequences)
+    for got, expected in zip(out.logits, ref.logits):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    prefill, decode = spy.calls[:2], spy.calls[2:]
+    assert all(c["alibi"] is not None and c["mask"][1] == torch.bool for c in prefill)
+    assert decode and all(c["alibi"] is None and c["mask"][1] == torch.float32 for c in decode)
+
+
+def test_bloom_alibi_slopes_are_blooms():
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    for heads in (1, 4, 6, 12, 16):
+        # All-ones mask: Bloom's bias of key j is slope * j, so key 1 holds the slopes; (B*H, 1, L) → (H,)
+        alibi = build_alibi_tensor(torch.ones(1, 3, dtype=torch.long), heads, torch.float32)[:, 0, 1]
+        torch.testing.assert_close(fastattn_hf._alibi_slopes(heads, torch.device("cpu")), alibi, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pads, kv_offset, compact", [((0, 3, 6), 0, True), ((0, 2), 0, False), ((1, 4), 1, True)])
+def test_chunked_mask_function(pads, kv_offset, compact):
+    """Llama 4's chunks are counted from each row's first real token: compact (``chunk``) when that grid is
+    the kernels' (``kv_offset - pad`` a multiple of the chunk in every row), else transformers' dense mask."""
+    total, q_length = 12, 4
+    padding = torch.ones(len(pads), total, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        padding[row, :pad] = False
+    left = (~padding).sum(dim=1)
+    kw = dict(
+        batch_size=len(pads),
+        q_length=q_length,
+        kv_length=total - kv_offset,
+        q_offset=total - q_length,
+        kv_offset=kv_offset,
+        mask_function=masking_utils.chunked_causal_mask_function(CHUNK, left),
+        attention_mask=padding,
+    )
+    got = fastattn_hf.mask_function(allow_is_causal_skip=True, **kw)
+    dense = _dense(**kw)
+    if compact:
+        assert isinstance(got, fastattn_hf.CompactMask) and got.chunk == CHUNK and got.is_causal
+        assert torch.equal(got.to_dense().expand_as(dense), dense)
+    else:
+        assert isinstance(got, torch.Tensor) and torch.equal(got, dense)
+
+
+# ---------------------------------------------------------------------------------------------
 # what it cannot honour
 
 
@@ -453,8 +737,6 @@ class _FakeModule(torch.nn.Module):
 @pytest.mark.parametrize(
     "kwargs, feature",
     [
-        (dict(softcap=50.0), "softcap"),
-        (dict(s_aux=torch.zeros(4)), "sinks"),
         (dict(output_attentions=True), "output_attentions"),
         (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "paged"),
         (dict(head_mask=torch.ones(4)), "head_mask"),
@@ -465,24 +747,6 @@ def test_refuses_what_it_cannot_honour_naming_feature_and_model(kwargs, feature)
     k = v = torch.randn(1, 2, 3, 8)
     with pytest.raises(NotImplementedError, match=rf"(?s){feature}.*llama \(_FakeModule\)"):
         fastattn_hf.attention_forward(_FakeModule(), q, k, v, None, **kwargs)
-
-
-def test_refuses_softcap_in_a_real_model():
-    torch.manual_seed(0)
-    cfg = transformers.Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        attn_logit_softcapping=50.0,
-    )
-    model = transformers.Gemma2ForCausalLM._from_config(cfg, attn_implementation="fastattn").eval()
-    with pytest.raises(NotImplementedError, match=r"(?s)softcap.*gemma2"):
-        with torch.no_grad():
-            model(input_ids=torch.randint(1, VOCAB, (1, 5)))
 
 
 def test_position_bias_matches_sdpa_integration():

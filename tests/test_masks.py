@@ -16,8 +16,9 @@ from fastattn.reference import allowed_and_bias
 def _spec(lq, lk, attn_mask=None, **kw):
     q, k = torch.randn(2, 3, lq, 8), torch.randn(2, 3, lk, 8)
     return validate(
-        q, k, k, attn_mask, 0.0, kw.pop("is_causal", False), None, False, kw.pop("window", None), kw.pop("q_offset", 0)
-    )[-1]
+        q, k, k, attn_mask, 0.0, kw.pop("is_causal", False), None, False, kw.pop("window", None), kw.pop("q_offset", 0),
+        chunk=kw.pop("chunk", None),
+    )[0]  # fmt: skip
 
 
 def _dense_states(spec, bq, bk):
@@ -47,6 +48,11 @@ CASES = [
     dict(lq=40, lk=45, mask="blocks", is_causal=True),
     dict(lq=29, lk=31, mask="float_inf", window=(6, 6)),
     dict(lq=1, lk=100, mask="padding", is_causal=True, q_offset=99),
+    dict(lq=70, lk=70, chunk=24),
+    dict(lq=70, lk=90, chunk=24, is_causal=True, q_offset=20),
+    dict(lq=45, lk=60, chunk=10, window=(5, 2), q_offset=-7),
+    dict(lq=40, lk=45, chunk=13, mask="padding", is_causal=True),
+    dict(lq=33, lk=50, chunk=64, q_offset=-40),
 ]
 
 
@@ -75,15 +81,18 @@ def test_summary_matches_dense(case, block):
     summary = spec.tile_summary(*block)
     expected = _dense_states(spec, *block)
     state = summary.state.expand_as(expected)
-    if spec.tensor is None or not spec.has_band:
+    if spec.mask is None or not spec.has_structure:
         torch.testing.assert_close(state, expected, rtol=0, atol=0)
     else:
         # A band and a tensor combine per tile as min(band, tensor): always sound, but a tile that
         # only their conjunction empties stays PARTIAL (exactness would cost Lq x Lk work).
         assert not ((state == EMPTY) & (expected != EMPTY)).any(), "a tile with work was marked EMPTY"
         assert not ((state == FULL) & (expected != FULL)).any(), "a tile needing the mask was marked FULL"
-        band = _spec(spec.seqlen_q, spec.seqlen_k, window=spec.window, q_offset=spec.q_offset, is_causal=spec.causal)
-        tensor = _spec(spec.seqlen_q, spec.seqlen_k, spec.base)
+        band = _spec(
+            spec.seqlen_q, spec.seqlen_k, window=spec.window, q_offset=spec.q_offset, is_causal=spec.causal,
+            chunk=spec.chunk or None,
+        )  # fmt: skip
+        tensor = _spec(spec.seqlen_q, spec.seqlen_k, spec.mask_base)
         bound = torch.minimum(_dense_states(band, *block), _dense_states(tensor, *block))
         torch.testing.assert_close(state, bound, rtol=0, atol=0)
     # kv lists: the non-empty tiles, in increasing order.
@@ -131,4 +140,27 @@ def test_attended_pairs_counts_the_dense_mask():
     spec = _spec(20, 30, tensor, window=(3, 5))
     allowed, _ = allowed_and_bias(spec, "cpu", torch.float32)
     assert spec.attended_pairs(2, 3) == int(allowed.expand(2, 3, 20, 30).sum())
+    assert _spec(8, 8, chunk=3).attended_pairs(2, 3) == (9 + 9 + 4) * 6
     assert _spec(8, 8, is_causal=True).attended_pairs(2, 3) == 36 * 6
+
+
+@pytest.mark.parametrize(
+    "lq, lk, left, right, offset, chunk",
+    [
+        (37, 53, -1, 0, 0, 7),
+        (16, 64, -1, 0, 48, 16),
+        (50, 70, 5, 9, 3, 0),
+        (33, 33, -1, 4, -5, 10),
+        (60, 20, 3, -1, -30, 9),
+    ],
+)
+def test_row_bounds_monotone_and_gap_free(lq, lk, left, right, offset, chunk):
+    """The premise of the analytic tile states: each row's interval [lo, hi] contains its own position and its
+    ends never decrease, so consecutive rows' intervals leave no gap (variants module docstring)."""
+    from fastattn.variants import row_bounds
+
+    pos = torch.arange(lq) + offset
+    lo, hi = row_bounds(pos, left, right, chunk, lq + lk + abs(offset) + 1)
+    assert ((lo <= pos) & (pos <= hi)).all()
+    assert (lo[1:] >= lo[:-1]).all() and (hi[1:] >= hi[:-1]).all()
+    assert (lo[1:] <= hi[:-1] + 1).all()

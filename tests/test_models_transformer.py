@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -106,24 +107,35 @@ def test_kv_cache_greedy_decoding_equals_no_cache(norm_first, monkeypatch):
             offsets.append((q.shape[2], k.shape[2], kwargs.get("q_offset", 0)))
         return real(q, k, v, *args, **kwargs)
 
+    kv_calls = []
+    real_kv = mh_module.kvcache_attention
+
+    def kv_spy(q, key_cache, value_cache, cache_seqlens, *, key=None, value=None, **kwargs):
+        kv_calls.append((q.shape[2], cache_seqlens.tolist(), key.shape[2], kwargs.get("is_causal", True)))
+        return real_kv(q, key_cache, value_cache, cache_seqlens, key=key, value=value, **kwargs)
+
     monkeypatch.setattr(mh_module, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(mh_module, "kvcache_attention", kv_spy)
     cached = model.generate(src, src_len, bos_id=BOS, max_new_tokens=8, use_cache=True)
     cached_offsets, offsets[:] = list(offsets), []
     plain = model.generate(src, src_len, bos_id=BOS, max_new_tokens=8, use_cache=False)
     assert cached.shape == plain.shape == (3, 8)
     assert torch.equal(cached, plain)
-    # With the cache every step is one query against all keys so far, aligned bottom-right.
+    # With the cache every step is one query appended at position t of a preallocated cache and attending its
+    # t + 1 keys bottom-right (kvcache_attention); the causal SDPA path is not taken.
     layers = len(model.decoder_layers)
-    assert cached_offsets == [(1, t + 1, t) for t in range(8) for _ in range(layers)]
+    assert kv_calls == [(1, [t] * 3, 1, True) for t in range(8) for _ in range(layers)]
+    assert cached_offsets == []
     assert all(q == k and off == 0 for q, k, off in offsets)
 
     # The step logits agree too, not only their argmax.
     memory, memory_mask = model.encode(src, src_len)
     seq = torch.cat([torch.full((3, 1), BOS), cached], 1)
     full = model.decode(seq[:, :-1], memory, memory_mask)
-    cache = DecoderCache()
-    steps = torch.cat([model.decode(seq[:, t : t + 1], memory, memory_mask, cache=cache) for t in range(8)], 1)
-    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
+    for cache in (DecoderCache(), DecoderCache(capacity=8)):  # concatenated, and preallocated (kvcache_attention)
+        with torch.no_grad():  # kvcache_attention is forward only
+            steps = torch.cat([model.decode(seq[:, t : t + 1], memory, memory_mask, cache=cache) for t in range(8)], 1)
+        torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
 
 
 def test_generate_stops_at_eos_and_pads_after():
@@ -229,3 +241,46 @@ def test_torch_compile_fullgraph_forward_and_backward():
 def test_bad_input_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------- packed documents
+
+
+def _documents(lengths, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=gen) for n in lengths]
+
+
+def test_packed_documents_equal_each_document_alone():
+    """Encoder, causal decoder and cross-attention (Lq_b != Lk_b) on packed documents: each document's logits
+    and the gradients of a loss over all of them equal those of the documents run alone."""
+    model = _model()
+    src, tgt = _documents([3, 7, 1, 5], 1), _documents([4, 2, 6, 1], 2)
+    offsets = [torch.tensor([0, *itertools.accumulate(len(t) for t in ts)]) for ts in (src, tgt)]
+    packed = model(torch.cat(src), torch.cat(tgt), src_cu_seqlens=offsets[0], tgt_cu_seqlens=offsets[1].int())
+    alone = torch.cat([model(s[None], t[None])[0] for s, t in zip(src, tgt)])
+    assert_close(packed, alone, None, name="packed logits")
+    params = list(model.parameters())
+    grads = torch.autograd.grad(packed.square().sum(), params)
+    expected = torch.autograd.grad(alone.square().sum(), params)
+    for (name, _), a, e in zip(model.named_parameters(), grads, expected):
+        assert_close(a, e, None, name=f"grad {name}", atol=1e-5 * max(1.0, float(e.abs().max())))
+
+
+def test_packed_training_loss_equals_the_padded_batchs():
+    from fastattn.models.toy import loss_fn, pack
+
+    model = _model()
+    batch = make_batch("reverse", 6, 1, 7, VOCAB, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loss_fn(model, pack(batch)), loss_fn(model, batch))
+
+
+def test_packed_input_errors():
+    model = _model()
+    src, cu = torch.randint(3, VOCAB, (5,)), torch.tensor([0, 5])
+    with pytest.raises(ValueError, match="src_cu_seqlens, tgt_cu_seqlens: packed documents need both offsets"):
+        model(src, src, src_cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"tgt: expected 1-D integer token ids of packed documents \(total,\)"):
+        model(src, src[None], src_cu_seqlens=cu, tgt_cu_seqlens=cu)
+    with pytest.raises(ValueError, match="src_lengths, tgt_lengths: packed documents need no padding lengths"):
+        model(src, src, torch.tensor([5]), src_cu_seqlens=cu, tgt_cu_seqlens=cu)

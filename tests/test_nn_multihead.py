@@ -480,3 +480,40 @@ def test_fused_path_passes_small_masks(monkeypatch):
     ours(x, x, x, key_padding_mask=kpm, attn_mask=causal, is_causal=True, need_weights=False)
     ours(x, x, x, attn_mask=causal, need_weights=False)
     assert seen == [((2, 1, 1, 6), False), ((2, 1, 1, 6), True), ((1, 1, 6, 6), False)]
+
+
+# ---------------------------------------------------------------------------------------------- packed sequences
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_packed_sequences_equal_each_sequence_alone(is_causal):
+    """``cu_seqlens``: self-attention within each sequence, and cross-attention with other key offsets."""
+    torch.manual_seed(0)
+    mha = fnn.MultiheadAttention(16, 4, batch_first=True, backend="reference")
+    _randomise(mha)
+    lengths_q, lengths_k = [5, 1, 9, 3], [2, 7, 9, 4]
+    xs = [torch.randn(n, 16) for n in lengths_q]
+    mem = [torch.randn(n, 16) for n in lengths_k]
+    cu_q = torch.tensor([0, *itertools.accumulate(lengths_q)])
+    cu_k = torch.tensor([0, *itertools.accumulate(lengths_k)], dtype=torch.int32)
+    x = torch.cat(xs)
+    out, weights = mha(x, x, x, need_weights=False, is_causal=is_causal, cu_seqlens=cu_q)
+    assert weights is None and out.shape == (sum(lengths_q), 16)
+    mask = lambda n: torch.ones(n, n, dtype=torch.bool).triu(1) if is_causal else None  # noqa: E731
+    alone = torch.cat([mha(t, t, t, need_weights=False, attn_mask=mask(len(t)), is_causal=is_causal)[0] for t in xs])
+    assert_close(out, alone, None, name="packed self-attention")
+    m = torch.cat(mem)
+    out, _ = mha(x, m, m, need_weights=False, cu_seqlens=cu_q, cu_seqlens_k=cu_k, max_seqlen=9, max_seqlen_k=9)
+    alone = torch.cat([mha(a, b, b, need_weights=False)[0] for a, b in zip(xs, mem)])
+    assert_close(out, alone, None, name="packed cross-attention")
+
+
+def test_packed_sequences_refuse_masks_and_weights():
+    mha = fnn.MultiheadAttention(8, 2, backend="reference")
+    x, cu = torch.randn(6, 8), torch.tensor([0, 2, 6])
+    with pytest.raises(ValueError, match=r"need_weights: not supported with packed sequences .*need_weights=False"):
+        mha(x, x, x, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="key_padding_mask: not supported with packed sequences"):
+        mha(x, x, x, torch.zeros(6, dtype=torch.bool), need_weights=False, cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"query: expected a 2-D \(total_tokens, E\) tensor of packed sequences"):
+        mha(x[None], x[None], x[None], need_weights=False, cu_seqlens=cu)

@@ -83,13 +83,23 @@ def test_oracle_dropout_from_keep_mask():
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "float", "causal_bool", "window"])
-def test_explicit_backward_matches_autograd(mask_kind):
-    """attention_backward (the kernels' statement) equals autograd through the oracle, GQA and dropout included."""
+@pytest.mark.parametrize(
+    "mask_kind, variant",
+    [("none", "plain"), ("float", "plain"), ("causal_bool", "plain"), ("window", "plain"), ("float", "all"),
+     ("causal_bool", "softcap"), ("none", "sinks"), ("window", "alibi"), ("causal_bool", "chunk")],
+)  # fmt: skip
+def test_explicit_backward_matches_autograd(mask_kind, variant):
+    """attention_backward (the kernels' statement) equals autograd through the oracle: GQA, dropout, every
+    variant (the softcap's 1 - tanh², the sinks' gradient) included."""
+    from fastattn._validate import validate
+    from fastattn.testing import variant_kwargs
+
     q, k, v = _rand(2, 4, 13, 8), _rand(2, 2, 19, 8), _rand(2, 2, 19, 12)
     for t in (q, k, v):
         t.requires_grad_()
-    kw = {"enable_gqa": True, "scale": 0.4}
+    kw = {"enable_gqa": True, "scale": 0.4, **variant_kwargs(variant, 2, 4, 13, 19, torch.Generator().manual_seed(3))}
+    if "sinks" in kw:
+        kw["sinks"] = kw["sinks"].double().requires_grad_()
     mask = None
     if mask_kind == "float":
         mask = _rand(2, 1, 13, 19).requires_grad_()
@@ -100,19 +110,22 @@ def test_explicit_backward_matches_autograd(mask_kind):
     keep = torch.rand(2, 4, 13, 19) > 0.2
     out = reference.attention(q, k, v, mask, keep_mask=keep, dropout_p=0.2, **kw)
     grad_out = _rand(*out.shape)
-    grads = torch.autograd.grad(out, [q, k, v] + ([mask] if mask is not None and mask.requires_grad else []), grad_out)
+    inputs = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
+    inputs += [kw["sinks"]] if "sinks" in kw else []
+    grads = torch.autograd.grad(out, inputs, grad_out)
 
-    from fastattn._validate import validate
-
-    _, q4, k4, v4, spec = validate(
-        q, k, v, mask, 0.2, kw.get("is_causal", False), 0.4, True, kw.get("window"), kw.get("q_offset", 0)
-    )
-    dq, dk, dv, ds = reference.attention_backward(grad_out, q4, k4, v4, spec, 0.4, keep, 0.2)
+    params, q4, k4, v4 = validate(
+        q, k, v, mask, 0.2, kw.pop("is_causal", False), kw.pop("scale"), kw.pop("enable_gqa"), kw.pop("window", None),
+        kw.pop("q_offset", 0), **kw,
+    )  # fmt: skip
+    dq, dk, dv, ds, dsinks = reference.attention_backward(grad_out, q4, k4, v4, params, keep)
     torch.testing.assert_close(dq, grads[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(dk, grads[1], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(dv, grads[2], rtol=1e-10, atol=1e-10)
     if mask_kind == "float":
         torch.testing.assert_close(ds.sum(1, keepdim=True), grads[3], rtol=1e-10, atol=1e-10)
+    if "sinks" in kw:
+        torch.testing.assert_close(dsinks, grads[-1], rtol=1e-10, atol=1e-10)
 
 
 def test_low_precision_oracle_computes_in_requested_dtype():
@@ -133,25 +146,17 @@ def test_backward_from_global_lse_decomposes_over_key_blocks():
 
     q, k, v = _rand(1, 2, 10, 8), _rand(1, 2, 24, 8), _rand(1, 2, 24, 8)
     grad_out = _rand(1, 2, 10, 8)
-    _, q4, k4, v4, spec = validate(q, k, v, None, 0.0, True, None, False, (9, -1), 14)
-    out, lse = reference.attention_forward(q4, k4, v4, spec, spec_scale := 8**-0.5)
-    whole = reference.attention_backward(grad_out, q4, k4, v4, spec, spec_scale)
+    params, q4, k4, v4 = validate(q, k, v, None, 0.0, True, None, False, (9, -1), 14, softcap=2.0)
+    out, lse = reference.attention_forward(q4, k4, v4, params)
+    whole = reference.attention_backward(grad_out, q4, k4, v4, params)
     dq = torch.zeros_like(q)
     dk, dv = [], []
     for start in (0, 12):
-        _, _, kb, vb, block = validate(
-            q,
-            k[:, :, start : start + 12],
-            v[:, :, start : start + 12],
-            None,
-            0.0,
-            True,
-            None,
-            False,
-            (9, -1),
-            14 - start,
-        )
-        g = reference.attention_backward(grad_out, q4, kb, vb, block, spec_scale, out=out, lse=lse)
+        block, _, kb, vb = validate(
+            q, k[:, :, start : start + 12], v[:, :, start : start + 12], None, 0.0, True, None, False, (9, -1),
+            14 - start, softcap=2.0,
+        )  # fmt: skip
+        g = reference.attention_backward(grad_out, q4, kb, vb, block, out=out, lse=lse)
         dq += g[0]
         dk.append(g[1])
         dv.append(g[2])

@@ -20,9 +20,10 @@ import fastattn  # noqa: E402
 from fastattn import reference as oracle  # noqa: E402
 from fastattn._autograd import AttentionFunction  # noqa: E402
 from fastattn._validate import validate  # noqa: E402
+from fastattn.backends._philox import philox_seed_offset  # noqa: E402
 from fastattn.backends.registry import Backend  # noqa: E402
 from fastattn.backends.triton import bwd  # noqa: E402
-from fastattn.backends.triton.dropout import dropout_keep_mask, philox_seed_offset  # noqa: E402
+from fastattn.backends.triton.dropout import dropout_keep_mask  # noqa: E402
 from fastattn.masks import EMPTY, FULL, PARTIAL  # noqa: E402
 from fastattn.testing import assert_close, random_qkv  # noqa: E402
 
@@ -147,7 +148,7 @@ def _mask(kind: str, batch: int, heads: int, seqlen_q: int, seqlen_k: int, dtype
 
 
 def _setup(case: dict, seed: int = 0):
-    """Inputs, spec, the oracle's ``out``/``lse`` and ``dO`` for one case (long cases: tiny batch/head dim)."""
+    """Inputs, params, the oracle's ``out``/``lse`` and ``dO`` for one case (long cases: tiny batch/head dim)."""
     seqlen_q = case["length"]
     seqlen_k = seqlen_q if case["lk"] == "same" else OTHER_LK[seqlen_q]
     heads_q, heads_kv = case["heads"]
@@ -157,33 +158,33 @@ def _setup(case: dict, seed: int = 0):
     dtype = case["dtype"]
     q, k, v = random_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v, dtype, generator=gen)
     attn_mask, is_causal, window, q_offset = _mask(case["kind"], batch, heads_q, seqlen_q, seqlen_k, dtype, gen)
-    problem, q, k, v, spec = validate(q, k, v, attn_mask, 0.0, is_causal, None, heads_q != heads_kv, window, q_offset)
-    out, lse = oracle.attention_forward(q, k, v, spec, problem.scale)
+    params, q, k, v = validate(q, k, v, attn_mask, 0.0, is_causal, None, heads_q != heads_kv, window, q_offset)
+    out, lse = oracle.attention_forward(q, k, v, params)
     grad_out = torch.randn(out.shape, generator=gen).to(dtype)
-    return q, k, v, spec, problem.scale, out, lse, grad_out, blocks
+    return q, k, v, params, out, lse, grad_out, blocks
 
 
-def _run(q, k, v, spec, scale, out, lse, grad_out, blocks, need_mask_grad):
+def _run(q, k, v, params, out, lse, grad_out, blocks, need_mask_grad):
     dev = [t.to(DEVICE) for t in (grad_out, q, k, v, out, lse)]
     if blocks is None:
-        return bwd.attn_bwd(*dev, spec, scale, 0.0, (), need_mask_grad)
-    return bwd.attn_bwd_debug(*dev, spec, scale, 0.0, (), need_mask_grad, blocks=blocks)[:4]
+        return bwd.attn_bwd(*dev, params, None, need_mask_grad)
+    return bwd.attn_bwd_debug(*dev, params, None, need_mask_grad, blocks=blocks)[:4]
 
 
 def _check_case(case: dict, monkeypatch) -> None:
     monkeypatch.setenv("FASTATTN_POISON", "1")  # gradients start as NaN: unwritten elements fail
-    q, k, v, spec, scale, out, lse, grad_out, blocks = _setup(case)
-    need_mask_grad = spec.kind == "float"
-    dq, dk, dv, dmask = _run(q, k, v, spec, scale, out, lse, grad_out, blocks, need_mask_grad)
+    q, k, v, params, out, lse, grad_out, blocks = _setup(case)
+    need_mask_grad = params.mask_kind == "float"
+    dq, dk, dv, dmask = _run(q, k, v, params, out, lse, grad_out, blocks, need_mask_grad)
     f64 = [t.double() for t in (grad_out, q, k, v)]
-    truth = oracle.attention_backward(*f64, spec, scale)
+    truth = oracle.attention_backward(*f64, params)
     low = q.dtype in (torch.float16, torch.bfloat16)
-    base = oracle.attention_backward(grad_out, q, k, v, spec, scale, compute_dtype=q.dtype) if low else [None] * 4
+    base = oracle.attention_backward(grad_out, q, k, v, params, compute_dtype=q.dtype) if low else [None] * 5
     for name, got, ref, bl in zip(("dq", "dk", "dv"), (dq, dk, dv), truth, base):
         assert got.dtype == q.dtype
         assert_close(got, ref, bl, factor=3, name=name)
     if need_mask_grad:
-        assert dmask.shape == (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) and dmask.dtype == spec.tensor.dtype
+        assert dmask.shape == (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) and dmask.dtype == params.mask.dtype
         assert_close(dmask, truth[3], base[3], factor=3, name="dmask")
     else:
         assert dmask is None
@@ -231,22 +232,22 @@ def test_bias_grad_written_in_skipped_tiles(monkeypatch):
     """A windowed float mask: the bias gradient of the tiles the kernels skip is written (zero), not left NaN."""
     monkeypatch.setenv("FASTATTN_POISON", "1")
     case = dict(kind="float", length=129, lk="same", heads=(2, 1), head_dim=(16, 16), dtype=torch.float32, blocks=None)
-    q, k, v, _, scale, _, _, grad_out, _ = _setup(case, seed=11)
+    q, k, v, _, _, _, grad_out, _ = _setup(case, seed=11)
     bias = torch.randn(1, 2, 129, 129)
-    problem, q, k, v, spec = validate(q, k, v, bias, 0.0, False, None, True, (6, 6), 0)
-    assert (spec.tile_summary(32, 32).state == EMPTY).any()
-    out, lse = oracle.attention_forward(q, k, v, spec, scale)
-    dmask = _run(q, k, v, spec, scale, out, lse, grad_out, None, True)[3]
-    truth = oracle.attention_backward(grad_out.double(), q.double(), k.double(), v.double(), spec, scale)[3]
+    params, q, k, v = validate(q, k, v, bias, 0.0, False, None, True, (6, 6), 0)
+    assert (params.tile_summary(32, 32).state == EMPTY).any()
+    out, lse = oracle.attention_forward(q, k, v, params)
+    dmask = _run(q, k, v, params, out, lse, grad_out, None, True)[3]
+    truth = oracle.attention_backward(grad_out.double(), q.double(), k.double(), v.double(), params)[3]
     assert_close(dmask, truth, name="dmask")
 
 
 def test_deterministic_bit_identical():
     """Same inputs, same bits: GQA (the group reduction) and a bias gradient, run twice."""
     case = dict(kind="float", length=65, lk="other", heads=(4, 1), head_dim=(16, 16), dtype=torch.float16, blocks=None)
-    q, k, v, spec, scale, out, lse, grad_out, blocks = _setup(case, seed=5)
-    first = _run(q, k, v, spec, scale, out, lse, grad_out, blocks, True)
-    second = _run(q, k, v, spec, scale, out, lse, grad_out, blocks, True)
+    q, k, v, params, out, lse, grad_out, blocks = _setup(case, seed=5)
+    first = _run(q, k, v, params, out, lse, grad_out, blocks, True)
+    second = _run(q, k, v, params, out, lse, grad_out, blocks, True)
     for a, b in zip(first, second):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
@@ -256,17 +257,16 @@ class _OracleForwardTritonBackward(Backend):
 
     name = "oracle-fwd-triton-bwd"
 
-    def forward(self, q, k, v, spec, scale, dropout_p):
-        out, lse = oracle.attention_forward(q, k, v, spec, scale)
-        return out, lse, ()
+    def forward(self, q, k, v, params, philox):
+        return oracle.attention_forward(q, k, v, params)
 
-    def backward(self, grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad):
-        return bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad)
+    def backward(self, grad_out, q, k, v, out, lse, params, philox, need_mask_grad):
+        return bwd.attn_bwd(grad_out, q, k, v, out, lse, params, philox, need_mask_grad)
 
 
 def _hybrid(q, k, v, attn_mask=None, is_causal=False, window=None, q_offset=0):
-    problem, q4, k4, v4, spec = validate(q, k, v, attn_mask, 0.0, is_causal, None, True, window, q_offset)
-    out, _ = AttentionFunction.apply(q4, k4, v4, spec.tensor, _OracleForwardTritonBackward(), spec, problem.scale, 0.0)
+    params, q4, k4, v4 = validate(q, k, v, attn_mask, 0.0, is_causal, None, True, window, q_offset)
+    out, _ = AttentionFunction.apply(q4, k4, v4, params.mask, None, _OracleForwardTritonBackward(), params)
     return out
 
 
@@ -314,28 +314,27 @@ def test_dropout_replays_the_forward_keep_mask():
     gen = torch.Generator().manual_seed(4)
     p = 0.3
     q, k, v = random_qkv(2, 4, 2, 45, 70, 16, 16, torch.float32, generator=gen)
-    problem, q, k, v, spec = validate(q, k, v, None, p, True, None, True, None, 25)
-    out, lse, saved = fwd.forward(q, k, v, spec, problem.scale, p)
+    params, q, k, v = validate(q, k, v, None, p, True, None, True, None, 25)
+    philox = philox_seed_offset("cpu")
+    out, lse = fwd.forward(q, k, v, params, philox)
     grad_out = torch.randn(out.shape, generator=gen)
-    dq, dk, dv, _, keep = bwd.attn_bwd_debug(grad_out, q, k, v, out, lse, spec, problem.scale, p, saved)
-    assert torch.equal(keep, dropout_keep_mask(saved[0], 2, 4, 45, 70, p))
+    dq, dk, dv, _, keep = bwd.attn_bwd_debug(grad_out, q, k, v, out, lse, params, philox)
+    assert torch.equal(keep, dropout_keep_mask(philox, 2, 4, 45, 70, p))
     # The forward used the same mask: its output is the oracle's with it.
-    ref_out, _ = oracle.attention_forward(q.double(), k.double(), v.double(), spec, problem.scale, keep, p)
+    ref_out, _ = oracle.attention_forward(q.double(), k.double(), v.double(), params, keep)
     assert_close(out, ref_out, name="out")
-    truth = oracle.attention_backward(
-        grad_out.double(), q.double(), k.double(), v.double(), spec, problem.scale, keep, p
-    )
+    truth = oracle.attention_backward(grad_out.double(), q.double(), k.double(), v.double(), params, keep)
     for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), truth):
         assert_close(got, ref, factor=3, name=name)
     # The training path (no debug output) computes the same gradients, bit for bit.
-    plain = bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, problem.scale, p, saved, False)
+    plain = bwd.attn_bwd(grad_out, q, k, v, out, lse, params, philox, False)
     for a, b in zip(plain[:3], (dq, dk, dv)):
         assert torch.equal(a, b)
 
 
 def test_reference_fallback_replays_the_dropout_mask(monkeypatch):
-    """Where ``bwd_config`` has no kernel (sm_75 beyond fp16 at head dim <= 64), backward runs the reference
-    backward with the forward's keep-mask regenerated from its philox: the same gradients as the kernels."""
+    """Where ``bwd_config`` has no kernel (sm_75 beyond fp16 at head dim <= 64), the registry runs the backward on
+    another backend (here the reference) with the call's dropout seed: the same gradients as the kernels."""
     gen = torch.Generator().manual_seed(21)
     q, k, v = random_qkv(1, 4, 2, 29, 37, 16, 16, torch.float32, generator=gen)
     bias = torch.randn(1, 1, 29, 37, generator=gen)
@@ -400,15 +399,14 @@ def test_dropout_statistics():
     p, draws = 0.25, 24
     gen = torch.Generator().manual_seed(6)
     q, k, v = random_qkv(1, 2, 2, 32, 32, 16, 16, torch.float32, generator=gen)
-    problem, q, k, v, spec = validate(q, k, v, None, p, False, None, False, None, 0)
-    out, lse = oracle.attention_forward(q, k, v, spec, problem.scale)
+    params, q, k, v = validate(q, k, v, None, p, False, None, False, None, 0)
+    out, lse = oracle.attention_forward(q, k, v, params)
     grad_out = torch.randn(out.shape, generator=gen)
-    dv_ref = oracle.attention_backward(grad_out, q, k, v, spec, problem.scale)[2]
+    dv_ref = oracle.attention_backward(grad_out, q, k, v, params)[2]
     torch.manual_seed(123)
     samples, kept = [], []
     for _ in range(draws):
-        saved = (philox_seed_offset(DEVICE),)
-        _, _, dv, _, keep = bwd.attn_bwd_debug(grad_out, q, k, v, out, lse, spec, problem.scale, p, saved)
+        _, _, dv, _, keep = bwd.attn_bwd_debug(grad_out, q, k, v, out, lse, params, philox_seed_offset(DEVICE))
         samples.append(dv)
         kept.append(keep)
     keep = torch.stack(kept).float()
@@ -422,27 +420,27 @@ def test_dropout_statistics():
 
 def test_bad_inputs_are_refused():
     q, k, v = random_qkv(1, 2, 2, 8, 8, 16)
-    problem, q, k, v, spec = validate(q, k, v, torch.ones(8, 8, dtype=torch.bool), 0.0, False, None, False, None, 0)
-    out, lse = oracle.attention_forward(q, k, v, spec, problem.scale)
+    params, q, k, v = validate(q, k, v, torch.ones(8, 8, dtype=torch.bool), 0.0, False, None, False, None, 0)
+    out, lse = oracle.attention_forward(q, k, v, params)
     with pytest.raises(ValueError, match="need_mask_grad"):
-        bwd.attn_bwd(out, q, k, v, out, lse, spec, problem.scale, 0.0, (), True)
-    with pytest.raises(ValueError, match="saved"):
-        bwd.attn_bwd(out, q, k, v, out, lse, spec, problem.scale, 0.1, (), False)
+        bwd.attn_bwd(out, q, k, v, out, lse, params, None, True)
+    with pytest.raises(ValueError, match="philox"):
+        bwd.attn_bwd(out, q, k, v, out, lse, params.replace(dropout_p=0.1), None, False)
 
 
 def _opcheck_args(mask_kind: str):
     gen = torch.Generator().manual_seed(7)
     q, k, v = random_qkv(1, 2, 1, 20, 24, 16, 16, torch.float32, generator=gen)
     mask = torch.randn(1, 2, 20, 24, generator=gen) if mask_kind == "float" else None
-    problem, q, k, v, spec = validate(q, k, v, mask, 0.0, True, None, True, None, 4)
-    out, lse = oracle.attention_forward(q, k, v, spec, problem.scale)
+    params, q, k, v = validate(q, k, v, mask, 0.0, True, None, True, None, 4)
+    out, lse = oracle.attention_forward(q, k, v, params)
     grad_out = torch.randn(out.shape, generator=gen)
     blocks = list(bwd.block_sizes(16, q.dtype, q.device, 24))
-    left, right = spec.bounds
+    left, right = params.bounds
     return (
-        grad_out, q, k, v, out, lse, spec.tensor,
-        spec.tile_summary(blocks[0], blocks[1]).state, spec.tile_summary(blocks[2], blocks[3]).state, None,
-        problem.scale, left, right, spec.q_offset, 0.0, mask_kind == "float", blocks,
+        grad_out, q, k, v, out, lse, params.mask, None,
+        [params.tile_summary(blocks[0], blocks[1]).state, params.tile_summary(blocks[2], blocks[3]).state], None,
+        params.scale, 0.0, left, right, params.q_offset, 0, 0.0, blocks, mask_kind == "float",
     )  # fmt: skip
 
 

@@ -89,7 +89,17 @@ def test_parser_and_variant_sets():
     default = cc.variants([75, 80, 86, 90], all_masks=False)
     full = cc.variants([75, 80, 86, 90], all_masks=True)
     fwd_default = [v for v in default if v.kernel == "_attn_fwd_kernel"]
-    assert {v.mask for v in fwd_default} == set(cc.DEFAULT_MASKS) and {v.mask for v in full} == set(cc.ALL_MASKS)
+    attention_full = [v for v in full if v.kernel != cc.DECODE_KERNEL]
+    assert {v.mask for v in fwd_default} == set(cc.DEFAULT_MASKS)
+    assert {v.mask for v in attention_full} == set(cc.ALL_MASKS)
+    # The decode kernel: its plainest and heaviest builds on every arch, dtype and head dim.
+    from fastattn.backends.triton import decode
+
+    decode_default = [v for v in default if v.kernel == cc.DECODE_KERNEL]
+    assert {v.mask for v in decode_default} == set(decode.COMPILE_MASKS)
+    assert {(v.arch, v.dtype, v.head_dim) for v in decode_default} == {
+        (v.arch, v.dtype, v.head_dim) for v in fwd_default
+    }
     assert {v.head_dim for v in default} == set(cc.HEAD_DIMS)
     assert not any(v.dtype == "bf16" and v.arch == 75 for v in full)
     # Every (arch, dtype, head dim, mask) also compiles both backward kernels, in bwd_config's config.

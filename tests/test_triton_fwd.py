@@ -27,9 +27,10 @@ import fastattn  # noqa: E402
 from fastattn import reference  # noqa: E402
 from fastattn._validate import validate  # noqa: E402
 from fastattn.backends import registry  # noqa: E402
+from fastattn.backends._philox import keep_mask, philox_seed_offset  # noqa: E402
 from fastattn.backends.triton import fwd  # noqa: E402  (importing the package registers "triton")
-from fastattn.backends.triton._common import band_k_tile_range, band_q_tile_range  # noqa: E402
-from fastattn.backends.triton.dropout import dropout_keep_mask, philox_seed_offset  # noqa: E402
+from fastattn.backends.triton._common import key_tile_range, query_tile_range  # noqa: E402
+from fastattn.backends.triton.dropout import dropout_keep_mask  # noqa: E402
 from fastattn.masks import EMPTY, FULL  # noqa: E402
 from fastattn.testing import assert_close  # noqa: E402
 
@@ -131,19 +132,25 @@ def _mask_args(kind: str, batch: int, heads: int, lq: int, lk: int, dtype: torch
     raise ValueError(kind)
 
 
-def _run_launcher(q, k, v, spec, scale, dropout_p=0.0, philox=None, visited=None):
+def _params(lq, lk, mask=None, **kw):
+    """AttnParams of a (1, 2, lq, 16) x (1, 2, lk, 16) call (for the tile summaries of the launcher tests)."""
+    q, k = torch.randn(1, 2, lq, 16), torch.randn(1, 2, lk, 16)
+    return fastattn.AttnParams.for_tensors(q, k, k, 0.25, mask=mask, **kw)
+
+
+def _run_launcher(q, k, v, params, philox=None, visited=None):
     """Launch the kernel directly with NaN-poisoned outputs (so an unwritten element fails)."""
     block_m, block_n = fwd.fwd_tiles(q.shape[-1], v.shape[-1], q.dtype, fwd._arch(q.device))
     state = count = index = None
-    if spec.tensor is not None:
-        s = spec.tile_summary(block_m, block_n)
+    if params.mask is not None:
+        s = params.tile_summary(block_m, block_n)
         state, count, index = s.state, s.kv_count, s.kv_index
     out = torch.full((*q.shape[:-1], v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
     lse = torch.full(q.shape[:-1], float("nan"), dtype=torch.float32, device=q.device)
-    left, right = spec.bounds
+    left, right = params.bounds
     fwd.attn_fwd(
-        q, k, v, spec.tensor, state, count, index, philox, scale, left, right, spec.q_offset, dropout_p,
-        block_m, block_n, visited=visited, out=out, lse=lse,
+        q, k, v, params.mask, state, count, index, philox, params.scale, left, right, params.q_offset,
+        params.dropout_p, block_m, block_n, visited=visited, out=out, lse=lse,
     )  # fmt: skip
     return out, lse
 
@@ -153,15 +160,15 @@ def _check(case, batch=2):
     x = [torch.randn(batch, hq, lq, d), torch.randn(batch, hkv, lk, d), torch.randn(batch, hkv, lk, dv)]
     q, k, v = (_layout(t, dtype, layout) for t in x)
     kw = _mask_args(mask_kind, batch, hq, lq, lk, dtype)
-    problem, q4, k4, v4, spec = validate(
+    params, q4, k4, v4 = validate(
         q, k, v, kw.get("attn_mask"), 0.0, kw.get("is_causal", False), None, hq != hkv,
         kw.get("window"), kw.get("q_offset", 0),
     )  # fmt: skip
-    out, lse = _run_launcher(q4, k4, v4, spec, problem.scale)
-    o64, l64 = reference.attention_forward(q4.double(), k4.double(), v4.double(), spec, problem.scale)
+    out, lse = _run_launcher(q4, k4, v4, params)
+    o64, l64 = reference.attention_forward(q4.double(), k4.double(), v4.double(), params)
     ob = lb = None
     if dtype != torch.float32:  # plain PyTorch's own error in this dtype sets the tolerance
-        ob, lb = reference.attention_forward(q4, k4, v4, spec, problem.scale, compute_dtype=dtype)
+        ob, lb = reference.attention_forward(q4, k4, v4, params, compute_dtype=dtype)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert_close(out, o64, ob, factor=2, name="out")
     assert_close(lse, l64, lb, factor=2, name="lse")
@@ -196,12 +203,12 @@ def test_covering_set_covers_every_pair():
 def test_forward_long(lq, lk, kw, dtype):
     """One length above 1000 (tiny head dim and batch: the interpreter's time is per tile)."""
     q, k, v = (torch.randn(1, 1, n, 16, dtype=dtype) for n in (lq, lk, lk))
-    problem, q4, k4, v4, spec = validate(
+    params, q4, k4, v4 = validate(
         q, k, v, None, 0.0, kw["is_causal"], None, False, kw.get("window"), kw.get("q_offset", 0)
     )
-    out, lse = _run_launcher(q4, k4, v4, spec, problem.scale)
-    o64, l64 = reference.attention_forward(q4.double(), k4.double(), v4.double(), spec, problem.scale)
-    ob, lb = reference.attention_forward(q4, k4, v4, spec, problem.scale, compute_dtype=dtype)
+    out, lse = _run_launcher(q4, k4, v4, params)
+    o64, l64 = reference.attention_forward(q4.double(), k4.double(), v4.double(), params)
+    ob, lb = reference.attention_forward(q4, k4, v4, params, compute_dtype=dtype)
     assert_close(out, o64, ob, name="out")
     assert_close(lse, l64, lb, name="lse")
 
@@ -228,13 +235,13 @@ def test_fully_masked_rows_give_zeros():
     mask = torch.rand(1, 2, 40, 40) > 0.5
     mask[:, :, 3] = False
     mask[:, :, 30:] = False  # whole query tiles masked: their summary has no key tile at all
-    problem, q4, k4, v4, spec = validate(q, k, v, mask, 0.0, True, None, False, None, -5)
-    out, lse = _run_launcher(q4, k4, v4, spec, problem.scale)
+    params, q4, k4, v4 = validate(q, k, v, mask, 0.0, True, None, False, None, -5)
+    out, lse = _run_launcher(q4, k4, v4, params)
     assert not torch.isnan(out).any()
-    empty = ~(mask & spec.band()).any(-1)
+    empty = ~(mask & params.allowed()).any(-1)
     assert empty[:, :, 3].all() and empty[:, :, :5].all() and empty[:, :, 30:].all()
     assert (out[empty] == 0).all() and (lse[empty] == float("-inf")).all()
-    o64, l64 = reference.attention_forward(q4.double(), k4.double(), v4.double(), spec, problem.scale)
+    o64, l64 = reference.attention_forward(q4.double(), k4.double(), v4.double(), params)
     assert_close(out, o64)
     assert_close(lse, l64, name="lse")
 
@@ -244,19 +251,19 @@ def test_dropout_matches_regenerated_keep_mask():
     p = 0.3
     q, k, v = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 24)
     mask = torch.rand(1, 1, 40, 70) > 0.2
-    problem, q4, k4, v4, spec = validate(q, k, v, mask, p, True, None, True, None, 20)
-    out, lse, saved = fwd.forward(q4, k4, v4, spec, problem.scale, p)
-    (philox,) = saved
-    assert philox.dtype == torch.int64 and philox.shape == (2,)
+    params, q4, k4, v4 = validate(q, k, v, mask, p, True, None, True, None, 20)
+    philox = philox_seed_offset("cpu")
+    out, lse = fwd.forward(q4, k4, v4, params, philox)
     keep = dropout_keep_mask(philox, 1, 4, 40, 70, p)
+    assert torch.equal(keep, keep_mask(philox, 1, 4, 40, 70, p))  # the kernels' bits are the contract's
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03
-    o64, l64 = reference.attention_forward(q4.double(), k4.double(), v4.double(), spec, problem.scale, keep, p)
+    o64, l64 = reference.attention_forward(q4.double(), k4.double(), v4.double(), params, keep)
     assert_close(out, o64)
     assert_close(lse, l64, name="lse")  # the lse never includes dropout
-    # A second call draws a new seed; the same seed reproduces the output exactly.
-    out2, _, saved2 = fwd.forward(q4, k4, v4, spec, problem.scale, p)
-    assert not torch.equal(saved2[0], philox) and not torch.equal(out2, out)
-    out3, _ = _run_launcher(q4, k4, v4, spec, problem.scale, p, philox)
+    # Another seed gives another output; the same seed reproduces it exactly.
+    out2, _ = fwd.forward(q4, k4, v4, params, philox_seed_offset("cpu"))
+    assert not torch.equal(out2, out)
+    out3, _ = _run_launcher(q4, k4, v4, params, philox)
     assert torch.equal(out3, out)
 
 
@@ -284,38 +291,38 @@ def test_visited_tiles(kind, lq, lk, kw):
     mask = None
     if kw.get("pad"):
         mask = (torch.arange(lk) < torch.tensor([[lk], [45]])).view(2, 1, 1, lk)
-    problem, q4, k4, v4, spec = validate(
+    params, q4, k4, v4 = validate(
         q, k, v, mask, 0.0, kw.get("is_causal", False), None, False, kw.get("window"), kw.get("q_offset", 0)
     )
-    out, lse, _, visited = fwd.forward(q4, k4, v4, spec, problem.scale, 0.0, count_visited=True)
+    out, lse, visited = fwd.forward(q4, k4, v4, params, None, count_visited=True)
     block_m, block_n = fwd.fwd_tiles(16, 16, torch.float32, None)
-    allowed, _ = reference.allowed_and_bias(spec, "cpu", torch.float64)
+    allowed, _ = reference.allowed_and_bias(params, "cpu", torch.float64)
     expected = _dense_nonempty_tiles(allowed.expand(2, 2, lq, lk), block_m, block_n)
     assert torch.equal(visited, expected.to(torch.int32)), (visited, expected)
-    summary = spec.tile_summary(block_m, block_n)
+    summary = params.tile_summary(block_m, block_n)
     assert torch.equal(visited, summary.kv_count.expand_as(visited))
     n_k = triton.cdiv(lk, block_n)
     if kind == "dense":
         assert (visited == n_k).all()
     else:
         assert visited.sum() < visited.numel() * n_k  # something was skipped
-    o64, _ = reference.attention_forward(q4.double(), k4.double(), v4.double(), spec, problem.scale)
+    o64, _ = reference.attention_forward(q4.double(), k4.double(), v4.double(), params)
     assert_close(out, o64)
 
 
 @triton.jit
 def _ranges_kernel(
-    Out, seqlen_q, seqlen_k, left, right, q_offset, n_tiles, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BY_KEY: tl.constexpr,
+    Out, seqlen_q, seqlen_k, left, right, q_offset, chunk, n_tiles, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr, BY_KEY: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     if BY_KEY:
-        lo, flo, fhi, hi = band_q_tile_range(
-            t * BN, seqlen_q, seqlen_k, left, right, q_offset, BM, BN, HAS_LEFT, HAS_RIGHT
+        lo, flo, fhi, hi = query_tile_range(
+            t * BN, seqlen_q, seqlen_k, left, right, q_offset, chunk, BM, BN, HAS_LEFT, HAS_RIGHT, HAS_CHUNK
         )
     else:
-        lo, flo, fhi, hi = band_k_tile_range(
-            t * BM, seqlen_q, seqlen_k, left, right, q_offset, BM, BN, HAS_LEFT, HAS_RIGHT
+        lo, flo, fhi, hi = key_tile_range(
+            t * BM, seqlen_q, seqlen_k, left, right, q_offset, chunk, BM, BN, HAS_LEFT, HAS_RIGHT, HAS_CHUNK
         )
     tl.store(Out + t * 4 + 0, lo)
     tl.store(Out + t * 4 + 1, flo)
@@ -324,18 +331,24 @@ def _ranges_kernel(
 
 
 @pytest.mark.parametrize(
-    "lq, lk, left, right, off",
-    [(70, 70, -1, 0, 0), (50, 130, 20, 5, 40), (130, 50, -1, 0, -30), (64, 64, 3, -1, 0), (33, 97, -1, -1, 0)],
-)
-def test_band_tile_ranges_match_summary(lq, lk, left, right, off):
-    """``_common``'s band ranges (forward by query tile, backward by key tile) agree with the summary."""
+    "lq, lk, left, right, off, chunk",
+    [
+        (70, 70, -1, 0, 0, 0), (50, 130, 20, 5, 40, 0), (130, 50, -1, 0, -30, 0), (64, 64, 3, -1, 0, 0),
+        (33, 97, -1, -1, 0, 0), (70, 70, -1, -1, 0, 24), (70, 130, -1, 0, 40, 40), (130, 50, 9, 3, -30, 20),
+        (64, 97, -1, -1, 5, 16),
+    ],
+)  # fmt: skip
+def test_band_tile_ranges_match_summary(lq, lk, left, right, off, chunk):
+    """``_common``'s band and chunk ranges (forward by query tile, backward by key tile) agree with the summary."""
     bm, bn = 16, 32
-    spec = fastattn.MaskSpec(seqlen_q=lq, seqlen_k=lk, window=(left, right), q_offset=off)
-    state = spec.tile_summary(bm, bn).state[0, 0]  # (nQ, nK)
+    params = _params(lq, lk, window=(left, right), q_offset=off, chunk=chunk)
+    state = params.tile_summary(bm, bn).state[0, 0]  # (nQ, nK)
     nq, nk = state.shape
     for by_key, n, lines in ((False, nq, state), (True, nk, state.t())):
         out = torch.zeros(n, 4, dtype=torch.int32)
-        _ranges_kernel[(n,)](out, lq, lk, left, right, off, n, bm, bn, left >= 0, right >= 0, by_key)
+        _ranges_kernel[(n,)](
+            out, lq, lk, left, right, off, max(chunk, 1), n, bm, bn, left >= 0, right >= 0, chunk > 0, by_key
+        )
         # The in-bounds test of the last partial tile (the "full" stage must not need it).
         last_partial = (lq % bm) if by_key else (lk % bn)
         for t in range(n):
@@ -366,10 +379,10 @@ def test_fastattn_mask_summary_reuse():
 def test_bad_summary_is_refused():
     q, k, v = torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16)
     mask = torch.rand(1, 1, 40, 40) > 0.5
-    problem, q4, k4, v4, spec = validate(q, k, v, mask)
-    s = spec.tile_summary(16, 16)  # not the kernel's block
+    params, q4, k4, v4 = validate(q, k, v, mask)
+    s = params.tile_summary(16, 16)  # not the kernel's block
     with pytest.raises(ValueError, match="tile_state"):
-        fwd.attn_fwd(q4, k4, v4, spec.tensor, s.state, s.kv_count, s.kv_index, None, 1.0, -1, -1, 0, 0.0, 32, 32)
+        fwd.attn_fwd(q4, k4, v4, params.mask, s.state, s.kv_count, s.kv_index, None, 1.0, -1, -1, 0, 0.0, 32, 32)
     with pytest.raises(ValueError, match="philox"):
         fwd.attn_fwd(q4, k4, v4, None, None, None, None, None, 1.0, -1, -1, 0, 0.5, 32, 32)
 
@@ -378,11 +391,11 @@ def test_backend_reasons():
     backend = registry.get("triton")
     assert backend.unavailable_reason() is None
     q = torch.randn(1, 1, 8, 16)
-    problem, *_, spec = validate(q.double(), q.double(), q.double())
-    assert "float64" in backend.unsupported_reason(problem, spec, 0.0)
+    params, *_ = validate(q.double(), q.double(), q.double())
+    assert "float64" in backend.unsupported_reason(params)
     q = torch.randn(1, 1, 8, 512)
-    problem, *_, spec = validate(q, q, q)
-    assert "head_dim 512" in backend.unsupported_reason(problem, spec, 0.0)
+    params, *_ = validate(q, q, q)
+    assert "head_dim 512" in backend.unsupported_reason(params)
 
 
 def test_autocast_runs_in_half():
@@ -404,13 +417,12 @@ def _op_args(mask_kind: str, dropout_p: float = 0.0):
     elif mask_kind == "float":
         mask = torch.randn(1, 2, 1, 45).expand(1, 2, 37, 45)
     bm, bn = fwd.fwd_tiles(32, 16, torch.float32, None)
-    state = count = index = None
+    summary = []
     if mask is not None:
-        spec = fastattn.MaskSpec(seqlen_q=37, seqlen_k=45, tensor=mask, base=mask[:, :, :, :])
-        s = spec.tile_summary(bm, bn)
-        state, count, index = s.state, s.kv_count, s.kv_index
+        s = _params(37, 45, mask=mask).tile_summary(bm, bn)
+        summary = [s.state, s.kv_count, s.kv_index]
     philox = philox_seed_offset("cpu") if dropout_p else None
-    return (q, k, v, mask, state, count, index, philox, 0.2, 7, 0, 3, dropout_p, bm, bn)
+    return (q, k, v, mask, None, None, summary, philox, 0.2, dropout_p, 7, 0, 3, 0, 0.0, [bm, bn])
 
 
 @pytest.mark.parametrize("mask_kind, p", [("none", 0.0), ("bool", 0.2)])
@@ -423,12 +435,12 @@ def test_torch_compile_fullgraph():
     args = _op_args("bool")
 
     def f(q, k, v, mask, state, count, index):
-        out, lse = torch.ops.fastattn.triton_attn_fwd(q, k, v, mask, state, count, index, *args[7:])
+        out, lse = torch.ops.fastattn.triton_attn_fwd(q, k, v, mask, None, None, [state, count, index], *args[7:])
         return out * 2, lse
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got, got_lse = compiled(*args[:7])
-    ref, ref_lse = f(*args[:7])
+    got, got_lse = compiled(*args[:4], *args[6])
+    ref, ref_lse = f(*args[:4], *args[6])
     assert torch.equal(got, ref) and torch.equal(got_lse, ref_lse)
 
 
@@ -474,8 +486,8 @@ def test_no_lq_by_lk_allocation(kind):
     for seqlen in (512, 1024):
         q, k, v = (torch.randn(1, 1, seqlen, 16) for _ in range(3))
         mask = (torch.arange(seqlen) < 200).view(1, 1, 1, seqlen) if kind == "key_padding" else None
-        problem, q4, k4, v4, spec = validate(q, k, v, mask, 0.0, kind == "causal")
-        peaks[seqlen] = _peak_allocation(lambda: fwd.forward(q4, k4, v4, spec, problem.scale, 0.0))  # noqa: B023
+        params, q4, k4, v4 = validate(q, k, v, mask, 0.0, kind == "causal")
+        peaks[seqlen] = _peak_allocation(lambda: fwd.forward(q4, k4, v4, params, None))  # noqa: B023
     (peak_512, _), (peak_1024, largest) = peaks[512], peaks[1024]
     assert largest < 1024 * 1024, peaks  # not even an Lq x Lk bool
     assert peak_1024 < 1024 * 1024 * 4 / 8, peaks

@@ -182,8 +182,8 @@ def test_named_backend_that_cannot_run_says_why():
     class Picky(fastattn.backends.Backend):
         name = "picky-test"
 
-        def unsupported_reason(self, problem, spec, dropout_p):
-            return f"head_dim must be 64, got {problem.head_dim}"
+        def unsupported_reason(self, params):
+            return f"head_dim must be 64, got {params.head_dim}"
 
     fastattn.backends.register(Picky())
     try:
@@ -194,3 +194,53 @@ def test_named_backend_that_cannot_run_says_why():
             sdpa(q, k, v, backend="picky-test")
     finally:
         fastattn.backends.registry._REGISTRY.pop("picky-test")
+
+
+@pytest.mark.parametrize(
+    "kw, exc, msg",
+    [
+        ({"softcap": 0.0}, ValueError, r"softcap: expected a finite number > 0 \(or None\), got 0.0"),
+        ({"softcap": -1.0}, ValueError, r"softcap: expected a finite number > 0"),
+        ({"softcap": float("inf")}, ValueError, r"softcap: expected a finite number > 0"),
+        ({"softcap": "30"}, TypeError, r"softcap: expected a positive float or None, got str"),
+        ({"chunk": 0}, ValueError, r"chunk: expected an integer >= 1 \(or None\), got 0"),
+        ({"chunk": 8.0}, TypeError, r"chunk: expected an integer, got float 8.0"),
+        ({"alibi_slopes": [0.5] * 4}, TypeError, r"alibi_slopes: expected a torch.Tensor or None, got list"),
+        ({"alibi_slopes": torch.ones(3)}, ValueError, r"alibi_slopes: expected shape \(4,\) or \(2, 4\), got \(3\)"),
+        ({"alibi_slopes": torch.ones(4, dtype=torch.int64)}, TypeError, r"alibi_slopes: expected a floating dtype"),
+        (
+            {"alibi_slopes": torch.ones(4, requires_grad=True)},
+            ValueError,
+            r"alibi_slopes: no gradient is computed for ALiBi slopes .* pass alibi_slopes.detach\(\)",
+        ),
+        ({"alibi_slopes": torch.ones(4, device="meta")}, ValueError, r"alibi_slopes: expected device cpu"),
+        (
+            {"sinks": torch.ones(2, 4)},
+            ValueError,
+            r"sinks: expected shape \(4,\) \(one logit per query head\), got \(2, 4\)",
+        ),
+        ({"sinks": torch.ones(4, dtype=torch.int32)}, TypeError, r"sinks: expected a floating dtype, got torch.int32"),
+        ({"sinks": 1.0}, TypeError, r"sinks: expected a torch.Tensor or None, got float"),
+    ],
+)
+def test_variant_arguments(kw, exc, msg):
+    q, k, v = _qkv()
+    with pytest.raises(exc, match=msg):
+        sdpa(q, k, v, **kw)
+
+
+def test_variant_refused_by_a_backend_is_named():
+    """A backend whose capability table lacks a variant refuses it by name (the table is the refusal)."""
+    from fastattn._validate import validate
+    from fastattn.backends.registry import Capabilities
+
+    caps = Capabilities(devices=("cpu",), dtypes=(torch.float32,), features=frozenset({"gqa"}))
+    q, k, v = _qkv()
+    params, *_ = validate(q, k, v, None, 0.1, softcap=5.0, chunk=4, sinks=torch.zeros(4))
+    reason = caps.reason(params)
+    assert reason == (
+        "it has no dropout (dropout_p > 0), no logit softcap (softcap=), no attention sinks (sinks=), "
+        "no chunked attention (chunk=)"
+    )
+    params, *_ = validate(q.double(), k.double(), v.double())
+    assert caps.reason(params) == "dtype torch.float64 is not supported (float32): cast the inputs with .float()"

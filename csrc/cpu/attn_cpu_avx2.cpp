@@ -22,7 +22,8 @@
 
 namespace fastattn_cpu {
 const Kernels* kernels_avx2() {
-  static const Kernels k{"avx2", AVX2::fwd_entry, AVX2::bwd_entry, AVX2::brgemm_selftest};
+  static const Kernels k{"avx2", AVX2::fwd_entry, AVX2::bwd_entry, AVX2::fwd_pack_elems,
+                         AVX2::bf16_brgemm_ok};
   return &k;
 }
 }  // namespace fastattn_cpu

@@ -34,7 +34,8 @@
 
 namespace fastattn_cpu {
 const Kernels* kernels_avx512() {
-  static const Kernels k{"avx512", AVX512::fwd_entry, AVX512::bwd_entry, AVX512::brgemm_selftest};
+  static const Kernels k{"avx512", AVX512::fwd_entry, AVX512::bwd_entry, AVX512::fwd_pack_elems,
+                         AVX512::bf16_brgemm_ok};
   return &k;
 }
 }  // namespace fastattn_cpu

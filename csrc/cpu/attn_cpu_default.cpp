@@ -6,7 +6,8 @@
 
 namespace fastattn_cpu {
 const Kernels* kernels_default() {
-  static const Kernels k{"default", DEFAULT::fwd_entry, DEFAULT::bwd_entry, DEFAULT::brgemm_selftest};
+  static const Kernels k{"default", DEFAULT::fwd_entry, DEFAULT::bwd_entry, DEFAULT::fwd_pack_elems,
+                         DEFAULT::bf16_brgemm_ok};
   return &k;
 }
 }  // namespace fastattn_cpu

@@ -5,32 +5,102 @@
 // FLOPs: forward 4·B·Hq·Lq·Lk·D over the attended tiles (QKᵀ and PV); backward 2.5× that
 // (5 GEMMs: recompute Sᵀ, dV, dPᵀ, dK, dQ). Minimum bytes: q, k, v, out once (plus the mask's
 // own size when one is given), so at D = 64 the work is compute bound by a wide margin (about
-// 64 FLOPs per byte per key tile); the bound to reach is the GEMM rate of the core: about
-// 110 GFLOP/s per core in fp32 and 210 in bf16 (avx512_bf16) on the dev machine's EPYC.
+// 64 FLOPs per byte per key tile); the bound to reach is the core's fp32 FMA rate (measured
+// below), and with a native bf16 dot (avx512_bf16, AMX) about twice that in bf16.
 //
 // Tiling (FlashAttention-2 style): a task is (batch, query head, query tile of BQ rows); it
 // walks the non-empty key tiles of BK keys, keeping the running max m, the running sum l and
-// an fp32 accumulator BQ × Dv in L1/L2; S = Q Kᵀ and P V go through oneDNN's brgemm
-// micro-kernel (the one torch's own CPU flash attention uses) when the self-test at load passes,
-// else through a portable at::vec loop. K and V are packed once per call into GEMM-ready tiles
-// (Kᵀ per tile, VNNI pairs for bf16), which is also what makes any input stride work and what
-// lets GQA share a kv head's packed tiles between its query heads without a copy per head.
-// Softmax is fp32 and vectorised (at::vec, exp_u20); P is rounded to bf16 only as the PV GEMM's
-// input. Scratch is O(BQ·BK + BQ·Dv) per thread plus the packed K/V (O(Lk·D)): no Lq × Lk buffer.
+// an fp32 accumulator BQ × Dv in L1/L2. S = scale·Q Kᵀ and P V go through the register-blocked
+// fp32 micro-kernel of attn_cpu_gemm.h (6 × 16 in AVX2, 8 × 32 in AVX-512), whose epilogues also
+// take each score row's maximum (no separate max pass) and rescale the accumulator by alpha (no
+// separate rescale pass); bf16 on a CPU with a native bf16 dot goes through oneDNN's brgemm (VNNI
+// pairs; the AVX-512 build only). K and V are packed once per call into GEMM-ready panels (Kᵀ per
+// tile), converted to fp32 on the way for bf16 (no native dot) and float16, which is also what makes
+// any input stride work and what lets GQA share a kv head's packed tiles between its query heads
+// without a copy per head. Softmax is fp32 and vectorised (exp2_vec, a 12-operation 2^x); P is
+// rounded to bf16 only as the native-bf16 PV GEMM's input. Scratch is O(BQ·BK + BQ·Dv) per thread
+// plus the packed K/V (O(Lk·D)): no Lq × Lk buffer.
+//
+// Where the time goes (benchmarks/cpu_kernel_phases.py, 2026-12-04: AMD EPYC (Zen 4), 2 cores shared
+// with other jobs, so one thread's CPU time rather than wall time; dense forward B = 1, H = 8, L = 2048,
+// D = 64; two rounds, ranges are their spread):
+//
+//   The bound. The core's fp32 FMA peak is 117 GFLOP/s under AVX2 and AVX-512 alike (Zen 4 runs a
+//   512-bit FMA as two 256-bit halves). torch.mm fp32 2048³ (MKL, which takes a generic path on AMD)
+//   reaches 90-95 capped to AVX2 and 75-89 under AVX-512: "the fp32 matmul peak" is ~80% of the FMA
+//   peak here, so the FMA peak is the stricter yardstick and the one quoted below.
+//
+//   Before (brgemm for every GEMM, exp_u20, a max pass over the scores, a rescale pass over the
+//   accumulator), the AVX2 build ran the forward at 85-86 GFLOP/s (73% of the FMA peak, 0.87-0.91x
+//   torch.mm), the backward at 85-88. The GEMMs were the cause: brgemm JITed for AVX2 ran S = QKᵀ
+//   (64 × 256 × 64, B plain with ldb = 256) at 85-86 GFLOP/s (73%) and PV at 96-112 (82-96%); its
+//   AVX-512 code reaches 105-114 and 111-117. Our 6 × 16 micro-kernel on packed panels reaches 113-114
+//   on S alone (97%): the shape is fine; brgemm's AVX2 code and the plain B layout (ldb = 1 KB: every
+//   k-step a new cache line of the same few L1 sets) are not.
+//
+//   Now, one 64 × 256 tile of the AVX2 build, phases timed alone:
+//     S = scale·QKᵀ with row maxima (kScaleMax)   46% of the tile   111 GFLOP/s (95% of the FMA peak)
+//     PV with the alpha rescale (kScaleAdd)        44%               116 GFLOP/s (99%)
+//     exp pass (exp2_vec, row sums, P stored)      10%               0.25 ns per score (exp_u20: 0.34)
+//     K/V packing, shared by the 32 query tiles    0.7%              0.27 ns per element fp32, 0.18 bf16
+//                                                                    and fp16 (vcvtph2ps; at::vec's
+//                                                                    generic Half loop took 0.45-1.0)
+//   A separate max pass would cost 0.07 ns per score (2.8% of the tile); in the S epilogue it costs the
+//   GEMM about 2.5% of its own time (97% -> 95%). Tile model: 102 GFLOP/s (87% of the FMA peak). The
+//   whole forward measures 93-97 GFLOP/s (80-83%; 0.99-1.07x torch.mm and 1.13-1.17x SDPA in the same
+//   AVX2-capped process): perf puts the GEMMs at 88% of its samples (so about 92% efficient in place,
+//   against 95-99% alone: key tiles arrive from L2/L3), the exp pass and per-row bookkeeping at 10%,
+//   packing at 2%. bf16 and fp16 run the same fp32 tiles at 95-97 (conversion is O(L·D), the work
+//   O(L²·D)); the fp32 backward at 99 (85%). AVX-512 build: S 110, PV 116, exp pass 0.15-0.17 ns per
+//   score, tile model 104-105 (90%), forward 89-92, bf16 through the native dot 140-147.
+//
+//   The exp pass is bound by the FMA pipes (7 of its 15 vector operations: the scaling FMA, five
+//   polynomial FMAs, the 2^n product), so what is left lives there; a degree-4 polynomial would save
+//   one of them at about 30 ulp of error, not taken.
+//
+//   Threads: 2 threads, wall clock, dense fp32 forward: 182-189 GFLOP/s (AVX2) and 185-192 (AVX-512),
+//   1.9-2.0x one thread's CPU-time rate. Tasks (batch, head, query tile; 256 here) are claimed
+//   dynamically, so a core slowed by another process takes fewer of them; OMP_WAIT_POLICY=passive
+//   made no consistent difference (AVX2 47.0/46.5 ms against 45.4 ms and one 96 ms run under load with
+//   OpenMP's default spinning; AVX-512 44.8/46.0 against 46.5/46.0).
 //
 // Dropout (attn_cpu_dropout.h, the GPU backends' Philox contract bit for bit): the forward zeroes the
 // dropped probabilities of each row of P before the PV GEMM (the row sum l and the lse stay undropped)
 // and scales the output by 1 / (1 - p); the backward regenerates the same bits per key column of Pᵀ and
 // applies dP ∘ Z and P ∘ Z (Z = keep / (1 - p)), as fastattn.reference.attention_backward states it.
 //
+// Variants (csrc/attn_rules.h, the rules shared with the CUDA kernels): the band and the chunk bound each
+// row's keys (rules::row_bounds) and decide tile states; in the forward the S micro-kernel multiplies by
+// scale / softcap (the tanh's inner factor) and a softcap or ALiBi then forms each row's scores in one
+// vectorised pass in the same tile (score_row: tanh through one exp2_vec, ALiBi from an iota of positions),
+// the row max still the GEMM's epilogue's where only the (monotone) softcap changed the scores; the backward
+// forms each key column the same way (score_col), keeping the tanh for dS's 1 - tanh² factor. A sink joins
+// each row's (max, sum) once after its last tile (rules::add_sink) and its gradient is computed in Python
+// from out, lse and dO. Every ISA build and tile type runs the same code (nothing here is ISA-specific).
+//
+// What the variants cost (benchmarks/cpu_variants.py, 2026-12-04, same machine under load, interleaved, L =
+// 2048; results/cpu-variants-*): sinks nothing measurable (one add_sink per row; the spread of the runs,
+// up to +-15% on a loaded machine, is larger than any difference). Chunk is no slower than the same attention
+// computed without it (each chunk a batch entry), and with a chunk that is a multiple of 256 the dense 64 x
+// 256 tiles are kept (block_sizes). ALiBi fused into the exp pass: +4% (AVX-512) to +10-13% (AVX2) forward,
+// +4-7% forward+backward: a read-only max pass and 3 operations per score in the exp pass. The softcap:
+// +10-17% (AVX-512) and +16-25% (AVX2) forward, +8-22% forward+backward: tanh costs about what the softmax's
+// exp costs per score (an exp2_vec, a reciprocal and 5 more operations), and that pass is the tile's ~10%
+// beyond its GEMMs. Both miss issue #19's 10% bar in places. What would close it: ALiBi's bias is linear in
+// the key on tiles that lie on one side of the diagonal (all of them but the diagonal's, causal or not), so
+// a column bias (slope·j) and a row bias (-slope·pos) added in the S micro-kernel's epilogue, before its row
+// max, would make ALiBi free there; for the softcap, a tanh of fewer operations (a rational minimax on a
+// clamped range) where the P·V operand is bf16 anyway.
+//
 // Tile skipping: a (query tile, key tile) pair is EMPTY (skipped), PARTIAL (mask read per
-// element) or FULL (no mask read). Causal, window and q_offset are analytic; a mask tensor
+// element) or FULL (no mask read). Causal, window, chunk and q_offset are analytic; a mask tensor
 // contributes a per-tile state, either passed in (fastattn.Mask's cached summary) or built here
 // by one vectorised pass over the mask's own (non-broadcast) elements.
 //
 // Backward: a task is (batch, kv head, chunk of key tiles); it holds dK, dV for its keys in fp32,
 // loops over the query heads of its GQA group and the query tiles, recomputes Pᵀ from the saved
-// lse, and adds its dQ contribution to a per-chunk fp32 buffer. Chunks depend on the problem
+// lse, and adds its dQ contribution to a per-chunk fp32 buffer (formed as dQᵀ += Kᵀ·dSᵀ, so that
+// dSᵀ, already in memory, is the micro-kernel's B operand: no per-tile transpose of dS). Chunks depend on the problem
 // only (never on the thread count) and are summed in a fixed order, so results are bitwise
 // independent of torch.get_num_threads().
 #pragma once
@@ -50,6 +120,7 @@
 #include <type_traits>
 
 #include "attn_cpu_dropout.h"
+#include "attn_cpu_gemm.h"
 #include "attn_cpu_params.h"
 
 namespace fastattn_cpu {
@@ -57,61 +128,23 @@ namespace CPU_CAPABILITY {
 namespace {
 
 using c10::BFloat16;
-using Vec = at::vec::Vectorized<float>;
+using c10::Half;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-template <typename T>
-inline float to_f(T x) {
-  return static_cast<float>(x);
-}
-
-template <typename T>
-inline T from_f(float x) {
-  return static_cast<T>(x);
-}
+constexpr float kLog2e = 1.44269504088896341f;
 
 template <typename T>
 std::unique_ptr<T[]> scratch(int64_t n) {
   return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
 }
 
-// ---------------------------------------------------------------- GEMM
+// ---------------------------------------------------------------- bf16 GEMM (native dot)
 
-// C (M × N, ldc) = (add ? C : 0) + A (M × K, lda) · B (K × N, ldb); all fp32, plain layouts.
-inline void portable_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bm, int64_t ldb,
-                          float* C, int64_t ldc, bool add) {
-  const int64_t vs = Vec::size();
-  for (int64_t i = 0; i < M; ++i) {
-    float* c = C + i * ldc;
-    if (!add) std::fill(c, c + N, 0.f);
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const float a = A[i * lda + kk];
-      const float* brow = Bm + kk * ldb;
-      const Vec va(a);
-      int64_t j = 0;
-      for (; j + vs <= N; j += vs) at::vec::fmadd(va, Vec::loadu(brow + j), Vec::loadu(c + j)).store(c + j);
-      for (; j < N; ++j) c[j] += a * brow[j];
-    }
-  }
-}
-
-// B is in brgemm layout: plain K × N for fp32, VNNI pairs [K/2][N][2] for bf16 (K even).
-inline void gemm(bool brg, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bm, int64_t ldb,
-                 float* C, int64_t ldc, bool add) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    if (!add)
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
-    return;
-  }
-  if (brg)
-    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, Bm, C, false);
-  else
-    portable_gemm(M, N, K, A, lda, Bm, ldb, C, ldc, add);
-}
-
-inline void gemm(bool, int64_t M, int64_t N, int64_t K, const BFloat16* A, int64_t lda, const BFloat16* Bm,
-                 int64_t ldb, float* C, int64_t ldc, bool add) {
+// C (M × N, ldc) = (add ? C : 0) + A (M × K, lda) · B, B in VNNI pairs [K/2][N][2] (K even), through
+// oneDNN's brgemm: only where the CPU has a native bf16 dot (avx512_bf16, AMX) and the self-test at
+// load passed. Everything else (fp32, float16, bf16 without a native dot) runs attn_cpu_gemm.h's fp32
+// micro-kernel on converted tiles.
+inline void gemm_vnni(int64_t M, int64_t N, int64_t K, const BFloat16* A, int64_t lda, const BFloat16* Bm,
+                      int64_t ldb, float* C, int64_t ldc, bool add) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!add)
@@ -121,7 +154,10 @@ inline void gemm(bool, int64_t M, int64_t N, int64_t K, const BFloat16* A, int64
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, Bm, C, true);
 }
 
-// ---------------------------------------------------------------- packing
+// ---------------------------------------------------------------- packing (native-bf16 path)
+
+// The fp32 tiles' packing is attn_cpu_gemm.h's (pack_panels, pack_rows); these two lay out the bf16
+// operands brgemm reads.
 
 // dst (Kp × ld, brgemm B layout) from src where B[k][n] = src[k*sk + n*sn]; zero outside K × N.
 template <typename src_t, typename pack_t>
@@ -178,17 +214,23 @@ inline float max_of(const float* x, int64_t n) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
 }
 
-// out[j] = exp(x[j] * mul - sub) converted to out_t, two vectors at a time (one bf16 vector);
-// returns the fp32 sum.
-template <typename out_t>
-inline float exp_store(const float* x, int64_t n, float mul, float sub, out_t* out) {
+// The identity score transform of exp_store (the scores are final).
+struct AsIs {
+  Vec operator()(const Vec& v, int64_t) const { return v; }
+};
+
+// out[j] = exp(f(x)[j] * mul - sub) converted to out_t, two vectors at a time (one bf16 vector);
+// returns the fp32 sum. Computed as 2^(f(x)·mul·log2 e − sub·log2 e) with exp2_vec (attn_cpu_gemm.h).
+// f(v, j) maps the vector of x at j to its scores: the softcap's or ALiBi's pass fused into this one.
+template <typename out_t, typename F = AsIs>
+inline float exp_store(const float* x, int64_t n, float mul, float sub, out_t* out, const F& f = F()) {
   const int64_t vs = Vec::size();
-  const Vec vmul(mul), vsub(sub), zero(0.f);
+  const Vec vmul(mul * kLog2e), vsub(sub * kLog2e), zero(0.f);
   Vec sum0(0.f), sum1(0.f);
   int64_t j = 0;
   for (; j + 2 * vs <= n; j += 2 * vs) {
-    const Vec e0 = at::vec::fmsub(Vec::loadu(x + j), vmul, vsub).exp_u20();
-    const Vec e1 = at::vec::fmsub(Vec::loadu(x + j + vs), vmul, vsub).exp_u20();
+    const Vec e0 = exp2_vec(at::vec::fmsub(f(Vec::loadu(x + j), j), vmul, vsub));
+    const Vec e1 = exp2_vec(at::vec::fmsub(f(Vec::loadu(x + j + vs), j + vs), vmul, vsub));
     sum0 = sum0 + e0;
     sum1 = sum1 + e1;
     if constexpr (std::is_same<out_t, float>::value) {
@@ -200,8 +242,10 @@ inline float exp_store(const float* x, int64_t n, float mul, float sub, out_t* o
   }
   if (j < n) {  // the tail, masked: lanes past n are zero in the sum and never stored
     const int64_t c0 = std::min(vs, n - j), c1 = n - j - c0;
-    const Vec e0 = Vec::set(zero, at::vec::fmsub(Vec::loadu(x + j, c0), vmul, vsub).exp_u20(), c0);
-    const Vec e1 = c1 > 0 ? Vec::set(zero, at::vec::fmsub(Vec::loadu(x + j + vs, c1), vmul, vsub).exp_u20(), c1) : zero;
+    const Vec e0 = Vec::set(zero, exp2_vec(at::vec::fmsub(f(Vec::loadu(x + j, c0), j), vmul, vsub)), c0);
+    const Vec e1 =
+        c1 > 0 ? Vec::set(zero, exp2_vec(at::vec::fmsub(f(Vec::loadu(x + j + vs, c1), j + vs), vmul, vsub)), c1)
+               : zero;
     sum0 = sum0 + e0;
     sum1 = sum1 + e1;
     if constexpr (std::is_same<out_t, float>::value) {
@@ -256,20 +300,82 @@ inline void apply_mask_row(const AttnParams& p, int64_t b, int64_t h, int64_t i,
   }
 }
 
-// The band's visible keys of query row i, as [lo, hi] (inclusive) clipped to [0, Lk - 1].
-inline void band_row(const AttnParams& p, int64_t i, int64_t& lo, int64_t& hi) {
-  const int64_t pos = i + p.q_offset;
-  lo = p.left >= 0 ? std::max<int64_t>(0, pos - p.left) : 0;
-  hi = p.right >= 0 ? std::min<int64_t>(p.Lk - 1, pos + p.right) : p.Lk - 1;
+// tanh(x) by csrc/attn_rules.h's formula, 1 - 2 / (e^{2x} + 1) (exact at the saturated ends, about 1e-7
+// absolute near 0), with exp2_vec for e^{2x} (its input capped at 64: 2 / (2^64 + 1) already rounds the
+// result to 1) and the reciprocal as the ISA's approximate one plus a Newton step (rcp14: 2^-28 relative
+// after it; AVX2's rcp: about 2^-23) instead of a division, whose throughput is a fraction of the FMA
+// pipes': the softcap's cost per score is what issue #19's 10% bar measures. NaN stays NaN.
+inline Vec tanh_vec(const Vec& x) {
+  const Vec cap(64.f), one(1.f), two(2.f);
+  const Vec y = x * Vec(2.f * kLog2e);
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec d = exp2_vec(Vec(_mm512_min_ps(cap, y))) + one;  // min(cap, NaN) is NaN: the second operand
+  Vec r(_mm512_rcp14_ps(d));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const Vec d = exp2_vec(Vec(_mm256_min_ps(cap, y))) + one;
+  Vec r(_mm256_rcp_ps(d));
+#else
+  const Vec d = exp2_vec(at::vec::minimum(y, cap)) + one;
+  Vec r = one / d;
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  r = r * at::vec::fnmadd(d, r, two);  // Newton: r (2 - d r)
+#endif
+  return at::vec::fnmadd(two, r, one);
 }
 
-// The band's state of a tile from its first and last rows (bounds grow with i).
-inline int8_t band_state(const AttnParams& p, int64_t q0, int64_t q1, int64_t k0, int64_t k1) {
-  const int64_t off = p.q_offset;
-  if (p.right >= 0 && q1 + off + p.right < k0) return kEmpty;
-  if (p.left >= 0 && q0 + off - p.left > k1) return kEmpty;
-  const bool full = (p.left < 0 || q1 + off - p.left <= k0) && (p.right < 0 || q0 + off + p.right >= k1);
-  return full ? kFull : kPartial;
+// The score of one vector of n lanes of dot products: csrc/attn_rules.h's order (rules::scaled_score with
+// tanh_vec: s = pre·x, or post·tanh(pre·x) with a softcap, then ALiBi's -slope * |dist|, dist being each
+// lane's query position minus its key); the softcap's tanh goes to t when given. Whole vectors take the
+// plain loads and stores.
+inline void score_vec(const fastattn::rules::ScoreScale& sc, float slope, const Vec& dist, int64_t n, float* s,
+                      float* t) {
+  const bool whole = n == Vec::size();
+  Vec x = (whole ? Vec::loadu(s) : Vec::loadu(s, n)) * Vec(sc.pre);
+  if (sc.softcap) {
+    const Vec tv = tanh_vec(x);
+    x = tv * Vec(sc.post);
+    if (t != nullptr) whole ? tv.store(t) : tv.store(t, n);
+  }
+  if (slope != 0.f) x = at::vec::fmadd(dist.abs(), Vec(-slope), x);
+  whole ? x.store(s) : x.store(s, n);
+}
+
+// Scores of one row of a tile, s[c] for keys k0 + c, c in [c0, c1), in place (see score_vec), query position
+// pos. One vectorised pass; called only when there is a softcap or ALiBi (otherwise the GEMM's factor is all).
+inline void score_row(const fastattn::rules::ScoreScale& sc, float slope, int64_t pos, int64_t k0, int64_t c0,
+                      int64_t c1, float* s) {
+  const int64_t vs = Vec::size();
+  const Vec iota = Vec::arange(0.f, 1.f);
+  for (int64_t c = c0; c < c1; c += vs)
+    score_vec(sc, slope, Vec(static_cast<float>(pos - k0 - c)) - iota, std::min<int64_t>(vs, c1 - c), s + c,
+              nullptr);
+}
+
+// score_row's backward twin: one key's column of Sᵀ, rows r in [r0, r1) at positions base + r (base =
+// q0 + q_offset - key for ALiBi's distance), the softcap's tanh kept in t.
+inline void score_col(const fastattn::rules::ScoreScale& sc, float slope, int64_t base, int64_t r0, int64_t r1,
+                      float* s, float* t) {
+  const int64_t vs = Vec::size();
+  const Vec iota = Vec::arange(0.f, 1.f);
+  for (int64_t r = r0; r < r1; r += vs)
+    score_vec(sc, slope, Vec(static_cast<float>(base + r)) + iota, std::min<int64_t>(vs, r1 - r), s + r, t + r);
+}
+
+// The maximum over c in [0, n) of x[c] - slope * |base - c - lane|: one ALiBi row's max, read only (the exp
+// pass then forms the same scores again, cheaper than storing them).
+inline float max_alibi(const float* x, int64_t n, float base, float slope) {
+  const int64_t vs = Vec::size();
+  const Vec iota = Vec::arange(0.f, 1.f), vslope(-slope);
+  Vec vm(kNegInf);
+  int64_t j = 0;
+  for (; j + vs <= n; j += vs)
+    vm = at::vec::maximum(vm, at::vec::fmadd((Vec(base - j) - iota).abs(), vslope, Vec::loadu(x + j)));
+  if (j < n) {
+    const Vec v = at::vec::fmadd((Vec(base - j) - iota).abs(), vslope, Vec::loadu(x + j, n - j));
+    vm = at::vec::maximum(vm, Vec::set(Vec(kNegInf), v, n - j));
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
 }
 
 // One pass over the mask's own elements: the state of every (query tile, key tile) of each
@@ -341,7 +447,7 @@ inline int8_t tile_state(const AttnParams& p, const int8_t* mstate, const int64_
                          int64_t qt, int64_t kt) {
   const int64_t q0 = qt * p.BQ, q1 = std::min(q0 + p.BQ, p.Lq) - 1;
   const int64_t k0 = kt * p.BK, k1 = std::min(k0 + p.BK, p.Lk) - 1;
-  int8_t st = band_state(p, q0, q1, k0, k1);
+  int8_t st = fastattn::rules::tile_state(p.variant, q0, q1, k0, k1, p.Lk);
   if (st == kEmpty || p.mask_kind == kMaskNone) return st;
   const int8_t ms = mstate[b * ms_s[0] + h * ms_s[1] + qt * ms_s[2] + kt * ms_s[3]];
   if (ms == kEmpty) return kEmpty;
@@ -386,17 +492,72 @@ void parallel_dynamic(int64_t n, const Worker& worker) {
 
 // ---------------------------------------------------------------- forward
 
+// Elements (of pack_t) of one key tile's packed Kᵀ and V, as the forward's GEMMs read them: fp32
+// panels of the micro-kernel (attn_cpu_gemm.h), or brgemm's VNNI pairs on the native-bf16 path.
+template <bool vnni>
+inline int64_t fwd_k_elems(const AttnParams& p) {
+  return vnni ? round_even(p.D) * p.BK : panel_elems(p.D, p.BK);
+}
+template <bool vnni>
+inline int64_t fwd_v_elems(const AttnParams& p) {
+  return vnni ? p.BK * p.Dv : panel_elems(p.BK, p.Dv);
+}
+
+// Packs key tile kt of (b, hk): Kᵀ (D × n) then V (n × Dv), converted to pack_t, zero-padded.
+template <typename scalar_t, typename pack_t>
+void fwd_pack_kv(const AttnParams& p, int64_t b, int64_t hk, int64_t kt, pack_t* dst) {
+  constexpr bool vnni = std::is_same<pack_t, BFloat16>::value;
+  const int64_t k0 = kt * p.BK, n = std::min(p.BK, p.Lk - k0);
+  const scalar_t* kb = static_cast<const scalar_t*>(p.k) + b * p.k_s[0] + hk * p.k_s[1] + k0 * p.k_s[2];
+  const scalar_t* vb = static_cast<const scalar_t*>(p.v) + b * p.v_s[0] + hk * p.v_s[1] + k0 * p.v_s[2];
+  if constexpr (vnni) {
+    pack_b(kb, p.k_s[3], p.k_s[2], p.D, n, round_even(p.D), p.BK, dst);
+    pack_b(vb, p.v_s[2], p.v_s[3], n, p.Dv, p.BK, p.Dv, dst + fwd_k_elems<true>(p));
+  } else {
+    pack_panels(kb, p.k_s[3], p.k_s[2], p.D, n, dst);
+    pack_panels(vb, p.v_s[2], p.v_s[3], n, p.Dv, dst + fwd_k_elems<false>(p));
+  }
+}
+
+// S (m × n, row stride BK) = mul·Q·Kᵀ of one tile. The fp32 micro-kernel also leaves each row's
+// maximum over the tile in rmax (Vec::size() lanes per row) and returns true; brgemm (bf16) cannot,
+// so the caller takes the maxima itself there.
+template <typename pack_t>
+inline bool fwd_scores(const AttnParams& p, int64_t m, int64_t n, const pack_t* qa, const pack_t* kpk, float mul,
+                       float* S, float* rmax) {
+  if constexpr (std::is_same<pack_t, BFloat16>::value) {
+    gemm_vnni(m, n, round_even(p.D), qa, round_even(p.D), kpk, p.BK, S, p.BK, false);
+    for (int64_t r = 0; r < m; ++r) scale_inplace(S + r * p.BK, n, mul);
+    return false;
+  } else {
+    std::fill(rmax, rmax + m * Vec::size(), kNegInf);
+    gemm_f32<Out::kScaleMax>(m, n, p.D, qa, p.D, kpk, kNR, p.D * kNR, S, p.BK, nullptr, mul, rmax);
+    return true;
+  }
+}
+
+// acc (m × Dv) = acc·alpha[row] + P (m × n, row stride BK)·V: the online softmax's rescale rides
+// on the micro-kernel's load of the accumulator (brgemm cannot, so the bf16 path scales first).
+template <typename pack_t>
+inline void fwd_pv(const AttnParams& p, int64_t m, int64_t n, const pack_t* P, const pack_t* vpk, const float* alpha,
+                   float* acc) {
+  if constexpr (std::is_same<pack_t, BFloat16>::value) {
+    for (int64_t r = 0; r < m; ++r)
+      if (alpha[r] != 1.f) scale_inplace(acc + r * p.Dv, p.Dv, alpha[r]);
+    gemm_vnni(m, p.Dv, round_even(n), P, p.BK, vpk, p.Dv, acc, p.Dv, true);
+  } else {
+    gemm_f32<Out::kScaleAdd>(m, p.Dv, n, P, p.BK, vpk, kNR, n * kNR, acc, p.Dv, alpha);
+  }
+}
+
 template <typename scalar_t, typename pack_t>
 void attn_fwd(const AttnParams& p) {
   constexpr bool vnni = std::is_same<pack_t, BFloat16>::value;
   const int64_t B = p.B, Hq = p.Hq, Hkv = p.Hkv, Lq = p.Lq, Lk = p.Lk, D = p.D, Dv = p.Dv;
   const int64_t BQ = p.BQ, BK = p.BK, nQ = ceil_div(Lq, BQ), nK = ceil_div(Lk, BK), group = Hq / Hkv;
   const int64_t Dp = vnni ? round_even(D) : D;
-  const int64_t blk = BK * (Dp + Dv);
-  const bool brg = p.use_brgemm;
+  const int64_t kblk = fwd_k_elems<vnni>(p), blk = kblk + fwd_v_elems<vnni>(p);
   const scalar_t* Q = static_cast<const scalar_t*>(p.q);
-  const scalar_t* K = static_cast<const scalar_t*>(p.k);
-  const scalar_t* V = static_cast<const scalar_t*>(p.v);
   scalar_t* O = static_cast<scalar_t*>(p.out);
   pack_t* kvp = static_cast<pack_t*>(p.kv_pack);
 
@@ -404,22 +565,23 @@ void attn_fwd(const AttnParams& p) {
   int64_t ms_s[4] = {0, 0, 0, 0};
   const int8_t* mstate = mask_state(p, own_state, ms_s);
 
-  // Kᵀ (Dp × BK) and V (BK × Dv) of every key tile, in brgemm B layout, zero-padded.
+  // Kᵀ and V of every key tile, packed once per call and shared by all the query tiles (and the GQA
+  // group's query heads) that read them.
   at::parallel_for(0, B * Hkv * nK, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (Hkv * nK), hk = (t / nK) % Hkv, kt = t % nK;
-      const int64_t k0 = kt * BK, n = std::min(BK, Lk - k0);
-      const scalar_t* kb = K + b * p.k_s[0] + hk * p.k_s[1] + k0 * p.k_s[2];
-      const scalar_t* vb = V + b * p.v_s[0] + hk * p.v_s[1] + k0 * p.v_s[2];
-      pack_t* dst = kvp + t * blk;
-      pack_b(kb, p.k_s[3], p.k_s[2], D, n, Dp, BK, dst);
-      pack_b(vb, p.v_s[2], p.v_s[3], n, Dv, BK, Dv, dst + BK * Dp);
-    }
+    for (int64_t t = begin; t < end; ++t)
+      fwd_pack_kv<scalar_t, pack_t>(p, t / (Hkv * nK), (t / nK) % Hkv, t % nK, kvp + t * blk);
   });
 
   const bool drop = p.dropout_p > 0.f;
-  const philox::Rng rng = philox::make_rng(p.philox_seed, p.philox_offset, Lq, Lk, p.dropout_p);
+  const philox::Rng rng = philox::make_rng(p.philox_seed, p.philox_offset, p.drop_Lq, p.drop_Lk, p.dropout_p);
   const float out_scale = drop ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const fastattn::rules::Variant& var = p.variant;
+  // Scores in natural units (the CPU kernel's exp). The GEMM multiplies by sc.pre (the scale, or scale /
+  // softcap); a softcap or ALiBi then takes one more pass per row, from sc_post (the softcap's outer factor).
+  const fastattn::rules::ScoreScale sc = fastattn::rules::score_scale(p.scale, var.softcap, 1.f);
+  const fastattn::rules::ScoreScale sc_post{1.f, sc.post, sc.softcap};
+  const bool has_alibi = var.alibi != nullptr;
+  const bool score_mod = sc.softcap || has_alibi;
 
   const int64_t n_tasks = B * Hq * nQ;
   parallel_dynamic(n_tasks, [&](const auto& claim) {
@@ -430,6 +592,8 @@ void attn_fwd(const AttnParams& p) {
     auto acc = scratch<float>(BQ * Dv);
     auto mrow = scratch<float>(BQ);
     auto lrow = scratch<float>(BQ);
+    auto alpha = scratch<float>(BQ);
+    auto rmax = scratch<float>(BQ * Vec::size());
     auto tiles = scratch<int64_t>(nK);
     auto states = scratch<int8_t>(nK);
     pack_t* P = vnni ? Pb.get() : reinterpret_cast<pack_t*>(S.get());
@@ -448,12 +612,17 @@ void attn_fwd(const AttnParams& p) {
       }
       scalar_t* orow = O + ((b * Hq + h) * Lq + q0) * Dv;
       float* lse = p.lse + (b * Hq + h) * Lq + q0;
-      if (nt == 0) {
+      if (nt == 0) {  // nothing to attend: zeros, and lse -inf (or the sink's logit)
         fill_zero(orow, m * Dv);
-        std::fill(lse, lse + m, kNegInf);
+        std::fill(lse, lse + m, var.sinks != nullptr ? fastattn::rules::sink_logit(var, h, 1.f) : kNegInf);
         continue;
       }
-      pack_a(Q + b * p.q_s[0] + h * p.q_s[1] + q0 * p.q_s[2], p.q_s[2], p.q_s[3], m, D, Dp, qa.get());
+      const float slope = fastattn::rules::alibi_slope(var, b, h, 1.f);
+      const scalar_t* qb = Q + b * p.q_s[0] + h * p.q_s[1] + q0 * p.q_s[2];
+      if constexpr (vnni)
+        pack_a(qb, p.q_s[2], p.q_s[3], m, D, Dp, qa.get());
+      else
+        pack_rows(qb, p.q_s[2], p.q_s[3], m, D, D, qa.get());
       std::fill(mrow.get(), mrow.get() + m, kNegInf);
       std::fill(lrow.get(), lrow.get() + m, 0.f);
       std::fill(acc.get(), acc.get() + m * Dv, 0.f);
@@ -461,29 +630,45 @@ void attn_fwd(const AttnParams& p) {
         const int64_t kt = tiles[it], k0 = kt * BK, n = std::min(BK, Lk - k0);
         const int64_t npad = vnni ? round_even(n) : n;
         const pack_t* kpk = kvp + ((b * Hkv + hk) * nK + kt) * blk;
-        gemm(brg, m, n, Dp, qa.get(), Dp, kpk, BK, S.get(), BK, false);
+        const bool have_max = fwd_scores(p, m, n, qa.get(), kpk, sc.pre, S.get(), rmax.get());
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = q0 + r;
           float* s = S.get() + r * BK;
           pack_t* prow = P + r * BK;
+          alpha[r] = 1.f;
           int64_t lo, hi;
-          band_row(p, i, lo, hi);
+          fastattn::rules::row_bounds(var, i + var.q_offset, Lk, lo, hi);
           const int64_t c0 = std::clamp<int64_t>(lo - k0, 0, n), c1 = std::clamp<int64_t>(hi - k0 + 1, 0, n);
           if (c0 >= c1) {
             fill_zero(prow, npad);
             continue;
           }
-          // With no mask to add and scale > 0, max(s * scale) = scale * max(s): scale inside exp.
-          const bool plain = (states[it] == kFull || p.mask_kind == kMaskNone) && p.scale > 0.f;
-          float mul = p.scale;
+          // s is pre·QKᵀ (pre = the scale, or scale / softcap). A softcap alone or ALiBi alone, where the tile
+          // needs no mask, is applied inside the exp pass (fused: no pass that stores the scores); its row
+          // max comes from the raw maximum (the softcap is monotone: max(cap(x)) = cap(max(x)), the GEMM's
+          // epilogue's where the whole row is visible) or from a read-only pass (ALiBi). Otherwise the scores
+          // are formed in place first (score_row, then the mask).
+          const bool masked = states[it] != kFull && p.mask_kind != kMaskNone;
+          const bool whole_row = have_max && c0 == 0 && c1 == n;
+          const float base = static_cast<float>(i + var.q_offset - k0 - c0);  // ALiBi: pos - key at c0
+          enum { kStored, kFusedCap, kFusedAlibi } path = kStored;
           float row_max;
-          if (plain) {
-            row_max = max_of(s + c0, c1 - c0) * p.scale;
+          if (score_mod && !masked && !(sc.softcap && has_alibi)) {
+            if (sc.softcap) {
+              path = kFusedCap;
+              const float raw = whole_row ? reduce_max(rmax.get() + r * Vec::size()) : max_of(s + c0, c1 - c0);
+              float capped[Vec::size()];
+              tanh_vec(Vec(raw)).store(capped);
+              row_max = sc.post * capped[0];
+            } else {
+              path = kFusedAlibi;
+              row_max = max_alibi(s + c0, c1 - c0, base, slope);
+            }
           } else {
-            scale_inplace(s + c0, c1 - c0, p.scale);
-            if (p.mask_kind != kMaskNone) apply_mask_row(p, b, h, i, k0, c0, c1, s);
-            row_max = max_of(s + c0, c1 - c0);
-            mul = 1.f;
+            if (score_mod) score_row(sc_post, slope, i + var.q_offset, k0, c0, c1, s);
+            if (masked) apply_mask_row(p, b, h, i, k0, c0, c1, s);
+            row_max = (whole_row && !masked && !score_mod) ? reduce_max(rmax.get() + r * Vec::size())
+                                                           : max_of(s + c0, c1 - c0);
           }
           // NaN stays in the rows it touches: std::max(-inf, NaN) would drop it and zero the row.
           const float m_new = std::isnan(row_max) ? row_max : std::max(mrow[r], row_max);
@@ -491,43 +676,174 @@ void attn_fwd(const AttnParams& p) {
             fill_zero(prow, npad);
             continue;
           }
-          const float alpha = mrow[r] == kNegInf ? 0.f : std::exp(mrow[r] - m_new);
-          const float sum = exp_store(s + c0, c1 - c0, mul, m_new, prow + c0);
+          alpha[r] = mrow[r] == kNegInf ? 0.f : std::exp(mrow[r] - m_new);
+          float sum;
+          if (path == kFusedCap) {  // exp(post·tanh(x) - m)
+            sum = exp_store(s + c0, c1 - c0, sc.post, m_new, prow + c0,
+                            [](const Vec& v, int64_t) { return tanh_vec(v); });
+          } else if (path == kFusedAlibi) {  // exp(x - slope·|pos - key| - m)
+            const Vec iota = Vec::arange(0.f, 1.f), vslope(-slope);
+            sum = exp_store(s + c0, c1 - c0, 1.f, m_new, prow + c0, [&](const Vec& v, int64_t j) {
+              return at::vec::fmadd((Vec(base - static_cast<float>(j)) - iota).abs(), vslope, v);
+            });
+          } else {
+            sum = exp_store(s + c0, c1 - c0, 1.f, m_new, prow + c0);
+          }
           fill_zero(prow, c0);
           fill_zero(prow + c1, npad - c1);
           if (drop) {  // after the sum: l and the lse never include dropout
             philox::keep_scale(rng, philox::element(rng, b * Hq + h, i, k0 + c0), 1, c1 - c0, 1.f, keep.get());
             apply_keep(prow + c0, keep.get(), c1 - c0);
           }
-          lrow[r] = lrow[r] * alpha + sum;
+          lrow[r] = lrow[r] * alpha[r] + sum;
           mrow[r] = m_new;
-          if (alpha != 1.f) scale_inplace(acc.get() + r * Dv, Dv, alpha);
         }
-        gemm(brg, m, Dv, npad, P, BK, kpk + BK * Dp, Dv, acc.get(), Dv, true);
+        fwd_pv(p, m, n, P, kpk + kblk, alpha.get(), acc.get());
       }
       for (int64_t r = 0; r < m; ++r) {
+        float sink_alpha = 1.f;
+        if (var.sinks != nullptr)  // the sink's logit joins the row's denominator once
+          sink_alpha = fastattn::rules::add_sink(fastattn::rules::sink_logit(var, h, 1.f), mrow[r], lrow[r], false);
         const float l = lrow[r];
-        const float inv = l > 0.f ? out_scale / l : 0.f;
-        const float* a = acc.get() + r * Dv;
-        scalar_t* o = orow + r * Dv;
-        for (int64_t e = 0; e < Dv; ++e) o[e] = from_f<scalar_t>(a[e] * inv);
+        scale_store(acc.get() + r * Dv, Dv, l > 0.f ? sink_alpha * out_scale / l : 0.f, orow + r * Dv);
         lse[r] = std::isnan(l) ? l : (l > 0.f ? mrow[r] + std::log(l) : kNegInf);
       }
     }
-    release_brgemm(brg);
+    release_brgemm(vnni);
   });
 }
 
+// The forward's packed K/V scratch, in elements of its type (bf16 on the native-dot path, else fp32).
+int64_t fwd_pack_elems(const AttnParams& p) {
+  const int64_t tiles = p.B * p.Hkv * ceil_div(p.Lk, p.BK);
+  return p.bf16_brgemm ? tiles * (fwd_k_elems<true>(p) + fwd_v_elems<true>(p))
+                       : tiles * (fwd_k_elems<false>(p) + fwd_v_elems<false>(p));
+}
+
 // ---------------------------------------------------------------- backward
+
+// One backward worker's GEMM operands and the five products of a (query tile, key tile) pair, kept
+// apart from the elementwise work between them. Layouts: the fp32 micro-kernel (attn_cpu_gemm.h)
+// reads A row-major and B as row-major matrices padded to whole panels (rows of ldq = BQ rounded up
+// to NR, ldd, lddv), which these small row lengths allow without cache-set conflicts; dQ is formed
+// transposed, dQᵀ += Kᵀ·dSᵀ, so that dSᵀ (already in memory, rows of queries) is its B operand and
+// no per-tile transpose of dS is needed. The native-bf16 path keeps brgemm's VNNI layouts.
+template <typename scalar_t, typename pack_t>
+struct BwdOperands {
+  static constexpr bool vnni = std::is_same<pack_t, BFloat16>::value;
+  const AttnParams& p;
+  const int64_t D, Dv, BQ, BK, Dp, Dvp, ldq, ldd, lddv, mp;
+  std::unique_ptr<pack_t[]> KA, KB, VA, QtB, QB, dOtB, dOB, PTb, dSTb, dSb;
+  std::unique_ptr<float[]> dqacc;  // fp32 path: dQᵀ (D × ldq); bf16 path: dQ (BQ × D)
+
+  BwdOperands(const AttnParams& p_, int64_t per_chunk)
+      : p(p_),
+        D(p.D),
+        Dv(p.Dv),
+        BQ(p.BQ),
+        BK(p.BK),
+        Dp(vnni ? round_even(p.D) : p.D),
+        Dvp(vnni ? round_even(p.Dv) : p.Dv),
+        ldq(vnni ? p.BQ : round_up(p.BQ, kNR)),
+        ldd(vnni ? p.D : round_up(p.D, kNR)),
+        lddv(vnni ? p.Dv : round_up(p.Dv, kNR)),
+        mp(vnni ? round_even(p.BQ) : p.BQ) {
+    KA = scratch<pack_t>(per_chunk * BK * Dp);   // K tile as A: BK × Dp
+    KB = scratch<pack_t>(per_chunk * BK * D);    // K tile as B (bf16), or Kᵀ as A: D × BK (fp32)
+    VA = scratch<pack_t>(per_chunk * BK * Dvp);  // V tile as A: BK × Dvp
+    QtB = scratch<pack_t>(Dp * ldq);             // Qᵀ as B
+    QB = scratch<pack_t>(mp * ldd);              // Q as B
+    dOtB = scratch<pack_t>(Dvp * ldq);           // dOᵀ as B
+    dOB = scratch<pack_t>(mp * lddv);            // dO as B
+    PTb = scratch<pack_t>(vnni ? BK * mp : 1);
+    dSTb = scratch<pack_t>(vnni ? BK * mp : 1);
+    dSb = scratch<pack_t>(vnni ? BQ * BK : 1);
+    dqacc = scratch<float>(vnni ? BQ * D : D * ldq);
+  }
+
+  // Key tile c of the chunk: n keys of K and V.
+  void pack_keys(int64_t c, const scalar_t* kb, const scalar_t* vb, int64_t n) {
+    pack_t* ka = KA.get() + c * BK * Dp;
+    pack_t* kt = KB.get() + c * BK * D;
+    pack_t* va = VA.get() + c * BK * Dvp;
+    if constexpr (vnni) {
+      pack_a(kb, p.k_s[2], p.k_s[3], n, D, Dp, ka);
+      pack_b(kb, p.k_s[2], p.k_s[3], n, D, BK, D, kt);
+      pack_a(vb, p.v_s[2], p.v_s[3], n, Dv, Dvp, va);
+    } else {
+      pack_rows(kb, p.k_s[2], p.k_s[3], n, D, D, ka);
+      pack_rows(kb, p.k_s[3], p.k_s[2], D, n, BK, kt);
+      pack_rows(vb, p.v_s[2], p.v_s[3], n, Dv, Dv, va);
+    }
+  }
+
+  // Query tile: m rows of Q and dO; clears the tile's dQ accumulator.
+  void pack_queries(const scalar_t* qb, const scalar_t* gb, int64_t m) {
+    if constexpr (vnni) {
+      const int64_t mpad = round_even(m);
+      pack_b(qb, p.q_s[3], p.q_s[2], D, m, Dp, BQ, QtB.get());
+      pack_b(qb, p.q_s[2], p.q_s[3], m, D, mpad, D, QB.get());
+      pack_b(gb, p.do_s[3], p.do_s[2], Dv, m, Dvp, BQ, dOtB.get());
+      pack_b(gb, p.do_s[2], p.do_s[3], m, Dv, mpad, Dv, dOB.get());
+      std::fill(dqacc.get(), dqacc.get() + m * D, 0.f);
+    } else {
+      pack_rows(qb, p.q_s[3], p.q_s[2], D, m, ldq, QtB.get());
+      pack_rows(qb, p.q_s[2], p.q_s[3], m, D, ldd, QB.get());
+      pack_rows(gb, p.do_s[3], p.do_s[2], Dv, m, ldq, dOtB.get());
+      pack_rows(gb, p.do_s[2], p.do_s[3], m, Dv, lddv, dOB.get());
+      std::fill(dqacc.get(), dqacc.get() + D * ldq, 0.f);
+    }
+  }
+
+  // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (n × m, rows ldq apart) for key tile c.
+  void transposed_scores(int64_t c, int64_t n, int64_t m, float* ST, float* dPT) {
+    if constexpr (vnni) {
+      gemm_vnni(n, m, Dp, KA.get() + c * BK * Dp, Dp, QtB.get(), BQ, ST, ldq, false);
+      gemm_vnni(n, m, Dvp, VA.get() + c * BK * Dvp, Dvp, dOtB.get(), BQ, dPT, ldq, false);
+    } else {
+      gemm_f32<Out::kStore>(n, m, D, KA.get() + c * BK * D, D, QtB.get(), ldq, kNR, ST, ldq);
+      gemm_f32<Out::kStore>(n, m, Dv, VA.get() + c * BK * Dv, Dv, dOtB.get(), ldq, kNR, dPT, ldq);
+    }
+  }
+
+  // dV += Pᵀ·dO, dK += dSᵀ·Q (unscaled) and the tile's dQ from dSᵀ, for key tile c. PT and dST hold
+  // mpad valid rows' worth of columns (zero past the band).
+  void accumulate(int64_t c, int64_t n, int64_t m, const float* PT, const float* dST, float* dV, float* dK) {
+    if constexpr (vnni) {
+      const int64_t mpad = round_even(m), npad = round_even(n);
+      for (int64_t j = 0; j < n; ++j) {
+        at::vec::convert(PT + j * ldq, PTb.get() + j * mpad, mpad);
+        at::vec::convert(dST + j * ldq, dSTb.get() + j * mpad, mpad);
+      }
+      gemm_vnni(n, Dv, mpad, PTb.get(), mpad, dOB.get(), Dv, dV, Dv, true);
+      gemm_vnni(n, D, mpad, dSTb.get(), mpad, QB.get(), D, dK, D, true);
+      for (int64_t r = 0; r < m; ++r) {  // dS (m × npad) as A, from dSᵀ
+        BFloat16* d = dSb.get() + r * BK;
+        for (int64_t j = 0; j < n; ++j) d[j] = BFloat16(dST[j * ldq + r]);
+        for (int64_t j = n; j < npad; ++j) d[j] = BFloat16(0.f);
+      }
+      gemm_vnni(m, D, npad, dSb.get(), BK, KB.get() + c * BK * D, D, dqacc.get(), D, true);
+    } else {
+      gemm_f32<Out::kAdd>(n, Dv, m, PT, ldq, dOB.get(), lddv, kNR, dV, Dv);
+      gemm_f32<Out::kAdd>(n, D, m, dST, ldq, QB.get(), ldd, kNR, dK, D);
+      gemm_f32<Out::kAdd>(D, m, n, KB.get() + c * BK * D, BK, dST, ldq, kNR, dqacc.get(), ldq);
+    }
+  }
+
+  // The query tile's dQ times the scale, row-major (m × D), into its chunk's partial.
+  void store_dq(int64_t m, float scale, float* dqp) const {
+    const float* a = dqacc.get();
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t d = 0; d < D; ++d) dqp[r * D + d] = (vnni ? a[r * D + d] : a[d * ldq + r]) * scale;
+  }
+};
 
 template <typename scalar_t, typename pack_t>
 void attn_bwd(const AttnParams& p) {
   constexpr bool vnni = std::is_same<pack_t, BFloat16>::value;
   const int64_t B = p.B, Hq = p.Hq, Hkv = p.Hkv, Lq = p.Lq, Lk = p.Lk, D = p.D, Dv = p.Dv;
   const int64_t BQ = p.BQ, BK = p.BK, nQ = ceil_div(Lq, BQ), nK = ceil_div(Lk, BK), group = Hq / Hkv;
-  const int64_t Dp = vnni ? round_even(D) : D, Dvp = vnni ? round_even(Dv) : Dv;
   const int64_t n_chunks = p.n_chunks, per_chunk = ceil_div(nK, n_chunks);
-  const bool brg = p.use_brgemm;
   const scalar_t* Q = static_cast<const scalar_t*>(p.q);
   const scalar_t* K = static_cast<const scalar_t*>(p.k);
   const scalar_t* V = static_cast<const scalar_t*>(p.v);
@@ -553,28 +869,23 @@ void attn_bwd(const AttnParams& p) {
   });
 
   const bool drop = p.dropout_p > 0.f;
-  const philox::Rng rng = philox::make_rng(p.philox_seed, p.philox_offset, Lq, Lk, p.dropout_p);
+  const philox::Rng rng = philox::make_rng(p.philox_seed, p.philox_offset, p.drop_Lq, p.drop_Lk, p.dropout_p);
   const float keep_value = drop ? 1.f / (1.f - p.dropout_p) : 1.f;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const fastattn::rules::Variant& var = p.variant;
+  const fastattn::rules::ScoreScale sc = fastattn::rules::score_scale(p.scale, var.softcap, 1.f);
+  const bool score_mod = var.softcap > 0.f || var.alibi != nullptr;
 
   const int64_t n_tasks = B * Hkv * n_chunks;
   parallel_dynamic(n_tasks, [&](const auto& claim) {
-    const int64_t mp = vnni ? round_even(BQ) : BQ;
+    BwdOperands<scalar_t, pack_t> ops(p, per_chunk);
+    const int64_t ldq = ops.ldq;
     auto zcol = scratch<float>(drop ? BQ : 1);  // Z = keep / (1 - p) of one key column
-    auto KA = scratch<pack_t>(per_chunk * BK * Dp);  // K tile as A: BK × Dp
-    auto KB = scratch<pack_t>(per_chunk * BK * D);   // K tile as B: BK × D
-    auto VA = scratch<pack_t>(per_chunk * BK * Dvp);  // V tile as A: BK × Dvp
+    auto tcol = scratch<float>(BQ);  // the softcap's tanh of one key column
     auto dKacc = scratch<float>(per_chunk * BK * D);
     auto dVacc = scratch<float>(per_chunk * BK * Dv);
-    auto QtB = scratch<pack_t>(Dp * BQ);   // Qᵀ as B: Dp × BQ
-    auto QB = scratch<pack_t>(mp * D);     // Q as B: BQ × D
-    auto dOtB = scratch<pack_t>(Dvp * BQ);  // dOᵀ as B: Dvp × BQ
-    auto dOB = scratch<pack_t>(mp * Dv);   // dO as B: BQ × Dv
-    auto ST = scratch<float>(BK * BQ);     // Sᵀ, then Pᵀ (fp32)
-    auto dPT = scratch<float>(BK * BQ);    // dPᵀ, then dSᵀ (fp32)
-    auto PTb = scratch<pack_t>(vnni ? BK * mp : 1);
-    auto dSTb = scratch<pack_t>(vnni ? BK * mp : 1);
-    auto dSb = scratch<pack_t>(BQ * BK);  // dS as A: BQ × BK
-    auto dqacc = scratch<float>(BQ * D);
+    auto ST = scratch<float>(BK * ldq);   // Sᵀ, then Pᵀ (fp32)
+    auto dPT = scratch<float>(BK * ldq);  // dPᵀ, then dSᵀ (fp32)
     auto lse_eff = scratch<float>(BQ);
     auto colshift = scratch<float>(BQ);
     auto tiles = scratch<int64_t>(per_chunk);
@@ -584,12 +895,9 @@ void attn_bwd(const AttnParams& p) {
       const int64_t kt0 = ch * per_chunk, kt1 = std::min(nK, kt0 + per_chunk);
       float* dq_part = p.dq_part + ch * (B * Hq * Lq * D);
       for (int64_t kt = kt0; kt < kt1; ++kt) {
-        const int64_t k0 = kt * BK, n = std::min(BK, Lk - k0), c = kt - kt0;
-        const scalar_t* kb = K + b * p.k_s[0] + hk * p.k_s[1] + k0 * p.k_s[2];
-        const scalar_t* vb = V + b * p.v_s[0] + hk * p.v_s[1] + k0 * p.v_s[2];
-        pack_a(kb, p.k_s[2], p.k_s[3], n, D, Dp, KA.get() + c * BK * Dp);
-        pack_b(kb, p.k_s[2], p.k_s[3], n, D, BK, D, KB.get() + c * BK * D);
-        pack_a(vb, p.v_s[2], p.v_s[3], n, Dv, Dvp, VA.get() + c * BK * Dvp);
+        const int64_t k0 = kt * BK, n = std::min(BK, Lk - k0);
+        ops.pack_keys(kt - kt0, K + b * p.k_s[0] + hk * p.k_s[1] + k0 * p.k_s[2],
+                      V + b * p.v_s[0] + hk * p.v_s[1] + k0 * p.v_s[2], n);
       }
       std::fill(dKacc.get(), dKacc.get() + per_chunk * BK * D, 0.f);
       std::fill(dVacc.get(), dVacc.get() + per_chunk * BK * Dv, 0.f);
@@ -610,31 +918,25 @@ void attn_bwd(const AttnParams& p) {
             std::fill(dqp, dqp + m * D, 0.f);
             continue;
           }
-          const scalar_t* qb = Q + b * p.q_s[0] + h * p.q_s[1] + q0 * p.q_s[2];
-          const scalar_t* gb = dO + b * p.do_s[0] + h * p.do_s[1] + q0 * p.do_s[2];
-          pack_b(qb, p.q_s[3], p.q_s[2], D, m, Dp, BQ, QtB.get());
-          pack_b(qb, p.q_s[2], p.q_s[3], m, D, mpad, D, QB.get());
-          pack_b(gb, p.do_s[3], p.do_s[2], Dv, m, Dvp, BQ, dOtB.get());
-          pack_b(gb, p.do_s[2], p.do_s[3], m, Dv, mpad, Dv, dOB.get());
+          const float slope = fastattn::rules::alibi_slope(var, b, h, 1.f);
+          ops.pack_queries(Q + b * p.q_s[0] + h * p.q_s[1] + q0 * p.q_s[2],
+                           dO + b * p.do_s[0] + h * p.do_s[1] + q0 * p.do_s[2], m);
           const float* lse = p.lse_in + (b * Hq + h) * Lq + q0;
           const float* delta = p.delta + (b * Hq + h) * Lq + q0;
-          // A row that attends nothing has lse = -inf: +inf makes its P exactly 0.
-          for (int64_t r = 0; r < m; ++r)
-            lse_eff[r] = lse[r] == kNegInf ? std::numeric_limits<float>::infinity() : lse[r];
-          std::fill(dqacc.get(), dqacc.get() + m * D, 0.f);
+          // The lse in base-2 units, for exp2. A row that attends nothing has lse = -inf: +inf makes
+          // its P exactly 0.
+          for (int64_t r = 0; r < m; ++r) lse_eff[r] = lse[r] == kNegInf ? kInf : lse[r] * kLog2e;
           for (int64_t it = 0; it < nt; ++it) {
             const int64_t kt = tiles[it], k0 = kt * BK, n = std::min(BK, Lk - k0), c = kt - kt0;
-            const int64_t npad = vnni ? round_even(n) : n;
-            gemm(brg, n, m, Dp, KA.get() + c * BK * Dp, Dp, QtB.get(), BQ, ST.get(), BQ, false);
-            gemm(brg, n, m, Dvp, VA.get() + c * BK * Dvp, Dvp, dOtB.get(), BQ, dPT.get(), BQ, false);
+            ops.transposed_scores(c, n, m, ST.get(), dPT.get());
             for (int64_t j = 0; j < n; ++j) {
               const int64_t key = k0 + j;
-              // Rows whose band contains this key: key - off - right <= i <= key - off + left.
-              const int64_t i_lo = p.right >= 0 ? key - p.q_offset - p.right : q0;
-              const int64_t i_hi = p.left >= 0 ? key - p.q_offset + p.left : q0 + m - 1;
+              // Rows whose band and chunk contain this key.
+              int64_t i_lo, i_hi;
+              fastattn::rules::key_rows(var, key, Lq, i_lo, i_hi);
               const int64_t r0 = std::clamp<int64_t>(i_lo - q0, 0, m), r1 = std::clamp<int64_t>(i_hi - q0 + 1, 0, m);
-              float* s = ST.get() + j * BQ;
-              float* dp = dPT.get() + j * BQ;
+              float* s = ST.get() + j * ldq;
+              float* dp = dPT.get() + j * ldq;
               std::fill(s, s + r0, 0.f);
               std::fill(s + std::max(r0, r1), s + mpad, 0.f);
               std::fill(dp, dp + r0, 0.f);
@@ -647,34 +949,34 @@ void attn_bwd(const AttnParams& p) {
                 const int64_t mbase = b * p.m_s[0] + h * p.m_s[1] + (q0 + r0) * p.m_s[2] + key * p.m_s[3];
                 if (p.mask_kind == kMaskBool) {
                   const bool* mk = static_cast<const bool*>(p.mask) + mbase;
-                  for (int64_t r = r0; r < r1; ++r)
-                    colshift[r] = mk[(r - r0) * p.m_s[2]] ? lse_eff[r] : std::numeric_limits<float>::infinity();
+                  for (int64_t r = r0; r < r1; ++r) colshift[r] = mk[(r - r0) * p.m_s[2]] ? lse_eff[r] : kInf;
                 } else {
                   const float* mk = static_cast<const float*>(p.mask) + mbase;
                   for (int64_t r = r0; r < r1; ++r) {
                     const float add = mk[(r - r0) * p.m_s[2]];
                     // -inf in the mask: P = 0 exactly (never inf - inf).
-                    colshift[r] = add == kNegInf ? std::numeric_limits<float>::infinity() : lse_eff[r] - add;
+                    colshift[r] = add == kNegInf ? kInf : lse_eff[r] - add * kLog2e;
                   }
                 }
                 shift = colshift.get();
               }
+              if (score_mod) score_col(sc, slope, q0 + var.q_offset - key, r0, r1, s, tcol.get());
               {
                 const int64_t vs = Vec::size();
-                const Vec vscale(p.scale);
+                // Scores in base-2 units (the shift's): a softcap or ALiBi has already formed them.
+                const Vec vscale(score_mod ? kLog2e : p.scale * kLog2e);
                 int64_t r = r0;
                 for (; r + vs <= r1; r += vs)
-                  at::vec::fmsub(Vec::loadu(s + r), vscale, Vec::loadu(shift + r)).exp_u20().store(s + r);
+                  exp2_vec(at::vec::fmsub(Vec::loadu(s + r), vscale, Vec::loadu(shift + r))).store(s + r);
                 if (r < r1)
-                  at::vec::fmsub(Vec::loadu(s + r, r1 - r), vscale, Vec::loadu(shift + r, r1 - r))
-                      .exp_u20()
+                  exp2_vec(at::vec::fmsub(Vec::loadu(s + r, r1 - r), vscale, Vec::loadu(shift + r, r1 - r)))
                       .store(s + r, r1 - r);
               }
               // dSᵀ = Pᵀ ∘ (dPᵀ − delta), in place over dPᵀ.
               const int64_t vs = Vec::size();
               int64_t r = r0;
               if (drop) {  // dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − delta), then Pᵀ ∘ Z for dV
-                philox::keep_scale(rng, philox::element(rng, b * Hq + h, q0 + r0, key), static_cast<uint64_t>(Lk),
+                philox::keep_scale(rng, philox::element(rng, b * Hq + h, q0 + r0, key), rng.seqlen_k,
                                    r1 - r0, keep_value, zcol.get() + r0);
                 const float* z = zcol.get();
                 for (; r + vs <= r1; r += vs) {
@@ -691,55 +993,32 @@ void attn_bwd(const AttnParams& p) {
                   (Vec::loadu(s + r) * (Vec::loadu(dp + r) - Vec::loadu(delta + r))).store(dp + r);
                 for (; r < r1; ++r) dp[r] = s[r] * (dp[r] - delta[r]);
               }
-            }
-            if (p.dmask != nullptr) {
-              float* dm = p.dmask + ((b * Hq + h) * Lq + q0) * Lk + k0;
-              for (int64_t r = 0; r < m; ++r)
-                for (int64_t j = 0; j < n; ++j) dm[r * Lk + j] = dPT[j * BQ + r];
-            }
-            const pack_t* PTa;
-            const pack_t* dSTa;
-            int64_t ldt;
-            if constexpr (vnni) {
-              for (int64_t j = 0; j < n; ++j) {
-                at::vec::convert(ST.get() + j * BQ, PTb.get() + j * mpad, mpad);
-                at::vec::convert(dPT.get() + j * BQ, dSTb.get() + j * mpad, mpad);
+              if (p.dmask != nullptr) {  // the float mask's gradient: dS after the softcap (zeros elsewhere)
+                float* dm = p.dmask + ((b * Hq + h) * Lq + q0) * Lk + key;
+                for (int64_t rr = r0; rr < r1; ++rr) dm[rr * Lk] = dp[rr];
               }
-              PTa = PTb.get();
-              dSTa = dSTb.get();
-              ldt = mpad;
-            } else {
-              PTa = ST.get();
-              dSTa = dPT.get();
-              ldt = BQ;
+              if (var.softcap > 0.f) {  // dS before the cap: times 1 - tanh²
+                const float* tc = tcol.get();
+                for (r = r0; r < r1; r += vs) {
+                  const int64_t cnt = std::min<int64_t>(vs, r1 - r);
+                  fastattn::rules::softcap_grad(Vec::loadu(dp + r, cnt), Vec::loadu(tc + r, cnt)).store(dp + r, cnt);
+                }
+              }
             }
-            gemm(brg, n, Dv, mpad, PTa, ldt, dOB.get(), Dv, dVacc.get() + c * BK * Dv, Dv, true);
-            gemm(brg, n, D, mpad, dSTa, ldt, QB.get(), D, dKacc.get() + c * BK * D, D, true);
-            // dS (m × npad) as A, from dSᵀ.
-            for (int64_t r = 0; r < m; ++r) {
-              pack_t* d = dSb.get() + r * BK;
-              for (int64_t j = 0; j < n; ++j) d[j] = from_f<pack_t>(dPT[j * BQ + r]);
-              for (int64_t j = n; j < npad; ++j) d[j] = from_f<pack_t>(0.f);
-            }
-            gemm(brg, m, D, npad, dSb.get(), BK, KB.get() + c * BK * D, D, dqacc.get(), D, true);
+            ops.accumulate(c, n, m, ST.get(), dPT.get(), dVacc.get() + c * BK * Dv, dKacc.get() + c * BK * D);
           }
-          for (int64_t r = 0; r < m; ++r)
-            for (int64_t d = 0; d < D; ++d) dqp[r * D + d] = dqacc[r * D + d] * p.scale;
+          ops.store_dq(m, p.scale, dqp);
         }
       }
       scalar_t* dk = static_cast<scalar_t*>(p.dk);
       scalar_t* dv = static_cast<scalar_t*>(p.dv);
       for (int64_t kt = kt0; kt < kt1; ++kt) {
         const int64_t k0 = kt * BK, n = std::min(BK, Lk - k0), c = kt - kt0;
-        scalar_t* dkr = dk + ((b * Hkv + hk) * Lk + k0) * D;
-        scalar_t* dvr = dv + ((b * Hkv + hk) * Lk + k0) * Dv;
-        const float* ka = dKacc.get() + c * BK * D;
-        const float* va = dVacc.get() + c * BK * Dv;
-        for (int64_t x = 0; x < n * D; ++x) dkr[x] = from_f<scalar_t>(ka[x] * p.scale);
-        for (int64_t x = 0; x < n * Dv; ++x) dvr[x] = from_f<scalar_t>(va[x]);
+        scale_store(dKacc.get() + c * BK * D, n * D, p.scale, dk + ((b * Hkv + hk) * Lk + k0) * D);
+        store_from_f32(dVacc.get() + c * BK * Dv, n * Dv, dv + ((b * Hkv + hk) * Lk + k0) * Dv);
       }
     }
-    release_brgemm(brg);
+    release_brgemm(vnni);
   });
 
   // dQ = the sum of the chunks' partials, in chunk order.
@@ -754,26 +1033,45 @@ void attn_bwd(const AttnParams& p) {
   });
 }
 
+// Only the AVX-512 build takes the native-bf16 brgemm path: the CPUs with a bf16 dot (avx512_bf16,
+// AMX) all have AVX-512, and the AVX2 and baseline builds must run their own instructions only
+// (brgemm JITs for the CPU it finds, whatever this file was compiled for).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kNativeBf16Path = true;
+#else
+constexpr bool kNativeBf16Path = false;
+#endif
+
+// The tile types per input dtype: fp32 and float16 always in fp32 tiles; bf16 in bf16 tiles where
+// brgemm has a native dot, else converted to fp32 tiles like float16.
 void fwd_entry(const AttnParams& p) {
-  if (!p.bf16)
-    attn_fwd<float, float>(p);
-  else if (p.bf16_brgemm)
-    attn_fwd<BFloat16, BFloat16>(p);
-  else
+  if constexpr (kNativeBf16Path) {
+    if (p.bf16 && p.bf16_brgemm) return attn_fwd<BFloat16, BFloat16>(p);
+  }
+  if (p.f16)
+    attn_fwd<Half, float>(p);
+  else if (p.bf16)
     attn_fwd<BFloat16, float>(p);
+  else
+    attn_fwd<float, float>(p);
 }
 
 void bwd_entry(const AttnParams& p) {
-  if (!p.bf16)
-    attn_bwd<float, float>(p);
-  else if (p.bf16_brgemm)
-    attn_bwd<BFloat16, BFloat16>(p);
-  else
+  if constexpr (kNativeBf16Path) {
+    if (p.bf16 && p.bf16_brgemm) return attn_bwd<BFloat16, BFloat16>(p);
+  }
+  if (p.f16)
+    attn_bwd<Half, float>(p);
+  else if (p.bf16)
     attn_bwd<BFloat16, float>(p);
+  else
+    attn_bwd<float, float>(p);
 }
 
-// Runs brgemm on a small odd-sized problem and compares with a plain loop.
-bool brgemm_selftest(bool bf16) {
+#if defined(CPU_CAPABILITY_AVX512)
+// Runs the bf16 brgemm on a small odd-sized problem and compares with a plain loop: false where the
+// CPU has no native bf16 dot (torch's brgemm refuses) or the result is wrong.
+bool brgemm_selftest() {
   try {
     const int64_t M = 5, N = 7, K = 6;
     float a[M * K], b[K * N], ref[M * N], c[M * N];
@@ -785,15 +1083,11 @@ bool brgemm_selftest(bool bf16) {
         for (int64_t k = 0; k < K; ++k) s += a[i * K + k] * b[k * N + j];
         ref[i * N + j] = s;
       }
-    if (bf16) {
-      BFloat16 ab[M * K], bb[K * N];
-      for (int64_t x = 0; x < M * K; ++x) ab[x] = BFloat16(a[x]);
-      pack_b(b, N, 1, K, N, K, N, bb);
-      gemm(true, M, N, K, ab, K, bb, N, c, N, false);
-    } else {
-      gemm(true, M, N, K, a, K, b, N, c, N, false);
-    }
-    at::native::cpublas::brgemm_release(bf16);
+    BFloat16 ab[M * K], bb[K * N];
+    for (int64_t x = 0; x < M * K; ++x) ab[x] = BFloat16(a[x]);
+    pack_b(b, N, 1, K, N, K, N, bb);
+    gemm_vnni(M, N, K, ab, K, bb, N, c, N, false);
+    at::native::cpublas::brgemm_release(true);
     for (int64_t x = 0; x < M * N; ++x)
       if (c[x] != ref[x]) return false;
     return true;
@@ -801,6 +1095,14 @@ bool brgemm_selftest(bool bf16) {
     return false;
   }
 }
+
+bool bf16_brgemm_ok() {
+  static const bool ok = brgemm_selftest();
+  return ok;
+}
+#else
+bool bf16_brgemm_ok() { return false; }
+#endif
 
 }  // namespace
 }  // namespace CPU_CAPABILITY

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "../attn_rules.h"
+
 namespace fastattn_cpu {
 
 enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };
@@ -18,7 +20,8 @@ struct AttnParams {
   const void* k;
   const void* v;
   int64_t q_s[4], k_s[4], v_s[4];
-  bool bf16;  // inputs are bfloat16 (else float32)
+  bool bf16;  // inputs are bfloat16
+  bool f16;   // inputs are float16 (neither: float32)
 
   // Mask tensor (B, Hq, Lq, Lk) read through its strides (0 on broadcast dims), or none.
   const void* mask;
@@ -30,17 +33,20 @@ struct AttnParams {
 
   int64_t BQ, BK;
   float scale;
-  int64_t left, right, q_offset;  // band: i + q_offset - left <= j <= i + q_offset + right, -1 unbounded
+  // The variant (band, chunk, softcap, ALiBi, sinks): csrc/attn_rules.h's rules apply it.
+  fastattn::rules::Variant variant;
   // Dropout (attn_cpu_dropout.h): the philox tensor's [seed, offset] and the drop rate; p = 0 means none.
   int64_t philox_seed, philox_offset;
   float dropout_p;
-  bool use_brgemm;   // fp32 GEMMs through oneDNN's brgemm ukernel (else the portable at::vec loop)
-  bool bf16_brgemm;  // bf16 inputs: bf16 GEMMs (VNNI-packed B) through brgemm (else converted to fp32)
+  // The lengths of the contract's element index (bh·drop_Lq + i)·drop_Lk + j: Lq and Lk for a dense batch; for a
+  // packed sequence, called alone, the call's maxima (with philox_offset advanced to its batch row).
+  int64_t drop_Lq, drop_Lk;
+  bool bf16_brgemm;  // bf16 inputs: bf16 GEMMs (VNNI-packed B) through brgemm (else fp32 tiles, converted)
 
   // Forward outputs: out (B, Hq, Lq, Dv) contiguous in the input dtype, lse (B, Hq, Lq) fp32.
   void* out;
   float* lse;
-  // Scratch for packed K/V tiles (forward) — sized by the dispatcher, see fwd_pack_elems().
+  // Scratch for packed K/V tiles (forward): Kernels::fwd_pack_elems elements, bf16 where bf16_brgemm, else fp32.
   void* kv_pack;
 
   // Backward inputs: grad_out and out (strided), lse (contiguous fp32).
@@ -65,7 +71,9 @@ struct Kernels {
   const char* isa;
   void (*fwd)(const AttnParams&);
   void (*bwd)(const AttnParams&);
-  bool (*brgemm_selftest)(bool bf16);
+  int64_t (*fwd_pack_elems)(const AttnParams&);
+  // Whether this build has the native-bf16 (brgemm, VNNI) path and it passed its self-test here.
+  bool (*bf16_brgemm_ok)();
 };
 
 // Each returns nullptr when that instruction set was not compiled in (non-GCC or non-x86).

@@ -20,23 +20,25 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "graph_cpu_params.h"
 
 namespace fastattn_cpu {
 namespace graph {
 namespace {
 
-const GraphKernels* select_kernels() {
-  static const GraphKernels* chosen = [] {
-    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    const GraphKernels* k = nullptr;
-    if (cap == "AVX512") k = graph_kernels_avx512();
-    if (k == nullptr && (cap == "AVX512" || cap == "AVX2")) k = graph_kernels_avx2();
-    if (k == nullptr) k = graph_kernels_default();
-    return k;
-  }();
-  return chosen;
+const GraphKernels* kernels_for(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return graph_kernels_avx512();
+    case Isa::kAvx2: return graph_kernels_avx2();
+    default: return graph_kernels_default();
+  }
 }
+
+bool compiled(Isa isa) { return kernels_for(isa) != nullptr; }
+
+// The attention kernels' rule (cpu_isa.h): FASTATTN_CPU_ISA, else the best build the CPU supports.
+const GraphKernels* select_kernels() { return kernels_for(resolve_isa(compiled)); }
 
 // FASTATTN_POISON=1 (tests): outputs and scratch start as NaN, so an element never written shows.
 void maybe_poison(std::initializer_list<at::Tensor*> ts) {

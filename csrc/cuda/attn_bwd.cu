@@ -157,9 +157,10 @@ struct Tile {
     static constexpr int kDkdvSmem = (2 * kKVElems + 2 * kQkvElems) * 2 + 2 * kBlockMkv * 4 + kXchgKv * 4;
     static constexpr int kDqSmem = (2 * kQdqElems + 2 * kKVdqElems) * 2 + kXchgDq * 4;
     static_assert(kDkdvSmem <= 163 * 1024 && kDqSmem <= 163 * 1024, "sm_80's opt-in shared memory limit");
-    // ptxas's default (no minimum) caps the dK/dV kernel at 168 registers for D = 64 and spills there;
-    // a minimum of 1 block lets it take what it needs (0 = no minimum: D = 32, 128 and 256 fit).
-    static constexpr int kDkdvMinBlocks = (D == 64 || D == 96) ? 1 : 0;
+    // ptxas's default (no minimum) caps the dK/dV kernel at 168 registers for D = 64 and spills there, and at
+    // 128 for D = 32 (spilling since the variants); a minimum of 1 block lets it take what it needs (0 = no
+    // minimum: D = 128 and 256 fit).
+    static constexpr int kDkdvMinBlocks = D <= 96 ? 1 : 0;
     static_assert(D % 32 == 0, "QKᵀ consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
 };
 
@@ -316,7 +317,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_preprocess_kernel(const Att
     }
 }
 
-template <class T, int D>
+// kMod: a softcap, ALiBi or chunk (a separate instantiation: the plain kernel's registers are untouched); the
+// band is runtime.
+template <class T, int D, bool kMod>
 __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dkdv_kernel(const AttnBwdParams p) {
     using Cfg = Tile<D>;
     constexpr int kLd = Cfg::kLd, kBM = kBlockMkv, kSub = Cfg::kSubKv;
@@ -342,7 +345,9 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
     const int k_last = min(k0 + kKeys, p.seqlen_k) - 1;
     const int n_q_tiles = (p.seqlen_q + kBM - 1) / kBM;
     const int n_k_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
-    const int left = p.window_left, right = p.window_right;
+    // kMod also covers a chunk here: the plain instantiation folds the chunk's code away (at D = 256 its registers
+    // spilled).
+    const rules::Variant var = kMod ? p.variant : rules::band_only(p.variant);
     const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
     const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
     load_rows<T, D, kKeys>(sK, kg, p.k_stride[2], k0, p.seqlen_k, tid);
@@ -371,20 +376,19 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
             index = p.q_index + row * n_q_tiles;
             state = p.q_state + row * n_q_tiles;
         } else {
-            // Query i sees key j iff j - q_offset - right <= i <= j - q_offset + left.
-            int64_t lo = right >= 0 ? int64_t(k0) - p.q_offset - right : 0;
-            int64_t hi = left >= 0 ? int64_t(k_last) - p.q_offset + left : int64_t(p.seqlen_q) - 1;
-            lo = lo < 0 ? 0 : lo;
-            hi = hi > p.seqlen_q - 1 ? int64_t(p.seqlen_q) - 1 : hi;
-            if (lo <= hi) {
-                tile_lo = int(lo / kBM);
-                n_iter = int(hi / kBM) - tile_lo + 1;
+            // The rows that see some key of this tile (band and chunk).
+            const rules::TileBounds32 tb = rules::narrow(rules::key_tile(var, k0, k_last, p.seqlen_q), p.seqlen_q);
+            if (tb.lo <= tb.hi) {
+                tile_lo = tb.lo / kBM;
+                n_iter = tb.hi / kBM - tile_lo + 1;
             }
         }
         const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
         const T* dog = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
         const int64_t bh = int64_t(b) * p.heads_q + h;
         const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
+        const rules::ScoreScale sc = rules::score_scale(p.scale, var.softcap, kLog2e);
+        const float slope2 = kMod ? rules::alibi_slope(var, b, h, kLog2e) : 0.f;
 
         for (int it = 0; it < n_iter; ++it) {
             const int mt = index ? index[it] : tile_lo + it;
@@ -405,9 +409,8 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
             if (state != nullptr) {
                 partial = state[mt] != kFull;
             } else {
-                const int64_t pos_first = int64_t(q0) + p.q_offset;
-                const int64_t pos_last = int64_t(min(q0 + kBM, p.seqlen_q) - 1) + p.q_offset;
-                partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
+                // Per query tile, from the rules (held across the loop, the bounds spilled at D = 256).
+                partial = !rules::tile_full(var, q0, min(q0 + kBM, p.seqlen_q) - 1, k0, k_last, p.seqlen_k);
             }
             // In sub-tiles of kSub queries (fewer live fp32 registers at large D). Sᵀ = K Qᵀ and dPᵀ = V dOᵀ:
             // 16 keys x kSub queries per warp; lane (g, t) holds [ni][e] at key k0 + 16kw + g + 8(e/2),
@@ -436,13 +439,19 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
 #pragma unroll
                         for (int c = 0; c < 2; ++c) {
                             const int iq = sub + ni * 8 + 2 * t + c, i = q0 + iq;
-                            float x = s[ni][2 * r + c] * scale_log2;
+                            float x, th = 0.f;
+                            if constexpr (kMod) {
+                                x = rules::scaled_score(s[ni][2 * r + c], sc, th) +
+                                    rules::alibi_bias(slope2, int64_t(i) + var.q_offset, j);
+                            } else {
+                                x = s[ni][2 * r + c] * scale_log2;
+                            }
                             bool keep = true;
                             if (partial || tail) {
                                 keep = j < p.seqlen_k;
                                 if (partial) {
-                                    const int64_t pos = int64_t(i) + p.q_offset;
-                                    keep = keep && (left < 0 || pos - left <= j) && (right < 0 || j <= pos + right);
+                                    // Band and chunk, per element (held per key, the bounds spilled at D = 256).
+                                    keep = keep && rules::allowed(var, int64_t(i) + var.q_offset, j);
                                     if (keep && p.mask != nullptr && i < p.seqlen_q)
                                         keep = apply_mask_value(p.mask_elem, p.mask,
                                                                 mask_bh + int64_t(i) * p.mask_stride[2] +
@@ -458,7 +467,9 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
                                 dpz = dropped(dpz, kept, p.dropout.scale);
                             }
                             s[ni][2 * r + c] = pz;
-                            dp[ni][2 * r + c] = prob * (dpz - sD[iq]);
+                            const float ds = prob * (dpz - sD[iq]);
+                            // The score's gradient before the softcap: times 1 - tanh² (attn_rules.h).
+                            dp[ni][2 * r + c] = (kMod && sc.softcap) ? rules::softcap_grad(ds, th) : ds;
                         }
                 }
                 // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end), over this warp's columns.
@@ -488,7 +499,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
 // 96, where it spilled), and narrower sub-tiles (32 keys at D = 64, 16 at D >= 128) keep it under 255
 // without spills (same accumulation order, so dQ is bit-identical to the plain kernel's). At D = 256 the
 // plain kernel takes the minimum of 1 block too (the default capped it at 168 on sm_90, spilling).
-template <class T, int D, bool kDs>
+template <class T, int D, bool kDs, bool kMod>
 __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdParams p) {
     using Cfg = Tile<D>;
     constexpr int kLd = Cfg::kLd, kBM = Cfg::kRowsDq, kKeys = Cfg::kKeysDq, kSub = kDs ? Cfg::kSubDqDs : Cfg::kSubDq;
@@ -508,7 +519,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
     const int h = int(blockIdx.y), b = int(blockIdx.z);
     const int hk = h / (p.heads_q / p.heads_kv);
     const int q0 = m_tile * kBM;
-    const int left = p.window_left, right = p.window_right;
+    const rules::Variant& var = p.variant;
     const int n_k_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
     const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
     const T* dog = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
@@ -517,8 +528,18 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
     const int64_t bh = int64_t(b) * p.heads_q + h;
     const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
     const int64_t dmask_bh = bh * p.seqlen_q * p.seqlen_k;  // dmask: contiguous (B, Hq, Lq, Lk)
-    const int64_t pos_first = int64_t(q0) + p.q_offset;
-    const int64_t pos_last = int64_t(min(q0 + kBM, p.seqlen_q) - 1) + p.q_offset;
+    // This query tile's keys and the keys all its rows attend (band and chunk), and each of this thread's two rows'
+    // keys, computed once: the loop over key tiles then does no division.
+    const rules::TileBounds32 tb =
+        rules::narrow(rules::row_tile(var, q0, min(q0 + kBM, p.seqlen_q) - 1, p.seqlen_k), p.seqlen_k);
+    int row_lo[2], row_hi[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int64_t lo, hi;
+        rules::row_bounds(var, int64_t(q0 + rw * 16 + g + 8 * r) + var.q_offset, p.seqlen_k, lo, hi);
+        row_lo[r] = rules::clamp_index(lo, p.seqlen_k);
+        row_hi[r] = rules::clamp_index(hi, p.seqlen_k);
+    }
 
     int n_iter = 0, tile_lo = 0;
     const int32_t* index = nullptr;
@@ -532,13 +553,9 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
         index = p.kv_index + row * n_k_tiles;
         state = p.kv_state + row * n_k_tiles;
     } else {
-        int64_t lo = left >= 0 ? pos_first - left : 0;
-        int64_t hi = right >= 0 ? pos_last + right : int64_t(p.seqlen_k) - 1;
-        lo = lo < 0 ? 0 : lo;
-        hi = hi > p.seqlen_k - 1 ? int64_t(p.seqlen_k) - 1 : hi;
-        if (lo <= hi) {
-            tile_lo = int(lo / kBlockN);
-            n_iter = int(hi / kBlockN) - tile_lo + 1;
+        if (tb.lo <= tb.hi) {
+            tile_lo = tb.lo / kBlockN;
+            n_iter = tb.hi / kBlockN - tile_lo + 1;
         }
     }
 
@@ -560,6 +577,8 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
         for (int e = 0; e < 4; ++e) dq[dn][e] = 0.f;
     const float scale_log2 = p.scale * kLog2e;
     const bool dropout = p.dropout.philox != nullptr;
+    const rules::ScoreScale sc = rules::score_scale(p.scale, var.softcap, kLog2e);
+    const float slope2 = kMod ? rules::alibi_slope(var, b, h, kLog2e) : 0.f;
 
     for (int it = 0; it < n_iter; ++it) {
         const int kt = index ? index[it] : tile_lo + it;
@@ -568,8 +587,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
         if (state != nullptr) {
             partial = state[kt] != kFull;
         } else {
-            const int64_t k_last = int64_t(min(k0 + kBlockN, p.seqlen_k)) - 1;
-            partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
+            partial = !rules::encloses(tb, k0, min(k0 + kBlockN, p.seqlen_k) - 1);
         }
         const bool tail = k0 + kBlockN > p.seqlen_k;
         // Dropout: the keep bits of this S tile (rows queries, columns keys), drawn before S is live (per key
@@ -600,7 +618,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int i = q0 + rw * 16 + g + 8 * r;
-                const int64_t pos = int64_t(i) + p.q_offset;
+                const int64_t pos = int64_t(i) + var.q_offset;
                 const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;
                 const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
                 const bool write_ds = kDs && i < p.seqlen_q && c0 == 0;  // one warp of a kSplit pair
@@ -610,12 +628,17 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
 #pragma unroll
                     for (int c = 0; c < 2; ++c) {
                         const int j = k0 + sub + ni * 8 + 2 * t + c;
-                        float x = s[ni][2 * r + c] * scale_log2;
+                        float x, th = 0.f;
+                        if constexpr (kMod) {
+                            x = rules::scaled_score(s[ni][2 * r + c], sc, th) + rules::alibi_bias(slope2, pos, j);
+                        } else {
+                            x = s[ni][2 * r + c] * scale_log2;
+                        }
                         bool keep = true;
                         if (partial || tail) {
                             keep = j < p.seqlen_k;
                             if (partial) {
-                                keep = keep && (left < 0 || pos - left <= j) && (right < 0 || j <= pos + right);
+                                keep = keep && j >= row_lo[r] && j <= row_hi[r];  // band and chunk
                                 if (keep && read_mask)
                                     keep = apply_mask_value(p.mask_elem, p.mask, mask_row + int64_t(j) * p.mask_stride[3], x);
                             }
@@ -623,9 +646,10 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
                         const float prob = keep ? exp2f(x - l2[r]) : 0.f;
                         float dpz = dp[ni][2 * r + c];
                         if (dropout) dpz = dropped(dpz, dropout::kept(bits, sub / 8 + ni, 2 * r + c), p.dropout.scale);
-                        dp[ni][2 * r + c] = prob * (dpz - dl[r]);
-                        if (write_ds && j < p.seqlen_k)
-                            store_mask_grad(p.mask_elem, p.dmask, dmask_row + j, dp[ni][2 * r + c]);
+                        const float ds = prob * (dpz - dl[r]);
+                        if (write_ds && j < p.seqlen_k) store_mask_grad(p.mask_elem, p.dmask, dmask_row + j, ds);
+                        // The score's gradient before the softcap: times 1 - tanh² (attn_rules.h).
+                        dp[ni][2 * r + c] = (kMod && sc.softcap) ? rules::softcap_grad(ds, th) : ds;
                     }
             }
             // dQ += dS K (scaled at the end), over this warp's columns.
@@ -663,8 +687,11 @@ template <class T, int D>
 const char* launch_typed(const AttnBwdParams& p, void* stream) {
     using Cfg = Tile<D>;
     auto* pre = &attn_bwd_preprocess_kernel<T, D>;
-    auto* dkdv = &attn_bwd_dkdv_kernel<T, D>;
-    auto* dqk = p.dmask != nullptr ? &attn_bwd_dq_kernel<T, D, true> : &attn_bwd_dq_kernel<T, D, false>;
+    const bool mod = p.variant.softcap > 0.f || p.variant.alibi != nullptr;
+    auto* dkdv = mod || p.variant.chunk > 0 ? &attn_bwd_dkdv_kernel<T, D, true> : &attn_bwd_dkdv_kernel<T, D, false>;
+    auto* dqk = p.dmask != nullptr
+                    ? (mod ? &attn_bwd_dq_kernel<T, D, true, true> : &attn_bwd_dq_kernel<T, D, true, false>)
+                    : (mod ? &attn_bwd_dq_kernel<T, D, false, true> : &attn_bwd_dq_kernel<T, D, false, false>);
 #ifndef FASTATTN_EMULATE
     if (const char* e = allow_smem(dkdv, Cfg::kDkdvSmem)) return e;
     if (const char* e = allow_smem(dqk, Cfg::kDqSmem)) return e;

@@ -28,9 +28,8 @@ struct AttnBwdParams {
     int64_t dq_stride[3], dk_stride[3], dv_stride[3];
     int batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
     float scale;
-    // The band of MaskSpec.bounds, as in AttnFwdParams.
-    int window_left, window_right;
-    int64_t q_offset;
+    // The variant, as in AttnFwdParams (the sinks are in lse: the kernels never read them).
+    rules::Variant variant;
     MaskElem mask_elem;
     const void* mask;
     int64_t mask_stride[4];

@@ -87,16 +87,17 @@ struct Tile {
     static constexpr bool kQInRegs = D <= 128;
     // D = 32 fits 128 registers without spilling (4 blocks per SM); larger D need more than the
     // 168 of 3 blocks per SM (ptxas spills there), so they take what they need (2 blocks per SM).
-    static constexpr int kMinBlocksPerSM = D <= 32 ? 4 : 1;
+    // A softcap or ALiBi (kMod) at D = 32 spills at 128 (136 bytes on sm_80): 3 blocks per SM.
+    static constexpr int min_blocks_per_sm(bool mod) { return D <= 32 ? (mod ? 3 : 4) : 1; }
     static constexpr int kQElems = kBlockM * kLd, kKVElems = kBN * kLd;
     static constexpr int kSmemBytes = (kQElems + 2 * kKVElems) * 2;
     static_assert(D % 32 == 0, "S = QK^T consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
 };
 
-FA_DEVICE int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
-
-template <class T, int D>
-__global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_kernel(const AttnFwdParams p) {
+// kMod: a softcap or ALiBi modifies every score (a separate instantiation, so the plain kernel's registers are
+// untouched); the band and the chunk (attn_rules.h's row bounds) and the sinks (the epilogue) are runtime.
+template <class T, int D, bool kMod>
+__global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) attn_fwd_kernel(const AttnFwdParams p) {
     using Cfg = Tile<D>;
     constexpr int kBN = Cfg::kBN, kLd = Cfg::kLd;
     FA_DYNAMIC_SMEM(T, smem);
@@ -113,14 +114,13 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_k
     const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
     const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
     const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-    const int left = p.window_left, right = p.window_right;
+    const rules::Variant& var = p.variant;
     const int n_k_tiles = (p.seqlen_k + kBN - 1) / kBN;
     const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
     const bool dropout = p.dropout.philox != nullptr;
-
-    // Band extremes of this query tile (positions of its first and last in-range rows).
-    const int64_t pos_first = int64_t(q0) + p.q_offset;
-    const int64_t pos_last = int64_t(min(q0 + kBlockM, p.seqlen_q) - 1) + p.q_offset;
+    // This query tile's keys and the keys all its rows attend (band and chunk), computed once.
+    const rules::TileBounds32 tb =
+        rules::narrow(rules::row_tile(var, q0, min(q0 + kBlockM, p.seqlen_q) - 1, p.seqlen_k), p.seqlen_k);
 
     // Which key tiles to visit: the summary's non-empty list, or the band's range.
     int n_iter = 0, tile_lo = 0;
@@ -133,13 +133,9 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_k
         index = p.kv_index + row * n_k_tiles;
         state = p.tile_state + row * n_k_tiles;
     } else {
-        int64_t lo = left >= 0 ? pos_first - left : 0;
-        int64_t hi = right >= 0 ? pos_last + right : int64_t(p.seqlen_k) - 1;
-        lo = lo < 0 ? 0 : lo;
-        hi = hi > p.seqlen_k - 1 ? int64_t(p.seqlen_k) - 1 : hi;
-        if (lo <= hi) {
-            tile_lo = int(lo / kBN);
-            n_iter = int(hi / kBN) - tile_lo + 1;
+        if (tb.lo <= tb.hi) {
+            tile_lo = tb.lo / kBN;
+            n_iter = tb.hi / kBN - tile_lo + 1;
         }
     }
 
@@ -158,6 +154,9 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_k
         fa::cp_async_commit();
     }
     const float scale_log2 = p.scale * kLog2e;
+    // kMod: scores in the exp2 domain through the rules (softcap, then ALiBi's -slope * |pos - j|).
+    const rules::ScoreScale sc = rules::score_scale(p.scale, var.softcap, kLog2e);
+    const float slope2 = kMod ? rules::alibi_slope(var, b, h, kLog2e) : 0.f;
 
     for (int it = 0; it < n_iter; ++it) {
         const int kt = index ? index[it] : tile_lo + it;
@@ -215,20 +214,21 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_k
         if (state != nullptr) {
             partial = state[kt] != kFull;
         } else {
-            const int64_t k_last = int64_t(min(k0 + kBN, p.seqlen_k)) - 1;
-            partial = !((left < 0 || pos_last - left <= k0) && (right < 0 || pos_first + right >= k_last));
+            partial = !rules::encloses(tb, k0, min(k0 + kBN, p.seqlen_k) - 1);
         }
         const bool tail = k0 + kBN > p.seqlen_k;
-        if (partial || tail) {
+        if (partial || tail || kMod) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                // Row i sees keys [j_lo, j_hi] of this tile (band and length), then the mask tensor.
+                // Row i sees keys [j_lo, j_hi] of this tile (band, chunk and length), then the mask tensor.
                 const int i = q0 + warp * 16 + g + 8 * r;
+                const int64_t pos = int64_t(i) + var.q_offset;
                 int j_lo = k0, j_hi = min(k0 + kBN, p.seqlen_k) - 1;
                 if (partial) {
-                    const int64_t pos = int64_t(i) + p.q_offset;
-                    if (left >= 0) j_lo = int(clamp64(pos - left, k0, int64_t(k0) + kBN));
-                    if (right >= 0) j_hi = int(clamp64(pos + right, int64_t(k0) - 1, j_hi));
+                    int64_t lo, hi;
+                    rules::row_bounds(var, pos, p.seqlen_k, lo, hi);
+                    j_lo = max(j_lo, rules::clamp_index(lo, p.seqlen_k));
+                    j_hi = min(j_hi, rules::clamp_index(hi, p.seqlen_k));
                 }
                 const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;
                 const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
@@ -237,7 +237,13 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_k
 #pragma unroll
                     for (int c = 0; c < 2; ++c) {
                         const int j = k0 + ni * 8 + 2 * t + c;
-                        float x = s[ni][2 * r + c] * scale_log2;
+                        float x;
+                        if constexpr (kMod) {
+                            float th;
+                            x = rules::scaled_score(s[ni][2 * r + c], sc, th) + rules::alibi_bias(slope2, pos, j);
+                        } else {
+                            x = s[ni][2 * r + c] * scale_log2;
+                        }
                         bool keep = j >= j_lo && j <= j_hi;
                         if (keep && read_mask)
                             keep = apply_mask_value(p.mask_elem, p.mask, mask_row + int64_t(j) * p.mask_stride[3], x);
@@ -317,7 +323,10 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_k
     for (int r = 0; r < 2; ++r) {
         row_sum[r] += fa::shfl_xor(row_sum[r], 1);
         row_sum[r] += fa::shfl_xor(row_sum[r], 2);
-        inv[r] = row_sum[r] > 0.f ? (dropout ? p.dropout.scale : 1.f) / row_sum[r] : 0.f;
+        float alpha = 1.f;  // the sink's logit joins the row's denominator once (attn_rules.h: add_sink)
+        if (var.sinks != nullptr)
+            alpha = rules::add_sink(rules::sink_logit(var, h, kLog2e), row_max[r], row_sum[r], true);
+        inv[r] = row_sum[r] > 0.f ? alpha * (dropout ? p.dropout.scale : 1.f) / row_sum[r] : 0.f;
     }
     T* sO = sQ + warp * 16 * kLd;
 #pragma unroll
@@ -350,7 +359,8 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocksPerSM) attn_fwd_k
 template <class T, int D>
 const char* launch_typed(const AttnFwdParams& p, void* stream) {
     constexpr int kSmem = Tile<D>::kSmemBytes;
-    auto* kernel = &attn_fwd_kernel<T, D>;
+    const bool mod = p.variant.softcap > 0.f || p.variant.alibi != nullptr;
+    auto* kernel = mod ? &attn_fwd_kernel<T, D, true> : &attn_fwd_kernel<T, D, false>;
 #ifndef FASTATTN_EMULATE
     if (kSmem > 48 * 1024) {
         const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);

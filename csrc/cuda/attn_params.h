@@ -4,6 +4,7 @@
 
 #include <stdint.h>
 
+#include "../attn_rules.h"
 #include "params.h"
 
 namespace fastattn {
@@ -31,10 +32,9 @@ struct AttnFwdParams {
     int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];  // batch, head, row
     int batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
     float scale;
-    // The band of MaskSpec.bounds (causal folded in): query i sees keys
-    // i + q_offset - window_left <= j <= i + q_offset + window_right; -1 leaves a side unbounded.
-    int window_left, window_right;
-    int64_t q_offset;
+    // The variant (csrc/attn_rules.h): the band of AttnParams.bounds (causal folded in), q_offset, chunk,
+    // softcap, ALiBi slopes and sinks.
+    rules::Variant variant;
     // Optional mask tensor, read through its (B, Hq, Lq, Lk) strides (0 on broadcast dims).
     MaskElem mask_elem;
     const void* mask;

@@ -4,7 +4,9 @@
 the same JIT path users take, then fails (exit 1) if
 
 * the test GEMM kernel's ptxas report (``-Xptxas -v``) shows spill stores or loads (other kernels' spills
-  are printed as warnings; ``--strict-spills`` fails on them too), or
+  are printed as warnings; ``--strict-spills`` fails on them too, except those a ``--known-spills`` file
+  lists, each with the most bytes it may spill and why: a spill that grows past its entry, or a new one,
+  still fails, and an entry that no longer spills is reported so that it is removed), or
 * the SASS (``cuobjdump -sass``) of the test GEMM or of any attention kernel that does matrix math
   (``attn_fwd_kernel``, ``attn_bwd_dkdv_kernel``, ``attn_bwd_dq_kernel``) has no ``HMMA``
   (tensor-core mma) for some arch.
@@ -92,12 +94,57 @@ def sass_counts(cuobjdump: str, library: str) -> dict[tuple[str, str], dict[str,
     return counts
 
 
+def load_known_spills(path: Optional[str]) -> list[dict]:
+    """Entries ``{"kernel": regex on the mangled name, "arch": "sm_90", "max_bytes": int, "why": str}``."""
+    if not path:
+        return []
+    entries = json.loads(Path(path).read_text())
+    for i, e in enumerate(entries):
+        missing = {"kernel", "arch", "max_bytes", "why"} - set(e)
+        if missing:
+            raise SystemExit(f"--known-spills: entry {i} of {path} lacks {sorted(missing)}")
+    return entries
+
+
+def spill_verdicts(rows: list[dict], strict: bool, known: list[dict]) -> tuple[list[str], list[str]]:
+    """``(failures, warnings)`` for the kernels' spills. The test GEMM must never spill; with ``strict``
+    every other spill fails unless a known entry covers it (same arch, name matches, at most its bytes)."""
+    failures, warnings, used = [], [], set()
+    for r in rows:
+        if not r["spill"]:
+            continue
+        message = f"{r['kernel']} ({r['arch']}) spills {r['spill']} bytes"
+        entry = next(
+            (i for i, e in enumerate(known) if e["arch"] == r["arch"] and re.search(e["kernel"], r["kernel"])), None
+        )
+        if "test_gemm" in r["kernel"]:
+            failures.append(message)
+        elif entry is not None and r["spill"] <= known[entry]["max_bytes"]:
+            used.add(entry)
+            warnings.append(f"{message} (known, at most {known[entry]['max_bytes']}: {known[entry]['why']})")
+        elif entry is not None:
+            used.add(entry)
+            failures.append(f"{message}, more than its known {known[entry]['max_bytes']} bytes")
+        elif strict:
+            failures.append(message)
+        else:
+            warnings.append(message)
+    for i, e in enumerate(known):
+        if i not in used:
+            warnings.append(f"known spill {e['kernel']!r} ({e['arch']}) no longer spills: remove its entry")
+    return failures, warnings
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="8.0;9.0")
     parser.add_argument("--fresh", action="store_true", help="rebuild even if cached, to time a clean build")
     parser.add_argument("--strict-spills", action="store_true", help="fail on any kernel's spills")
+    parser.add_argument(
+        "--known-spills", metavar="JSON", help="spills allowed up to a size, each with its reason (see the docstring)"
+    )
     args = parser.parse_args(argv)
+    known = load_known_spills(args.known_spills)
 
     from fastattn import _ext
 
@@ -131,12 +178,10 @@ def main(argv=None) -> int:
             f"{r['kernel'][:60]:60} {r['arch']:6} {r['registers'] or 0:>4} {r['smem']:>6} {r['spill'] or 0:>5} "
             f"{c.get('HMMA', '?'):>5} {c.get('LDSM', '?'):>5} {c.get('LDGSTS', '?'):>6}"
         )
-        if r["spill"]:
-            message = f"{r['kernel']} ({r['arch']}) spills {r['spill']} bytes"
-            if "test_gemm" in r["kernel"] or args.strict_spills:
-                failures.append(message)
-            else:
-                print(f"ci_check: WARNING: {message}")
+    spill_failures, spill_warnings = spill_verdicts(rows, args.strict_spills, known)
+    failures += spill_failures
+    for w in spill_warnings:
+        print(f"ci_check: WARNING: {w}")
     archs = {f"sm_{a.replace('.', '').removesuffix('+PTX')}" for a in _ext.arch_list(args.arch)}
     for arch in sorted(archs):
         gemm = [c for (fn, a), c in counts.items() if "test_gemm" in fn and "gemm_kernel" in fn and a == arch]

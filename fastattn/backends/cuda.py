@@ -1,21 +1,20 @@
-"""The CUDA backend (``backend="cuda"``): the hand-written FlashAttention-2-style forward kernel.
+"""The CUDA backend (``backend="cuda"``): hand-written FlashAttention-2-style forward and backward kernels.
 
-Kernel ``attn_fwd_kernel`` (``csrc/cuda/attn_fwd.cu``, design note at its top) → op
-``fastattn::cuda_attn_fwd`` (``csrc/attn_ops.cpp``) → :class:`CudaBackend` → the shared
-``AttentionFunction``. Importing this module is cheap and never fails: the extension is built
-(``fastattn._ext.load``) and its fake implementation registered on first use. With
-``FASTATTN_CUDA_EMULATE=1`` the same kernel source runs on CPU tensors through the emulator
-(``load("cuda_emulate")``, slow; for tests on machines without a GPU).
+Forward: kernel ``attn_fwd_kernel`` (``csrc/cuda/attn_fwd.cu``, design note at its top) → op
+``fastattn::cuda_attn_fwd`` (``csrc/attn_ops.cpp``) → :func:`attn_fwd`. Backward: kernels
+``attn_bwd_preprocess_kernel``, ``attn_bwd_dkdv_kernel``, ``attn_bwd_dq_kernel`` (``csrc/cuda/attn_bwd.cu``)
+→ op ``fastattn::cuda_attn_bwd`` (``csrc/attn_bwd_ops.cpp``) → :func:`attn_bwd`, deterministic. Both run
+through :class:`CudaBackend` and the shared ``AttentionFunction``.
 
-Backward: the CUDA backward kernels (``cuda_bwd``); where they cannot run, the Triton backend's
-kernels on CUDA tensors when Triton can run, else the float64-capable reference backend (always on
-CPU tensors under emulation). All take the forward's ``(out, lse)`` as they are.
+Importing this module is cheap and never fails: the extension is built (``fastattn._ext.load``) and the
+ops' fakes registered on first use. With ``FASTATTN_CUDA_EMULATE=1`` the same kernel sources run on CPU
+tensors through the emulator (``load("cuda_emulate")``, slow; for tests on machines without a GPU).
 
-Dropout follows the Triton backend's contract (``fastattn/backends/triton/dropout.py``), implemented
-bit for bit in ``csrc/cuda/dropout.cuh``: the forward draws ``philox = [seed, offset]`` on the device
-and returns ``saved = (philox,)``; the CUDA and Triton backwards regenerate the keep-mask from it, and
-for the reference backward (which replays an explicit mask) it is materialised by
-:func:`dropout_keep_mask`.
+The gradient of a float mask (``need_mask_grad``, a learned bias) is ``dS``, written ``(B, Hq, Lq, Lk)`` in
+the mask's dtype by the dQ pass (zeros in the tiles it skips); autograd then reduces it over the mask's
+broadcast dims. Dropout follows the shared contract (``backends/_philox.py``), implemented bit for bit in
+``csrc/cuda/dropout.cuh``: the kernels regenerate the keep-mask from the call's ``philox`` seed in both
+directions; :func:`dropout_keep_mask` materialises it (tests only).
 """
 
 from __future__ import annotations
@@ -26,20 +25,40 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .registry import Backend, get, names, register
+from ..masks import TileSummary
+from ..params import FEATURES, AttnParams
+from .registry import Backend, Capabilities, fake_backward, fake_forward, op_scalars, register
 
-__all__ = ["CudaBackend", "BLOCK_M", "HEAD_DIMS", "block_n", "attn_fwd", "dropout_keep_mask"]
+__all__ = [
+    "CudaBackend",
+    "BLOCK_M",
+    "HEAD_DIMS",
+    "BLOCK_N",
+    "BLOCK_M_KV",
+    "BLOCK_M_DQ",
+    "block_n",
+    "attn_fwd",
+    "attn_bwd",
+    "summaries",
+    "dropout_keep_mask",
+]
 
-BLOCK_M = 64  # query rows per block (csrc/cuda/attn_params.h: attn_fwd::kBlockM)
+BLOCK_M = 64  # forward: query rows per block (csrc/cuda/attn_params.h: attn_fwd::kBlockM)
 HEAD_DIMS = (32, 64, 96, 128, 256)  # the instantiated head dims (attn_params.h: kHeadDims)
+BLOCK_N = 64  # backward: keys per tile (csrc/cuda/attn_bwd_params.h: attn_bwd::kBlockN)
+BLOCK_M_KV = 32  # backward: query rows streamed past the dK/dV pass (kBlockMkv)
+BLOCK_M_DQ = 64  # backward: query rows resident in the dQ pass (kBlockMdq)
 _DTYPES = (torch.float16, torch.bfloat16)
+# Packed sequences: the ops take the layout arguments but the kernels have no packed path yet (they refuse
+# offsets), so the table must not claim it: varlen calls go to triton or cpu.
+_FEATURES = frozenset(FEATURES) - {"head_dim_v", "packed"}
 _MAX_GRID_YZ = 65535  # batch and heads are grid dims y and z
 
-_loaded_kind: Optional[str] = None  # "cuda" or "cuda_emulate" once that library is loaded and its fake registered
+_loaded_kind: Optional[str] = None  # "cuda" or "cuda_emulate" once that library is loaded and its fakes registered
 
 
 def block_n(head_dim: int) -> int:
-    """Key tile of the kernel for a head dim (attn_params.h: attn_fwd::block_n)."""
+    """Key tile of the forward kernel for a head dim (attn_params.h: attn_fwd::block_n)."""
     return 64 if head_dim <= 128 else 32
 
 
@@ -52,7 +71,7 @@ def _kind() -> str:
 
 
 def _ensure_loaded() -> None:
-    """Build (first use, cached) and load the extension, then register the op's fake implementation.
+    """Build (first use, cached) and load the extension, then register the ops' fake implementations.
 
     Once loaded, this and ``unavailable_reason`` touch no files, so ``torch.compile`` traces through them.
     """
@@ -62,15 +81,18 @@ def _ensure_loaded() -> None:
     from .. import _ext
 
     _ext.load(_kind())
-    torch.library.register_fake("fastattn::cuda_attn_fwd")(_cuda_attn_fwd_fake)
+    # The registry's shared fakes (one per direction, as every backend's op).
+    torch.library.register_fake("fastattn::cuda_attn_fwd")(fake_forward)
+    torch.library.register_fake("fastattn::cuda_attn_bwd")(fake_backward)
     torch.library.register_fake("fastattn::cuda_dropout_keep_mask")(_cuda_dropout_keep_mask_fake)
     _loaded_kind = _kind()
 
 
-def _cuda_attn_fwd_fake(q, k, v, mask, tile_state, kv_count, kv_index, scale, window_left, window_right, q_offset,
-                        philox=None, dropout_p=0.0):  # fmt: skip
-    out = q.new_empty(q.shape)
-    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+def _variant_args(params: AttnParams) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The ALiBi slopes and the sinks as the kernels read them: contiguous float32, or None."""
+    alibi = None if params.alibi is None else params.alibi.float().contiguous()
+    sinks = None if params.sinks is None else params.sinks.detach().float().contiguous()
+    return alibi, sinks
 
 
 def _cuda_dropout_keep_mask_fake(philox, batch, heads_q, seqlen_q, seqlen_k, dropout_p):
@@ -80,44 +102,162 @@ def _cuda_dropout_keep_mask_fake(philox, batch, heads_q, seqlen_q, seqlen_k, dro
 def dropout_keep_mask(philox: Tensor, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, p: float) -> Tensor:
     """The keep-mask the CUDA kernels apply, ``(B, Hq, Lq, Lk)`` bool (``fastattn::cuda_dropout_keep_mask``).
 
-    Same arguments and result as the Triton backend's ``dropout_keep_mask``; the attention kernels never
-    materialise it (tests, and the reference backward replaying a CUDA forward).
+    Same arguments and result as ``backends._philox.keep_mask``; the attention kernels never materialise it
+    (tests of the kernels' bits).
     """
     _ensure_loaded()
     return torch.ops.fastattn.cuda_dropout_keep_mask(philox, batch, heads_q, seqlen_q, seqlen_k, float(p)).bool()
 
 
-def attn_fwd(
-    q: Tensor, k: Tensor, v: Tensor, spec, scale: float, dropout_p: float = 0.0, philox: Optional[Tensor] = None
-) -> tuple[Tensor, Tensor]:
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, params: AttnParams, philox: Optional[Tensor] = None):
     """Run ``fastattn::cuda_attn_fwd``: ``(out (B, Hq, Lq, D), lse (B, Hq, Lq) fp32)``.
 
-    Builds (or reuses, cached on ``spec``) the tile summary for the kernel's block when there is a
-    mask tensor; the band (causal, window, q_offset) is handled inside the kernel analytically.
-    With ``dropout_p > 0``, ``philox`` is the ``[seed, offset]`` tensor of ``philox_seed_offset``.
+    Builds (or reuses, cached on ``params``) the tile summary for the kernel's block when there is a mask
+    tensor; the band (causal, window, q_offset) is handled inside the kernel analytically.
     """
-    if dropout_p > 0.0 and philox is None:
+    if params.dropout_p > 0.0 and philox is None:
         raise ValueError("philox: expected the [seed, offset] int64 tensor when dropout_p > 0, got None")
     _ensure_loaded()
-    state = count = index = None
-    if spec.tensor is not None:
-        summary = spec.tile_summary(BLOCK_M, block_n(q.shape[-1]))
-        state, count, index = summary.state, summary.kv_count, summary.kv_index
-    left, right = spec.bounds
+    summary = []
+    if params.mask is not None:
+        s = params.tile_summary(BLOCK_M, block_n(q.shape[-1]))
+        summary = [s.state, s.kv_count, s.kv_index]
     return torch.ops.fastattn.cuda_attn_fwd(
-        q, k, v, spec.tensor, state, count, index, float(scale), left, right, spec.q_offset,
-        philox if dropout_p > 0.0 else None, float(dropout_p),
+        q, k, v, params.mask, *_variant_args(params), summary, philox if params.dropout_p > 0.0 else None,
+        *op_scalars(params), [BLOCK_M, block_n(q.shape[-1])],
     )  # fmt: skip
+
+
+def summaries(params: AttnParams) -> list[Tensor]:
+    """``[kv_state, kv_count, kv_index, q_state, q_count, q_index]`` for a mask tensor, else ``[]``.
+
+    The dQ pass walks the summary for ``(BLOCK_M_DQ, BLOCK_N)``; the dK/dV pass walks the transpose of the
+    one for ``(BLOCK_M_KV, BLOCK_N)``: per key tile, its non-empty query tiles (``(Bm, Hm, nK, nQ)``).
+    """
+    if params.mask is None:
+        return []
+    s_dq = params.tile_summary(BLOCK_M_DQ, BLOCK_N)
+    s_kv = params.tile_summary(BLOCK_M_KV, BLOCK_N)
+    t = TileSummary.from_state(BLOCK_N, BLOCK_M_KV, s_kv.state.transpose(-1, -2).contiguous())
+    return [s_dq.state, s_dq.kv_count, s_dq.kv_index, t.state, t.kv_count, t.kv_index]
+
+
+def attn_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    params: AttnParams,
+    philox: Optional[Tensor],
+    need_mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """``(dq, dk, dv, dmask or None)`` from the forward's ``(out, lse)``: the Triton backward's contract.
+
+    ``philox``: the call's dropout seed. ``dmask`` only when ``need_mask_grad`` (a float mask):
+    ``(B, Hq, Lq, Lk)`` in the mask's dtype. Only the lse format matters (natural log, ``(B, Hq, Lq)``, -inf
+    for a row that attends nothing; cast to fp32 here), not which forward produced it. Deterministic:
+    bit-identical run to run.
+    """
+    if need_mask_grad and (params.mask is None or not params.mask.dtype.is_floating_point):
+        got = "no mask" if params.mask is None else f"a {params.mask.dtype} mask"
+        raise ValueError(f"need_mask_grad: expected a floating attn_mask to differentiate, got {got}")
+    if params.dropout_p > 0.0 and (philox is None or philox.dtype != torch.int64 or philox.shape != (2,)):
+        raise ValueError(f"philox: expected the call's int64 [seed, offset] tensor when dropout_p > 0, got {philox}")
+    _ensure_loaded()
+    alibi, _ = _variant_args(params)
+    dq, dk, dv, dmask = torch.ops.fastattn.cuda_attn_bwd(
+        grad_out, q, k, v, out, lse.float(), params.mask, alibi, summaries(params),
+        philox if params.dropout_p > 0.0 else None, *op_scalars(params), [BLOCK_M_DQ, BLOCK_N, BLOCK_M_KV],
+        bool(need_mask_grad),
+    )  # fmt: skip
+    return dq, dk, dv, (dmask if need_mask_grad else None)
+
+
+def _workers(device: torch.device) -> int:
+    """SMs to fill with ``(batch, kv head, split)`` blocks; 2 under emulation (enough to exercise splits)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+@torch.library.custom_op("fastattn::kvcache_fwd_cuda", mutates_args=("key_cache", "value_cache"))
+def kvcache_fwd_cuda(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    key: Optional[Tensor],
+    value: Optional[Tensor],
+    block_table: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
+    sinks: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    """The CUDA split-KV kernel (``csrc/cuda/decode.cu``, op ``fastattn::cuda_kvcache_fwd``) after the append;
+    splits fill the SMs (``backends/_kvcache.py``: the schema and fake every backend's op shares)."""
+    from ..kvcache import append_, choose_splits
+    from ._kvcache import capacity
+
+    _ensure_loaded()
+    append_(key_cache, value_cache, cache_seqlens, key, value, block_table)
+    batch, heads_kv = query.shape[0], key_cache.shape[1]
+    splits = num_splits or choose_splits(
+        batch * heads_kv, _workers(query.device), capacity(key_cache, block_table), 256
+    )
+    new = 0 if key is None else key.shape[2]
+    return torch.ops.fastattn.cuda_kvcache_fwd(
+        query, key_cache, value_cache, cache_seqlens.contiguous(), new, block_table, alibi_slopes, sinks, scale,
+        window_left, window_right, softcap, splits,
+    )  # fmt: skip
+
+
+def _kvcache_fake(*args):
+    from ._kvcache import fake_kvcache
+
+    return fake_kvcache(*args)
+
+
+kvcache_fwd_cuda.register_fake(_kvcache_fake)
 
 
 class CudaBackend(Backend):
     name = "cuda"
     description = (
-        "hand-written CUDA forward kernel (FlashAttention-2 schedule: mma.sync/ldmatrix/cp.async, masks with "
-        "tile skipping, GQA, dropout with Triton's Philox stream; fp16/bf16, head dims 32/64/96/128/256) and "
-        "backward (deterministic, the same head dims, float-mask gradient, dropout). "
-        "FASTATTN_CUDA_EMULATE=1 runs the kernel source on CPU tensors (slow; tests)"
+        "hand-written CUDA kernels (FlashAttention-2 schedule: mma.sync/ldmatrix/cp.async, masks with tile "
+        "skipping, GQA, dropout with the shared Philox stream; fp16/bf16, head dims 32/64/96/128/256), forward "
+        "and deterministic backward with the float-mask gradient. FASTATTN_CUDA_EMULATE=1 runs the kernel "
+        "source on CPU tensors (slow; tests)"
     )
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return Capabilities(
+            devices=("cpu",) if _emulating() else ("cuda",), dtypes=_DTYPES, head_dims=HEAD_DIMS, features=_FEATURES
+        )
+
+    @property
+    def kvcache_capabilities(self) -> Capabilities:  # type: ignore[override]
+        """The decode kernel (``csrc/cuda/decode.cu``): fp16/bf16, any head dims up to 256, every feature."""
+        return Capabilities(
+            devices=("cpu",) if _emulating() else ("cuda",), dtypes=_DTYPES, max_head_dim=256,
+            features=frozenset(FEATURES),
+        )  # fmt: skip
+
+    def kvcache_forward(
+        self, query, key_cache, value_cache, cache_seqlens, key, value, block_table, params, num_splits
+    ):
+        from ._kvcache import op_args
+
+        _ensure_loaded()
+        return kvcache_fwd_cuda(
+            query, key_cache, value_cache, cache_seqlens, key, value, block_table, *op_args(params, num_splits)
+        )
 
     def unavailable_reason(self) -> Optional[str]:
         kind = _kind()
@@ -138,50 +278,18 @@ class CudaBackend(Backend):
         reason = _ext.unavailable_reason(kind)
         return f"cannot build the {kind} extension: {reason}" if reason else None
 
-    def unsupported_reason(self, problem, spec, dropout_p) -> Optional[str]:
-        device = problem.device
-        if _emulating():
-            if device.type != "cpu":
-                return f"FASTATTN_CUDA_EMULATE=1 runs the kernel on CPU tensors, got device {device}"
-        elif device.type != "cuda":
-            return f"expected CUDA tensors (or CPU tensors with FASTATTN_CUDA_EMULATE=1), got device {device}"
-        elif torch.cuda.get_device_capability(device)[0] < 8:
+    def extra_reason(self, params) -> Optional[str]:
+        if params.device.type == "cuda" and torch.cuda.get_device_capability(params.device)[0] < 8:
             return "the kernel needs compute capability 8.0 or newer (mma.m16n8k16, cp.async)"
-        if problem.dtype not in _DTYPES:
-            return f"dtype {problem.dtype} is not supported (torch.float16 or torch.bfloat16)"
-        if problem.head_dim not in HEAD_DIMS:
-            return f"head_dim {problem.head_dim} is not supported (one of {', '.join(map(str, HEAD_DIMS))})"
-        if problem.head_dim_v != problem.head_dim:
-            return f"head_dim_v {problem.head_dim_v} must equal head_dim {problem.head_dim}"
-        if problem.batch > _MAX_GRID_YZ or problem.heads_q > _MAX_GRID_YZ:
-            return f"batch and heads must be at most {_MAX_GRID_YZ}, got {problem.batch} and {problem.heads_q}"
+        if params.batch > _MAX_GRID_YZ or params.heads_q > _MAX_GRID_YZ:
+            return f"batch and heads must be at most {_MAX_GRID_YZ}, got {params.batch} and {params.heads_q}"
         return None
 
-    def forward(self, q, k, v, spec, scale, dropout_p):
-        from ._philox import philox_seed_offset
+    def forward(self, q, k, v, params, philox):
+        return attn_fwd(q, k, v, params, philox)
 
-        philox = philox_seed_offset(q.device) if dropout_p > 0.0 else None
-        out, lse = attn_fwd(q, k, v, spec, scale, dropout_p, philox)
-        return out, lse, (() if philox is None else (philox,))
-
-    def backward_backend(self, device: torch.device) -> Backend:
-        """The backend whose backward runs where the CUDA backward kernel cannot (``cuda_bwd.unsupported_reason``)."""
-        if device.type == "cuda" and "triton" in names():
-            triton = get("triton")
-            if triton.unavailable_reason() is None:
-                return triton
-        return get("reference")
-
-    def backward(self, grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad):
-        from . import cuda_bwd
-
-        if cuda_bwd.unsupported_reason(q, v, dropout_p, need_mask_grad) is None:
-            return cuda_bwd.attn_bwd(grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad)
-        fallback = self.backward_backend(q.device)
-        if dropout_p > 0.0 and fallback.name == "reference":  # it replays an explicit mask, not a philox seed
-            (philox,) = saved
-            saved = (dropout_keep_mask(philox, q.shape[0], q.shape[1], q.shape[2], k.shape[2], dropout_p),)
-        return fallback.backward(grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad)
+    def backward(self, grad_out, q, k, v, out, lse, params, philox, need_mask_grad):
+        return attn_bwd(grad_out, q, k, v, out, lse, params, philox, need_mask_grad)
 
 
 register(CudaBackend())

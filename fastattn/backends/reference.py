@@ -1,10 +1,10 @@
 """The oracle as a registered backend (``backend="reference"``), through ``torch.library`` ops.
 
-It runs anywhere torch runs, takes every input the entry point accepts (float64 included) and is
-the automatic choice's last resort. Its backward works from the saved ``out`` and ``lse`` as the
-fused kernels do, so it also serves blocks of a larger softmax (ring attention). Dropout draws an
-explicit keep-mask from torch's generator in forward and saves it, so backward replays exactly
-the same mask.
+It runs anywhere torch runs, takes every input the entry point accepts (float64 included) and is the
+automatic choice's last resort. Its backward works from the saved ``out`` and ``lse`` as the fused kernels
+do, so it also serves blocks of a larger softmax (ring attention) and any backend's backward fallback.
+Dropout applies the shared contract's keep-mask (``_philox.keep_mask``) drawn from the call's seed, the
+same numbers the kernels draw, so a forward on one backend and a backward here agree.
 """
 
 from __future__ import annotations
@@ -15,19 +15,24 @@ import torch
 from torch import Tensor
 
 from .. import reference as oracle
-from ..masks import MaskSpec
-from .registry import Backend, register
+from ..params import AttnParams
+from ._philox import keep_mask
+from .registry import Backend, Capabilities, fake_backward, fake_forward, op_layout, op_scalars, register
 
 
-def _spec(q: Tensor, k: Tensor, mask: Optional[Tensor], window_left: int, window_right: int, q_offset: int) -> MaskSpec:
-    return MaskSpec(
-        seqlen_q=q.shape[2],
-        seqlen_k=k.shape[2],
-        window=(window_left, window_right),
-        q_offset=q_offset,
-        tensor=mask,
-        base=mask,
-    )
+def _params(q, k, v, mask, alibi_slopes, sinks, scale, dropout_p, window_left, window_right, q_offset, chunk,
+            softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> AttnParams:  # fmt: skip
+    return AttnParams.for_tensors(
+        q, k, v, scale, mask=mask, alibi=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
+        window=(window_left, window_right), q_offset=q_offset, chunk=chunk, softcap=softcap,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+    )  # fmt: skip
+
+
+def _keep(philox: Optional[Tensor], q: Tensor, k: Tensor, dropout_p: float) -> Optional[Tensor]:
+    if dropout_p <= 0.0:
+        return None
+    return keep_mask(philox, q.shape[0], q.shape[1], q.shape[2], k.shape[2], dropout_p)
 
 
 @torch.library.custom_op("fastattn::reference_fwd", mutates_args=())
@@ -36,22 +41,31 @@ def reference_fwd(
     k: Tensor,
     v: Tensor,
     mask: Optional[Tensor],
-    keep_mask: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
+    sinks: Optional[Tensor],
+    summary: list[Tensor],
+    philox: Optional[Tensor],
     scale: float,
+    dropout_p: float,
     window_left: int,
     window_right: int,
     q_offset: int,
-    dropout_p: float,
+    chunk: int,
+    softcap: float,
+    blocks: list[int],
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    spec = _spec(q, k, mask, window_left, window_right, q_offset)
-    return oracle.attention_forward(q, k, v, spec, scale, keep_mask, dropout_p)
+    params = _params(q, k, v, mask, alibi_slopes, sinks, scale, dropout_p, window_left, window_right, q_offset,
+                     chunk, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)  # fmt: skip
+    if params.is_packed:
+        return oracle.packed_forward(q, k, v, params, philox)
+    return oracle.attention_forward(q, k, v, params, _keep(philox, q, k, dropout_p))
 
 
-@reference_fwd.register_fake
-def _(q, k, v, mask, keep_mask, scale, window_left, window_right, q_offset, dropout_p):
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return out, q.new_empty(q.shape[:-1], dtype=lse_dtype)
+reference_fwd.register_fake(fake_forward)
 
 
 @torch.library.custom_op("fastattn::reference_bwd", mutates_args=())
@@ -63,45 +77,62 @@ def reference_bwd(
     out: Tensor,
     lse: Tensor,
     mask: Optional[Tensor],
-    keep_mask: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
+    summary: list[Tensor],
+    philox: Optional[Tensor],
     scale: float,
+    dropout_p: float,
     window_left: int,
     window_right: int,
     q_offset: int,
-    dropout_p: float,
+    chunk: int,
+    softcap: float,
+    blocks: list[int],
+    need_mask_grad: bool,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    spec = _spec(q, k, mask, window_left, window_right, q_offset)
-    dq, dk, dv, ds = oracle.attention_backward(grad_out, q, k, v, spec, scale, keep_mask, dropout_p, out=out, lse=lse)
-    dmask_dtype = mask.dtype if mask is not None and mask.dtype.is_floating_point else q.dtype
-    return dq, dk, dv, ds.to(dmask_dtype)
+    params = _params(q, k, v, mask, alibi_slopes, None, scale, dropout_p, window_left, window_right, q_offset,
+                     chunk, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)  # fmt: skip
+    if params.is_packed:
+        dq, dk, dv = oracle.packed_backward(grad_out, q, k, v, out, lse, params, philox)
+        return dq, dk, dv, q.new_empty(0)
+    keep = _keep(philox, q, k, dropout_p)
+    dq, dk, dv, ds, _ = oracle.attention_backward(grad_out, q, k, v, params, keep, out=out, lse=lse)
+    dmask = ds.to(mask.dtype) if need_mask_grad else q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask
 
 
-@reference_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, mask, keep_mask, scale, window_left, window_right, q_offset, dropout_p):
-    dmask_dtype = mask.dtype if mask is not None and mask.dtype.is_floating_point else q.dtype
-    scores = q.new_empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=dmask_dtype)
-    # The real op's gradients come out of matmuls: contiguous, whatever the inputs' strides.
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), scores
+reference_bwd.register_fake(fake_backward)
 
 
 class ReferenceBackend(Backend):
     name = "reference"
-    description = "the float64-capable oracle: naive O(L^2) memory, any device and dtype"
+    description = "the float64-capable oracle: naive O(L^2) memory, any device and dtype, every feature"
+    capabilities = Capabilities(devices=None, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    kvcache_capabilities = capabilities
 
-    def forward(self, q, k, v, spec, scale, dropout_p):
-        keep = None
-        if dropout_p > 0.0:
-            keep = torch.rand(q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device) >= dropout_p
-        left, right = spec.bounds
-        out, lse = reference_fwd(q, k, v, spec.tensor, keep, scale, left, right, spec.q_offset, dropout_p)
-        return out, lse, (() if keep is None else (keep,))
+    def kvcache_forward(
+        self, query, key_cache, value_cache, cache_seqlens, key, value, block_table, params, num_splits
+    ):
+        from ._kvcache import kvcache_fwd_reference, op_args
 
-    def backward(self, grad_out, q, k, v, out, lse, spec, scale, dropout_p, saved, need_mask_grad):
-        keep = saved[0] if saved else None
-        left, right = spec.bounds
-        dq, dk, dv, dmask = reference_bwd(
-            grad_out, q, k, v, out, lse, spec.tensor, keep, scale, left, right, spec.q_offset, dropout_p
+        return kvcache_fwd_reference(
+            query, key_cache, value_cache, cache_seqlens, key, value, block_table, *op_args(params, num_splits)
         )
+
+    def forward(self, q, k, v, params, philox):
+        return reference_fwd(
+            q, k, v, params.mask, params.alibi, params.sinks, [], philox, *op_scalars(params), [], *op_layout(params)
+        )
+
+    def backward(self, grad_out, q, k, v, out, lse, params, philox, need_mask_grad):
+        dq, dk, dv, dmask = reference_bwd(
+            grad_out, q, k, v, out, lse, params.mask, params.alibi, [], philox, *op_scalars(params), [],
+            bool(need_mask_grad), *op_layout(params),
+        )  # fmt: skip
         return dq, dk, dv, (dmask if need_mask_grad else None)
 
 

@@ -19,8 +19,16 @@ keeps dQ, and sends the dK/dV accumulators along with the key/value shard they b
 a full turn they arrive at their owner. At most two key/value shards are in flight per rank (the
 one in hand and the one arriving), never the whole sequence.
 
-Blocks that causality or the window leave empty are skipped without a kernel launch. A rank
+Blocks that causality, the window or the chunk leave empty are skipped without a kernel launch. A rank
 that fails makes the others fail within the process group's timeout instead of hanging.
+
+Variants: positions are global, so the band, ALiBi (``-slope·|pos − j|`` depends on the difference only)
+and the softcap pass through to each block with the block's ``q_offset``. ``chunk`` compares absolute
+positions: a block whose key shard chunk starts on a chunk boundary keeps the rule as it is; when the
+shard chunks are smaller than the attention chunks and divide them, a whole block is in or out, decided
+here; other sizes are refused. The ``sinks`` enter the merge once, after every block has been merged
+(``variants.merge_sinks``), not once per shard: blocks run without them. Their gradient on a rank is the
+contribution of that rank's queries (sum it over ranks as for any replicated parameter, e.g. DDP does).
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import variants
 from .._validate import validate
-from ..backends.registry import choose
-from ..masks import EMPTY, _band_tile_state
+from ..backends.registry import choose, run_backward
+from ..params import AttnParams
 
 __all__ = ["ring_attention", "shard_sequence", "unshard_sequence"]
 
@@ -96,9 +105,7 @@ class _Config:
     world: int
     rank: int
     is_causal: bool
-    window: Optional[tuple[int, int]]
-    scale: Optional[float]
-    enable_gqa: bool
+    params: AttnParams  # of the local shards, every variant in it; each block replaces sizes and q_offset
     backend: Optional[str]
     timeout: Optional[timedelta]
 
@@ -106,31 +113,50 @@ class _Config:
 def _pairs(cfg: _Config, owner: int, length_q: int, length_k: int):
     """Non-empty (q chunk, k chunk) pairs between this rank's queries and ``owner``'s keys.
 
-    Yields ``(q_local_start, q_len, k_local_start, k_len, q_offset)``.
+    Yields ``(q_local_start, q_len, k_local_start, k_len, q_offset, chunk)``: the block's ``chunk`` rule
+    (0 when the whole block lies inside one attention chunk, see the module docstring).
     """
     q_chunks = _layout(cfg.rank, cfg.world, cfg.is_causal, length_q)
     k_chunks = _layout(owner, cfg.world, cfg.is_causal, length_k)
-    left, right = cfg.window if cfg.window is not None else (-1, -1)
-    if cfg.is_causal:
-        right = 0 if right < 0 else min(right, 0)
+    left, right = cfg.params.bounds
+    chunk = cfg.params.chunk
     q_local = 0
     for qs, qn in q_chunks:
         k_local = 0
         for ks, kn in k_chunks:
             offset = qs - ks
-            state = _band_tile_state(qn, kn, left, right, offset, max(qn, 1), max(kn, 1), "cpu")
-            if int(state.max()) != EMPTY:
-                yield q_local, qn, k_local, kn, offset
+            block_chunk = chunk
+            if chunk and ks % chunk:  # shard chunks inside attention chunks: the block is wholly in or out
+                block_chunk = 0
+                same = qs // chunk == ks // chunk
+            else:
+                same = True
+            state = variants.tile_states(qn, kn, left, right, offset, block_chunk, max(qn, 1), max(kn, 1))
+            if same and int(state.max()) != variants.EMPTY:
+                yield q_local, qn, k_local, kn, offset, block_chunk
             k_local += kn
         q_local += qn
 
 
-def _block_call(cfg: _Config, q, k, v, mask, q_offset):
-    """Problem, normalised tensors, MaskSpec and the chosen backend for one block."""
-    problem, q4, k4, v4, spec = validate(
-        q, k, v, mask, 0.0, cfg.is_causal, cfg.scale, cfg.enable_gqa, cfg.window, q_offset
-    )
-    return problem, q4, k4, v4, spec, choose(cfg.backend, problem, spec, 0.0)
+def _check_chunk(chunk: int, length: int, world: int, is_causal: bool) -> None:
+    shard_chunk = length // _chunks(world, is_causal)
+    if chunk and shard_chunk % chunk and chunk % shard_chunk:
+        raise ValueError(
+            f"chunk: expected a size that divides, or is a multiple of, the length of a shard chunk ({shard_chunk}: "
+            f"the sequence over {_chunks(world, is_causal)} chunks), got {chunk}"
+        )
+
+
+def _block_call(cfg: _Config, q, k, v, mask, q_offset, chunk):
+    """Params, normalised tensors and the chosen backend for one block (no sinks: they join at the merge)."""
+    alibi = cfg.params.alibi
+    if alibi is not None and alibi.shape[0] == 1:  # (1, Hq) → (Hq,), as the entry point takes it
+        alibi = alibi[0]
+    params, q4, k4, v4 = validate(
+        q, k, v, mask, 0.0, cfg.params.causal, cfg.params.scale, cfg.params.heads_q != cfg.params.heads_kv,
+        cfg.params.window, q_offset, softcap=cfg.params.softcap or None, alibi_slopes=alibi, chunk=chunk or None,
+    )  # fmt: skip
+    return params, q4, k4, v4, choose(cfg.backend, params)
 
 
 def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
@@ -198,11 +224,10 @@ class _Block:
     qn: int
     ks: int  # rows [ks, ks + kn) of the key/value shard in hand
     kn: int
-    problem: object
+    params: AttnParams
     q: Tensor
     k: Tensor
     v: Tensor
-    spec: object
     backend: object
 
 
@@ -220,26 +245,31 @@ def _ring_steps(cfg: _Config, ring: _Ring, q: Tensor, k: Tensor, v: Tensor, mask
         kb, vb = shard[0], shard[1]
         mb = shard[2] if mask is not None else None
         blocks = []
-        for qs, qn, ks, kn, offset in _pairs(cfg, owner, length_q, length_k):
+        for qs, qn, ks, kn, offset, chunk in _pairs(cfg, owner, length_q, length_k):
             qc, kc, vc = q[..., qs : qs + qn, :], kb[..., ks : ks + kn, :], vb[..., ks : ks + kn, :]
             mc = mb[..., ks : ks + kn] if mb is not None else None
-            blocks.append(_Block(qs, qn, ks, kn, *_block_call(cfg, qc, kc, vc, mc, offset)))
+            blocks.append(_Block(qs, qn, ks, kn, *_block_call(cfg, qc, kc, vc, mc, offset, chunk)))
         yield blocks
         if pending is not None:
             requests, shard = pending
             ring.finish(requests)
 
 
-def _ring_forward(cfg: _Config, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
+def _ring_forward(cfg: _Config, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], sinks: Optional[Tensor]):
     acc = _acc_dtype(q.dtype)
     out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=acc, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
     for blocks in _ring_steps(cfg, _Ring(cfg), q, k, v, mask):
         for b in blocks:
-            block_out, block_lse, _ = b.backend.forward(b.q, b.k, b.v, b.spec, b.problem.scale, 0.0)
-            if b.problem.three_d:
+            block_out, block_lse = b.backend.forward(b.q, b.k, b.v, b.params, None)
+            if b.params.three_d:
                 block_out, block_lse = block_out.squeeze(0), block_lse.squeeze(0)
             _merge(out[..., b.qs : b.qs + b.qn, :], lse[..., b.qs : b.qs + b.qn], block_out, block_lse)
+    if sinks is not None:  # once, after every block: (H, L, Ev) inputs get a batch dim for the merge
+        squeeze = q.dim() == 3
+        out4, lse4 = (out.unsqueeze(0), lse.unsqueeze(0)) if squeeze else (out, lse)
+        out4, lse4 = variants.merge_sinks(out4, lse4, sinks.detach())
+        out, lse = (out4.squeeze(0), lse4.squeeze(0)) if squeeze else (out4, lse4)
     return out.to(q.dtype), lse
 
 
@@ -261,12 +291,10 @@ def _ring_backward(cfg: _Config, grad_out, q, k, v, mask, out, lse):
         for b in blocks:
             rows = slice(b.qs, b.qs + b.qn)
             oc, lc, gc = out[..., rows, :], lse[..., rows], grad_out[..., rows, :]
-            if b.problem.three_d:
+            if b.params.three_d:
                 oc, lc, gc = oc.unsqueeze(0), lc.unsqueeze(0), gc.unsqueeze(0)
-            gdq, gdk, gdv, _ = b.backend.backward(
-                gc.contiguous(), b.q, b.k, b.v, oc, lc, b.spec, b.problem.scale, 0.0, (), False
-            )
-            if b.problem.three_d:
+            gdq, gdk, gdv, _ = run_backward(b.backend, gc.contiguous(), b.q, b.k, b.v, oc, lc, b.params, None, False)
+            if b.params.three_d:
                 gdq, gdk, gdv = gdq.squeeze(0), gdk.squeeze(0), gdv.squeeze(0)
             dq[..., rows, :] += gdq
             dk[..., b.ks : b.ks + b.kn, :] += gdk
@@ -279,18 +307,22 @@ def _ring_backward(cfg: _Config, grad_out, q, k, v, mask, out, lse):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, cfg):
-        out, lse = _ring_forward(cfg, q, k, v, mask)
-        ctx.save_for_backward(q, k, v, mask, out, lse)
+    def forward(ctx, q, k, v, mask, sinks, cfg):
+        out, lse = _ring_forward(cfg, q, k, v, mask, sinks)
+        ctx.save_for_backward(q, k, v, mask, sinks, out, lse)
         ctx.cfg = cfg
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, mask, out, lse = ctx.saved_tensors
+        q, k, v, mask, sinks, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(ctx.cfg, grad_out, q, k, v, mask, out, lse)
-        return dq, dk, dv, None, None
+        dsinks = None
+        if ctx.needs_input_grad[4]:  # this rank's queries' contribution
+            unsq = (lambda t: t.unsqueeze(0)) if q.dim() == 3 else (lambda t: t)
+            dsinks = variants.sink_grad(sinks, unsq(lse), unsq(grad_out), unsq(out))
+        return dq, dk, dv, None, dsinks, None
 
 
 def ring_attention(
@@ -304,6 +336,10 @@ def ring_attention(
     window: Optional[tuple[int, int]] = None,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    chunk: Optional[int] = None,
     backend: Optional[str] = None,
     return_lse: bool = False,
     timeout: Optional[timedelta] = None,
@@ -313,10 +349,12 @@ def ring_attention(
     ``query``/``key``/``value``: this rank's shards ``(B, H, L/W, E)`` (3-D accepted), laid out by
     ``shard_sequence(..., is_causal=is_causal)``. ``attn_mask``: optional key padding, this rank's
     shard of a ``(B, 1, 1, L)`` boolean (shard it with ``dim=-1``); it travels with its keys.
-    ``window``, ``scale``, ``enable_gqa`` and ``backend`` mean what they mean for
-    ``fastattn.scaled_dot_product_attention``; positions are global, so causal and window are
-    exact across shards. Dropout and general masks are not supported here. ``timeout`` bounds
-    each wait on a neighbour (default: the process group's timeout).
+    ``window``, ``scale``, ``enable_gqa``, ``softcap``, ``alibi_slopes``, ``sinks``, ``chunk`` and
+    ``backend`` mean what they mean for ``fastattn.scaled_dot_product_attention``; positions are
+    global, so causal, window, chunk and ALiBi are exact across shards (``chunk`` must divide, or be a
+    multiple of, the length of a shard chunk). The sinks join the softmax once. Dropout and general
+    masks are not supported here. ``timeout`` bounds each wait on a neighbour (default: the process
+    group's timeout).
     """
     world, rank = _world(group)
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -336,7 +374,11 @@ def ring_attention(
                 f"attn_mask: expected {key.shape[-2]} keys (key's local length), got {attn_mask.shape[-1]}"
             )
     # Validate the local shapes once with the entry point's checks (also names bad arguments).
-    validate(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, window, 0)
-    cfg = _Config(group, world, rank, is_causal, window, scale, enable_gqa, backend, timeout)
-    out, lse = _RingAttention.apply(query, key, value, attn_mask, cfg)
+    params, *_ = validate(
+        query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, window, 0,
+        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, chunk=chunk,
+    )  # fmt: skip
+    _check_chunk(params.chunk, query.shape[-2] * world, world, is_causal)
+    cfg = _Config(group, world, rank, is_causal, params, backend, timeout)
+    out, lse = _RingAttention.apply(query, key, value, attn_mask, params.sinks, cfg)
     return (out, lse) if return_lse else out

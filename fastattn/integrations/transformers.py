@@ -13,18 +13,35 @@ attention function, transformers hands it ``attention_mask=None`` and padded bat
 (measured with 5.23).
 
 * The **mask function** (``AttentionMaskInterface``) answers transformers' mask request. When the
-  pattern is structural (causal, bidirectional, causal or bidirectional sliding window, each with
-  an optional key-padding mask) it returns a ``CompactMask``: ``is_causal``, ``window``,
-  ``q_offset`` and a ``(B, 1, 1, Lk)`` boolean padding mask, so no ``(B, 1, Lq, Lk)`` tensor is
-  built and the kernels' tile skipping applies. It recognises the pattern by identity with
-  transformers' own mask functions, never by evaluating them; any other pattern (packed
-  sequences, or/and overlays, chunked or block-wise masks, a model that asks for a materialised
-  mask, a static-cache offset under tracing) gets transformers' dense boolean ``sdpa_mask``.
+  pattern is structural (causal, bidirectional, causal or bidirectional sliding window, Llama 4's
+  chunked causal, each with an optional key-padding mask) it returns a ``CompactMask``: ``is_causal``,
+  ``window``, ``chunk``, ``q_offset`` and a ``(B, 1, 1, Lk)`` boolean padding mask, so no
+  ``(B, 1, Lq, Lk)`` tensor is built and the kernels' tile skipping applies. Packed documents
+  (transformers detected ``position_ids`` restarting, with no padding mask and no cache) give a
+  ``CompactMask`` that carries the document ids instead. It recognises the pattern by identity with
+  transformers' own mask functions, never by evaluating them; any other pattern (or/and overlays,
+  block-wise masks, chunks that left padding or a dropped cache prefix shifts off the chunk grid, packed
+  chunked documents, a model that asks for a materialised mask, a static-cache offset or packed documents
+  under tracing) gets transformers' dense boolean ``sdpa_mask``.
 * The **attention function** (``AttentionInterface``) maps transformers' call onto
   ``fastattn.scaled_dot_product_attention``: GQA through ``enable_gqa`` (no ``repeat_kv`` copy),
-  dropout only while the module trains, output in transformers' ``(B, Lq, H, Dv)`` layout. What it
-  cannot honour (attention sinks, a logit softcap, returning attention weights, a paged cache) is
-  refused with an error naming the feature and the model, never ignored.
+  gpt-oss's attention sinks (``s_aux``), Gemma 2's logit ``softcap``, dropout only while the module
+  trains, output in transformers' ``(B, Lq, H, Dv)`` layout. What it cannot honour (returning
+  attention weights, a head mask, a paged cache) is refused with an error naming the feature and the
+  model, never ignored.
+* **Bloom** computes its attention itself (ALiBi added to the mask, no attention function), so
+  ``register`` also routes ``BloomAttention`` to fastattn with in-kernel ALiBi when the model runs
+  under a registered name (:func:`bloom_attention_forward`); other implementations keep Bloom's own.
+
+**Packed documents** (padding-free training, ``DataCollatorWithFlattening``) go to
+``fastattn.varlen_attention``, each document attending only itself, as transformers' FlashAttention path
+does, in this order: the collator's ``cu_seq_lens_q``/``cu_seq_lens_k`` + ``max_length_q``/``max_length_k``
+keywords (``return_flash_attn_kwargs=True``; the ``torch.compile`` path, nothing is read on the host); a
+packed ``CompactMask``; or, with no mask beyond plain causal, ``position_ids`` that restart inside one row
+(read on the host, as FlashAttention's path does). The last matters: with a cache (``use_cache`` defaults to
+True, in training too) transformers does not look for packing when it builds masks, and ``"eager"`` and
+``"sdpa"`` then let documents attend each other (measured with 5.24: relative logit error about 1). A padding
+mask takes precedence over the packed keywords, as in FlashAttention's path.
 
 Positions: transformers places a mask by the absolute position of the first query (``q_offset``)
 and of the first key (``kv_offset``, non-zero for a sliding-window cache that dropped old keys);
@@ -38,16 +55,19 @@ in 5.x; 4.x passed ``cache_position`` and is refused).
 from __future__ import annotations
 
 import functools
+import math
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ..functional import scaled_dot_product_attention as _fastattn_sdpa
+from ..functional import varlen_attention as _fastattn_varlen
 
-__all__ = ["CompactMask", "attention_forward", "mask_function", "register"]
+__all__ = ["CompactMask", "attention_forward", "bloom_attention_forward", "mask_function", "register"]
 
 _MIN_VERSION = (5, 0)
 
@@ -56,10 +76,16 @@ _MIN_VERSION = (5, 0)
 class CompactMask:
     """A structural attention mask, as the mask function hands it to the attention function.
 
-    ``padding``: ``(B, 1, 1, Lk)`` bool (True = attend) or None; ``is_causal`` and ``window``
-    (``(left, right)``, -1 unbounded, or None) in fastattn's sense; ``q_offset``: the key index of
-    query 0. ``q_length``/``kv_length`` are the sizes transformers asked for, checked against the
-    query and key the attention function receives.
+    ``padding``: ``(B, 1, 1, Lk)`` bool (True = attend) or None; for Bloom, whose own code cannot take a
+    boolean mask, also the dense ``(B, 1, Lq, Lk)`` one of the patterns that are not structural.
+    ``is_causal``, ``window`` (``(left, right)``, -1 unbounded, or None) and ``chunk`` (0: none) in
+    fastattn's sense; ``q_offset``: the key index of query 0. ``q_length``/``kv_length`` are the sizes
+    transformers asked for, checked against the query and key the attention function receives.
+    ``implementation``: the registered name the mask was built for (Bloom's route reads its backend);
+    ``dense``: ``padding`` is the whole pattern, materialised (causality and offsets included).
+    ``documents``: for packed documents, transformers' ``(B, L)`` document index of every token
+    (``find_packed_sequence_indices``); the band then applies inside each document, and ``packed_layout``
+    gives the offsets of the flattened ``B * L`` tokens.
     """
 
     padding: Optional[Tensor]
@@ -68,16 +94,37 @@ class CompactMask:
     q_offset: int
     q_length: int
     kv_length: int
+    chunk: int = 0
+    implementation: Optional[str] = None
+    dense: bool = False
+    documents: Optional[Tensor] = None
+    _layout: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def packed_layout(self) -> tuple[Tensor, int]:
+        """``(cu_seqlens (D + 1,) int32, longest document)`` of the ``B * L`` tokens, computed once per mask.
+
+        Every layer reuses the one mask object, so the host reads the document ids once per forward.
+        """
+        if not self._layout:
+            docs = self.documents
+            rows, length = docs.shape
+            # (B, L) document ids → ids unique over the flattened B·L tokens (a row never continues the previous one).
+            flat = (docs + torch.arange(rows, device=docs.device).unsqueeze(1) * (length + 1)).reshape(-1)
+            starts = (torch.diff(flat) != 0).nonzero().reshape(-1) + 1
+            edges = torch.tensor([0], device=docs.device), starts, torch.tensor([flat.numel()], device=docs.device)
+            cu = torch.cat(edges).to(torch.int32)
+            self._layout["value"] = (cu, int(torch.diff(cu).max()))
+        return self._layout["value"]
 
     def to_dense(self) -> Tensor:
         """The same mask as a dense ``(B|1, 1, Lq, Lk)`` boolean (for inspection and tests only)."""
-        from ..masks import band_allowed
+        from ..variants import allowed
 
         left, right = self.window if self.window is not None else (-1, -1)
         if self.is_causal:
             right = 0 if right < 0 else min(right, 0)
         device = self.padding.device if self.padding is not None else "cpu"
-        band = band_allowed(self.q_length, self.kv_length, left, right, self.q_offset, device)
+        band = allowed(self.q_length, self.kv_length, left, right, self.q_offset, self.chunk, device)
         # (Lq, Lk) → (1, 1, Lq, Lk)
         band = band.view(1, 1, self.q_length, self.kv_length)
         return band if self.padding is None else band & self.padding
@@ -92,10 +139,14 @@ def _code_objects() -> dict[str, Any]:
     """Code objects of transformers' mask closures, to recognise them by identity."""
     from transformers import masking_utils as mu
 
+    positions = torch.zeros(1, 1, dtype=torch.long)
     return {
         "and": mu.and_masks(mu.causal_mask_function).__code__,
         "sliding": mu.sliding_window_overlay(1).__code__,
         "sliding_bidirectional": mu.sliding_window_bidirectional_overlay(1).__code__,
+        "chunked": mu.chunked_overlay(1, torch.zeros(1)).__code__,
+        "packed": mu.packed_sequence_mask_function(positions).__code__,
+        "remap": mu.remap_positions_for_packed_sequence(mu.causal_mask_function, positions).__code__,
     }
 
 
@@ -104,14 +155,15 @@ def _cell(fn: Callable, name: str) -> Any:
     return fn.__closure__[fn.__code__.co_freevars.index(name)].cell_contents
 
 
-def _structure(mask_fn: Callable) -> Optional[tuple[bool, Optional[tuple[int, int]]]]:
-    """``(is_causal, window)`` of a transformers mask function, or None when it is not structural."""
+def _structure(mask_fn: Callable) -> Optional[tuple[bool, Optional[tuple[int, int]], int, Optional[Tensor]]]:
+    """``(is_causal, window, chunk, left_padding)`` of a transformers mask function, or None when it is not
+    structural. ``left_padding`` is the chunked overlay's per-row shift of the chunk grid (None otherwise)."""
     from transformers import masking_utils as mu
 
     if mask_fn is mu.causal_mask_function:
-        return True, None
+        return True, None, 0, None
     if mask_fn is mu.bidirectional_mask_function:
-        return False, None
+        return False, None, 0, None
     codes = _code_objects()
     if getattr(mask_fn, "__code__", None) is not codes["and"]:
         return None
@@ -124,13 +176,58 @@ def _structure(mask_fn: Callable) -> Optional[tuple[bool, Optional[tuple[int, in
         size = _cell(overlay, "sliding_window")
         # kv_idx > q_idx - size: the size - 1 previous keys and the query's own.
         if isinstance(size, int) and size >= 1:
-            return True, (size - 1, 0)
+            return True, (size - 1, 0), 0, None
     elif code is codes["sliding_bidirectional"] and base is mu.bidirectional_mask_function:
         size = _cell(overlay, "sliding_window")
         # abs(q_idx - kv_idx) <= size
         if isinstance(size, int) and size >= 0:
-            return False, (size, size)
+            return False, (size, size), 0, None
+    elif code is codes["chunked"] and base is mu.causal_mask_function:
+        # (kv_idx - left_padding[b]) // size == (q_idx - left_padding[b]) // size
+        size, left_padding = _cell(overlay, "chunk_size"), _cell(overlay, "left_padding")
+        if isinstance(size, int) and size >= 1 and isinstance(left_padding, Tensor):
+            return True, None, size, left_padding
     return None
+
+
+def _on_chunk_grid(chunk: int, left_padding: Optional[Tensor], kv_offset: Any) -> bool:
+    """Whether transformers' chunks are the kernels'. transformers counts them from each row's first real
+    token in absolute positions, ``(kv_offset + j - pad[b]) // chunk``; the kernels from key 0 of the keys
+    passed, ``j // chunk`` (and the query's ``i + q_offset`` alike). They agree when ``kv_offset - pad[b]``
+    is a multiple of the chunk for every row. Needs the values, so never under tracing."""
+    if chunk == 0:
+        return True
+    if _tracing():
+        return False
+    shift = int(kv_offset) - (left_padding if left_padding is not None else torch.zeros(1, dtype=torch.long))
+    return bool((shift % chunk == 0).all())
+
+
+def _packed_structure(mask_fn: Callable) -> Optional[tuple[bool, Optional[tuple[int, int]], Tensor]]:
+    """``(is_causal, window, document ids)`` of transformers' packed-documents mask function, or None.
+
+    transformers builds it as ``and_masks(remap_positions_for_packed_sequence(base, position_ids),
+    packed_sequence_mask_function(documents))``: ``base`` applied to the positions inside each document, and
+    no pair across documents. A structural ``base`` on positions that restart at each document and grow by one
+    is that band on each document alone.
+    """
+    codes = _code_objects()
+    if getattr(mask_fn, "__code__", None) is not codes["and"]:
+        return None
+    parts = _cell(mask_fn, "mask_functions")
+    if len(parts) != 2:
+        return None
+    remapped, packed = parts
+    if (
+        getattr(remapped, "__code__", None) is not codes["remap"]
+        or getattr(packed, "__code__", None) is not codes["packed"]
+    ):
+        return None
+    structure = _structure(_cell(remapped, "mask_function"))
+    if structure is None or structure[2]:  # not structural, or chunked (its grid shift not checked here)
+        return None
+    is_causal, window, _, _ = structure
+    return is_causal, window, _cell(packed, "packed_sequence_mask")
 
 
 def mask_function(
@@ -148,17 +245,34 @@ def mask_function(
     """transformers' mask-interface call (the keywords of ``masking_utils.sdpa_mask``) → a mask.
 
     Returns a ``CompactMask`` for the structural patterns, else transformers' dense boolean
-    ``(B, 1, Lq, Lk)`` mask. ``allow_*_skip=False`` means the model itself manipulates the mask
-    tensor (falcon, doge, ...), so it gets the dense one.
+    ``(B, 1, Lq, Lk)`` mask (for Bloom inside a ``CompactMask``). ``allow_*_skip=False`` means the model
+    itself manipulates the mask tensor (falcon, doge, ...), so it gets the dense one.
     """
     from transformers import masking_utils as mu
 
+    config = kwargs.get("config")
+    implementation = getattr(config, "_attn_implementation", None)
     if mask_function is None:
         mask_function = mu.causal_mask_function
     structure = _structure(mask_function)
     offsets_known = not (_tracing() and (isinstance(q_offset, Tensor) or isinstance(kv_offset, Tensor)))
-    if structure is not None and offsets_known:
-        is_causal, window = structure
+    packed = _packed_structure(mask_function)
+    # Packed documents without padding or a cache (transformers' own conditions for this pattern); under tracing
+    # the document boundaries cannot be read without a graph break, and the dense mask is used.
+    if packed is not None and attention_mask is None and q_length == kv_length and not _tracing():
+        is_causal, window, documents = packed
+        if documents.shape == (batch_size, q_length):
+            return CompactMask(
+                padding=None,
+                is_causal=is_causal,
+                window=window,
+                q_offset=0,
+                q_length=q_length,
+                kv_length=kv_length,
+                documents=documents,
+            )
+    if structure is not None and offsets_known and _on_chunk_grid(structure[2], structure[3], kv_offset):
+        is_causal, window, chunk, _ = structure
         if allow_is_causal_skip if is_causal else allow_is_bidirectional_skip:
             padding = None
             if attention_mask is not None:
@@ -177,8 +291,10 @@ def mask_function(
                 q_offset=int(q_offset) - int(kv_offset),
                 q_length=q_length,
                 kv_length=kv_length,
+                chunk=chunk,
+                implementation=implementation,
             )
-    return mu.sdpa_mask(
+    dense = mu.sdpa_mask(
         batch_size=batch_size,
         q_length=q_length,
         kv_length=kv_length,
@@ -190,6 +306,20 @@ def mask_function(
         allow_is_bidirectional_skip=False,
         **kwargs,
     )
+    if getattr(config, "model_type", None) == "bloom":
+        # Bloom adds whatever mask it gets to its scores: a boolean one would silently add 0/1, so it travels
+        # in a CompactMask, which routes Bloom's attention to fastattn (``bloom_attention_forward``).
+        return CompactMask(
+            padding=dense,
+            is_causal=False,
+            window=None,
+            q_offset=0,
+            q_length=q_length,
+            kv_length=kv_length,
+            implementation=implementation,
+            dense=True,
+        )
+    return dense
 
 
 def _model_name(module: torch.nn.Module) -> str:
@@ -204,15 +334,16 @@ def _refuse(feature: str, module: torch.nn.Module) -> None:
     )
 
 
+def _sinks(module: torch.nn.Module, kwargs: dict) -> Optional[Tensor]:
+    """The attention sinks a model passes (gpt-oss: ``s_aux``), or its module's ``sinks`` parameter, or None."""
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    sinks = getattr(module, "sinks", None)
+    return sinks if isinstance(sinks, Tensor) else None
+
+
 def _check_supported(module: torch.nn.Module, attention_mask: Any, kwargs: dict) -> None:
-    if (
-        kwargs.get("s_aux") is not None
-        or kwargs.get("sinks") is not None
-        or isinstance(getattr(module, "sinks", None), Tensor)
-    ):
-        _refuse("attention sinks (s_aux / sinks)", module)
-    if kwargs.get("softcap") is not None:
-        _refuse(f"a logit softcap (softcap={kwargs['softcap']})", module)
     if kwargs.get("head_mask") is not None:
         _refuse("a head_mask", module)
     if kwargs.get("output_attentions"):
@@ -247,9 +378,13 @@ def attention_forward(
     in transformers' SDPA integration, is top-left aligned and dropped for a single query.
     """
     _check_supported(module, attention_mask, kwargs)
+    packed = _packed_call(module, query, key, attention_mask, is_causal, kwargs)
+    if packed is not None:
+        variant = {"softcap": kwargs.get("softcap"), "sinks": _sinks(module, kwargs)}
+        return _varlen_forward(module, query, key, value, dropout, scaling, backend, *packed, **variant)
     lq, lk = query.shape[2], key.shape[2]
     window: Optional[tuple[int, int]] = None
-    q_offset = 0
+    q_offset, chunk = 0, 0
     if isinstance(attention_mask, CompactMask):
         if (attention_mask.q_length, attention_mask.kv_length) != (lq, lk):
             raise ValueError(
@@ -257,7 +392,7 @@ def attention_forward(
                 f"({attention_mask.q_length}, {attention_mask.kv_length}), got ({lq}, {lk})"
             )
         mask, causal = attention_mask.padding, attention_mask.is_causal
-        window, q_offset = attention_mask.window, attention_mask.q_offset
+        window, q_offset, chunk = attention_mask.window, attention_mask.q_offset, attention_mask.chunk
         sliding = kwargs.get("sliding_window")
         if sliding is not None and attention_mask.is_causal and window is not None and window != (sliding - 1, 0):
             raise ValueError(
@@ -294,10 +429,267 @@ def attention_forward(
         enable_gqa=query.shape[1] != key.shape[1],
         window=window,
         q_offset=q_offset,
+        softcap=kwargs.get("softcap"),
+        sinks=_sinks(module, kwargs),
+        chunk=chunk or None,
         backend=backend,
     )
     # (B, Hq, Lq, Dv) → (B, Lq, Hq, Dv)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _alibi_slopes(num_heads: int, device: torch.device) -> Tensor:
+    """ALiBi's per-head slopes (Press et al.), float32 ``(H,)``, in Bloom's arithmetic (float32 powers), so equal
+    to its bits: ``(2^(-8/n))^h`` for ``h = 1..n``, ``n`` the largest power of two not above ``num_heads``, and
+    the remaining heads ``(2^(-4/n))^h`` for odd ``h``."""
+    n = 2 ** math.floor(math.log2(num_heads))
+    powers = torch.arange(1, n + 1, device=device, dtype=torch.int32)
+    slopes = torch.pow(torch.tensor(2.0 ** (-8.0 / n), device=device), powers)
+    if n != num_heads:
+        extra = torch.arange(1, 2 * (num_heads - n), 2, device=device, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(torch.tensor(2.0 ** (-4.0 / n), device=device), extra)])
+    return slopes
+
+
+def _one_run(padding: Tensor) -> bool:
+    """Whether every row of a ``(B, 1, 1, Lk)`` key padding attends one contiguous run of keys."""
+    rows = padding.reshape(padding.shape[0], -1)
+    starts = rows[:, :1].int() + (rows[:, 1:] & ~rows[:, :-1]).sum(dim=1, keepdim=True)
+    return bool((starts <= 1).all())
+
+
+def bloom_attention_forward(
+    module: torch.nn.Module,
+    hidden_states: Tensor,
+    residual: Tensor,
+    alibi: Tensor,
+    attention_mask: CompactMask,
+    layer_past: Any = None,
+    output_attentions: bool = False,
+) -> tuple[Tensor, None]:
+    """``BloomAttention.forward`` with fastattn and in-kernel ALiBi: ``hidden_states (B, L, H*D)`` → output
+    ``(B, L, H*D)`` after the output projection, dropout and residual, as Bloom's own.
+
+    Bloom adds ``slope * (position among the row's real tokens)`` of each key to the scores; within a causal
+    row that differs from fastattn's ``-slope * |i + q_offset - j|`` by a per-row constant, which the softmax
+    ignores, as long as the row's real tokens are one contiguous run (left or right padding, a cache). A key
+    padding with holes (or one whose values cannot be read, under tracing) and a dense mask (which carries
+    no query positions: ``q_offset`` is 0 there) use Bloom's own ``alibi`` tensor instead, as a
+    ``(B, H, 1, Lk)`` float bias broadcast over the queries (no ``(Lq, Lk)`` tensor per head, but no longer
+    in-kernel).
+    """
+    if output_attentions:
+        _refuse("output_attentions=True (fastattn never forms the attention weights)", module)
+    batch, q_length, _ = hidden_states.shape
+    heads = module.num_heads
+    # (B, L, 3*H*D) → 3 × (B, H, L, D), views
+    query, key, value = module._reshape(module.query_key_value(hidden_states))
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, module.layer_idx)
+    lk = key.shape[2]
+    if (attention_mask.q_length, attention_mask.kv_length) != (q_length, lk):
+        raise ValueError(
+            f"attention_mask: the mask built for {_model_name(module)} expects (query, key) lengths "
+            f"({attention_mask.q_length}, {attention_mask.kv_length}), got ({q_length}, {lk})"
+        )
+    padding = attention_mask.padding
+    in_kernel = not attention_mask.dense and (padding is None or (not _tracing() and _one_run(padding)))
+    slopes, mask = None, padding
+    if in_kernel:
+        slopes = _alibi_slopes(heads, query.device) * module.beta
+    else:
+        # (B*H, 1, Lk) → (B, H, 1, Lk), Bloom's own bias, plus -inf where the boolean mask says no
+        bias = (module.beta * alibi).reshape(batch, heads, 1, -1)[..., :lk].to(query.dtype)
+        mask = bias if padding is None else bias.masked_fill(~padding, float("-inf"))
+    backend_fn = _REGISTERED.get(attention_mask.implementation or "")
+    context = _fastattn_sdpa(
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=module.attention_dropout.p if module.training else 0.0,
+        is_causal=attention_mask.is_causal,
+        scale=module.inv_norm_factor,
+        window=attention_mask.window,
+        q_offset=attention_mask.q_offset,
+        chunk=attention_mask.chunk or None,
+        alibi_slopes=slopes,
+        backend=getattr(backend_fn, "_fastattn_backend", None),
+    )
+    # (B, H, L, D) → (B, L, H*D)
+    context = context.transpose(1, 2).reshape(batch, q_length, -1)
+    if module.pretraining_tp > 1 and module.slow_but_exact:
+        # Bloom's tensor-parallel emulation: the projection in slices, without its bias (as Bloom's own).
+        slices = module.hidden_size / module.pretraining_tp
+        output = torch.zeros_like(context)
+        for i in range(module.pretraining_tp):
+            lo, hi = int(i * slices), int((i + 1) * slices)
+            output = output + torch.nn.functional.linear(context[:, :, lo:hi], module.dense.weight[:, lo:hi])
+    else:
+        output = module.dense(context)
+    output = residual + torch.nn.functional.dropout(output, module.hidden_dropout, module.training)
+    return output, None
+
+
+def _route_bloom() -> None:
+    """Sends ``BloomAttention`` to fastattn when its mask is a ``CompactMask`` (built by fastattn's mask
+    function, so the model runs under a fastattn name); any other mask keeps Bloom's own code. Idempotent."""
+    try:
+        from transformers.models.bloom import modeling_bloom
+    except ImportError:
+        return
+    cls = modeling_bloom.BloomAttention
+    if getattr(cls.forward, "_fastattn_bloom", False):
+        return
+    own = cls.forward
+
+    @functools.wraps(own)
+    def forward(
+        self,
+        hidden_states,
+        residual,
+        alibi,
+        attention_mask,
+        layer_past=None,
+        use_cache=False,
+        output_attentions=False,
+        **kwargs,
+    ):
+        if isinstance(attention_mask, CompactMask):
+            return bloom_attention_forward(
+                self, hidden_states, residual, alibi, attention_mask, layer_past, output_attentions
+            )
+        return own(
+            self, hidden_states, residual, alibi, attention_mask, layer_past, use_cache, output_attentions, **kwargs
+        )
+
+    forward._fastattn_bloom = True
+    cls.forward = forward
+
+
+def _as_int(value: Any, fallback: int) -> int:
+    """A maximum length as a Python int: read on the host eagerly; under tracing, ``fallback`` (an upper bound)."""
+    if isinstance(value, Tensor):
+        return fallback if _tracing() else int(value)
+    return int(value)
+
+
+# position_ids tensors already read, by id: (weak reference, version counter, the packed layout or None). Every
+# layer of a forward receives the same tensor; the host reads it once per forward, not once per layer.
+_POSITIONS_READ: dict[int, tuple[Any, int, Optional[tuple[Tensor, int]]]] = {}
+
+
+def _position_layout(position_ids: Any, batch: int, length: int) -> Optional[tuple[Tensor, int]]:
+    """``(cu_seqlens, longest)`` when ``position_ids`` mark packed documents in one row, else None.
+
+    FlashAttention's test (``_is_packed_sequence``: one row whose positions are not one increasing run) and its
+    boundaries (``prepare_fa_kwargs_from_position_ids``: a document starts where the position is the row's
+    minimum).
+    """
+    if not isinstance(position_ids, Tensor) or batch != 1 or length == 1 or position_ids.shape[-1] != length:
+        return None
+    if _tracing():  # reading the positions would break the graph: the collator's keywords are the compiled path
+        return None
+    try:
+        version = position_ids._version
+    except RuntimeError:  # an inference tensor: no version counter, read it every time
+        version = None
+    seen = _POSITIONS_READ.get(id(position_ids))
+    if version is not None and seen is not None and seen[0]() is position_ids and seen[1] == version:
+        return seen[2]
+    pos = position_ids.reshape(-1)
+    layout = None
+    if bool((torch.arange(length, device=pos.device) + pos.min() != pos).any()):
+        from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+        (cu, _), (longest, _) = prepare_fa_kwargs_from_position_ids(position_ids)
+        layout = (cu, int(longest))
+    if version is not None:
+        if len(_POSITIONS_READ) > 16:
+            _POSITIONS_READ.clear()
+        _POSITIONS_READ[id(position_ids)] = (weakref.ref(position_ids), version, layout)
+    return layout
+
+
+def _packed_call(
+    module: torch.nn.Module, query: Tensor, key: Tensor, attention_mask: Any, is_causal: Optional[bool], kwargs: dict
+) -> Optional[tuple[Tensor, Tensor, int, int, bool, Optional[tuple[int, int]]]]:
+    """``(cu_seqlens_q, cu_seqlens_k, max_q, max_k, is_causal, window)`` when this call is packed documents, else None.
+
+    Only without a padding mask and with queries and keys of the same tokens (``Lq == Lk``: no cached prefix).
+    """
+    batch, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+    compact = isinstance(attention_mask, CompactMask)
+    if attention_mask is not None and not compact:
+        return None  # a dense mask tensor: transformers built the pattern itself, it is applied as given
+    if compact and (attention_mask.padding is not None or attention_mask.q_offset != 0 or attention_mask.chunk):
+        return None
+    if lq != lk:
+        return None
+    if compact:
+        causal, window = attention_mask.is_causal, attention_mask.window
+    else:
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        sliding = kwargs.get("sliding_window")
+        window = (sliding - 1, 0) if causal and sliding is not None else None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if all(x is not None for x in (cu_q, cu_k, max_q, max_k)):
+        total = batch * lq
+        return cu_q, cu_k, _as_int(max_q, total), _as_int(max_k, total), causal, window
+    if compact and attention_mask.documents is not None:
+        cu, longest = attention_mask.packed_layout()
+        return cu, cu, longest, longest, causal, window
+    layout = _position_layout(kwargs.get("position_ids"), batch, lq)
+    if layout is not None:
+        cu, longest = layout
+        return cu, cu, longest, longest, causal, window
+    return None
+
+
+def _varlen_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    dropout: float,
+    scaling: Optional[float],
+    backend: Optional[str],
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_q: int,
+    max_k: int,
+    causal: bool,
+    window: Optional[tuple[int, int]],
+    *,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
+) -> tuple[Tensor, None]:
+    """Packed documents → ``fastattn.varlen_attention`` over the ``B * L`` tokens → ``((B, L, Hq, Dv), None)``.
+
+    Gemma 2's ``softcap`` and gpt-oss's ``sinks`` apply inside each document, as in the padded path."""
+    batch, heads_q, length = query.shape[:3]
+    # (B, H, L, D) → (B, L, H, D) → (B·L, H, D): a view when the projections are (B, L, H, D) in memory.
+    q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
+    out = _fastattn_varlen(
+        q,
+        k,
+        v,
+        cu_seqlens_q.to(query.device),
+        cu_seqlens_k.to(query.device),
+        max_q,
+        max_k,
+        dropout_p=float(dropout) if module.training else 0.0,
+        is_causal=causal,
+        scale=scaling,
+        enable_gqa=heads_q != key.shape[1],
+        window=window,
+        softcap=softcap,
+        sinks=sinks,
+        backend=backend,
+    )
+    # (B·L, Hq, Dv) → (B, L, Hq, Dv)
+    return out.view(batch, length, heads_q, -1), None
 
 
 _REGISTERED: dict[str, Callable] = {}
@@ -342,4 +734,5 @@ def register(name: str = "fastattn", *, backend: Optional[str] = None) -> str:
         _REGISTERED[name] = fn
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, mask_function)
+    _route_bloom()
     return name

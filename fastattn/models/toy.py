@@ -2,7 +2,9 @@
 
 Shared by ``examples/train_copy.py`` and the tests so that both run the same code. Token ids:
 0 = PAD, 1 = BOS, 2 = EOS, 3.. = symbols. A source of length ``n`` maps to its copy (or reverse)
-followed by EOS; sources are right-padded, so lengths give the padding masks.
+followed by EOS; sources are right-padded, so lengths give the padding masks. ``pack`` lays the same
+documents end to end instead (``cu_seqlens`` offsets, no padding), for padding-free training
+(``train(..., packed=True)``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from .transformer import Transformer
 
-__all__ = ["PAD", "BOS", "EOS", "Batch", "make_batch", "train", "evaluate"]
+__all__ = ["PAD", "BOS", "EOS", "Batch", "PackedBatch", "make_batch", "pack", "train", "evaluate"]
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -52,7 +54,43 @@ def make_batch(
     return Batch(src, lengths, tgt_in, tgt_out, lengths + 1)
 
 
-def loss_fn(model: Transformer, b: Batch) -> Tensor:
+@dataclass
+class PackedBatch:
+    src: Tensor  # (total_s,) every source end to end
+    src_cu_seqlens: Tensor  # (B + 1,) int32 offsets
+    tgt_in: Tensor  # (total_t,) BOS + target of every document
+    tgt_out: Tensor  # (total_t,) target + EOS of every document
+    tgt_cu_seqlens: Tensor  # (B + 1,)
+    src_max_seqlen: int
+    tgt_max_seqlen: int
+
+
+def pack(b: Batch) -> PackedBatch:
+    """The documents of a padded batch end to end, without their padding."""
+
+    def offsets(lengths: Tensor) -> Tensor:
+        return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+    src_keep = torch.arange(b.src.shape[1]) < b.src_lengths.unsqueeze(1)
+    tgt_keep = torch.arange(b.tgt_in.shape[1]) < b.tgt_lengths.unsqueeze(1)
+    return PackedBatch(
+        b.src[src_keep],
+        offsets(b.src_lengths),
+        b.tgt_in[tgt_keep],
+        b.tgt_out[tgt_keep],
+        offsets(b.tgt_lengths),
+        int(b.src_lengths.max()),
+        int(b.tgt_lengths.max()),
+    )
+
+
+def loss_fn(model: Transformer, b: Batch | PackedBatch) -> Tensor:
+    if isinstance(b, PackedBatch):
+        logits = model(
+            b.src, b.tgt_in, src_cu_seqlens=b.src_cu_seqlens, tgt_cu_seqlens=b.tgt_cu_seqlens,
+            src_max_seqlen=b.src_max_seqlen, tgt_max_seqlen=b.tgt_max_seqlen,
+        )  # fmt: skip
+        return F.cross_entropy(logits, b.tgt_out)
     logits = model(b.src, b.tgt_in, b.src_lengths, b.tgt_lengths)
     return F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=PAD)
 
@@ -68,8 +106,9 @@ def train(
     lr: float = 3e-3,
     seed: int = 0,
     log_every: int = 0,
+    packed: bool = False,
 ) -> list[float]:
-    """Adam with a short linear warm-up; returns the loss of every step."""
+    """Adam with a short linear warm-up; returns the loss of every step. ``packed``: padding-free batches."""
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
     warmup = max(1, steps // 10)
@@ -77,7 +116,8 @@ def train(
     model.train()
     losses = []
     for step in range(steps):
-        loss = loss_fn(model, make_batch(task, batch, min_len, max_len, vocab_size, generator))
+        b = make_batch(task, batch, min_len, max_len, vocab_size, generator)
+        loss = loss_fn(model, pack(b) if packed else b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

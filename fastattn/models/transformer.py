@@ -9,6 +9,12 @@ with ``q_offset = Lk - Lq``, and gives the same tokens as decoding the whole pre
 
 All masks here are fastattn's (boolean True = attend) and batch-first, passed straight to
 ``MultiheadAttention.attend``; no torch-convention conversion happens in this module.
+
+Packed documents (padding-free training): ``forward(src, tgt, src_cu_seqlens=..., tgt_cu_seqlens=...)`` with
+1-D token tensors holding the documents end to end. Every attention then runs ``attend_packed``: the
+encoder's self-attention and the decoder's causal self-attention within each document, the cross-attention
+from document ``b``'s target to document ``b``'s source only (``Lq_b != Lk_b``); positions restart at 0 in
+every document, so the logits of each document equal those of the document alone.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch import Tensor, nn
 
 from ..nn.multihead import MultiheadAttention, check_backend
 
-__all__ = ["Transformer", "sinusoidal_positions", "lengths_to_mask"]
+__all__ = ["Transformer", "Packed", "sinusoidal_positions", "lengths_to_mask"]
 
 
 def sinusoidal_positions(positions: Tensor, d_model: int, dtype: torch.dtype) -> Tensor:
@@ -46,6 +52,46 @@ def lengths_to_mask(lengths: Optional[Tensor], seqlen: int, batch: int) -> Optio
         raise ValueError(f"lengths: expected an integer tensor of shape ({batch},), got {got}")
     positions = torch.arange(seqlen, device=lengths.device)
     return (positions.unsqueeze(0) < lengths.unsqueeze(1)).view(batch, 1, 1, seqlen)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Documents laid end to end: ``cu_seqlens`` ``(B + 1,)`` offsets and the longest document (a Python int)."""
+
+    cu_seqlens: Tensor
+    max_seqlen: int
+
+    @staticmethod
+    def of(name: str, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int]) -> Packed:
+        if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.dtype.is_floating_point:
+            got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"{name}: expected 1-D integer token ids of packed documents (total,), got {got}")
+        if not isinstance(cu_seqlens, Tensor):
+            raise TypeError(f"{name}_cu_seqlens: expected a torch.Tensor of offsets, got {type(cu_seqlens).__name__}")
+        if max_seqlen is None:  # read on the host: pass it to keep torch.compile's graph whole
+            max_seqlen = int(torch.diff(cu_seqlens).max()) if cu_seqlens.numel() > 1 else 0
+        return Packed(cu_seqlens, max_seqlen)
+
+    def positions(self, total: int) -> Tensor:
+        """Every token's position inside its document, ``(total,)``, computed on the device (no host read)."""
+        starts = self.cu_seqlens[:-1].long()
+        lengths = torch.diff(self.cu_seqlens).long()
+        # (B,) document starts → (total,) the start of each token's document
+        first = torch.repeat_interleave(starts, lengths, output_size=total)
+        return torch.arange(total, device=self.cu_seqlens.device) - first
+
+
+def _attend_packed(
+    attn: MultiheadAttention, q_in: Tensor, kv_in: Optional[Tensor], q_seqs: Packed, k_seqs: Packed, causal: bool
+) -> Tensor:
+    """``attn`` over packed ``(total, E)`` tokens: queries from ``q_in``, keys and values from ``kv_in`` (or q_in)."""
+    # (total, E) → (1, total, E): project's batch-first layout (self-attention keeps one tensor: one GEMM)
+    q_in = q_in.unsqueeze(0)
+    kv_in = q_in if kv_in is None else kv_in.unsqueeze(0)
+    q, k, v = attn.project(q_in, kv_in, kv_in)
+    return attn.attend_packed(
+        q, k, v, q_seqs.cu_seqlens, k_seqs.cu_seqlens, q_seqs.max_seqlen, k_seqs.max_seqlen, is_causal=causal
+    )
 
 
 class _FeedForward(nn.Module):
@@ -73,32 +119,46 @@ class EncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.norm_first = norm_first
 
-    def _sa(self, x: Tensor, src_mask: Optional[Tensor]) -> Tensor:
+    def _sa(self, x: Tensor, src_mask: Optional[Tensor], packed: Optional[Packed]) -> Tensor:
+        if packed is not None:
+            return self.dropout1(_attend_packed(self.self_attn, x, None, packed, packed, False))
         q, k, v = self.self_attn.project(x, x, x)
         return self.dropout1(self.self_attn.attend(q, k, v, attn_mask=src_mask))
 
-    def forward(self, x: Tensor, src_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, src_mask: Optional[Tensor] = None, packed: Optional[Packed] = None) -> Tensor:
         if self.norm_first:
-            x = x + self._sa(self.norm1(x), src_mask)
+            x = x + self._sa(self.norm1(x), src_mask, packed)
             return x + self.dropout2(self.ff(self.norm2(x)))
-        x = self.norm1(x + self._sa(x, src_mask))
+        x = self.norm1(x + self._sa(x, src_mask, packed))
         return self.norm2(x + self.dropout2(self.ff(x)))
 
 
 @dataclass
 class LayerCache:
-    """One decoder layer's cache: self-attention keys/values so far, cross-attention keys/values once."""
+    """One decoder layer's cache: self-attention keys/values so far, cross-attention keys/values once.
+
+    With a preallocated cache (``DecoderCache(capacity=...)``) ``self_k``/``self_v`` are ``(B, H, capacity, D)``
+    buffers that ``fastattn.kvcache_attention`` appends into in place, of which the first ``seqlens[b]`` positions
+    are filled; otherwise they hold exactly the keys so far and grow by concatenation.
+    """
 
     self_k: Optional[Tensor] = None
     self_v: Optional[Tensor] = None
     memory_k: Optional[Tensor] = None
     memory_v: Optional[Tensor] = None
+    seqlens: Optional[Tensor] = None  # (B,) int32, shared by every layer of a preallocated cache
+    capacity: int = 0  # positions of the preallocated buffers
 
 
 @dataclass
 class DecoderCache:
+    """The decoder's caches. ``capacity``: preallocate that many target positions per layer and decode through
+    ``kvcache_attention`` (in-place append, split-KV kernels); None: concatenate (any number of positions)."""
+
     layers: list = field(default_factory=list)
     length: int = 0  # target positions already decoded
+    capacity: Optional[int] = None
+    seqlens: Optional[Tensor] = None  # (B,) int32 positions filled in every layer's preallocated cache
 
 
 class DecoderLayer(nn.Module):
@@ -117,8 +177,18 @@ class DecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm_first = norm_first
 
-    def _sa(self, y: Tensor, tgt_mask: Optional[Tensor], cache: Optional[LayerCache]) -> Tensor:
+    def _sa(self, y: Tensor, tgt_mask: Optional[Tensor], cache: Optional[LayerCache], packed) -> Tensor:
+        if packed is not None:
+            tgt_seqs, _ = packed
+            return self.dropout1(_attend_packed(self.self_attn, y, None, tgt_seqs, tgt_seqs, True))
         q, k, v = self.self_attn.project(y, y, y)
+        if cache is not None and cache.seqlens is not None and not (self.training and self.self_attn.dropout > 0):
+            if cache.self_k is None:
+                capacity = cache.capacity
+                # (B, H, capacity, D) buffers; kvcache_attention writes k, v at seqlens and attends bottom-right.
+                cache.self_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+                cache.self_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+            return self.dropout1(self.self_attn.attend_kvcache(q, cache.self_k, cache.self_v, cache.seqlens, k, v))
         if cache is not None:
             if cache.self_k is not None:
                 k, v = torch.cat([cache.self_k, k], dim=2), torch.cat([cache.self_v, v], dim=2)
@@ -127,7 +197,12 @@ class DecoderLayer(nn.Module):
         out = self.self_attn.attend(q, k, v, attn_mask=tgt_mask, is_causal=True, q_offset=k.shape[2] - q.shape[2])
         return self.dropout1(out)
 
-    def _ca(self, y: Tensor, memory: Tensor, memory_mask: Optional[Tensor], cache: Optional[LayerCache]) -> Tensor:
+    def _ca(
+        self, y: Tensor, memory: Tensor, memory_mask: Optional[Tensor], cache: Optional[LayerCache], packed
+    ) -> Tensor:
+        if packed is not None:
+            tgt_seqs, src_seqs = packed
+            return self.dropout2(_attend_packed(self.cross_attn, y, memory, tgt_seqs, src_seqs, False))
         if cache is not None and cache.memory_k is not None:
             (q, _, _), k, v = self.cross_attn.project(y), cache.memory_k, cache.memory_v
         else:
@@ -143,13 +218,15 @@ class DecoderLayer(nn.Module):
         tgt_mask: Optional[Tensor] = None,
         memory_mask: Optional[Tensor] = None,
         cache: Optional[LayerCache] = None,
+        packed: Optional[tuple[Packed, Packed]] = None,
     ) -> Tensor:
+        """``packed``: ``(target documents, source documents)`` for packed ``(total, E)`` inputs, else None."""
         if self.norm_first:
-            y = y + self._sa(self.norm1(y), tgt_mask, cache)
-            y = y + self._ca(self.norm2(y), memory, memory_mask, cache)
+            y = y + self._sa(self.norm1(y), tgt_mask, cache, packed)
+            y = y + self._ca(self.norm2(y), memory, memory_mask, cache, packed)
             return y + self.dropout3(self.ff(self.norm3(y)))
-        y = self.norm1(y + self._sa(y, tgt_mask, cache))
-        y = self.norm2(y + self._ca(y, memory, memory_mask, cache))
+        y = self.norm1(y + self._sa(y, tgt_mask, cache, packed))
+        y = self.norm2(y + self._ca(y, memory, memory_mask, cache, packed))
         return self.norm3(y + self.dropout3(self.ff(y)))
 
 
@@ -167,6 +244,16 @@ class Transformer(nn.Module):
     zig-zag layout), lengths stay global, and the logits are this rank's shard of ``tgt``'s.
     Positions and padding masks are computed from each token's global position. Attention
     dropout must be 0 in training; ``generate`` is not context-parallel.
+
+    ``softcap`` (Gemma 2's logit cap) and ``sinks=True`` (a learned sink logit per head, gpt-oss) go to
+    every attention module (``MultiheadAttention``'s keywords). ALiBi and chunked attention are not
+    offered: they place keys by position, which cross-attention's source keys do not share with the
+    target queries, and ALiBi would replace the sinusoidal positions (another model).
+
+    Packed documents: ``forward(src, tgt, src_cu_seqlens=cs, tgt_cu_seqlens=ct)`` with ``src (total_s,)`` and
+    ``tgt (total_t,)`` token ids, documents end to end (``cs``/``ct``: ``(B + 1,)`` offsets; ``src_max_seqlen``/
+    ``tgt_max_seqlen`` the longest, read from the offsets when omitted) returns logits ``(total_t, V)``, each
+    document's equal to that document alone (the module docstring).
     """
 
     def __init__(
@@ -186,6 +273,8 @@ class Transformer(nn.Module):
         device=None,
         dtype=None,
         context_parallel_group=None,
+        softcap: Optional[float] = None,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         if activation not in ("relu", "gelu"):
@@ -199,7 +288,12 @@ class Transformer(nn.Module):
         self.src_embed = nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id, **factory)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id, **factory)
         self.context_parallel_group = context_parallel_group
-        attn_kw = {"backend": backend, "context_parallel_group": context_parallel_group}
+        attn_kw = {
+            "backend": backend,
+            "context_parallel_group": context_parallel_group,
+            "softcap": softcap,
+            "sinks": sinks,
+        }
         args = (d_model, nhead, dim_feedforward, dropout, activation, norm_first, attn_kw, factory)
         self.encoder_layers = nn.ModuleList(EncoderLayer(*args) for _ in range(num_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(*args) for _ in range(num_decoder_layers))
@@ -271,11 +365,19 @@ class Transformer(nn.Module):
             tgt_mask = self._padding_mask(tgt_lengths, self._positions(tgt, causal_layout=True), tgt.shape[0])
         if cache is not None and not cache.layers:
             cache.layers = [LayerCache() for _ in self.decoder_layers]
+            if cache.capacity is not None:
+                if cache.length + tgt.shape[1] > cache.capacity:
+                    raise ValueError(f"cache: capacity {cache.capacity} is below the {tgt.shape[1]} positions asked")
+                cache.seqlens = torch.full((tgt.shape[0],), cache.length, dtype=torch.int32, device=tgt.device)
+                for layer_cache in cache.layers:
+                    layer_cache.seqlens, layer_cache.capacity = cache.seqlens, cache.capacity
         y = self._embed(self.tgt_embed, tgt, start, causal_layout=True)
         for i, layer in enumerate(self.decoder_layers):
             y = layer(y, memory, tgt_mask, memory_mask, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.length += tgt.shape[1]
+            if cache.seqlens is not None:
+                cache.seqlens += tgt.shape[1]  # in place: every layer's LayerCache holds this tensor
         return self.generator(self.decoder_norm(y))
 
     def forward(
@@ -284,9 +386,40 @@ class Transformer(nn.Module):
         tgt: Tensor,
         src_lengths: Optional[Tensor] = None,
         tgt_lengths: Optional[Tensor] = None,
+        *,
+        src_cu_seqlens: Optional[Tensor] = None,
+        tgt_cu_seqlens: Optional[Tensor] = None,
+        src_max_seqlen: Optional[int] = None,
+        tgt_max_seqlen: Optional[int] = None,
     ) -> Tensor:
+        if src_cu_seqlens is not None or tgt_cu_seqlens is not None:
+            if src_lengths is not None or tgt_lengths is not None:
+                raise ValueError("src_lengths, tgt_lengths: packed documents need no padding lengths; pass None")
+            if src_cu_seqlens is None or tgt_cu_seqlens is None:
+                raise ValueError("src_cu_seqlens, tgt_cu_seqlens: packed documents need both offsets, got one")
+            return self.forward_packed(
+                src, tgt, Packed.of("src", src, src_cu_seqlens, src_max_seqlen),
+                Packed.of("tgt", tgt, tgt_cu_seqlens, tgt_max_seqlen),
+            )  # fmt: skip
         memory, memory_mask = self.encode(src, src_lengths)
         return self.decode(tgt, memory, memory_mask, tgt_lengths)
+
+    def forward_packed(self, src: Tensor, tgt: Tensor, src_seqs: Packed, tgt_seqs: Packed) -> Tensor:
+        """Logits ``(total_t, V)`` of packed documents (``forward``'s packed form)."""
+        if self.context_parallel_group is not None:
+            raise ValueError("src_cu_seqlens: packed documents are not supported with context_parallel_group")
+        x = self._embed_packed(self.src_embed, src, src_seqs)
+        for layer in self.encoder_layers:
+            x = layer(x, packed=src_seqs)
+        memory = self.encoder_norm(x)
+        y = self._embed_packed(self.tgt_embed, tgt, tgt_seqs)
+        for layer in self.decoder_layers:
+            y = layer(y, memory, packed=(tgt_seqs, src_seqs))
+        return self.generator(self.decoder_norm(y))
+
+    def _embed_packed(self, embed: nn.Embedding, tokens: Tensor, seqs: Packed) -> Tensor:
+        x = embed(tokens) * math.sqrt(self.d_model)
+        return self.dropout(x + sinusoidal_positions(seqs.positions(tokens.shape[0]), self.d_model, x.dtype))
 
     @torch.no_grad()
     def generate(
@@ -302,7 +435,10 @@ class Transformer(nn.Module):
         """Greedy decoding: ``(B, T)`` tokens after BOS, ``T <= max_new_tokens``; after EOS, ``pad_id``.
 
         With ``use_cache`` each step runs the decoder on the newest token only, against cached keys
-        and values (one query, ``q_offset = Lk - 1``); without, it reruns the whole prefix.
+        and values (one query, ``q_offset = Lk - 1``); without, it reruns the whole prefix. The self-attention
+        cache is preallocated for ``max_new_tokens`` positions and decoded through ``fastattn.kvcache_attention``
+        (in-place append, split-KV decode kernels); the cross-attention's keys (the encoder output, computed once)
+        stay on ``scaled_dot_product_attention`` with the source padding mask.
         """
         if self.context_parallel_group is not None:
             raise ValueError("generate: not supported with context_parallel_group (decoding is one token at a time)")
@@ -310,7 +446,7 @@ class Transformer(nn.Module):
         batch = src.shape[0]
         tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(batch, dtype=torch.bool, device=src.device)
-        cache = DecoderCache() if use_cache else None
+        cache = DecoderCache(capacity=max_new_tokens) if use_cache else None
         for _ in range(max_new_tokens):
             step_in = tokens[:, -1:] if use_cache else tokens
             logits = self.decode(step_in, memory, memory_mask, cache=cache)[:, -1]

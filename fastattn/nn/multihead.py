@@ -9,19 +9,22 @@ is converted to fastattn's (boolean True = *attend*) in ``_fastattn_mask``, here
 Two building blocks, ``project`` and ``attend``, are the whole computation: ``forward`` is them
 plus torch's layout and mask conventions, and ``fastattn.models.Transformer`` calls them directly
 (batch-first, fastattn masks, ``q_offset`` for a key/value cache), so there is one implementation.
+Packed sequences (``cu_seqlens``) take ``attend_packed`` instead of ``attend``: the same projections on
+the ``(1, total, E)`` view of the tokens, then ``fastattn.varlen_attention``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import backends
-from ..functional import scaled_dot_product_attention
+from .. import backends, variants
+from ..functional import scaled_dot_product_attention, varlen_attention
+from ..kvcache import kvcache_attention
 
 __all__ = ["MultiheadAttention"]
 
@@ -36,6 +39,30 @@ def check_backend(backend: Optional[str]) -> Optional[str]:
         return None
     backends.get(backend)  # raises with the list of names
     return backend
+
+
+def check_variants(
+    num_heads: int, softcap: Any, alibi_slopes: Any, sinks: Any, chunk: Any
+) -> tuple[Optional[float], Optional[int]]:
+    """Construction-time checks of the variant keywords; returns ``(softcap, chunk)`` normalised."""
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+            raise ValueError(f"softcap: expected a positive float or None, got {softcap!r}")
+        softcap = float(softcap)
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.dtype.is_floating_point:
+            raise TypeError(
+                f"alibi_slopes: expected a floating tensor of shape ({num_heads},) or None, got {alibi_slopes!r}"
+            )
+        if tuple(alibi_slopes.shape) != (num_heads,):
+            raise ValueError(
+                f"alibi_slopes: expected shape ({num_heads},) (one slope per head), got {_shape(alibi_slopes)}"
+            )
+    if not isinstance(sinks, bool):
+        raise TypeError(f"sinks: expected a bool (True: a learned sink logit per head), got {type(sinks).__name__}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
+    return softcap, chunk
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -64,10 +91,34 @@ class MultiheadAttention(nn.MultiheadAttention):
     Inside ``nn.TransformerEncoderLayer`` torch may bypass ``self_attn.forward`` in inference;
     ``fastattn.replace_attention(model)`` swaps modules and also closes that path.
 
+    Packed sequences: ``forward(query, key, value, need_weights=False, cu_seqlens=cu)`` with 2-D ``(total, E)``
+    inputs holding sequences end to end (``cu``: ``(B + 1,)`` int32/int64 offsets) runs every sequence
+    attending only its own keys (``fastattn.varlen_attention``); ``cu_seqlens_k`` gives the keys' offsets
+    when they differ (cross-attention), ``max_seqlen``/``max_seqlen_k`` the longest sequences (Python ints;
+    read from the offsets when omitted, a device sync). ``is_causal`` is then causal inside each sequence,
+    aligned bottom-right. Masks, weights and the appended ``add_bias_kv``/``add_zero_attn`` keys are refused
+    with packed sequences (each would need a per-sequence layout of its own).
+
     ``context_parallel_group``: a ``torch.distributed`` group across which the sequence is sharded
     (``fastattn.distributed.shard_sequence``). Inputs are then this rank's shards, attention runs as
     ``fastattn.distributed.ring_attention`` and the output is this rank's shard. Only key padding
     masks (this rank's shard) are supported there; weights and attention dropout are refused.
+
+    Attention variants (keyword-only, as ``fastattn.scaled_dot_product_attention`` defines them; the
+    returned weights follow them too):
+
+    * ``softcap``: scores become ``softcap * tanh(score / softcap)`` (Gemma 2).
+    * ``alibi_slopes``: a ``(num_heads,)`` float tensor; ``-slope * |i - j|`` is added to the scores in
+      the kernel (a non-persistent buffer: the slopes are configuration, not weights, and a torch
+      checkpoint still loads with ``strict=True``). ``fastattn.testing.alibi_slopes(num_heads)`` gives
+      the paper's geometric slopes.
+    * ``sinks=True``: a learned ``sinks`` parameter ``(num_heads,)``, one logit per head that joins
+      every row's softmax and carries no value (gpt-oss), trained through its own gradient;
+      initialised to zeros (a sink as likely as a key of score 0).
+    * ``chunk``: query ``i`` attends key ``j`` only when ``i // chunk == j // chunk`` (Llama 4).
+
+    ALiBi and ``chunk`` place keys by their index, which the keys that ``add_bias_kv``/``add_zero_attn``
+    append (visible to every query) do not have: those combinations are refused.
     """
 
     def __init__(
@@ -86,6 +137,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         *,
         backend: Optional[str] = None,
         context_parallel_group=None,
+        softcap: Optional[float] = None,
+        alibi_slopes: Optional[Tensor] = None,
+        sinks: bool = False,
+        chunk: Optional[int] = None,
     ) -> None:
         super().__init__(
             embed_dim,
@@ -102,10 +157,33 @@ class MultiheadAttention(nn.MultiheadAttention):
         )
         self.backend = check_backend(backend)
         self.context_parallel_group = context_parallel_group
+        self.softcap, self.chunk = check_variants(num_heads, softcap, alibi_slopes, sinks, chunk)
+        if (alibi_slopes is not None or chunk is not None) and (add_bias_kv or add_zero_attn):
+            raise ValueError(
+                "alibi_slopes/chunk: they place keys by index, which the keys of add_bias_kv/add_zero_attn lack; "
+                f"expected add_bias_kv=False and add_zero_attn=False, got {add_bias_kv} and {add_zero_attn}"
+            )
+        slopes = None if alibi_slopes is None else alibi_slopes.detach().to(device=device, dtype=torch.float32)
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+        if sinks:
+            self.sinks = nn.Parameter(torch.zeros(num_heads, device=device, dtype=dtype))
+        else:
+            self.register_parameter("sinks", None)
 
     def extra_repr(self) -> str:
         cp = ", context_parallel" if self.context_parallel_group is not None else ""
-        return f"backend={self.backend or 'auto'}{cp}"
+        variants = "".join(
+            f", {name}={value}"
+            for name, value in (("softcap", self.softcap), ("chunk", self.chunk))
+            if value is not None
+        )
+        variants += ", alibi" if self.alibi_slopes is not None else ""
+        variants += ", sinks" if self.sinks is not None else ""
+        return f"backend={self.backend or 'auto'}{cp}{variants}"
+
+    def variant_kwargs(self) -> dict:
+        """The entry point's variant keywords for this module (``softcap``, ``alibi_slopes``, ``sinks``, ``chunk``)."""
+        return dict(softcap=self.softcap, alibi_slopes=self.alibi_slopes, sinks=self.sinks, chunk=self.chunk)
 
     # ---- building blocks (batch-first, fastattn mask convention) ---------------------------------
 
@@ -160,10 +238,78 @@ class MultiheadAttention(nn.MultiheadAttention):
                 is_causal=is_causal,
                 q_offset=q_offset,
                 backend=self.backend,
+                **self.variant_kwargs(),
             )
         # (B, H, Lq, D) → (B, Lq, H, D) → (B, Lq, E)
         out = out.transpose(1, 2).flatten(-2)
         return F.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+    def attend_kvcache(
+        self,
+        q: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        cache_seqlens: Tensor,
+        k: Optional[Tensor] = None,
+        v: Optional[Tensor] = None,
+        is_causal: bool = True,
+    ) -> Tensor:
+        """Attention over a key/value cache (``fastattn.kvcache_attention``, forward only), then the out-projection.
+
+        ``k``/``v`` (the new positions' heads) are appended into the caches in place at ``cache_seqlens``.
+        """
+        variants = self.variant_kwargs()
+        if variants.pop("chunk") is not None:
+            raise ValueError("chunk: kvcache_attention has no chunked attention; decode this module without a cache")
+        out = kvcache_attention(
+            q,
+            key_cache,
+            value_cache,
+            cache_seqlens,
+            key=k,
+            value=v,
+            is_causal=is_causal,
+            backend=self.backend,
+            **variants,
+        )
+        # (B, H, Lq, D) → (B, Lq, H, D) → (B, Lq, E)
+        out = out.transpose(1, 2).flatten(-2)
+        return F.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+    def attend_packed(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_seqlens_q: Tensor,
+        cu_seqlens_k: Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """Fused attention over packed sequences, then the out-projection: ``(total_q, E)``.
+
+        ``q``, ``k``, ``v``: ``project``'s heads of the ``(1, total, E)`` tokens, ``(1, H, total, D)``.
+        """
+        if self.context_parallel_group is not None:
+            raise ValueError("cu_seqlens: packed sequences are not supported with context_parallel_group")
+        # (1, H, total, D) → (total, H, D): views of the projection's (1, total, H, D) memory.
+        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))
+        out = varlen_attention(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            backend=self.backend,
+            **self.variant_kwargs(),
+        )
+        # (total_q, H, D) → (total_q, E)
+        return F.linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
 
     def _attend_context_parallel(self, q, k, v, attn_mask, is_causal, q_offset) -> Tensor:
         """Ring attention over the sequence shards of ``context_parallel_group``."""
@@ -179,7 +325,14 @@ class MultiheadAttention(nn.MultiheadAttention):
                 f"got {self.dropout} (call .eval() or build the module with dropout=0.0)"
             )
         return ring_attention(
-            q, k, v, group=self.context_parallel_group, is_causal=is_causal, attn_mask=attn_mask, backend=self.backend
+            q,
+            k,
+            v,
+            group=self.context_parallel_group,
+            is_causal=is_causal,
+            attn_mask=attn_mask,
+            backend=self.backend,
+            **self.variant_kwargs(),
         )
 
     # ---- torch's interface -----------------------------------------------------------------------
@@ -194,7 +347,17 @@ class MultiheadAttention(nn.MultiheadAttention):
         attn_mask: Optional[Tensor] = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        *,
+        cu_seqlens: Optional[Tensor] = None,
+        max_seqlen: Optional[int] = None,
+        cu_seqlens_k: Optional[Tensor] = None,
+        max_seqlen_k: Optional[int] = None,
     ) -> tuple[Tensor, Optional[Tensor]]:
+        if cu_seqlens is not None or cu_seqlens_k is not None:
+            return self._forward_packed(
+                query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, cu_seqlens, max_seqlen,
+                cu_seqlens_k, max_seqlen_k,
+            )  # fmt: skip
         batched = self._check_inputs(query, key, value)
         # One internal layout: batch-first (B, L, E).
         if not batched:
@@ -225,7 +388,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         weights = None
         if need_weights:
-            weights = _torch_weights(q, k, am, kpm, extra, query.dtype)
+            weights = _torch_weights(q, k, am, kpm, extra, query.dtype, self.variant_kwargs())
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if not batched:
@@ -235,6 +398,36 @@ class MultiheadAttention(nn.MultiheadAttention):
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _forward_packed(
+        self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, cu_q, max_q, cu_k, max_k
+    ) -> tuple[Tensor, None]:
+        """``forward`` for packed ``(total, E)`` inputs (see the class docstring): ``(out (total_q, E), None)``."""
+        if cu_q is None:
+            raise ValueError("cu_seqlens: expected the queries' offsets when cu_seqlens_k is given, got None")
+        refused = {
+            "key_padding_mask": key_padding_mask is not None,
+            "attn_mask": attn_mask is not None,
+            "need_weights": need_weights,
+            "add_bias_kv": self.bias_k is not None,
+            "add_zero_attn": self.add_zero_attn,
+        }
+        for name, bad in refused.items():
+            if bad:
+                fix = "pass need_weights=False" if name == "need_weights" else "each sequence's own keys are its mask"
+                raise ValueError(f"{name}: not supported with packed sequences (cu_seqlens); {fix}")
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor) or t.dim() != 2:
+                got = _shape(t) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected a 2-D (total_tokens, E) tensor of packed sequences, got {got}")
+        cu_k = cu_q if cu_k is None else cu_k
+        if max_q is None:
+            max_q = _longest(cu_q)
+        if max_k is None:
+            max_k = max_q if cu_k is cu_q else _longest(cu_k)
+        # (total, E) → (1, total, E): project's batch-first layout.
+        q, k, v = self.project(*_same_identity((query, key, value), lambda t: t.unsqueeze(0)))
+        return self.attend_packed(q, k, v, cu_q, cu_k, max_q, max_k, is_causal), None
 
     def _extra_keys(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """torch's ``add_bias_kv`` then ``add_zero_attn``: keys appended after the source ones."""
@@ -326,6 +519,15 @@ class MultiheadAttention(nn.MultiheadAttention):
         return kpm, am
 
 
+def _longest(cu_seqlens: Tensor) -> int:
+    """The longest sequence of ``(B + 1,)`` offsets, read on the host (a device sync on a GPU)."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(
+            f"cu_seqlens: expected a torch.Tensor of int32 or int64 offsets, got {type(cu_seqlens).__name__}"
+        )
+    return int(torch.diff(cu_seqlens).max()) if cu_seqlens.numel() > 1 else 0
+
+
 def _same_identity(ts: tuple[Tensor, Tensor, Tensor], fn) -> tuple[Tensor, Tensor, Tensor]:
     """Apply ``fn`` keeping ``query is key is value`` (the one-GEMM self-attention test) intact."""
     q, k, v = ts
@@ -369,12 +571,22 @@ def _fastattn_mask(am: Optional[Tensor], kpm: Optional[Tensor], extra: int, dtyp
 
 
 def _torch_weights(
-    q: Tensor, k: Tensor, am: Optional[Tensor], kpm: Optional[Tensor], extra: int, dtype: torch.dtype
+    q: Tensor,
+    k: Tensor,
+    am: Optional[Tensor],
+    kpm: Optional[Tensor],
+    extra: int,
+    dtype: torch.dtype,
+    variant: Optional[dict] = None,
 ) -> Tensor:
     """The attention weights ``(B, H, L, S)`` computed as ``F.multi_head_attention_forward`` does.
 
-    An explicit second computation: ``(B * H, L, S)`` scores and probabilities in memory.
+    An explicit second computation: ``(B * H, L, S)`` scores and probabilities in memory. With a variant
+    (``variant``: the entry point's keywords) the scores follow ``fastattn.variants`` instead: softcap and
+    ALiBi before the mask, the chunk's pairs only, and the sink in the softmax's denominator.
     """
+    if variant is not None and any(value is not None for value in variant.values()):
+        return _variant_weights(q, k, am, kpm, dtype, **variant)
     batch, heads, seqlen_q, head_dim = q.shape
     seqlen_k = k.shape[2]
     mask = None
@@ -394,3 +606,33 @@ def _torch_weights(
         mask = mask.expand(batch, heads, seqlen_q, seqlen_k).reshape(batch * heads, seqlen_q, seqlen_k)
         scores = torch.baddbmm(mask, q, k.transpose(-2, -1))
     return F.softmax(scores, dim=-1).view(batch, heads, seqlen_q, seqlen_k)
+
+
+def _variant_weights(
+    q: Tensor,
+    k: Tensor,
+    am: Optional[Tensor],
+    kpm: Optional[Tensor],
+    dtype: torch.dtype,
+    softcap: Optional[float],
+    alibi_slopes: Optional[Tensor],
+    sinks: Optional[Tensor],
+    chunk: Optional[int],
+) -> Tensor:
+    """``_torch_weights`` under the variants, in ``fastattn.variants``' order (no extra keys: refused)."""
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    scores = (q * math.sqrt(1.0 / float(q.shape[-1]))) @ k.transpose(-2, -1)
+    # (H,) → (1, H): score_mod's (B|1, H) slopes
+    alibi = None if alibi_slopes is None else alibi_slopes.view(1, -1)
+    scores, _ = variants.score_mod(scores, softcap or 0.0, alibi, 0)
+    for m in (am, kpm):
+        if m is not None:
+            scores = scores.masked_fill(m, float("-inf")) if m.dtype == torch.bool else scores + m
+    if chunk is not None:
+        allowed = variants.allowed(seqlen_q, seqlen_k, -1, -1, 0, chunk, q.device)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is None:
+        return F.softmax(scores, dim=-1)
+    # (H,) → (B, H, L, 1): the sink's column joins the softmax, then leaves (it carries no value)
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return F.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]

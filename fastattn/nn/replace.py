@@ -30,6 +30,9 @@ def _convert(module: nn.MultiheadAttention, backend: Optional[str]) -> None:
     module.__class__ = MultiheadAttention
     module.backend = backend
     module.context_parallel_group = None
+    module.softcap = module.chunk = None
+    module.register_buffer("alibi_slopes", None, persistent=False)
+    module.register_parameter("sinks", None)
 
 
 def replace_attention(model: nn.Module, backend: Optional[str] = None) -> nn.Module:

@@ -1,17 +1,20 @@
-"""``@triton.jit`` helpers shared by the forward and backward kernels: band ranges, masks, tile states.
+"""The variants' rules as ``@triton.jit`` helpers, shared by the forward and backward kernels.
 
-Semantics are those of ``fastattn.masks``: query row ``i`` sits at key position ``i + q_offset``
-and sees key ``j`` iff ``i + q_offset - left <= j <= i + q_offset + right`` (``HAS_LEFT`` /
-``HAS_RIGHT`` false = that side unbounded; causal is folded into ``right`` by ``MaskSpec.bounds``),
-``j < seqlen_k``, and the tensor mask allows it. Scores live in the exp2 domain in the kernels, so
-an additive mask is multiplied by ``bias_scale`` (``log2(e)``) before it is added.
+The Triton statement of ``fastattn/variants.py`` (the rules, their order and why the tile ranges are
+exact are written there; ``csrc/attn_rules.h`` is the C++ one), with the same names: query row ``i`` sits
+at key position ``pos = i + q_offset`` and sees key ``j`` iff ``pos - left <= j <= pos + right``
+(``HAS_LEFT`` / ``HAS_RIGHT`` false = that side unbounded; causal is folded into ``right`` by
+``AttnParams.bounds``), ``floor(pos / chunk) == floor(j / chunk)`` with ``HAS_CHUNK``, ``j < seqlen_k``, and
+the tensor mask allows it. Scores live in the exp2 domain in the kernels: ``score_mod`` turns a raw
+``q·k`` into ``log2(e) · (softcap · tanh(scale · q·k / softcap) − slope · |pos − j|)`` (each part when its
+flag is on), and an additive mask is multiplied by ``bias_scale`` (``log2(e)``) before it is added.
 
-The signatures below are a contract with the backward kernels: extend, do not change.
+The signatures below are a contract with both kernels: extend, do not change.
 
 Tile ranges come in three stages, ``[lo, full_lo)`` masked, ``[full_lo, full_hi)`` free of any
-mask arithmetic (inside the band for every valid row and inside ``seqlen_k``), ``[full_hi, hi)``
-masked; tiles outside ``[lo, hi)`` are empty and never loaded. For a query tile the counts agree
-with ``MaskSpec.tile_summary`` (both judge a tile by its first and last valid row).
+mask arithmetic (inside the band and the chunk for every valid row and inside ``seqlen_k``), ``[full_hi,
+hi)`` masked; tiles outside ``[lo, hi)`` are empty and never loaded. For a query tile the counts agree
+with ``AttnParams.tile_summary`` (both judge a tile by its first and last valid row).
 """
 
 from __future__ import annotations
@@ -37,10 +40,14 @@ __all__ = [
     "TILE_EMPTY",
     "TILE_PARTIAL",
     "TILE_FULL",
-    "band_k_tile_range",
-    "band_q_tile_range",
-    "band_allowed",
-    "band_allowed_t",
+    "floor_div",
+    "tanh",
+    "key_tile_range",
+    "query_tile_range",
+    "row_bounds",
+    "allowed",
+    "allowed_t",
+    "score_mod",
     "load_tensor_mask",
     "apply_tensor_mask",
     "summary_tile",
@@ -48,17 +55,32 @@ __all__ = [
 
 
 @triton.jit
-def band_k_tile_range(
+def floor_div(a, c):
+    """``floor(a / c)`` for ``c > 0`` (Triton's ``//`` truncates toward zero, as C does)."""
+    return tl.where(a >= 0, a // c, -((c - 1 - a) // c))
+
+
+@triton.jit
+def tanh(x):
+    """``tanh`` through ``exp2`` (the same formula as ``csrc/attn_rules.h``'s, on every Triton version and the
+    interpreter): ``1 - 2 / (e^{2x} + 1)``, exact at the saturated ends, ~1e-7 absolute near 0 in fp32."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def key_tile_range(
     start_m,
     seqlen_q,
     seqlen_k,
     left,
     right,
     q_offset,
+    chunk,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
 ):
     """Key-tile indices ``(lo, full_lo, full_hi, hi)`` for the query tile of rows ``[start_m, start_m+BLOCK_M)``."""
     first = start_m + q_offset  # key position of the tile's first row
@@ -73,6 +95,13 @@ def band_k_tile_range(
     if HAS_RIGHT:
         key_hi = tl.minimum(last + right + 1, seqlen_k)
         full_key_hi = tl.minimum(first + right + 1, full_key_hi)
+    if HAS_CHUNK:  # the first row's chunk starts the range, the last row's ends it (and the reverse for "full")
+        chunk_first = floor_div(first, chunk) * chunk
+        chunk_last = floor_div(last, chunk) * chunk
+        key_lo = tl.maximum(key_lo, chunk_first)
+        key_hi = tl.minimum(key_hi, chunk_last + chunk)
+        full_key_lo = tl.maximum(full_key_lo, chunk_last)
+        full_key_hi = tl.minimum(full_key_hi, chunk_first + chunk)
     lo = key_lo // BLOCK_N
     hi = tl.maximum(tl.cdiv(key_hi, BLOCK_N), lo)  # empty when key_hi <= key_lo
     hi = tl.where(key_hi <= key_lo, lo, hi)
@@ -82,22 +111,25 @@ def band_k_tile_range(
 
 
 @triton.jit
-def band_q_tile_range(
+def query_tile_range(
     start_n,
     seqlen_q,
     seqlen_k,
     left,
     right,
     q_offset,
+    chunk,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
 ):
-    """Query-tile indices ``(lo, full_lo, full_hi, hi)`` for the key tile ``[start_n, start_n+BLOCK_N)`` (backward).
+    """Query-tile indices ``(lo, full_lo, full_hi, hi)`` for the key tile ``[start_n, start_n+BLOCK_N)``.
 
-    Row ``i`` sees key ``j`` iff ``j - q_offset - right <= i <= j - q_offset + left``; ``full`` tiles
-    see every key of the key tile (which must lie inside ``seqlen_k``) and lie inside ``seqlen_q``.
+    Row ``i`` sees key ``j`` iff ``j - q_offset - right <= i <= j - q_offset + left`` and, with a chunk,
+    ``i + q_offset`` lies in ``j``'s chunk; ``full`` tiles see every key of the key tile (which must lie
+    inside ``seqlen_k``) and lie inside ``seqlen_q``.
     """
     first = start_n  # first key of the tile
     last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
@@ -113,6 +145,14 @@ def band_q_tile_range(
     if HAS_LEFT:
         row_hi = tl.minimum(last - q_offset + left + 1, seqlen_q)
         full_row_hi = tl.minimum(first - q_offset + left + 1, full_row_hi)
+    if HAS_CHUNK:  # keys are >= 0: plain division finds their chunks
+        chunk_first = (first // chunk) * chunk - q_offset
+        chunk_last = (last // chunk) * chunk - q_offset
+        row_lo = tl.maximum(row_lo, chunk_first)
+        row_hi = tl.minimum(row_hi, chunk_last + chunk)
+        full_row_lo = tl.maximum(full_row_lo, chunk_last)
+        full_row_hi = tl.minimum(full_row_hi, chunk_first + chunk)
+    row_lo = tl.maximum(row_lo, 0)
     row_hi = tl.maximum(row_hi, 0)
     lo = row_lo // BLOCK_M
     hi = tl.maximum(tl.cdiv(row_hi, BLOCK_M), lo)
@@ -123,27 +163,96 @@ def band_q_tile_range(
 
 
 @triton.jit
-def band_allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Boolean ``(BLOCK_M, BLOCK_N)``: key in range and inside the band (rows past ``seqlen_q`` are not masked)."""
-    pos = offs_m[:, None] + q_offset
-    ok = offs_n[None, :] < seqlen_k
+def row_bounds(
+    pos, seqlen_k, left, right, chunk, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr
+):
+    """Keys ``[lo, hi]`` that rows at key positions ``pos`` attend: the band and the chunk, clipped to the keys.
+
+    Two bounds per row, so a tile of pairs costs two compares whatever the rule (``variants.row_bounds``).
+    """
+    lo = tl.zeros_like(pos)
+    hi = tl.zeros_like(pos) + (seqlen_k - 1)
     if HAS_LEFT:
-        ok = ok & (offs_n[None, :] >= pos - left)
+        lo = tl.maximum(lo, pos - left)
     if HAS_RIGHT:
-        ok = ok & (offs_n[None, :] <= pos + right)
+        hi = tl.minimum(hi, pos + right)
+    if HAS_CHUNK:  # in int32: a 64-bit division (the dK/dV pass's positions are int64) spilled registers
+        start = floor_div(pos.to(tl.int32), chunk) * chunk
+        lo = tl.maximum(lo, start)
+        hi = tl.minimum(hi, start + chunk - 1)
+    return lo, hi
+
+
+@triton.jit
+def allowed(
+    offs_m, offs_n, seqlen_k, left, right, q_offset, chunk,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Boolean ``(BLOCK_M, BLOCK_N)``: key in range, in the band and in the row's chunk (rows past ``seqlen_q``
+    are not masked).
+
+    With a chunk, each row's two bounds (``row_bounds``) and two compares per pair: comparing chunk indices
+    instead (an integer division per key and a third tile of compares) spilled the backward by up to 500
+    bytes. Without one, the band's own compares: ptxas allocates those a few registers better (measured:
+    the band-only dK/dV kernels spilled 8 bytes with the bounds form).
+    """
+    if HAS_CHUNK:
+        lo, hi = row_bounds(offs_m + q_offset, seqlen_k, left, right, chunk, HAS_LEFT, HAS_RIGHT, HAS_CHUNK)
+        ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None])
+    else:
+        pos = offs_m[:, None] + q_offset
+        ok = offs_n[None, :] < seqlen_k  # (1, BLOCK_N) without a band: broadcast, never a tile of its own
+        if HAS_LEFT:
+            ok = ok & (offs_n[None, :] >= pos - left)
+        if HAS_RIGHT:
+            ok = ok & (offs_n[None, :] <= pos + right)
     return ok
 
 
 @triton.jit
-def band_allowed_t(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """``band_allowed`` transposed, ``(BLOCK_N, BLOCK_M)`` (keys are rows), built in that shape directly."""
-    pos = offs_m[None, :] + q_offset
-    ok = offs_n[:, None] < seqlen_k
-    if HAS_LEFT:
-        ok = ok & (offs_n[:, None] >= pos - left)
-    if HAS_RIGHT:
-        ok = ok & (offs_n[:, None] <= pos + right)
+def allowed_t(
+    offs_m, offs_n, seqlen_k, left, right, q_offset, chunk,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """``allowed`` transposed, ``(BLOCK_N, BLOCK_M)`` (keys are rows), built in that shape directly."""
+    if HAS_CHUNK:
+        lo, hi = row_bounds(offs_m + q_offset, seqlen_k, left, right, chunk, HAS_LEFT, HAS_RIGHT, HAS_CHUNK)
+        ok = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] <= hi[None, :])
+    else:
+        pos = offs_m[None, :] + q_offset
+        ok = offs_n[:, None] < seqlen_k
+        if HAS_LEFT:
+            ok = ok & (offs_n[:, None] >= pos - left)
+        if HAS_RIGHT:
+            ok = ok & (offs_n[:, None] <= pos + right)
     return ok
+
+
+@triton.jit
+def score_mod(
+    qk, offs_m, offs_n, q_offset, qk_scale, softcap2, slope2,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, KEY_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Scores in the exp2 domain from raw dot products ``qk`` (``(BLOCK_M, BLOCK_N)``, or keys as rows with
+    ``KEY_ROWS``), and the softcap's tanh (for ``1 - tanh²`` in the backward; ``qk`` itself without softcap).
+
+    ``qk_scale``: ``scale · log2(e)``, or ``scale / softcap`` with ``SOFTCAP`` (then ``softcap2`` is
+    ``softcap · log2(e)``); ``slope2``: this head's ALiBi slope times ``log2(e)``.
+    """
+    if SOFTCAP:
+        t = tanh(qk * qk_scale)
+        s = t * softcap2
+    else:
+        t = qk
+        s = qk * qk_scale
+    if ALIBI:  # distances in int32 (the dK/dV pass's offsets are int64: a tile of those costs registers)
+        rows = offs_m.to(tl.int32) + q_offset
+        if KEY_ROWS:
+            dist = rows[None, :] - offs_n.to(tl.int32)[:, None]
+        else:
+            dist = rows[:, None] - offs_n.to(tl.int32)[None, :]
+        s = s - slope2 * tl.abs(dist).to(tl.float32)
+    return s, t
 
 
 @triton.jit

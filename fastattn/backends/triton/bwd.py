@@ -49,7 +49,7 @@ Registers (what made the first version spill on every bf16 d64/d128 GPU variant,
   ``Pᵀ``/``dSᵀ`` then enter ``dV += Pᵀ dO`` and ``dK += dSᵀ Q`` as the left operand in the layout the
   matmul produced; transposing a computed tile costs a shared-memory round trip and its registers.
   ``Qᵀ`` is loaded transposed from memory; masks, band and dropout are built in ``(key, query)``
-  shape directly (``_probs_tile(KEY_ROWS=True)``, ``band_allowed_t``, ``dropout_keep_t``: the same numbers).
+  shape directly (``_probs_tile(KEY_ROWS=True)``, ``allowed_t``, ``dropout_keep_t``: the same numbers).
 * Head dims are ``tl.constexpr`` (as in the forward) and the launcher passes rows with a unit last
   stride only (other layouts are copied), so the kernels take no head-dim strides: column masks are
   known to be uniform over vectors and loads/stores are 16 bytes wide. The first version's spill
@@ -73,7 +73,6 @@ TF32 only where torch allows it; float64 (for gradcheck) accumulates in float64.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Optional
 
@@ -82,10 +81,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...masks import MaskSpec, TileSummary
-from ._common import TILE_FULL, apply_tensor_mask, band_allowed, band_allowed_t, load_tensor_mask
+from ...masks import TileSummary
+from ...params import AttnParams
+from .._varlen import num_programs, tile_schedule
+from ..registry import fake_backward, op_layout, op_scalars, packed_empty
+from ._common import (
+    TILE_FULL,
+    TILE_PARTIAL,
+    allowed,
+    allowed_t,
+    apply_tensor_mask,
+    key_tile_range,
+    load_tensor_mask,
+    query_tile_range,
+    score_mod,
+)
 from .dropout import dropout_keep, dropout_keep_t
-from .fwd import _arch, _last_dim_contiguous, _pow2_dim
+from .fwd import _arch, _arch_key, _last_dim_contiguous, _pow2_dim, has_variants, is_heavy
 from .tuning import family, lookup
 
 __all__ = [
@@ -126,16 +138,21 @@ def bwd_config(
     ``_BWD_CONFIGS_PARTIAL_DIM`` where it has an entry. Not autotuned per call (the tile summary depends
     on the blocks): ``fam`` (the launch's ``tuning.family``) selects a config timed on a GPU by
     ``benchmarks/tune.py`` where the tuned table for this arch and Triton version has one. fp16 and bf16
-    share entries.
+    share entries. ``fam == VARIANTS_FAMILY`` (a launch with a variant: heavy, nothing timed yet) takes
+    ``_BWD_VARIANT_CONFIGS`` where the heavy entry spills with the variants.
     """
     d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
-    tuned = lookup("bwd", arch, dtype, d, fam if fam is not None else ("mask" if heavy else "none"))
+    variants = fam == VARIANTS_FAMILY
+    fam = fam if fam is not None else ("mask" if heavy else "none")
+    tuned = None if variants else lookup("bwd", arch, dtype, d, fam)
     if tuned is not None:
         return tuned
     if arch is None:
         return (32, 32, 4, 1), (32, 32, 4, 1)
     if dtype == torch.float64:  # gradcheck only; no tensor cores, never compile-checked
         return (16, 32, 4, 1), (32, 16, 4, 1)
+    if variants and (_arch_key(arch), dtype == torch.float32, d) in _BWD_VARIANT_CONFIGS:
+        return _BWD_VARIANT_CONFIGS[(_arch_key(arch), dtype == torch.float32, d)]
     family = 90 if arch >= 90 else (80 if arch >= 80 else 75)
     key = (family, dtype == torch.float32, d, heavy)
     if 80 < arch < 90 and key[1:] in _BWD_CONFIGS_99KB:  # sm_86/sm_89: 99 KB of shared memory per block
@@ -145,6 +162,28 @@ def bwd_config(
         return _BWD_CONFIGS_PARTIAL_DIM[key]
     return _BWD_CONFIGS.get(key)
 
+
+# The family of a launch with a variant (softcap, ALiBi, chunk: ``fwd.has_variants``): heavy tiles, no tuned
+# entries, and these where the heavy ones spill with every variant on (``fastattn compile-check``'s
+# "+variants" builds, Triton 3.8). (arch: 90, 86 for sm_86/89, 80, 75; fp32; padded head dim).
+VARIANTS_FAMILY = "variants"
+# fmt: off
+_BWD_VARIANT_CONFIGS: dict = {
+    (75, False,  16): ((32, 64, 8, 1), (64, 32, 8, 1)),
+    (75, False,  32): ((16, 64, 8, 1), (64, 32, 8, 1)),
+    (80, False,  64): ((16, 128, 8, 1), (128, 32, 8, 2)),
+    (80, False, 128): ((16, 32, 4, 2), (64, 32, 8, 2)),
+    (80, True ,  16): ((32, 128, 8, 1), (128, 64, 8, 1)),
+    (80, True , 128): ((16, 32, 8, 2), (64, 32, 8, 2)),
+    (86, True ,  64): ((16, 64, 8, 1), (32, 64, 4, 1)),
+    (90, False,  64): ((16, 128, 8, 2), (128, 64, 8, 2)),
+    (90, False, 256): ((32, 32, 8, 1), (64, 16, 8, 2)),
+    (90, True ,  16): ((32, 128, 8, 2), (128, 32, 8, 2)),
+    (90, True ,  32): ((16, 128, 8, 2), (128, 32, 8, 2)),
+    (90, True ,  64): ((16, 128, 8, 1), (64, 32, 8, 2)),
+    (90, True , 256): ((16, 16, 8, 1), (32, 32, 8, 2)),
+}
+# fmt: on
 
 # From ``fastattn compile-check`` with Triton 3.8 and 3.6 (spill-free under both: see ``bwd_config``); sm_75
 # has entries only where a spill-free one exists (fp16, head dims <= 64: Triton's FMA matmuls hold whole rows
@@ -167,7 +206,7 @@ _BWD_CONFIGS: dict = {
     (90, True ,  64, False): ((32, 128, 8, 2), (128, 64, 8, 2)),
     (90, True , 128, False): ((16, 32, 4, 2), (128, 32, 8, 2)),
     (90, True , 256, False): ((16, 16, 4, 1), (32, 32, 8, 2)),
-    (90, True ,  16, True ): ((32, 128, 8, 2), (128, 64, 8, 2)),
+    (90, True ,  16, True ): ((32, 128, 8, 2), (128, 32, 8, 2)),
     (90, True ,  32, True ): ((32, 128, 8, 2), (128, 32, 8, 2)),
     (90, True ,  64, True ): ((16, 128, 8, 2), (64, 64, 8, 2)),
     (90, True , 128, True ): ((16, 32, 4, 2), (64, 32, 8, 2)),
@@ -254,14 +293,16 @@ def _no_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int) ->
     )
 
 
-def fallback_reason(q: Tensor, v: Tensor, spec: MaskSpec, dropout_p: float) -> Optional[str]:
+def fallback_reason(params: AttnParams) -> Optional[str]:
     """Why the Triton backward kernels do not run for these inputs (``bwd_config`` is None), or None."""
-    arch = _arch(q.device)
+    arch = _arch(params.device)
     if arch is None:
         return None
-    heavy = spec.tensor is not None or dropout_p > 0.0
-    if bwd_config(q.shape[-1], v.shape[-1], q.dtype, arch, heavy) is None:
-        return _no_config(q.shape[-1], v.shape[-1], q.dtype, arch)
+    heavy = is_heavy(params.mask is not None, params.dropout_p, params.chunk, params.softcap, params.alibi is not None)
+    variants = has_variants(params.chunk, params.softcap, params.alibi is not None)
+    fam = VARIANTS_FAMILY if variants else None
+    if bwd_config(params.head_dim, params.head_dim_v, params.dtype, arch, heavy, fam) is None:
+        return _no_config(params.head_dim, params.head_dim_v, params.dtype, arch)
     return None
 
 
@@ -315,9 +356,10 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _probs_tile(
     s, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, need_mask, seqlen_q, seqlen_k, left, right, q_offset,
-    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, KEY_ROWS: tl.constexpr,
+    chunk, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr,
+    KEY_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """``P = exp2(s - lse2)`` of one tile of scaled scores (exp2 domain).
+    """``P = exp2(s - lse2)`` of one tile of scores (exp2 domain, after ``_common.score_mod``).
 
     ``(BLOCK_M, BLOCK_N)`` (the dQ pass), or with ``KEY_ROWS`` the transposed ``(BLOCK_N, BLOCK_M)``: the
     dK/dV pass forms ``Sᵀ = K Qᵀ`` directly, so ``Pᵀ`` and ``dSᵀ`` enter ``dV += Pᵀ dO`` and
@@ -327,19 +369,13 @@ def _probs_tile(
     (a FULL tile) skips the mask load.
     """
     if KEY_ROWS:
-        if HAS_LEFT or HAS_RIGHT:
-            allowed = band_allowed_t(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
-        else:
-            allowed = offs_n[:, None] < seqlen_k
+        ok = allowed_t(offs_m, offs_n, seqlen_k, left, right, q_offset, chunk, HAS_LEFT, HAS_RIGHT, HAS_CHUNK)
         lse2 = lse2[None, :]
     else:
-        if HAS_LEFT or HAS_RIGHT:
-            allowed = band_allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
-        else:
-            allowed = offs_n[None, :] < seqlen_k
+        ok = allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, chunk, HAS_LEFT, HAS_RIGHT, HAS_CHUNK)
         lse2 = lse2[:, None]
     if MASK_KIND == 0:
-        s = tl.where(allowed, s, float("-inf"))
+        s = tl.where(ok, s, float("-inf"))
     else:
         if KEY_ROWS:  # the mask's (key, query) tile: the row/column roles of load_tensor_mask swapped
             tile = load_tensor_mask(
@@ -349,13 +385,13 @@ def _probs_tile(
             tile = load_tensor_mask(
                 mask_base, stride_mm, stride_mn, offs_m, offs_n, seqlen_q, seqlen_k, need_mask, MASK_KIND
             )
-        s = apply_tensor_mask(s, allowed, tile, 1.4426950408889634, MASK_KIND)
+        s = apply_tensor_mask(s, ok, tile, 1.4426950408889634, MASK_KIND)
     return tl.exp2(s - lse2)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Mask, State, QCount, QIndex, Philox,
+    Q, K, V, DO, Lse, Delta, DK, DV, Mask, State, QCount, QIndex, Philox, Alibi, CuQ, CuK, Schedule,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -367,22 +403,44 @@ def _attn_bwd_dkdv_kernel(
     stride_sb, stride_sh, stride_sm, stride_sn,
     stride_cb, stride_ch, stride_cn,
     stride_ib, stride_ih, stride_in, stride_im,
-    heads_q, heads_kv, group, seqlen_q, seqlen_k,
-    scale, qk_scale2, left, right, q_offset, dropout_p, dropout_scale,
+    heads_q, heads_kv, group, seqlen_q, seqlen_k, num_seqs, total_q,
+    scale, qk_scale2, left, right, q_offset, chunk, softcap2, stride_ab, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of one key tile of kv head ``g``: K/V resident, the group's query tiles stream past.
 
     Works on transposed tiles (``Sᵀ = K Qᵀ``, ``dPᵀ = V dOᵀ``: keys are rows), so that no computed tile
-    is ever transposed; Q is loaded as ``Qᵀ`` straight from memory.
+    is ever transposed; Q is loaded as ``Qᵀ`` straight from memory. ``PACKED``: program (schedule entry of a
+    sequence's key tile, kv head); the query tiles come from ``query_tile_range`` of that sequence (bottom-right),
+    the lengths from ``CuQ``/``CuK`` (``seqlen_*`` arrive as the maxima, the dropout contract's index).
     """
-    pid_n = tl.program_id(0)
+    pid = tl.program_id(0)
     pid_bg = tl.program_id(1).to(tl.int64)
-    b = pid_bg // heads_kv
-    g = pid_bg % heads_kv
+    drop_lq = seqlen_q  # the dropout contract's lengths: the call's (packed: the maxima)
+    drop_lk = seqlen_k
+    if PACKED:
+        seq = tl.load(Schedule + 2 * pid)
+        pid_n = tl.load(Schedule + 2 * pid + 1)
+        real = seq < num_seqs  # the schedule's surplus entries name sequence B: no rows, no keys
+        seq = tl.minimum(seq, num_seqs - 1)
+        row_q = tl.load(CuQ + seq).to(tl.int64)
+        row_k = tl.load(CuK + seq).to(tl.int64)
+        seqlen_q = tl.where(real, tl.load(CuQ + seq + 1) - tl.load(CuQ + seq), 0)
+        seqlen_k = tl.where(real, tl.load(CuK + seq + 1) - tl.load(CuK + seq), 0)
+        q_offset = seqlen_k - seqlen_q
+        b = seq.to(tl.int64)  # the sequence: ALiBi's row and the dropout contract's batch index
+        b_mem = 0  # the tensors' batch dim (one row of packed tokens)
+        delta_len = total_q
+        g = pid_bg
+    else:
+        pid_n = pid
+        b = pid_bg // heads_kv
+        b_mem = b
+        g = pid_bg % heads_kv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -391,25 +449,55 @@ def _attn_bwd_dkdv_kernel(
     dv_ok = offs_dv[None, :] < HEAD_DIM_V
     n_ok = offs_n[:, None] < seqlen_k
     k_rows = offs_n[:, None].to(tl.int64)
-    k = tl.load(K + b * stride_kb + g * stride_kh + k_rows * stride_kn + offs_d[None, :], mask=n_ok & d_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + g * stride_vh + k_rows * stride_vn + offs_dv[None, :], mask=n_ok & dv_ok, other=0.0)
+    # The dense expressions are kept as they were where PACKED is off: ptxas' allocation at 255 registers moved
+    # by a byte or two of spill with equivalent forms (compile-check).
+    if PACKED:
+        k_rows_mem = row_k + k_rows
+    else:
+        k_rows_mem = k_rows
+    k = tl.load(K + b_mem * stride_kb + g * stride_kh + k_rows_mem * stride_kn + offs_d[None, :], mask=n_ok & d_ok,
+                other=0.0)  # fmt: skip
+    v = tl.load(V + b_mem * stride_vb + g * stride_vh + k_rows_mem * stride_vn + offs_dv[None, :], mask=n_ok & dv_ok,
+                other=0.0)  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    if PACKED:  # the sequence's query tiles that see this key tile (the same for every head)
+        m_lo, _, _, m_hi = query_tile_range(
+            pid_n * BLOCK_N, seqlen_q, seqlen_k, left, right, q_offset, chunk, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+            HAS_CHUNK,
+        )  # fmt: skip
     # The group's query heads in a fixed order: the GQA reduction is deterministic, with no atomics.
     for r in range(0, group):
         h = g * group + r
         bh = b * heads_q + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = Lse + b * stride_lb + h * stride_lh
-        mask_base = Mask + b * stride_mb + h * stride_mh
-        state_base = State + b * stride_sb + h * stride_sh + pid_n * stride_sn
-        index_base = QIndex + b * stride_ib + h * stride_ih + pid_n * stride_in
-        count = tl.load(QCount + b * stride_cb + h * stride_ch + pid_n * stride_cn)
-        for it in range(0, count):
-            m_tile = tl.load(index_base + it * stride_im)
-            tile_state = tl.load(state_base + m_tile * stride_sm)
-            offs_m = m_tile.to(tl.int64) * BLOCK_M + rows
+        q_base = Q + b_mem * stride_qb + h * stride_qh
+        do_base = DO + b_mem * stride_dob + h * stride_doh
+        lse_base = Lse + b_mem * stride_lb + h * stride_lh
+        if PACKED:
+            q_base += row_q * stride_qm
+            do_base += row_q * stride_dom
+            lse_base += row_q * stride_lm
+            delta_base = Delta + h * delta_len + row_q
+        mask_base = Mask + b_mem * stride_mb + h * stride_mh
+        state_base = State + b_mem * stride_sb + h * stride_sh + pid_n * stride_sn
+        index_base = QIndex + b_mem * stride_ib + h * stride_ih + pid_n * stride_in
+        if PACKED:
+            it_lo = m_lo
+            it_hi = m_hi
+        else:
+            it_lo = 0
+            it_hi = tl.load(QCount + b * stride_cb + h * stride_ch + pid_n * stride_cn)
+        slope2 = 0.0
+        if ALIBI:  # this query head's slope, in the exp2 domain
+            slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
+        for it in range(it_lo, it_hi):
+            if PACKED:  # every tile of the range is visited; the band's bounds are applied to all of them
+                tile_state = TILE_PARTIAL
+                offs_m = (it * BLOCK_M + rows).to(tl.int64)
+            else:
+                m_tile = tl.load(index_base + it * stride_im)
+                tile_state = tl.load(state_base + m_tile * stride_sm)
+                offs_m = m_tile.to(tl.int64) * BLOCK_M + rows
             m_in = offs_m < seqlen_q
             # Qᵀ (BLOCK_D, BLOCK_M): loaded transposed, the K Qᵀ matmul's right operand as it is.
             q_t = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None],
@@ -419,32 +507,52 @@ def _attn_bwd_dkdv_kernel(
             )
             lse = tl.load(lse_base + offs_m * stride_lm, mask=m_in, other=float("-inf")).to(ACC)
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(Delta + bh * seqlen_q + offs_m, mask=m_in, other=0.0).to(ACC)
-            s_t = tl.dot(k, q_t, out_dtype=ACC, input_precision=DOT_PRECISION) * qk_scale2
+            if PACKED:
+                delta = tl.load(delta_base + offs_m, mask=m_in, other=0.0).to(ACC)
+            else:
+                delta = tl.load(Delta + bh * seqlen_q + offs_m, mask=m_in, other=0.0).to(ACC)
+            s_t, t_t = score_mod(
+                tl.dot(k, q_t, out_dtype=ACC, input_precision=DOT_PRECISION), offs_m, offs_n, q_offset, qk_scale2,
+                softcap2, slope2, SOFTCAP, ALIBI, True,
+            )  # fmt: skip
             p_t = _probs_tile(
                 s_t, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, tile_state != TILE_FULL,
-                seqlen_q, seqlen_k, left, right, q_offset, MASK_KIND, HAS_LEFT, HAS_RIGHT, True,
+                seqlen_q, seqlen_k, left, right, q_offset, chunk, MASK_KIND, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, True,
             )  # fmt: skip
-            dp_t = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision=DOT_PRECISION)
-            if DROPOUT:
-                keep_t = dropout_keep_t(Philox, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
-                pz_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
-                dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+            if SOFTCAP:
+                # dV first, then fold the cap's 1 - tanh² into Pᵀ (dSᵀ's pre-cap factor): Pᵀ, tanh and dPᵀ are
+                # never live together (one tile fewer in registers).
+                if DROPOUT:
+                    keep_t = dropout_keep_t(Philox, bh, offs_m, offs_n, drop_lq, drop_lk, dropout_p)
+                    pz_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
+                else:
+                    pz_t = p_t
+                dv += tl.dot(pz_t.to(do.dtype), do, out_dtype=ACC, input_precision=DOT_PRECISION)
+                p_t = p_t * (1.0 - t_t * t_t)
+                dp_t = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision=DOT_PRECISION)
+                if DROPOUT:
+                    dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
             else:
-                pz_t = p_t
-            dv += tl.dot(pz_t.to(do.dtype), do, out_dtype=ACC, input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision=DOT_PRECISION)
+                if DROPOUT:
+                    keep_t = dropout_keep_t(Philox, bh, offs_m, offs_n, drop_lq, drop_lk, dropout_p)
+                    pz_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
+                    dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+                else:
+                    pz_t = p_t
+                dv += tl.dot(pz_t.to(do.dtype), do, out_dtype=ACC, input_precision=DOT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), out_dtype=ACC, input_precision=DOT_PRECISION)
     dk = dk * scale
-    dk_ptrs = DK + b * stride_dkb + g * stride_dkh + k_rows * stride_dkn + offs_d[None, :]
+    dk_ptrs = DK + b_mem * stride_dkb + g * stride_dkh + k_rows_mem * stride_dkn + offs_d[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok & d_ok)
-    dv_ptrs = DV + b * stride_dvb + g * stride_dvh + k_rows * stride_dvn + offs_dv[None, :]
+    dv_ptrs = DV + b_mem * stride_dvb + g * stride_dvh + k_rows_mem * stride_dvn + offs_dv[None, :]
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok & dv_ok)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, DS, KeepOut, Mask, State, KVCount, KVIndex, Philox,
+    Q, K, V, DO, Lse, Delta, DQ, DS, KeepOut, Mask, State, KVCount, KVIndex, Philox, Alibi, CuQ, CuK, Schedule,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -455,23 +563,47 @@ def _attn_bwd_dq_kernel(
     stride_sb, stride_sh, stride_sm, stride_sn,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_in,
-    heads_q, group, seqlen_q, seqlen_k, n_k_tiles,
-    scale, qk_scale2, left, right, q_offset, dropout_p, dropout_scale,
+    heads_q, group, seqlen_q, seqlen_k, n_k_tiles, num_seqs, total_q,
+    scale, qk_scale2, left, right, q_offset, chunk, softcap2, stride_ab, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     WRITE_DS: tl.constexpr, WRITE_KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query tile of head ``h`` (and dS for a bias gradient): Q/dO resident, key tiles stream past.
 
     ``DS`` / ``KeepOut`` are contiguous ``(B, Hq, Lq, Lk)``; with ``WRITE_DS`` / ``WRITE_KEEP`` (the
     debug keep-mask) every element is written, the empty tiles' too (zero / the regenerated mask).
+    ``PACKED`` (neither of those): program (schedule entry of a sequence's query tile, head), its key tiles from
+    ``key_tile_range`` of that sequence, as in the forward.
     """
-    pid_m = tl.program_id(0)
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // heads_q
-    h = pid_bh % heads_q
+    drop_lq = seqlen_q  # the dropout contract's lengths: the call's (packed: the maxima)
+    drop_lk = seqlen_k
+    if PACKED:
+        seq = tl.load(Schedule + 2 * pid)
+        pid_m = tl.load(Schedule + 2 * pid + 1)
+        real = seq < num_seqs  # the schedule's surplus entries name sequence B: no rows, no keys
+        seq = tl.minimum(seq, num_seqs - 1)
+        row_q = tl.load(CuQ + seq).to(tl.int64)
+        row_k = tl.load(CuK + seq).to(tl.int64)
+        seqlen_q = tl.where(real, tl.load(CuQ + seq + 1) - tl.load(CuQ + seq), 0)
+        seqlen_k = tl.where(real, tl.load(CuK + seq + 1) - tl.load(CuK + seq), 0)
+        q_offset = seqlen_k - seqlen_q
+        b = seq.to(tl.int64)  # the sequence: ALiBi's row and the dropout contract's batch index
+        b_mem = 0  # the tensors' batch dim (one row of packed tokens)
+        delta_len = total_q
+        h = pid_bh
+        drop_bh = b * heads_q + h
+    else:
+        pid_m = pid
+        b = pid_bh // heads_q
+        b_mem = b
+        h = pid_bh % heads_q
+        drop_bh = pid_bh
     g = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -481,45 +613,79 @@ def _attn_bwd_dq_kernel(
     dv_ok = offs_dv[None, :] < HEAD_DIM_V
     m_ok = offs_m[:, None] < seqlen_q
     q_rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows * stride_qm + offs_d[None, :], mask=m_ok & d_ok, other=0.0)
-    do_ptrs = DO + b * stride_dob + h * stride_doh + q_rows * stride_dom + offs_dv[None, :]
+    # The dense expressions are kept as they were where PACKED is off (see the dK/dV kernel).
+    if PACKED:
+        q_rows_mem = row_q + q_rows
+        lse_base = Lse + b_mem * stride_lb + h * stride_lh + row_q * stride_lm
+        delta_base = Delta + h * delta_len + row_q
+        key_cols = row_k + cols[:, None]
+    else:
+        q_rows_mem = q_rows
+        lse_base = Lse + b * stride_lb + h * stride_lh
+        delta_base = Delta + pid_bh * seqlen_q
+        key_cols = cols[:, None]
+    q = tl.load(Q + b_mem * stride_qb + h * stride_qh + q_rows_mem * stride_qm + offs_d[None, :], mask=m_ok & d_ok,
+                other=0.0)  # fmt: skip
+    do_ptrs = DO + b_mem * stride_dob + h * stride_doh + q_rows_mem * stride_dom + offs_dv[None, :]
     do = tl.load(do_ptrs, mask=m_ok & dv_ok, other=0.0)
-    lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=offs_m < seqlen_q, other=float("-inf"))
+    lse = tl.load(lse_base + offs_m * stride_lm, mask=offs_m < seqlen_q, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse.to(ACC) * 1.4426950408889634)
-    delta = tl.load(Delta + pid_bh * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0).to(ACC)
+    delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0).to(ACC)
     # Pointer blocks of the first key tile; each step below adds a scalar key offset.
-    k_ptrs = K + b * stride_kb + g * stride_kh + cols[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + g * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :]
-    mask_base = Mask + b * stride_mb + h * stride_mh
+    k_ptrs = K + b_mem * stride_kb + g * stride_kh + key_cols * stride_kn + offs_d[None, :]
+    v_ptrs = V + b_mem * stride_vb + g * stride_vh + key_cols * stride_vn + offs_dv[None, :]
+    mask_base = Mask + b_mem * stride_mb + h * stride_mh
     # (B, Hq, Lq, Lk) contiguous gradient / debug outputs: this tile's first key.
     dense_ptrs = pid_bh * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :]
-    state_base = State + b * stride_sb + h * stride_sh + pid_m * stride_sm
-    index_base = KVIndex + b * stride_ib + h * stride_ih + pid_m * stride_im
+    state_base = State + b_mem * stride_sb + h * stride_sh + pid_m * stride_sm
+    index_base = KVIndex + b_mem * stride_ib + h * stride_ih + pid_m * stride_im
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    count = tl.load(KVCount + b * stride_cb + h * stride_ch + pid_m * stride_cm)
-    for it in range(0, count):
-        n_tile = tl.load(index_base + it * stride_in)
-        tile_state = tl.load(state_base + n_tile * stride_sn)
-        start_n = n_tile.to(tl.int64) * BLOCK_N
+    if PACKED:  # the sequence's key tiles that this query tile sees, as in the forward
+        it_lo, _, _, it_hi = key_tile_range(
+            pid_m * BLOCK_M, seqlen_q, seqlen_k, left, right, q_offset, chunk, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+            HAS_CHUNK,
+        )  # fmt: skip
+        count = it_hi
+    else:
+        it_lo = 0
+        count = tl.load(KVCount + b * stride_cb + h * stride_ch + pid_m * stride_cm)
+    slope2 = 0.0
+    if ALIBI:  # this head's slope, in the exp2 domain
+        slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
+    for it in range(it_lo, count):
+        if PACKED:  # every tile of the range is visited; the band's bounds are applied to all of them
+            tile_state = TILE_PARTIAL
+            start_n = tl.cast(it, tl.int64) * BLOCK_N
+        else:
+            n_tile = tl.load(index_base + it * stride_in)
+            tile_state = tl.load(state_base + n_tile * stride_sn)
+            start_n = n_tile.to(tl.int64) * BLOCK_N
         offs_n = start_n + cols
         n_ok = offs_n[:, None] < seqlen_k
         k = tl.load(k_ptrs + start_n * stride_kn, mask=n_ok & d_ok, other=0.0)
         v = tl.load(v_ptrs + start_n * stride_vn, mask=n_ok & dv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=DOT_PRECISION) * qk_scale2
+        s, t = score_mod(
+            tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=DOT_PRECISION), offs_m, offs_n, q_offset,
+            qk_scale2, softcap2, slope2, SOFTCAP, ALIBI, False,
+        )  # fmt: skip
         p = _probs_tile(
             s, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, tile_state != TILE_FULL,
-            seqlen_q, seqlen_k, left, right, q_offset, MASK_KIND, HAS_LEFT, HAS_RIGHT, False,
+            seqlen_q, seqlen_k, left, right, q_offset, chunk, MASK_KIND, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, False,
         )  # fmt: skip
+        if SOFTCAP and not WRITE_DS:  # fold the cap's 1 - tanh² into P now: tanh is not live across dP
+            p = p * (1.0 - t * t)
         dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = dropout_keep(Philox, pid_bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
+            keep = dropout_keep(Philox, drop_bh, offs_m, offs_n, drop_lq, drop_lk, dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
             if WRITE_KEEP:
                 tl.store(KeepOut + dense_ptrs + start_n, keep.to(tl.int8), mask=m_ok & (offs_n[None, :] < seqlen_k))
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC, input_precision=DOT_PRECISION)
-        if WRITE_DS:
+        if WRITE_DS:  # the float mask's gradient: the score's after the softcap and ALiBi
             tl.store(DS + dense_ptrs + start_n, ds.to(DS.dtype.element_ty), mask=m_ok & (offs_n[None, :] < seqlen_k))
+            if SOFTCAP:  # then the gradient of the score before the cap: times 1 - tanh²
+                ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC, input_precision=DOT_PRECISION)
     if WRITE_DS or WRITE_KEEP:
         # The rest of the list holds the empty key tiles: zero gradient (and the mask as drawn).
         for it in range(count, n_k_tiles):
@@ -532,7 +698,7 @@ def _attn_bwd_dq_kernel(
                 keep = dropout_keep(Philox, pid_bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
                 tl.store(KeepOut + dense_ptrs + start_n, keep.to(tl.int8), mask=ok)
     dq = dq * scale
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + q_rows * stride_dqm + offs_d[None, :]
+    dq_ptrs = DQ + b_mem * stride_dqb + h * stride_dqh + q_rows_mem * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok & d_ok)
 
 
@@ -566,17 +732,34 @@ def _launch(
     need_mask_grad: bool,
     blocks: list[int],
     write_keep: bool = False,
+    *,
+    alibi_slopes: Optional[Tensor] = None,
+    chunk: int = 0,
+    softcap: float = 0.0,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """Allocates the gradients and runs the three kernels: ``(dq, dk, dv, dmask or empty, keep or None)``."""
+    """Allocates the gradients and runs the three kernels: ``(dq, dk, dv, dmask or empty, keep or None)``.
+
+    The variants as in the forward's launcher (``fwd.attn_fwd``); the sinks need nothing here (they are in
+    the lse, and their own gradient is the autograd function's). Packed sequences (``cu_seqlens_*`` given, as
+    in ``fwd.attn_fwd``; ``state_kv``/``state_q`` are then None): the delta pass runs over the packed tokens, the
+    dK/dV and dQ passes over the device-side schedules of the sequences' key and query tiles
+    (``_varlen.tile_schedule``), and the gradients come back token-major (``registry.packed_empty``).
+    """
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     bm1, bn1, bm2, bn2 = blocks
     dropout = dropout_p > 0.0
+    packed = cu_seqlens_q is not None
+    total_q, total_k = seqlen_q, seqlen_k
     if dropout and (philox is None or philox.dtype != torch.int64 or philox.numel() != 2):
-        raise ValueError(
-            f"saved: expected (philox,) with an int64 [seed, offset] tensor when dropout_p > 0, got {philox}"
-        )
-    for name, state, bq, bk in (("state_kv", state_kv, bm1, bn1), ("state_q", state_q, bm2, bn2)):
+        raise ValueError(f"philox: expected the call's int64 [seed, offset] tensor when dropout_p > 0, got {philox}")
+    if packed and (mask is not None or need_mask_grad or write_keep or cu_seqlens_k is None):
+        raise ValueError("mask, need_mask_grad, cu_seqlens_k: packed sequences take cu_seqlens_k and no mask tensor")
+    for name, state, bq, bk in () if packed else (("state_kv", state_kv, bm1, bn1), ("state_q", state_q, bm2, bn2)):
         expected = (triton.cdiv(seqlen_q, bq), triton.cdiv(seqlen_k, bk))
         if tuple(state.shape[-2:]) != expected:
             raise ValueError(
@@ -584,15 +767,14 @@ def _launch(
             )
 
     poison = os.environ.get("FASTATTN_POISON") == "1"  # test hook: unwritten elements stay NaN
-    # The gradients take the inputs' layouts (as the op's fake does); the kernels read and write rows
-    # with a unit last stride (vectorised, and what Triton specialises on), so other layouts go
-    # through a contiguous copy.
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # The gradients are contiguous (as the registry's shared fake says); the kernels read rows with a unit
+    # last stride (vectorised, and what Triton specialises on), so other layouts go through a copy.
+    if packed:
+        dq, dk, dv = (packed_empty(t, t.shape[1], t.shape[2], t.shape[3]) for t in (q, k, v))
+    else:
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
-    dq_k, dk_k, dv_k = (
-        t if _last_dim_contiguous(t) is t else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-        for t in (dq, dk, dv)
-    )
+    dq_k, dk_k, dv_k = dq, dk, dv
     if need_mask_grad:
         dmask = torch.empty(batch, heads_q, seqlen_q, seqlen_k, dtype=mask.dtype, device=q.device)
     else:
@@ -616,14 +798,20 @@ def _launch(
     mask_strides = [0, 0, 0, 0] if mask is None else list(mask.stride())
     dummy = torch.zeros(2, dtype=torch.int64, device=q.device)
     philox_arg = philox if dropout else dummy
+    alibi_arg = dummy if alibi_slopes is None else alibi_slopes.float().contiguous()
+    stride_ab = 0 if alibi_slopes is None or alibi_slopes.shape[0] == 1 else heads_q
+    qk_scale2 = float(scale) / softcap if softcap > 0.0 else float(scale) * _LOG2E
     scalars = (
-        float(scale), float(scale) * _LOG2E, int(left), int(right), int(q_offset), float(dropout_p),
-        1.0 / (1.0 - dropout_p),
+        float(scale), qk_scale2, int(left), int(right), int(q_offset), max(int(chunk), 1), float(softcap) * _LOG2E,
+        stride_ab, float(dropout_p), 1.0 / (1.0 - dropout_p),
     )  # fmt: skip
     meta = dict(
         MASK_KIND=kind,
         HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0,
+        HAS_CHUNK=chunk > 0,
+        SOFTCAP=softcap > 0.0,
+        ALIBI=alibi_slopes is not None,
         DROPOUT=dropout,
         HEAD_DIM=head_dim,
         HEAD_DIM_V=head_dim_v,
@@ -632,38 +820,55 @@ def _launch(
         DOT_PRECISION=_dot_precision(q.dtype, q.device),
         ACC=_acc_dtype(q.dtype),
     )
-    heavy = mask is not None or dropout
-    config = bwd_config(head_dim, head_dim_v, q.dtype, _arch(q.device), heavy, family(heavy, left, right))
+    heavy = is_heavy(mask is not None, dropout_p, chunk, softcap, alibi_slopes is not None)
+    variants = has_variants(chunk, softcap, alibi_slopes is not None)
+    fam = VARIANTS_FAMILY if variants else family(heavy, left, right)
+    config = bwd_config(head_dim, head_dim_v, q.dtype, _arch(q.device), heavy, fam)
     if config is None:
         raise ValueError(f"head_dim: {_no_config(head_dim, head_dim_v, q.dtype, _arch(q.device))}")
     cfg_kv, cfg_q = config
     launch_kv = dict(num_warps=cfg_kv[2], num_stages=cfg_kv[3])
     launch_q = dict(num_warps=cfg_q[2], num_stages=cfg_q[3])
 
-    state_kv = state_kv.to(device=q.device, dtype=torch.int8)
-    q_count, q_index = _transposed_lists(state_kv)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, bn1), batch * heads_kv)](
-        q, k, v, grad_out, lse, delta, dk_k, dv_k, mask_arg, state_kv, q_count, q_index, philox_arg,
+    if packed:
+        num_seqs = cu_seqlens_q.shape[0] - 1
+        cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        sched_kv, sched_q = tile_schedule(cu_k, bn1, total_k), tile_schedule(cu_q, bm2, total_q)
+        grid_kv = (num_programs(total_k, num_seqs, bn1), heads_kv)
+        grid_q = (num_programs(total_q, num_seqs, bm2), heads_q)
+        # No summary: the kernels' tile ranges are analytic per sequence; these stand in for its tensors.
+        state_kv, q_count, q_index = dummy.view(1, 1, 1, 2), dummy.view(1, 1, 2), dummy.view(1, 1, 1, 2)
+        summary_q = TileSummary(bm2, bn2, state_kv, q_count, q_index)
+        seqlen_q, seqlen_k = int(max_seqlen_q), int(max_seqlen_k)  # the dropout contract's lengths
+        layout = dict(PACKED=True)
+    else:
+        num_seqs, cu_q, cu_k, sched_kv, sched_q = 0, dummy, dummy, dummy, dummy
+        grid_kv = (triton.cdiv(seqlen_k, bn1), batch * heads_kv)
+        grid_q = (triton.cdiv(seqlen_q, bm2), batch * heads_q)
+        state_kv = state_kv.to(device=q.device, dtype=torch.int8)
+        q_count, q_index = _transposed_lists(state_kv)
+        summary_q = TileSummary.from_state(bm2, bn2, state_q.to(device=q.device, dtype=torch.int8))
+        layout = dict(PACKED=False)
+    _attn_bwd_dkdv_kernel[grid_kv](
+        q, k, v, grad_out, lse, delta, dk_k, dv_k, mask_arg, state_kv, q_count, q_index, philox_arg, alibi_arg,
+        cu_q, cu_k, sched_kv,
         *_rows(q), *_rows(k), *_rows(v), *_rows(grad_out), *lse.stride(),
         *_rows(dk_k), *_rows(dv_k), *mask_strides,
         *_bstrides(state_kv), *_bstrides(q_count), *_bstrides(q_index),
-        heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, *scalars,
-        BLOCK_M=bm1, BLOCK_N=bn1, **meta, **launch_kv,
+        heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, num_seqs, total_q, *scalars,
+        BLOCK_M=bm1, BLOCK_N=bn1, **meta, **layout, **launch_kv,
     )  # fmt: skip
 
-    summary_q = TileSummary.from_state(bm2, bn2, state_q.to(device=q.device, dtype=torch.int8))
-    _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, bm2), batch * heads_q)](
+    _attn_bwd_dq_kernel[grid_q](
         q, k, v, grad_out, lse, delta, dq_k, dmask, keep_out if write_keep else dummy,
-        mask_arg, summary_q.state, summary_q.kv_count, summary_q.kv_index, philox_arg,
+        mask_arg, summary_q.state, summary_q.kv_count, summary_q.kv_index, philox_arg, alibi_arg,
+        cu_q, cu_k, sched_q,
         *_rows(q), *_rows(k), *_rows(v), *_rows(grad_out), *lse.stride(),
         *_rows(dq_k), *mask_strides,
         *_bstrides(summary_q.state), *_bstrides(summary_q.kv_count), *_bstrides(summary_q.kv_index),
-        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, summary_q.state.shape[-1], *scalars,
-        WRITE_DS=need_mask_grad, WRITE_KEEP=write_keep, BLOCK_M=bm2, BLOCK_N=bn2, **meta, **launch_q,
+        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, summary_q.state.shape[-1], num_seqs, total_q, *scalars,
+        WRITE_DS=need_mask_grad, WRITE_KEEP=write_keep, BLOCK_M=bm2, BLOCK_N=bn2, **meta, **layout, **launch_q,
     )  # fmt: skip
-    for grad, buf in ((dq, dq_k), (dk, dk_k), (dv, dv_k)):
-        if buf is not grad:
-            grad.copy_(buf)
     return dq, dk, dv, dmask, (None if keep_out is None else keep_out.bool())
 
 
@@ -676,71 +881,63 @@ def triton_attn_bwd(
     out: Tensor,
     lse: Tensor,
     mask: Optional[Tensor],
-    state_kv: Tensor,
-    state_q: Tensor,
+    alibi_slopes: Optional[Tensor],
+    summary: list[Tensor],
     philox: Optional[Tensor],
     scale: float,
+    dropout_p: float,
     window_left: int,
     window_right: int,
     q_offset: int,
-    dropout_p: float,
-    need_mask_grad: bool,
+    chunk: int,
+    softcap: float,
     blocks: list[int],
+    need_mask_grad: bool,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dmask)``; ``dmask`` is ``(B, Hq, Lq, Lk)`` in the mask's dtype, or empty unless asked for.
+    """The registry's backward op (``OP_BWD_ARGS``): ``(dq, dk, dv, dmask)``; ``dmask`` is ``(B, Hq, Lq, Lk)`` in
+    the mask's dtype, or empty unless asked for.
 
-    ``state_kv`` / ``state_q``: the mask's tile states for the dK/dV and dQ blocks (``blocks`` =
-    ``block_sizes(...)``); ``philox``: the forward's dropout ``[seed, offset]`` or None.
+    ``summary`` = ``[state_kv, state_q]``: the tile states for the dK/dV and dQ blocks (``blocks`` =
+    ``block_sizes(...)``), empty for packed sequences; ``philox``: the call's dropout seed or None.
     """
+    state_kv, state_q = summary if summary else (None, None)
     dq, dk, dv, dmask, _ = _launch(
         grad_out, q, k, v, out, lse, mask, state_kv, state_q, philox,
         scale, window_left, window_right, q_offset, dropout_p, need_mask_grad, blocks,
+        alibi_slopes=alibi_slopes, chunk=chunk, softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
     return dq, dk, dv, dmask
 
 
-@triton_attn_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, mask, state_kv, state_q, philox, scale, window_left, window_right, q_offset,
-      dropout_p, need_mask_grad, blocks):  # fmt: skip
-    if need_mask_grad:
-        dmask = q.new_empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=mask.dtype)
-    else:
-        dmask = q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+triton_attn_bwd.register_fake(fake_backward)
 
 
-def _tile_states(spec: MaskSpec, blocks: list[int]) -> tuple[Tensor, Tensor]:
-    """The mask's tile states for the dK/dV and dQ blocks.
-
-    Eagerly they are cached on the spec. While compiling, backward runs inside a traced subgraph where
-    writing a new tensor into the spec's cache is a side effect Dynamo refuses, so a private copy of
-    the spec (with an empty cache) computes them instead.
-    """
-    if torch.compiler.is_compiling():
-        spec = dataclasses.replace(spec, _cache={})
-    return spec.tile_summary(blocks[0], blocks[1]).state, spec.tile_summary(blocks[2], blocks[3]).state
-
-
-def _prepare(q: Tensor, v: Tensor, spec: MaskSpec, dropout_p: float, saved: tuple[Tensor, ...], need_mask_grad: bool):
-    if need_mask_grad and (spec.tensor is None or not spec.tensor.dtype.is_floating_point):
-        got = "no mask" if spec.tensor is None else f"a {spec.tensor.dtype} mask"
+def _prepare(q: Tensor, v: Tensor, params: AttnParams, philox: Optional[Tensor], need_mask_grad: bool):
+    if need_mask_grad and (params.mask is None or not params.mask.dtype.is_floating_point):
+        got = "no mask" if params.mask is None else f"a {params.mask.dtype} mask"
         raise ValueError(f"need_mask_grad: expected a floating attn_mask to differentiate, got {got}")
-    philox = None
-    if dropout_p > 0.0:
-        if len(saved) != 1:
-            raise ValueError(
-                f"saved: expected (philox,) from the Triton forward when dropout_p > 0, got {len(saved)} tensors"
-            )
-        philox = saved[0]
-    heavy = spec.tensor is not None or dropout_p > 0.0
-    fam = family(heavy, *spec.bounds)
+    if params.dropout_p > 0.0 and philox is None:
+        raise ValueError("philox: expected the call's [seed, offset] int64 tensor when dropout_p > 0, got None")
+    heavy = is_heavy(params.mask is not None, params.dropout_p, params.chunk, params.softcap, params.alibi is not None)
+    variants = has_variants(params.chunk, params.softcap, params.alibi is not None)
+    fam = VARIANTS_FAMILY if variants else family(heavy, *params.bounds)
     blocks = list(
         block_sizes(
-            q.shape[-1], q.dtype, q.device, max(q.shape[2], spec.seqlen_k), head_dim_v=v.shape[-1], heavy=heavy, fam=fam
+            q.shape[-1], q.dtype, q.device, max(q.shape[2], params.seqlen_k), head_dim_v=v.shape[-1], heavy=heavy,
+            fam=fam,
         )
-    )
-    state_kv, state_q = _tile_states(spec, blocks)
-    return philox, blocks, state_kv, state_q
+    )  # fmt: skip
+    return blocks
+
+
+def _states(params: AttnParams, blocks: list[int]) -> list[Tensor]:
+    """The tile states for the dK/dV and dQ blocks (cached on ``params``)."""
+    return [params.tile_summary(blocks[0], blocks[1]).state, params.tile_summary(blocks[2], blocks[3]).state]
 
 
 def attn_bwd(
@@ -750,23 +947,21 @@ def attn_bwd(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    spec: MaskSpec,
-    scale: float,
-    dropout_p: float,
-    saved: tuple[Tensor, ...],
+    params: AttnParams,
+    philox: Optional[Tensor],
     need_mask_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Backward of the Triton backend: ``(dq, dk, dv, dmask or None)`` from the forward's ``(out, lse)``.
 
     Only the lse format matters (natural log, fp32, ``(B, Hq, Lq)``, -inf for an empty row), not the
-    kernel that produced it. ``saved`` is the forward's ``(philox,)`` with dropout (see ``dropout.py``).
-    ``dmask`` (``(B, Hq, Lq, Lk)``, the mask's dtype) only when ``need_mask_grad``, for a float mask.
+    kernel that produced it. ``philox`` is the call's dropout seed (see ``dropout.py``). ``dmask``
+    (``(B, Hq, Lq, Lk)``, the mask's dtype) only when ``need_mask_grad``, for a float mask.
     """
-    philox, blocks, state_kv, state_q = _prepare(q, v, spec, dropout_p, saved, need_mask_grad)
-    left, right = spec.bounds
+    blocks = _prepare(q, v, params, philox, need_mask_grad)
+    states = [] if params.is_packed else _states(params, blocks)
     dq, dk, dv, dmask = triton_attn_bwd(
-        grad_out, q, k, v, out, lse, spec.tensor, state_kv, state_q, philox,
-        float(scale), left, right, spec.q_offset, float(dropout_p), bool(need_mask_grad), blocks,
+        grad_out, q, k, v, out, lse, params.mask, params.alibi, states, philox,
+        *op_scalars(params), blocks, bool(need_mask_grad), *op_layout(params),
     )  # fmt: skip
     return dq, dk, dv, (dmask if need_mask_grad else None)
 
@@ -778,10 +973,8 @@ def attn_bwd_debug(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    spec: MaskSpec,
-    scale: float,
-    dropout_p: float,
-    saved: tuple[Tensor, ...],
+    params: AttnParams,
+    philox: Optional[Tensor],
     need_mask_grad: bool = False,
     blocks: Optional[tuple[int, int, int, int]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -790,13 +983,13 @@ def attn_bwd_debug(
     ``blocks`` overrides ``block_sizes`` (tests use it to check that results do not depend on tiling).
     Allocates ``Lq x Lk`` for the keep-mask: debugging only, never on the training path.
     """
-    philox, default_blocks, _, _ = _prepare(q, v, spec, dropout_p, saved, need_mask_grad)
+    default_blocks = _prepare(q, v, params, philox, need_mask_grad)
     blocks = list(blocks or default_blocks)
-    state_kv, state_q = _tile_states(spec, blocks)
-    left, right = spec.bounds
+    state_kv, state_q = _states(params, blocks)
+    left, right = params.bounds
     dq, dk, dv, dmask, keep = _launch(
-        grad_out, q, k, v, out, lse, spec.tensor, state_kv, state_q, philox,
-        float(scale), left, right, spec.q_offset, float(dropout_p), bool(need_mask_grad), blocks,
-        write_keep=dropout_p > 0.0,
+        grad_out, q, k, v, out, lse, params.mask, state_kv, state_q, philox,
+        float(params.scale), left, right, params.q_offset, float(params.dropout_p), bool(need_mask_grad), blocks,
+        write_keep=params.dropout_p > 0.0, alibi_slopes=params.alibi, chunk=params.chunk, softcap=params.softcap,
     )  # fmt: skip
     return dq, dk, dv, (dmask if need_mask_grad else None), keep

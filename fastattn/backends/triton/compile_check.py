@@ -60,9 +60,24 @@ MASK_VARIANTS = {
     "dropout": (0, False, False, True),
     "float+window+dropout": (2, True, True, True),
 }
-DEFAULT_MASKS = ("none", "float+window+dropout")
+# The variants (softcap, ALiBi, sinks, chunk) all on: a mask name with this suffix. Launches with any of them
+# take the heavy tiles (``fwd.is_heavy``), so one build per arch, dtype and head dim, everything on with the
+# heavy tiles, stands for every variant launch.
+VARIANTS = "+variants"
+MASK_VARIANTS["float+window+dropout" + VARIANTS] = MASK_VARIANTS["float+window+dropout"]
+# Packed sequences (``varlen_attention``): the same kernels with ``PACKED`` (per-sequence starts and lengths read
+# from the offsets, the tile schedule), no mask tensor, on the tiles of the equivalent dense launch. Two builds
+# stand for every packed launch: the light tiles with a window (both band bounds), and the heavy ones with
+# dropout and every variant. Opt-in (``--packed``), sm_80 and newer: on the dense tables' tiles 11 of the 72
+# packed backward/forward builds at head dims 64/128 (bf16, fp32) spill 8-120 bytes under Triton 3.8 (mostly the
+# dK/dV pass), so the packed launches still need tiles of their own before they join the default run.
+PACKED = "+packed"
+MASK_VARIANTS["window" + PACKED] = MASK_VARIANTS["window"]
+MASK_VARIANTS["window+dropout" + VARIANTS + PACKED] = (0, True, True, True)
+PACKED_MASKS = ("window" + PACKED, "window+dropout" + VARIANTS + PACKED)
+DEFAULT_MASKS = ("none", "float+window+dropout", "float+window+dropout+variants")
 # The backward also compiles "window": its non-mask config serves causal and windows too.
-BWD_DEFAULT_MASKS = ("none", "window", "float+window+dropout")
+BWD_DEFAULT_MASKS = ("none", "window", "float+window+dropout", "float+window+dropout+variants")
 ALL_MASKS = ("none", "causal", "window", "bool", "bool+causal", "float", "float+causal", "dropout",
              "float+window+dropout")  # fmt: skip
 
@@ -105,10 +120,10 @@ def _torch_dtype(name: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYPES) -> list[Variant]:
+def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYPES, packed=False) -> list[Variant]:
     """Every variant to compile, per arch (bf16 needs sm_80+): dtype × head dim × mask × (the forward's
     autotune configs, the dK/dV and dQ kernels' one config each)."""
-    from . import bwd, fwd
+    from . import bwd, decode, fwd
 
     out = []
     for arch in archs:
@@ -117,22 +132,38 @@ def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYP
                 continue  # the backend refuses bf16 below sm_80
             for d in head_dims:
                 tdt = _torch_dtype(dtype)
-                for mask in ALL_MASKS if all_masks else DEFAULT_MASKS:
+                for mask in ALL_MASKS if all_masks else _default(DEFAULT_MASKS, arch, packed):
                     kind, _, _, dropout = MASK_VARIANTS[mask]
-                    heavy = bool(kind) or dropout
-                    bm, bn = fwd.fwd_tiles(d, d, tdt, arch, heavy)
-                    for w, s in fwd.fwd_configs(bm, d, d, tdt, arch, heavy):
+                    var = _has_variants(mask)
+                    heavy = bool(kind) or dropout or var
+                    bm, bn = fwd.fwd_tiles(d, d, tdt, arch, heavy, var)
+                    for w, s in fwd.fwd_configs(bm, d, d, tdt, arch, heavy, var):
                         out.append(Variant("_attn_fwd_kernel", arch, dtype, d, mask, bm, bn, w, s))
-                for mask in ALL_MASKS if all_masks else BWD_DEFAULT_MASKS:
+                for mask in ALL_MASKS if all_masks else _default(BWD_DEFAULT_MASKS, arch, packed):
                     kind, _, _, dropout = MASK_VARIANTS[mask]
                     # None: no spill-free config, the backend runs the reference backward instead.
-                    config = bwd.bwd_config(d, d, tdt, arch, bool(kind) or dropout) or ()
+                    var = _has_variants(mask)
+                    fam = bwd.VARIANTS_FAMILY if var else None
+                    config = bwd.bwd_config(d, d, tdt, arch, bool(kind) or dropout or var, fam) or ()
                     for name, (bm, bn, w, s) in zip(BWD_KERNELS, config):
                         out.append(Variant(name, arch, dtype, d, mask, bm, bn, w, s))
+                for mask, br, bn, w, s in decode.compile_variants(tdt, d, arch):
+                    out.append(Variant(DECODE_KERNEL, arch, dtype, d, mask, br, bn, w, s))
     return out
 
 
 BWD_KERNELS = ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+DECODE_KERNEL = "_decode_kernel"  # kvcache_attention's split-KV kernel (decode.py), block_m = its row tile
+
+
+def _default(masks: tuple[str, ...], arch: int, packed: bool) -> tuple[str, ...]:
+    """The default masks of an arch, with the packed builds from sm_80 on when asked (sm_75's were never checked)."""
+    return masks + PACKED_MASKS if packed and arch >= 80 else masks
+
+
+def _has_variants(mask: str) -> bool:
+    return mask.removesuffix(PACKED).endswith(VARIANTS)
+
 
 # The tile grids ``--candidates`` compiles for ``benchmarks/tune.py``: (BLOCK_M, BLOCK_N, warps, stages).
 # The dK/dV pass keeps BLOCK_N keys resident and streams BLOCK_M query rows; the dQ pass the reverse.
@@ -190,11 +221,13 @@ def _bwd_signature(v: Variant):
 
     fn = getattr(bwd, v.kernel)
     mask_kind, has_left, has_right, dropout = MASK_VARIANTS[v.mask]
+    variants = _has_variants(v.mask)
     elt = "*" + v.dtype
     pointers = {
+        **dict.fromkeys(("CuQ", "CuK", "Schedule"), "*i32"),
         **dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV", "DQ", "DS"), elt),
         "Mask": {0: elt, 1: "*u8", 2: elt}[mask_kind],
-        **dict.fromkeys(("Lse", "Delta"), "*fp32"),
+        **dict.fromkeys(("Lse", "Delta", "Alibi"), "*fp32"),
         **dict.fromkeys(("State", "KeepOut"), "*i8"),
         **dict.fromkeys(("QCount", "QIndex", "KVCount", "KVIndex"), "*i32"),
         "Philox": "*i64",
@@ -209,11 +242,15 @@ def _bwd_signature(v: Variant):
         "MASK_KIND": mask_kind,
         "HAS_LEFT": has_left,
         "HAS_RIGHT": has_right,
+        "HAS_CHUNK": variants,
+        "SOFTCAP": variants,
+        "ALIBI": variants,
         "DROPOUT": dropout,
         "WRITE_DS": False,
         "WRITE_KEEP": False,
         "DOT_PRECISION": "tf32" if v.dtype == "fp32" else "ieee",
         "ACC": bwd.tl.float32,
+        "PACKED": v.mask.endswith(PACKED),
         "stride_mn": 1,
     }
     aligned = {"stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh",
@@ -228,7 +265,7 @@ def _bwd_signature(v: Variant):
             sig[name] = pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "fp32" if name in ("scale", "qk_scale2", "dropout_p", "dropout_scale") else "i32"
+            sig[name] = "fp32" if name in ("scale", "qk_scale2", "softcap2", "dropout_p", "dropout_scale") else "i32"
             if name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return fn, sig, constexprs, attrs
@@ -237,10 +274,15 @@ def _bwd_signature(v: Variant):
 def _signature(v: Variant):
     if v.kernel in BWD_KERNELS:
         return _bwd_signature(v)
+    if v.kernel == DECODE_KERNEL:
+        from .decode import compile_signature
+
+        return compile_signature(v.mask, v.dtype, v.head_dim, v.block_m, v.block_n)
     from . import fwd
 
     fn = fwd._attn_fwd_kernel
     mask_kind, has_left, has_right, dropout = MASK_VARIANTS[v.mask]
+    variants = _has_variants(v.mask)
     elt = "*" + v.dtype
     sig, constexprs = {}, {}
     pointers = {
@@ -254,7 +296,12 @@ def _signature(v: Variant):
         "KvCount": "*i32" if mask_kind else "*i64",
         "KvIndex": "*i32" if mask_kind else "*i64",
         "Philox": "*i64",
+        "Alibi": "*fp32",
+        "Sinks": "*fp32",
         "Visited": "*i64",
+        "CuQ": "*i32",
+        "CuK": "*i32",
+        "Schedule": "*i32",
     }
     consts = {
         "HEAD_DIM": v.head_dim,
@@ -266,9 +313,14 @@ def _signature(v: Variant):
         "MASK_KIND": mask_kind,
         "HAS_LEFT": has_left,
         "HAS_RIGHT": has_right,
+        "HAS_CHUNK": variants,
+        "SOFTCAP": variants,
+        "ALIBI": variants,
+        "HAS_SINKS": variants,
         "DROPOUT": dropout,
         "COUNT_VISITED": False,
         "DOT_PRECISION": "tf32",
+        "PACKED": v.mask.endswith(PACKED),
     }
     # What the JIT specialises on a real launch: 16-aligned pointers and row strides of q/k/v/out.
     aligned = set(pointers) | {f"stride_{t}{s}" for t in "qkvo" for s in "bhmn"}
@@ -279,7 +331,7 @@ def _signature(v: Variant):
         elif name in consts:
             sig[name] = "constexpr"
             constexprs[name] = consts[name]
-        elif name in ("qk_scale", "dropout_p"):
+        elif name in ("qk_scale", "softcap2", "dropout_p"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -390,6 +442,7 @@ def add_compile_check_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", type=_parse_archs, default=[75, 80, 86, 90], help="e.g. sm_75,sm_80,sm_86,sm_90 (default)")
     p.add_argument("--all", action="store_true", help="the full product: every mask kind × causal per config")
+    p.add_argument("--packed", action="store_true", help="also the packed (varlen) builds, sm_80 and newer")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON (for the benchmark report)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
     p.add_argument(
@@ -423,7 +476,7 @@ def run_compile_check(args) -> int:
         n = write_candidates(results, args.candidates)
         print(f"{n} of {len(results)} candidates clean in {time.perf_counter() - start:.1f} s; wrote {args.candidates}")
         return 0
-    vs = variants(args.arch, args.all, args.head_dims, args.dtypes)
+    vs = variants(args.arch, args.all, args.head_dims, args.dtypes, getattr(args, "packed", False))
     start = time.perf_counter()
     results = _run_all(vs, max(1, args.jobs))
     return report(results, time.perf_counter() - start, args.jobs, args.json)

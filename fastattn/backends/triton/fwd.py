@@ -8,7 +8,7 @@ Design note (FlashAttention-2 schedule):
 * Online softmax in fp32 in the exp2 domain: scores are multiplied by ``scale·log2(e)`` once, in
   fp32, right after the ``QKᵀ`` dot (folding the factor into ``q`` before the dot would round it
   to fp16/bf16 and add an error of the order of the dtype's epsilon to every score).
-* Masks: causal and window are one band ``[i+q_offset-left, i+q_offset+right]`` (``MaskSpec.bounds``).
+* Masks: causal and window are one band ``[i+q_offset-left, i+q_offset+right]`` (``AttnParams.bounds``).
   Without a mask tensor the key-tile range is computed analytically and split into masked edge
   stages and an unmasked middle stage (``_common.band_k_tile_range``): tiles outside the band are
   never loaded, tiles inside it run without any mask arithmetic. With a mask tensor (bool or
@@ -50,15 +50,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...masks import MaskSpec
+from ...params import AttnParams
+from .._varlen import num_programs, tile_schedule
+from ..registry import fake_forward, op_layout, op_scalars, packed_empty
 from ._common import (
+    allowed,
     apply_tensor_mask,
-    band_allowed,
-    band_k_tile_range,
+    key_tile_range,
     load_tensor_mask,
+    score_mod,
     summary_tile,
 )
-from .dropout import dropout_keep, philox_seed_offset
+from .dropout import dropout_keep
 from .tuning import family, lookup
 
 __all__ = ["attn_fwd", "triton_attn_fwd", "forward", "fwd_blocks", "fwd_tiles", "fwd_configs", "INTERPRET_TILE"]
@@ -73,8 +76,32 @@ def _pow2_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def has_variants(chunk: int, softcap: float, alibi: bool) -> bool:
+    """Whether a launch runs a variant that adds live state where scores are formed (the sinks do not): it then
+    takes the heavy tiles, with ``_FWD_VARIANT_*`` / ``bwd._BWD_VARIANT_CONFIGS`` where those spill."""
+    return chunk > 0 or softcap > 0.0 or alibi
+
+
+def is_heavy(has_mask: bool, dropout_p: float, chunk: int = 0, softcap: float = 0.0, alibi: bool = False) -> bool:
+    """Whether a launch takes the "heavy" tiles: a mask tensor, dropout, or a variant that adds live state
+    where scores are formed (softcap, ALiBi, chunk; the sinks touch only the epilogue). ``fastattn
+    compile-check`` compiles the heaviest of them all (every variant with a float mask, a window and
+    dropout) on the heavy tiles: the plain tiles spilled with the variants in several backward configs."""
+    return has_mask or dropout_p > 0.0 or has_variants(chunk, softcap, alibi)
+
+
+def _arch_key(arch: int) -> int:
+    """The variant tables' arch: 90, 86 (stands for sm_86/sm_89), 80 or 75."""
+    return 90 if arch >= 90 else (86 if arch > 80 else (80 if arch >= 80 else 75))
+
+
 def fwd_tiles(
-    head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: Optional[int], heavy: bool = False
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    arch: Optional[int],
+    heavy: bool = False,
+    variants: bool = False,
 ) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for a head dim, dtype and compute capability (``arch`` = 90, 80, 75; None = interpreter).
 
@@ -87,6 +114,8 @@ def fwd_tiles(
         return INTERPRET_TILE
     d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
     wide = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
+    if variants and (_arch_key(arch), wide, d) in _FWD_VARIANT_TILES:
+        return _FWD_VARIANT_TILES[(_arch_key(arch), wide, d)]
     if arch >= 90:
         if d <= 128 and not wide:
             return (128, 32) if heavy else (128, 128)
@@ -110,18 +139,34 @@ def fwd_tiles(
 
 
 def fwd_blocks(
-    head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: Optional[int], heavy: bool, left: int, right: int
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    arch: Optional[int],
+    heavy: bool,
+    left: int,
+    right: int,
+    variants: bool = False,
 ) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of a launch: the tuned table's (``tuning.lookup``) where it has one, else ``fwd_tiles``."""
+    """(BLOCK_M, BLOCK_N) of a launch: the tuned table's (``tuning.lookup``) where it has one, else ``fwd_tiles``.
+
+    Launches with a variant have no tuned entries yet (nothing was timed with them): the static tiles.
+    """
     padded = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
-    tuned = lookup("fwd", arch, dtype, padded, family(heavy, left, right))
+    tuned = None if variants else lookup("fwd", arch, dtype, padded, family(heavy, left, right))
     if tuned is not None:
         return tuned[0], tuned[1]
-    return fwd_tiles(head_dim, head_dim_v, dtype, arch, heavy)
+    return fwd_tiles(head_dim, head_dim_v, dtype, arch, heavy, variants)
 
 
 def fwd_configs(
-    block_m: int, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int, heavy: bool = False
+    block_m: int,
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    arch: int,
+    heavy: bool = False,
+    variants: bool = False,
 ) -> list[tuple[int, int]]:
     """(num_warps, num_stages) pairs autotuned for one variant.
 
@@ -134,13 +179,23 @@ def fwd_configs(
         return [(8 if d >= 128 else 4, 1)]  # FMA tiles at head dim >= 128 spill at 4 warps
     warps = 8 if block_m >= 128 or (block_m >= 64 and (d >= 256 or heavy)) else 4
     stages = 2 if d >= 256 or (dtype == torch.float32 and d >= 128) else 3
+    if variants and (_arch_key(arch), dtype == torch.float32, d) in _FWD_VARIANT_STAGES:
+        return [(warps, _FWD_VARIANT_STAGES[(_arch_key(arch), dtype == torch.float32, d)])]
     if arch >= 90 and block_m >= 128 and dtype != torch.float32 and not heavy:
-        # Measured: 2 stages crash ptxas (-11) at head dim 16; 3 stages spill 8 bytes at 80..128 (fp16).
-        return {16: [(warps, 3)], 32: [(warps, 3)], 64: [(warps, 3), (warps, 2)]}.get(d, [(warps, 2)])
+        # Measured: 2 stages crash ptxas (-11) at head dim 16; 3 stages spill 8 bytes at 80..128 (fp16); at 256,
+        # 2 stages sit at 255 registers and spilled 24 bytes once the kernel took packed sequences: 1 stage.
+        return {16: [(warps, 3)], 32: [(warps, 3)], 64: [(warps, 3), (warps, 2)], 256: [(warps, 1)]}.get(
+            d, [(warps, 2)]
+        )
     if 80 < arch < 90:
         stages = _STAGES_SM86.get((d, dtype == torch.float32, heavy), stages)
     return [(warps, stages)]
 
+
+# Launches with a variant (``has_variants``) take the heavy tiles and stages, except where those spilled with
+# every variant on (``fastattn compile-check``'s "+variants" builds, Triton 3.8): (arch, fp32, padded head dim).
+_FWD_VARIANT_TILES = {(90, False, 256): (64, 16)}
+_FWD_VARIANT_STAGES = {(80, True, 16): 2, (86, False, 32): 2}
 
 # sm_86/sm_89 (99 KB of shared memory per block, sm_80: 163; fastattn compile-check --arch sm_86):
 # (head dim, fp32, heavy) variants whose sm_80 stages need 104-116 KB, or spill 8 bytes there.
@@ -172,17 +227,22 @@ def _attn_fwd_tile(
     stride_mm,
     stride_mn,
     philox_ptr,
-    bh,
+    drop_bh,
     start_n,
     offs_m,
     offs_d,
     offs_dv,
     seqlen_q,
     seqlen_k,
+    drop_lq,
+    drop_lk,
     qk_scale,
     left,
     right,
     q_offset,
+    chunk,
+    softcap2,
+    slope2,
     dropout_p,
     need_mask,
     HEAD_DIM: tl.constexpr,
@@ -194,10 +254,14 @@ def _attn_fwd_tile(
     MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One key tile: scores, masks (when ``MASKED``), online-softmax update, ``acc += P V``."""
+    """One key tile: scores (``score_mod``: scale, softcap, ALiBi), masks (when ``MASKED``), online-softmax
+    update, ``acc += P V``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # K loaded transposed: (BLOCK_D, BLOCK_N).
     k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
@@ -212,16 +276,19 @@ def _attn_fwd_tile(
             k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
         else:
             k = tl.load(k_ptrs)
-    qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    qk, _ = score_mod(
+        tl.dot(q, k, input_precision=DOT_PRECISION), offs_m, offs_n, q_offset, qk_scale, softcap2, slope2,
+        SOFTCAP, ALIBI, False,
+    )  # fmt: skip
     if MASKED:
-        allowed = band_allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, HAS_LEFT, HAS_RIGHT)
+        ok = allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, chunk, HAS_LEFT, HAS_RIGHT, HAS_CHUNK)
         if MASK_KIND != 0:
             mask_tile = load_tensor_mask(
                 mask_base, stride_mm, stride_mn, offs_m, offs_n, seqlen_q, seqlen_k, need_mask, MASK_KIND
             )
-            qk = apply_tensor_mask(qk, allowed, mask_tile, 1.4426950408889634, MASK_KIND)
+            qk = apply_tensor_mask(qk, ok, mask_tile, 1.4426950408889634, MASK_KIND)
         else:
-            qk = tl.where(allowed, qk, float("-inf"))
+            qk = tl.where(ok, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # A row with nothing visible yet keeps m = -inf; subtracting 0 instead gives exp2(-inf) = 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -230,7 +297,7 @@ def _attn_fwd_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:
-        keep = dropout_keep(philox_ptr, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
+        keep = dropout_keep(philox_ptr, drop_bh, offs_m, offs_n, drop_lq, drop_lk, dropout_p)
         p = tl.where(keep, p, 0.0)  # the 1/(1-p) factor is applied once to the output
     if MASKED:
         if BLOCK_DV != HEAD_DIM_V:
@@ -258,7 +325,12 @@ def _attn_fwd_kernel(
     KvCount,
     KvIndex,
     Philox,
+    Alibi,
+    Sinks,
     Visited,
+    CuQ,
+    CuK,
+    Schedule,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -288,8 +360,13 @@ def _attn_fwd_kernel(
     left,
     right,
     q_offset,
+    chunk,
+    softcap2,
+    stride_ab,
     dropout_p,
     seq_bucket,
+    num_seqs,
+    total_q,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -299,15 +376,49 @@ def _attn_fwd_kernel(
     MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     DROPOUT: tl.constexpr,
     COUNT_VISITED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
-    """Program (query tile ``program_id(0)``, batch·head ``program_id(1)``); see the module docstring."""
-    pid_m = tl.program_id(0)
+    """Program (query tile ``program_id(0)``, batch·head ``program_id(1)``); see the module docstring.
+
+    ``PACKED``: program ``(schedule entry, head)``; the entry names the sequence and its query tile, whose start
+    and lengths come from ``CuQ``/``CuK``; ``seqlen_q``/``seqlen_k`` arrive as the maxima (the dropout contract's
+    index) and become the sequence's own; its alignment is bottom-right.
+    """
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // heads_q).to(tl.int64)
-    h = bh % heads_q
+    drop_lq = seqlen_q  # the dropout contract's lengths: the call's (packed: the maxima)
+    drop_lk = seqlen_k
+    if PACKED:
+        seq = tl.load(Schedule + 2 * pid)
+        pid_m = tl.load(Schedule + 2 * pid + 1)
+        real = seq < num_seqs  # the schedule's surplus entries name sequence B: no rows, no keys
+        seq = tl.minimum(seq, num_seqs - 1)
+        row_q = tl.load(CuQ + seq).to(tl.int64)
+        row_k = tl.load(CuK + seq).to(tl.int64)
+        seqlen_q = tl.where(real, tl.load(CuQ + seq + 1) - tl.load(CuQ + seq), 0)
+        seqlen_k = tl.where(real, tl.load(CuK + seq + 1) - tl.load(CuK + seq), 0)
+        q_offset = seqlen_k - seqlen_q
+        b = seq.to(tl.int64)  # the sequence: ALiBi's row and the dropout contract's batch index
+        b_mem = 0  # the tensors' batch dim (one row of packed tokens)
+        h = bh
+        drop_bh = b * heads_q + h
+        lse_base = Lse + h.to(tl.int64) * total_q + row_q
+    else:
+        pid_m = pid
+        b = (bh // heads_q).to(tl.int64)
+        b_mem = b
+        h = bh % heads_q
+        row_q = 0
+        row_k = 0
+        drop_bh = bh
+        lse_base = Lse + bh.to(tl.int64) * seqlen_q
     h_kv = (h // group).to(tl.int64)
     h = h.to(tl.int64)
     start_m = pid_m * BLOCK_M
@@ -315,85 +426,114 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+    q_base = Q + b_mem * stride_qb + h * stride_qh + row_q * stride_qm
+    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
+    k_base = K + b_mem * stride_kb + h_kv * stride_kh + row_k * stride_kn
+    v_base = V + b_mem * stride_vb + h_kv * stride_vh + row_k * stride_vn
+    mask_base = Mask + b_mem * stride_mb + h * stride_mh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    slope2 = 0.0
+    if ALIBI:  # this head's slope, in the exp2 domain
+        slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
 
     if MASK_KIND == 0:
-        lo, full_lo, full_hi, hi = band_k_tile_range(
-            start_m, seqlen_q, seqlen_k, left, right, q_offset, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
-        )
+        lo, full_lo, full_hi, hi = key_tile_range(
+            start_m, seqlen_q, seqlen_k, left, right, q_offset, chunk, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+            HAS_CHUNK,
+        )  # fmt: skip
         for tile_n in range(lo, full_lo):  # left edge of a window: band-masked
             acc, l_i, m_i = _attn_fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
-                Philox, bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale,
-                left, right, q_offset, dropout_p, True,
+                Philox, drop_bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, drop_lq, drop_lk,
+                qk_scale, left, right, q_offset, chunk, softcap2, slope2, dropout_p, True,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                DROPOUT, DOT_PRECISION,
+                HAS_CHUNK, SOFTCAP, ALIBI, DROPOUT, DOT_PRECISION,
             )  # fmt: skip
         for tile_n in range(full_lo, full_hi):  # inside the band for every row: no mask arithmetic
             acc, l_i, m_i = _attn_fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
-                Philox, bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale,
-                left, right, q_offset, dropout_p, True,
+                Philox, drop_bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, drop_lq, drop_lk,
+                qk_scale, left, right, q_offset, chunk, softcap2, slope2, dropout_p, True,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                DROPOUT, DOT_PRECISION,
+                HAS_CHUNK, SOFTCAP, ALIBI, DROPOUT, DOT_PRECISION,
             )  # fmt: skip
         for tile_n in range(full_hi, hi):  # diagonal / right edge / the last partial tile
             acc, l_i, m_i = _attn_fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
-                Philox, bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale,
-                left, right, q_offset, dropout_p, True,
+                Philox, drop_bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, drop_lq, drop_lk,
+                qk_scale, left, right, q_offset, chunk, softcap2, slope2, dropout_p, True,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                DROPOUT, DOT_PRECISION,
+                HAS_CHUNK, SOFTCAP, ALIBI, DROPOUT, DOT_PRECISION,
             )  # fmt: skip
         n_visited = hi - lo
     else:
         # Walk the summary's non-empty key tiles; its (batch, head) dims broadcast with stride 0.
-        summary_off = b * stride_sb + h * stride_sh
+        summary_off = b_mem * stride_sb + h * stride_sh
         state_base = TileState + summary_off
         index_base = KvIndex + summary_off
-        n_visited = tl.load(KvCount + b * stride_cb + h * stride_ch + pid_m)
+        n_visited = tl.load(KvCount + b_mem * stride_cb + h * stride_ch + pid_m)
         for it in range(0, n_visited):
             tile_n, state = summary_tile(state_base, index_base, it, stride_sm, pid_m)
             acc, l_i, m_i = _attn_fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
-                Philox, bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale,
-                left, right, q_offset, dropout_p, state != 2,
+                Philox, drop_bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, drop_lq, drop_lk,
+                qk_scale, left, right, q_offset, chunk, softcap2, slope2, dropout_p, state != 2,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                DROPOUT, DOT_PRECISION,
+                HAS_CHUNK, SOFTCAP, ALIBI, DROPOUT, DOT_PRECISION,
             )  # fmt: skip
 
-    # Epilogue: rows that saw nothing (l = 0) give out 0 and lse -inf.
+    if HAS_SINKS:  # the sink's logit joins every row's denominator once, with no value
+        sink2 = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink2)
+        alpha = tl.math.exp2(m_i - m_new)  # m_i = -inf (nothing attended): 0
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.math.exp2(sink2 - m_new)
+        m_i = m_new
+    # Epilogue: rows that saw nothing (l = 0) give out 0 and lse -inf (with a sink: out 0, lse the sink).
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
+    o_base = Out + b_mem * stride_ob + h * stride_oh + row_q * stride_om
+    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(Lse + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+    tl.store(lse_base + offs_m, lse, mask=offs_m < seqlen_q)
     if COUNT_VISITED:
-        tl.store(Visited + bh.to(tl.int64) * tl.num_programs(0) + pid_m, n_visited.to(tl.int32))
+        tl.store(Visited + bh.to(tl.int64) * tl.num_programs(0) + pid, n_visited.to(tl.int32))
 
 
-def _autotuned(arch: int, block_m: int, head_dim: int, head_dim_v: int, dtype: torch.dtype, heavy: bool):
+def _autotuned(
+    arch: int, block_m: int, head_dim: int, head_dim_v: int, dtype: torch.dtype, heavy: bool, variants: bool = False
+):
     """``_attn_fwd_kernel`` wrapped in ``triton.autotune`` over the configs of this variant."""
-    key = (arch, block_m, _pow2_dim(head_dim), _pow2_dim(head_dim_v), dtype, heavy)
+    key = (arch, block_m, _pow2_dim(head_dim), _pow2_dim(head_dim_v), dtype, heavy, variants)
     if key not in _TUNED:
         configs = [
             triton.Config({}, num_warps=w, num_stages=s)
-            for w, s in fwd_configs(block_m, head_dim, head_dim_v, dtype, arch, heavy)
+            for w, s in fwd_configs(block_m, head_dim, head_dim_v, dtype, arch, heavy, variants)
         ]
         _TUNED[key] = triton.autotune(
-            configs, key=["HEAD_DIM", "HEAD_DIM_V", "seq_bucket", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "DROPOUT"]
+            configs,
+            key=[
+                "HEAD_DIM",
+                "HEAD_DIM_V",
+                "seq_bucket",
+                "MASK_KIND",
+                "HAS_LEFT",
+                "HAS_RIGHT",
+                "HAS_CHUNK",
+                "SOFTCAP",
+                "ALIBI",
+                "HAS_SINKS",
+                "DROPOUT",
+                "PACKED",
+            ],  # fmt: skip
         )(_attn_fwd_kernel)
     return _TUNED[key]
 
@@ -438,24 +578,45 @@ def attn_fwd(
     visited: Optional[Tensor] = None,
     out: Optional[Tensor] = None,
     lse: Optional[Tensor] = None,
+    *,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    chunk: int = 0,
+    softcap: float = 0.0,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Launch ``_attn_fwd_kernel``: ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)``.
 
     ``q`` ``(B, Hq, Lq, D)``, ``k`` ``(B, Hkv, Lk, D)``, ``v`` ``(B, Hkv, Lk, Dv)``, any strides;
-    ``mask`` is ``MaskSpec.tensor`` (the ``(B, Hq, Lq, Lk)`` broadcast view) or None; with a mask,
+    ``mask`` is ``AttnParams.mask`` (the ``(B, Hq, Lq, Lk)`` broadcast view) or None; with a mask,
     ``tile_state``/``kv_count``/``kv_index`` are its ``TileSummary`` for ``(block_m, block_n)``.
-    ``window_left``/``window_right`` are ``MaskSpec.bounds`` (causal folded in, -1 unbounded).
-    ``philox`` is ``dropout.philox_seed_offset``'s tensor when ``dropout_p > 0``. ``visited``
+    ``window_left``/``window_right`` are ``AttnParams.bounds`` (causal folded in, -1 unbounded).
+    ``philox`` is the call's dropout seed when ``dropout_p > 0``. ``visited``
     (int32 ``(B, Hq, n_q_tiles)``, optional) receives the number of key tiles each program loaded.
     ``out``/``lse`` (optional, e.g. NaN-poisoned by tests) are written in place: ``out`` with any
-    strides, ``lse`` contiguous fp32.
+    strides, ``lse`` contiguous fp32. The variants (``fastattn.variants``): ``alibi_slopes`` float32
+    ``(1|B, Hq)``, ``sinks`` ``(Hq,)``, ``chunk`` (0: none), ``softcap`` (0.0: none).
+
+    Packed sequences (``cu_seqlens_q``/``cu_seqlens_k`` given, ``(B + 1,)``): ``q``, ``k``, ``v`` are the
+    ``(1, H, total, D)`` views of the packed tensors, ``out``/``lse`` are ``(1, Hq, total_q, Dv)`` (token-major,
+    ``registry.packed_empty``) and ``(1, Hq, total_q)``; ``max_seqlen_*`` index the dropout contract; no mask
+    tensor. One program per (real query tile of a sequence, head), from ``_varlen.tile_schedule`` on the device;
+    ``visited`` is then ``(1, Hq, num_programs)``.
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    packed = cu_seqlens_q is not None
+    total_q = seqlen_q
     poison = os.environ.get("FASTATTN_POISON") == "1"  # test hook: unwritten elements stay NaN
     if out is None:
-        out = torch.empty(batch, heads_q, seqlen_q, head_dim_v, dtype=q.dtype, device=q.device)
+        if packed:
+            out = packed_empty(q, heads_q, total_q, head_dim_v)
+        else:
+            out = torch.empty(batch, heads_q, seqlen_q, head_dim_v, dtype=q.dtype, device=q.device)
         if poison:
             out.fill_(float("nan"))
     if lse is None:
@@ -471,8 +632,18 @@ def attn_fwd(
         raise ValueError(
             f"lse: expected contiguous {(batch, heads_q, seqlen_q)} float32, got {tuple(lse.shape)} {lse.dtype}"
         )
-    n_q_tiles = triton.cdiv(seqlen_q, block_m)
     dummy = torch.empty(2, dtype=torch.int64, device=q.device)
+    cu_q_arg, cu_k_arg, schedule, num_seqs = dummy, dummy, dummy, 0
+    if packed:
+        if mask is not None or cu_seqlens_k is None:
+            raise ValueError("mask, cu_seqlens_k: packed sequences take cu_seqlens_k and no mask tensor")
+        num_seqs = cu_seqlens_q.shape[0] - 1
+        cu_q_arg, cu_k_arg = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        schedule = tile_schedule(cu_q_arg, block_m, total_q)
+        n_q_tiles = num_programs(total_q, num_seqs, block_m)
+        seqlen_q, seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+    else:
+        n_q_tiles = triton.cdiv(seqlen_q, block_m)
     if mask is None:
         mask_kind, mask_arg, mstrides = 0, q, (0, 0, 0, 0)
         state_arg, count_arg, index_arg = dummy, dummy, dummy
@@ -503,13 +674,18 @@ def attn_fwd(
     if visited is not None and tuple(visited.shape) != (batch, heads_q, n_q_tiles):
         raise ValueError(f"visited: expected shape {(batch, heads_q, n_q_tiles)}, got {tuple(visited.shape)}")
     left, right = int(window_left), int(window_right)
+    qk_scale = float(scale) / softcap if softcap > 0.0 else float(scale) * LOG2E
+    alibi_arg = dummy if alibi_slopes is None else alibi_slopes.float().contiguous()
+    stride_ab = 0 if alibi_slopes is None or alibi_slopes.shape[0] == 1 else heads_q
+    sinks_arg = dummy if sinks is None else sinks.float().contiguous()
     args = (
-        q, k, v, out, lse, mask_arg, state_arg, count_arg, index_arg, philox_arg, visited_arg,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q, k, v, out, lse, mask_arg, state_arg, count_arg, index_arg, philox_arg, alibi_arg, sinks_arg, visited_arg,
+        cu_q_arg, cu_k_arg, schedule, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *mstrides, *sstrides, *cstrides,
-        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, float(scale) * LOG2E,
-        left, right, int(q_offset), float(dropout_p), _seq_bucket(seqlen_q, seqlen_k),
+        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, qk_scale,
+        left, right, int(q_offset), max(int(chunk), 1), float(softcap) * LOG2E, stride_ab, float(dropout_p),
+        _seq_bucket(seqlen_q, seqlen_k), num_seqs, total_q,
     )  # fmt: skip
     meta = dict(
         HEAD_DIM=head_dim,
@@ -521,22 +697,29 @@ def attn_fwd(
         MASK_KIND=mask_kind,
         HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0,
+        HAS_CHUNK=chunk > 0,
+        SOFTCAP=softcap > 0.0,
+        ALIBI=alibi_slopes is not None,
+        HAS_SINKS=sinks is not None,
         DROPOUT=dropout,
         COUNT_VISITED=visited is not None,
         DOT_PRECISION=_dot_precision(q.dtype, q.device),
+        PACKED=packed,
     )
     grid = (n_q_tiles, batch * heads_q)
     arch = _arch(q.device)
     if arch is None:
         _attn_fwd_kernel[grid](*args, **meta, num_warps=4, num_stages=1)
         return out, lse
-    heavy = mask is not None or dropout
-    tuned = lookup("fwd", arch, q.dtype, max(meta["BLOCK_D"], meta["BLOCK_DV"]), family(heavy, left, right))
+    heavy = is_heavy(mask is not None, dropout_p, chunk, softcap, alibi_slopes is not None)
+    variants = has_variants(chunk, softcap, alibi_slopes is not None)
+    padded = max(meta["BLOCK_D"], meta["BLOCK_DV"])
+    tuned = None if variants else lookup("fwd", arch, q.dtype, padded, family(heavy, left, right))
     with torch.cuda.device(q.device):
         if tuned is not None and tuple(tuned[:2]) == (block_m, block_n):
             _attn_fwd_kernel[grid](*args, **meta, num_warps=tuned[2], num_stages=tuned[3])
         else:
-            _autotuned(arch, block_m, head_dim, head_dim_v, q.dtype, heavy)[grid](*args, **meta)
+            _autotuned(arch, block_m, head_dim, head_dim_v, q.dtype, heavy, variants)[grid](*args, **meta)
     return out, lse
 
 
@@ -546,54 +729,70 @@ def triton_attn_fwd(
     k: Tensor,
     v: Tensor,
     mask: Optional[Tensor],
-    tile_state: Optional[Tensor],
-    kv_count: Optional[Tensor],
-    kv_index: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
+    sinks: Optional[Tensor],
+    summary: list[Tensor],
     philox: Optional[Tensor],
     scale: float,
+    dropout_p: float,
     window_left: int,
     window_right: int,
     q_offset: int,
-    dropout_p: float,
-    block_m: int,
-    block_n: int,
+    chunk: int,
+    softcap: float,
+    blocks: list[int],
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[Tensor, Tensor]:
+    """The registry's forward op (``OP_FWD_ARGS``): ``summary`` is the mask's ``[state, kv_count, kv_index]``
+    for ``blocks = [BLOCK_M, BLOCK_N]`` (empty without a mask tensor, and for packed sequences)."""
+    state, count, index = summary if summary else (None, None, None)
     return attn_fwd(
-        q, k, v, mask, tile_state, kv_count, kv_index, philox, scale,
-        window_left, window_right, q_offset, dropout_p, block_m, block_n,
+        q, k, v, mask, state, count, index, philox, scale, window_left, window_right, q_offset, dropout_p,
+        blocks[0], blocks[1], alibi_slopes=alibi_slopes, sinks=sinks, chunk=chunk, softcap=softcap,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
 
 
-@triton_attn_fwd.register_fake
-def _(q, k, v, mask, tile_state, kv_count, kv_index, philox, scale, window_left, window_right, q_offset, dropout_p,
-      block_m, block_n):  # fmt: skip
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+triton_attn_fwd.register_fake(fake_forward)
 
 
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, scale: float, dropout_p: float, *, count_visited: bool = False
+    q: Tensor, k: Tensor, v: Tensor, params: AttnParams, philox: Optional[Tensor], *, count_visited: bool = False
 ):
-    """The backend's forward: ``(out, lse, saved)`` (plus the visited-tile counts when ``count_visited``).
+    """The backend's forward: ``(out, lse)`` (plus the visited-tile counts when ``count_visited``).
 
-    Picks the block for this device, builds (or reuses, cached on ``spec``) the tile summary for it,
-    draws the dropout seed on the device, and calls the op. ``saved = (philox,)`` with dropout, else ``()``.
+    Picks the block for this device, builds (or reuses, cached on ``params``) the tile summary for it, and
+    calls the op; ``philox`` is the call's dropout seed (None without dropout).
     """
-    heavy = spec.tensor is not None or dropout_p > 0.0
-    left, right = spec.bounds
-    block_m, block_n = fwd_blocks(q.shape[-1], v.shape[-1], q.dtype, _arch(q.device), heavy, left, right)
-    state = count = index = None
-    if spec.tensor is not None:
-        summary = spec.tile_summary(block_m, block_n)
-        state, count, index = summary.state, summary.kv_count, summary.kv_index
-    philox = philox_seed_offset(q.device) if dropout_p > 0.0 else None
-    call = (q, k, v, spec.tensor, state, count, index, philox, scale, left, right, spec.q_offset, dropout_p)
-    saved = () if philox is None else (philox,)
+    heavy = is_heavy(params.mask is not None, params.dropout_p, params.chunk, params.softcap, params.alibi is not None)
+    variants = has_variants(params.chunk, params.softcap, params.alibi is not None)
+    left, right = params.bounds
+    block_m, block_n = fwd_blocks(q.shape[-1], v.shape[-1], q.dtype, _arch(q.device), heavy, left, right, variants)
+    summary = []
+    if params.mask is not None:
+        s = params.tile_summary(block_m, block_n)
+        summary = [s.state, s.kv_count, s.kv_index]
+    layout = op_layout(params)
+    call = (
+        q, k, v, params.mask, params.alibi, params.sinks, summary, philox, *op_scalars(params), [block_m, block_n],
+        *layout,
+    )  # fmt: skip
     if count_visited:
-        visited = torch.full(
-            (q.shape[0], q.shape[1], math.ceil(q.shape[2] / block_m)), -1, dtype=torch.int32, device=q.device
-        )
-        out, lse = attn_fwd(*call, block_m, block_n, visited=visited)
-        return out, lse, saved, visited
-    out, lse = triton_attn_fwd(*call, block_m, block_n)
-    return out, lse, saved
+        if params.is_packed:  # (1, Hq, num_programs): the schedule's entries, surplus ones visiting nothing
+            n_tiles = num_programs(params.total_q, params.batch, block_m)
+        else:
+            n_tiles = math.ceil(q.shape[2] / block_m)
+        visited = torch.full((q.shape[0], q.shape[1], n_tiles), -1, dtype=torch.int32, device=q.device)
+        state, count, index = summary if summary else (None, None, None)
+        cu_q, cu_k, max_q, max_k = layout
+        out, lse = attn_fwd(
+            q, k, v, params.mask, state, count, index, philox, params.scale, left, right, params.q_offset,
+            params.dropout_p, block_m, block_n, visited=visited, alibi_slopes=params.alibi, sinks=params.sinks,
+            chunk=params.chunk, softcap=params.softcap, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+            max_seqlen_k=max_k,
+        )  # fmt: skip
+        return out, lse, visited
+    return triton_attn_fwd(*call)

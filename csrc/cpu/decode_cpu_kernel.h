@@ -1,0 +1,402 @@
+// Split-KV decoding over a contiguous or paged key/value cache on the CPU, compiled once per instruction set.
+//
+// Work: one task per (sequence b, key/value head h, split s). A task owns the R = group * Lq query rows of
+// h's GQA group (query head h * group + g, query i: row g * Lq + i), so each key and value row it reads from
+// the cache serves every query head of the group: the cache is read exactly once per call. Its keys are the
+// s-th of `splits` equal parts (multiples of kBlock) of the keys any of its rows attends; key position j lives
+// at slot j % page_size of page block_table[b][j / page_size] (a contiguous cache is page b, page_size Lmax).
+// Keys go by blocks of kBlock: the block's K rows are converted to fp32 and scored against every row
+// (scaled_score, ALiBi, the band of csrc/attn_rules.h, per row), an online softmax keeps each row's max and
+// sum, and the block's V rows are converted once and accumulated into the rows' fp32 outputs, a register
+// tile of up to 8 rows by one vector of Dv per pass. A task ends with its normalised output and its lse
+// (-inf if it attended nothing) in scratch; a second pass merges the splits of each row exactly through
+// their lse, adds the sink's logit to the denominator once, and writes out (input dtype) and lse (fp32).
+//
+// Cost: FLOPs 4 * B * Hq * Lq * total * D (about 8 per cached element read when group * Lq = 4, far below the
+// machine's ratio of FLOPs to bytes), minimum bytes: K and V of every attended key once, plus q and out;
+// so it is bound by memory bandwidth and should reach the machine's measured read bandwidth for long caches
+// (benchmarks/decode.py). Splits exist so that B * Hkv tasks smaller than the thread count still use every
+// thread; their merge reads R * Dv floats per split, nothing next to the cache.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "decode_cpu.h"
+
+namespace fastattn_cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using DVec = at::vec::Vectorized<float>;
+namespace rules = fastattn::rules;
+constexpr float kDecodeNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kBlock = 64;  // keys per block: K and V of a block (2 * 64 rows) stay in L1/L2
+constexpr int kRowTile = 8;     // rows accumulated in registers per pass over a block's V
+
+// The sum of a vector's lanes (at::vec's reduce_add does not build for the generic vector in every torch).
+inline float hsum(const DVec& a) {
+  return at::vec::vec_reduce_all<float>([](DVec x, DVec y) { return x + y; }, a);
+}
+
+inline void load_vec(const float* p, DVec& out) { out = DVec::loadu(p); }
+inline void load_vec(const c10::BFloat16* p, DVec& out) { at::vec::load_fp32_from_bf16(p, out); }
+inline void load_vec(const c10::Half* p, DVec& out) { at::vec::load_fp32_from_fp16(p, out); }
+
+// dst[0, n) = src[0, n * stride) as fp32 (vector body when stride is 1, scalar otherwise); dst[n, padded) = 0.
+template <typename T>
+inline void to_f32(const T* src, int64_t stride, float* dst, int64_t n, int64_t padded) {
+  constexpr int64_t W = DVec::size();
+  int64_t d = 0;
+  if (stride != 1) {
+    for (; d < n; ++d) dst[d] = static_cast<float>(src[d * stride]);
+  }
+  for (; d + W <= n; d += W) {
+    DVec x;
+    load_vec(src + d, x);
+    x.store(dst + d);
+  }
+  for (; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+  for (; d < padded; ++d) dst[d] = 0.f;
+}
+
+// The sums of four vectors' lanes at once (AVX512: two rounds of 128-bit block shuffles, then in-block adds).
+inline void hsum4(const DVec& a0, const DVec& a1, const DVec& a2, const DVec& a3, float* out, int64_t stride) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x0 = a0, x1 = a1, x2 = a2, x3 = a3;
+  // blocks [x0.q0 + x0.q2, x0.q1 + x0.q3, x1.q0 + x1.q2, x1.q1 + x1.q3], the same for x2, x3
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x44), _mm512_shuffle_f32x4(x0, x1, 0xEE));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(x2, x3, 0x44), _mm512_shuffle_f32x4(x2, x3, 0xEE));
+  // block i: four partial sums of x_i
+  __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+  t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
+  t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, t);
+  out[0] = lanes[0];
+  out[stride] = lanes[4];
+  out[2 * stride] = lanes[8];
+  out[3 * stride] = lanes[12];
+#else
+  out[0] = hsum(a0);
+  out[stride] = hsum(a1);
+  out[2 * stride] = hsum(a2);
+  out[3 * stride] = hsum(a3);
+#endif
+}
+
+// Where a block's K or V rows are read: straight from the cache (unit stride, a whole number of vectors per row:
+// each vector converted to fp32 in registers as it is used), or from an fp32 copy made by to_f32 (any stride or
+// head dim; padded rows).
+template <typename T>
+struct DirectRows {
+  const T* const* rows;
+  inline DVec load(int64_t j, int64_t d) const {
+    DVec x;
+    load_vec(rows[j] + d, x);
+    return x;
+  }
+};
+
+struct BufferRows {
+  const float* base;
+  int64_t ld;
+  inline DVec load(int64_t j, int64_t d) const { return DVec::loadu(base + j * ld + d); }
+};
+
+// Scores of `rows` query rows (fp32, stride ld, zero-padded to `padded`) against key j: out[r * ostride].
+template <class Src>
+inline void dot_rows(const float* qf, int64_t rows, int64_t ld, const Src& k, int64_t j, int64_t padded, float* out,
+                     int64_t ostride) {
+  constexpr int64_t W = DVec::size();
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    DVec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+    for (int64_t d = 0; d < padded; d += W) {
+      const DVec kv = k.load(j, d);
+      a0 = at::vec::fmadd(DVec::loadu(qf + (r + 0) * ld + d), kv, a0);
+      a1 = at::vec::fmadd(DVec::loadu(qf + (r + 1) * ld + d), kv, a1);
+      a2 = at::vec::fmadd(DVec::loadu(qf + (r + 2) * ld + d), kv, a2);
+      a3 = at::vec::fmadd(DVec::loadu(qf + (r + 3) * ld + d), kv, a3);
+    }
+    hsum4(a0, a1, a2, a3, out + r * ostride, ostride);
+  }
+  for (; r < rows; ++r) {
+    DVec a(0.f);
+    for (int64_t d = 0; d < padded; d += W) a = at::vec::fmadd(DVec::loadu(qf + r * ld + d), k.load(j, d), a);
+    out[r * ostride] = hsum(a);
+  }
+}
+
+// acc[r, :] += sum_j p[r, j] * v[j, :] for rows [r0, r0 + NR), keys [0, n): one vector of Dv at a time in registers.
+template <int NR, class Src>
+inline void accumulate_rows(float* acc, int64_t ld, const float* p, int64_t pld, const Src& v, int64_t n,
+                            int64_t padded, int64_t r0) {
+  constexpr int64_t W = DVec::size();
+  for (int64_t c = 0; c < padded; c += W) {
+    DVec a[NR];
+    for (int r = 0; r < NR; ++r) a[r] = DVec::loadu(acc + (r0 + r) * ld + c);
+    for (int64_t j = 0; j < n; ++j) {
+      const DVec x = v.load(j, c);
+      for (int r = 0; r < NR; ++r) a[r] = at::vec::fmadd(DVec(p[(r0 + r) * pld + j]), x, a[r]);
+    }
+    for (int r = 0; r < NR; ++r) a[r].store(acc + (r0 + r) * ld + c);
+  }
+}
+
+template <class Src>
+inline void accumulate(float* acc, int64_t ld, const float* p, int64_t pld, const Src& v, int64_t n, int64_t padded,
+                       int64_t rows) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) accumulate_rows<8>(acc, ld, p, pld, v, n, padded, r);
+  if (r + 4 <= rows) {
+    accumulate_rows<4>(acc, ld, p, pld, v, n, padded, r);
+    r += 4;
+  }
+  if (r + 2 <= rows) {
+    accumulate_rows<2>(acc, ld, p, pld, v, n, padded, r);
+    r += 2;
+  }
+  if (r < rows) accumulate_rows<1>(acc, ld, p, pld, v, n, padded, r);
+}
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// The keys [k0, k1) of split s of sequence b's attended range, and that range's total: R rows' union of bounds.
+struct Range {
+  int64_t total, k0, k1;
+};
+
+inline Range split_range(const DecodeParams& p, int64_t b, int64_t s) {
+  const int64_t total = p.seqlens[b] + p.new_len;
+  int64_t lo_first, hi_first, lo_last, hi_last;
+  rules::row_bounds(p.variant, total - p.Lq, total, lo_first, hi_first);  // query 0
+  rules::row_bounds(p.variant, total - 1, total, lo_last, hi_last);       // query Lq - 1
+  const int64_t lo = std::max<int64_t>(lo_first, 0), hi = hi_last;    // bounds never decrease with the row
+  if (total == 0 || hi < lo) return {total, 0, 0};
+  const int64_t part = round_up((hi - lo + 1 + p.splits - 1) / p.splits, kBlock);
+  const int64_t k0 = std::min(lo + s * part, hi + 1), k1 = std::min(lo + (s + 1) * part, hi + 1);
+  return {total, k0, k1};
+}
+
+template <typename T>
+void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::vector<float>& buf) {
+  const int64_t G = p.Hq / p.Hkv, R = G * p.Lq;
+  constexpr int64_t W = DVec::size();
+  const int64_t Dp = round_up(p.D, W), Dvp = round_up(p.Dv, W);
+  buf.resize(R * Dp + R * Dvp + kBlock * Dp + kBlock * Dvp + 2 * R * kBlock + 3 * R);
+  float* qf = buf.data();           // (R, Dp) the rows' queries in fp32
+  float* acc = qf + R * Dp;         // (R, Dvp) unnormalised outputs
+  float* kb = acc + R * Dvp;        // (kBlock, Dp) the block's keys
+  float* vb = kb + kBlock * Dp;     // (kBlock, Dvp) the block's values
+  float* sc = vb + kBlock * Dvp;    // (R, kBlock) scores, then probabilities
+  float* raw = sc + R * kBlock;     // (R, kBlock) dot products
+  float* m = raw + R * kBlock;      // (R) running max
+  float* l = m + R;                 // (R) running sum
+  float* slope = l + R;             // (R) ALiBi slopes (0 without)
+  std::vector<int64_t> lo(R), hi(R);  // each row's attended keys [lo, hi]
+
+  const Range range = split_range(p, b, s);
+  const T* q = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.k);
+  const T* vc = static_cast<const T*>(p.v);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t hq = h * G + g;
+    for (int64_t i = 0; i < p.Lq; ++i) {
+      const int64_t r = g * p.Lq + i, pos = range.total - p.Lq + i;
+      to_f32(q + b * p.q_s[0] + hq * p.q_s[1] + i * p.q_s[2], p.q_s[3], qf + r * Dp, p.D, Dp);
+      int64_t a, z;
+      rules::row_bounds(p.variant, pos, range.total, a, z);
+      lo[r] = std::max<int64_t>(a, 0);
+      hi[r] = z;
+      slope[r] = rules::alibi_slope(p.variant, b, hq, 1.f);
+    }
+  }
+  std::fill(acc, acc + R * Dvp, 0.f);
+  std::fill(m, m + R, kDecodeNegInf);
+  std::fill(l, l + R, 0.f);
+  const rules::ScoreScale ss = rules::score_scale(p.scale, p.variant.softcap, 1.f);
+  const bool alibi = p.variant.alibi != nullptr;
+
+  // Row pointers of a block's keys and values (through the block table), computed one block ahead so that the
+  // next block's rows are prefetched while this one is converted: the loads of a decode step are its cost, and
+  // keeping many lines in flight is what reaches the memory bandwidth.
+  const T* krow[2][kBlock];
+  const T* vrow[2][kBlock];
+  auto locate = [&](int64_t k0, int cur) {
+    const int64_t n = std::min(kBlock, range.k1 - k0);
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const int64_t j = k0 + jj;
+      const int64_t page = p.block_table ? p.block_table[b * p.bt_stride + j / p.page_size] : b;
+      const int64_t slot = j % p.page_size;
+      krow[cur][jj] = kc + page * p.k_s[0] + h * p.k_s[1] + slot * p.k_s[2];
+      vrow[cur][jj] = vc + page * p.v_s[0] + h * p.v_s[1] + slot * p.v_s[2];
+    }
+  };
+  const int64_t kbytes = p.D * p.k_s[3] * int64_t(sizeof(T)), vbytes = p.Dv * p.v_s[3] * int64_t(sizeof(T));
+  // Rows read in place: unit last-dim strides and head dims a whole number of vectors (the common case).
+  const bool direct = p.k_s[3] == 1 && p.v_s[3] == 1 && p.D == Dp && p.Dv == Dvp;
+  int cur = 0;
+  if (range.k0 < range.k1) locate(range.k0, cur);
+  for (int64_t k0 = range.k0; k0 < range.k1; k0 += kBlock) {
+    const int64_t n = std::min(kBlock, range.k1 - k0);
+    const int64_t next = k0 + kBlock, n_next = next < range.k1 ? std::min(kBlock, range.k1 - next) : 0;
+    if (n_next) locate(next, cur ^ 1);
+    for (int64_t jj = 0; jj < n; ++jj) {
+      if (jj < n_next) {
+        const char* kn = reinterpret_cast<const char*>(krow[cur ^ 1][jj]);
+        const char* vn = reinterpret_cast<const char*>(vrow[cur ^ 1][jj]);
+        for (int64_t off = 0; off < kbytes; off += 64) __builtin_prefetch(kn + off);
+        for (int64_t off = 0; off < vbytes; off += 64) __builtin_prefetch(vn + off);
+      }
+      if (direct) {
+        dot_rows(qf, R, Dp, DirectRows<T>{krow[cur]}, jj, Dp, raw + jj, kBlock);
+      } else {
+        to_f32(krow[cur][jj], p.k_s[3], kb + jj * Dp, p.D, Dp);
+        to_f32(vrow[cur][jj], p.v_s[3], vb + jj * Dvp, p.Dv, Dvp);
+        dot_rows(qf, R, Dp, BufferRows{kb, Dp}, jj, Dp, raw + jj, kBlock);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      float* srow = sc + r * kBlock;
+      const float* rrow = raw + r * kBlock;
+      const int64_t pos = range.total - p.Lq + r % p.Lq;
+      float mx = m[r];
+      if (!ss.softcap && !alibi && k0 >= lo[r] && k0 + n - 1 <= hi[r]) {  // the whole block attended: vectors
+        const DVec pre(ss.pre);
+        DVec vmax(kDecodeNegInf);
+        int64_t jj = 0;
+        for (; jj + W <= n; jj += W) {
+          const DVec x = DVec::loadu(rrow + jj) * pre;
+          x.store(srow + jj);
+          vmax = at::vec::maximum(vmax, x);
+        }
+        for (; jj < n; ++jj) {
+          srow[jj] = rrow[jj] * ss.pre;
+          mx = std::max(mx, srow[jj]);
+        }
+        mx = std::max(mx, at::vec::vec_reduce_all<float>([](DVec x, DVec y) { return at::vec::maximum(x, y); }, vmax));
+      } else {
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const int64_t j = k0 + jj;
+          float t;
+          float x = rules::scaled_score(rrow[jj], ss, t);
+          if (alibi) x += rules::alibi_bias(slope[r], pos, j);
+          if (j < lo[r] || j > hi[r]) x = kDecodeNegInf;
+          srow[jj] = x;
+          mx = std::max(mx, x);
+        }
+      }
+      if (mx == kDecodeNegInf) {  // nothing attended yet: keep zeros
+        std::fill(srow, srow + n, 0.f);
+        continue;
+      }
+      const float corr = std::exp(m[r] - mx);  // 0 when m was -inf
+      m[r] = mx;
+      if (corr != 1.f) {
+        const DVec cv(corr);
+        for (int64_t c = 0; c < Dvp; c += W) (DVec::loadu(acc + r * Dvp + c) * cv).store(acc + r * Dvp + c);
+      }
+      int64_t jj = 0;
+      DVec sum(0.f);
+      const DVec mv(mx);
+      for (; jj + W <= n; jj += W) {
+        const DVec e = (DVec::loadu(srow + jj) - mv).exp_u20();
+        e.store(srow + jj);
+        sum = sum + e;
+      }
+      float tail = 0.f;
+      for (; jj < n; ++jj) {
+        srow[jj] = std::exp(srow[jj] - mx);
+        tail += srow[jj];
+      }
+      l[r] = l[r] * corr + hsum(sum) + tail;
+    }
+    if (direct)
+      accumulate(acc, Dvp, sc, kBlock, DirectRows<T>{vrow[cur]}, n, Dvp, R);
+    else
+      accumulate(acc, Dvp, sc, kBlock, BufferRows{vb, Dvp}, n, Dvp, R);
+    cur ^= 1;
+  }
+
+  const int64_t task = (b * p.Hkv + h) * p.splits + s;
+  float* out = p.part_out + task * R * p.Dv;
+  float* lse = p.part_lse + task * R;
+  for (int64_t r = 0; r < R; ++r) {
+    const bool any = l[r] > 0.f;
+    const float inv = any ? 1.f / l[r] : 0.f;
+    for (int64_t d = 0; d < p.Dv; ++d) out[r * p.Dv + d] = acc[r * Dvp + d] * inv;
+    lse[r] = any ? m[r] + std::log(l[r]) : kDecodeNegInf;
+  }
+}
+
+// Merges the splits of (b, h)'s rows exactly through their lse, adds the sink, writes out and lse.
+template <typename T>
+void merge_task(const DecodeParams& p, int64_t b, int64_t h) {
+  const int64_t G = p.Hq / p.Hkv, R = G * p.Lq;
+  T* out = static_cast<T*>(p.out);
+  std::vector<float> row(p.Dv);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r / p.Lq, i = r % p.Lq, hq = h * G + g;
+    float top = kDecodeNegInf;
+    for (int64_t s = 0; s < p.splits; ++s) top = std::max(top, p.part_lse[((b * p.Hkv + h) * p.splits + s) * R + r]);
+    const bool sink = p.variant.sinks != nullptr;
+    const float sink_logit = sink ? p.variant.sinks[hq] : kDecodeNegInf;
+    top = std::max(top, sink_logit);
+    std::fill(row.begin(), row.end(), 0.f);
+    float total = 0.f;
+    if (top != kDecodeNegInf) {
+      for (int64_t s = 0; s < p.splits; ++s) {
+        const int64_t task = (b * p.Hkv + h) * p.splits + s;
+        const float ls = p.part_lse[task * R + r];
+        if (ls == kDecodeNegInf) continue;
+        const float w = std::exp(ls - top);
+        total += w;
+        const float* o = p.part_out + (task * R + r) * p.Dv;
+        for (int64_t d = 0; d < p.Dv; ++d) row[d] += w * o[d];
+      }
+      if (sink) total += std::exp(sink_logit - top);
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    T* dst = out + ((b * p.Hq + hq) * p.Lq + i) * p.Dv;
+    for (int64_t d = 0; d < p.Dv; ++d) dst[d] = static_cast<T>(row[d] * inv);
+    p.lse[(b * p.Hq + hq) * p.Lq + i] = total > 0.f ? top + std::log(total) : kDecodeNegInf;
+  }
+}
+
+template <typename T>
+void decode_typed(const DecodeParams& p) {
+  const int64_t tasks = p.B * p.Hkv * p.splits;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = t % p.splits, bh = t / p.splits;
+      decode_task<T>(p, bh / p.Hkv, bh % p.Hkv, s, buf);
+    }
+  });
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) merge_task<T>(p, bh / p.Hkv, bh % p.Hkv);
+  });
+}
+
+}  // namespace
+
+void decode_entry(const DecodeParams& p) {
+  if (p.dtype == kDecodeBF16)
+    decode_typed<c10::BFloat16>(p);
+  else if (p.dtype == kDecodeF16)
+    decode_typed<c10::Half>(p);
+  else
+    decode_typed<float>(p);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastattn_cpu

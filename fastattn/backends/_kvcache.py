@@ -1,0 +1,165 @@
+"""The ``torch.library`` ops of ``fastattn.kvcache_attention``, one per backend, with one schema and one fake.
+
+Each op appends ``key``/``value`` into the caches in place (``fastattn.kvcache.append_``; the schema declares
+the mutation of ``key_cache`` and ``value_cache``, so ``torch.compile`` functionalises it) and then attends::
+
+    kvcache_fwd_<backend>(query, key_cache, value_cache, cache_seqlens, key?, value?, block_table?,
+                          alibi_slopes?, sinks?, scale, window_left, window_right, softcap, num_splits)
+        -> (out (B, Hq, Lq, Dv), lse (B, Hq, Lq))
+
+``window_left``/``window_right`` are the band with causal folded in (``AttnParams.bounds``), measured from each
+query's bottom-right position; ``num_splits`` 0 lets the kernel choose. The reference op gathers each
+sequence's keys and runs the oracle on them (float64 inputs give the float64 ground truth).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference as oracle
+from ..kvcache import append_, choose_splits, gather
+from ..params import AttnParams
+
+__all__ = [
+    "KVCACHE_OP_ARGS",
+    "kvcache_fwd_reference",
+    "kvcache_fwd_cpu",
+    "kvcache_fwd_triton",
+    "op_args",
+    "fake_kvcache",
+    "capacity",
+]
+
+KVCACHE_OP_ARGS = (
+    "query", "key_cache", "value_cache", "cache_seqlens", "key", "value", "block_table", "alibi_slopes", "sinks",
+    "scale", "window_left", "window_right", "softcap", "num_splits",
+)  # fmt: skip
+
+
+def op_args(params: AttnParams, num_splits: int) -> tuple:
+    """``(alibi_slopes, sinks, scale, window_left, window_right, softcap, num_splits)`` of ``params``."""
+    left, right = params.bounds
+    sinks = None if params.sinks is None else params.sinks.detach()
+    return params.alibi, sinks, float(params.scale), int(left), int(right), float(params.softcap), int(num_splits)
+
+
+def fake_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, block_table, alibi_slopes, sinks, scale,
+                 window_left, window_right, softcap, num_splits):  # fmt: skip
+    """The fake of every backend's op: ``out`` in query's dtype, the lse float32 (float64 for float64)."""
+    out = query.new_empty(*query.shape[:3], value_cache.shape[3])
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return out, query.new_empty(query.shape[:3], dtype=lse_dtype)
+
+
+@torch.library.custom_op("fastattn::kvcache_fwd_reference", mutates_args=("key_cache", "value_cache"))
+def kvcache_fwd_reference(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    key: Optional[Tensor],
+    value: Optional[Tensor],
+    block_table: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
+    sinks: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    append_(key_cache, value_cache, cache_seqlens, key, value, block_table)
+    batch, heads_q, seqlen_q, _ = query.shape
+    new = 0 if key is None else key.shape[2]
+    outs, lses = [], []
+    for b, cached in enumerate(cache_seqlens.tolist()):
+        total = cached + new
+        k = gather(key_cache, b, total, block_table).unsqueeze(0)
+        v = gather(value_cache, b, total, block_table).unsqueeze(0)
+        alibi = None if alibi_slopes is None else alibi_slopes[b : b + 1] if alibi_slopes.shape[0] > 1 else alibi_slopes
+        params = AttnParams.for_tensors(
+            query[b : b + 1], k, v, scale, window=(window_left, window_right), q_offset=total - seqlen_q,
+            softcap=softcap, alibi=alibi, sinks=sinks,
+        )  # fmt: skip
+        out, lse = oracle.attention_forward(query[b : b + 1], k, v, params)
+        outs.append(out)
+        lses.append(lse)
+    if batch == 0:
+        return fake_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, block_table, alibi_slopes,
+                            sinks, scale, window_left, window_right, softcap, num_splits)  # fmt: skip
+    return torch.cat(outs).contiguous(), torch.cat(lses).contiguous()
+
+
+kvcache_fwd_reference.register_fake(fake_kvcache)
+
+
+def capacity(key_cache: Tensor, block_table: Optional[Tensor]) -> int:
+    """Keys a sequence can hold: ``Lmax``, or ``pages_per_seq * page_size``."""
+    return key_cache.shape[2] * (1 if block_table is None else block_table.shape[1])
+
+
+@torch.library.custom_op("fastattn::kvcache_fwd_cpu", mutates_args=("key_cache", "value_cache"))
+def kvcache_fwd_cpu(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    key: Optional[Tensor],
+    value: Optional[Tensor],
+    block_table: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
+    sinks: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    """The native CPU kernel (``csrc/cpu/decode_cpu_kernel.h``) after the append; splits fill the threads."""
+    append_(key_cache, value_cache, cache_seqlens, key, value, block_table)
+    batch, heads_kv = query.shape[0], key_cache.shape[1]
+    splits = num_splits or choose_splits(
+        batch * heads_kv, torch.get_num_threads(), capacity(key_cache, block_table), 256
+    )
+    new = 0 if key is None else key.shape[2]
+    return torch.ops.fastattn.cpu_kvcache_fwd(
+        query, key_cache, value_cache, cache_seqlens.contiguous(), new, block_table, alibi_slopes, sinks, scale,
+        window_left, window_right, softcap, splits,
+    )  # fmt: skip
+
+
+kvcache_fwd_cpu.register_fake(fake_kvcache)
+
+
+@torch.library.custom_op("fastattn::kvcache_fwd_triton", mutates_args=("key_cache", "value_cache"))
+def kvcache_fwd_triton(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    key: Optional[Tensor],
+    value: Optional[Tensor],
+    block_table: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
+    sinks: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    """The Triton split-KV kernel (``backends/triton/decode.py``) after the append."""
+    from .triton.decode import kvcache_decode
+
+    append_(key_cache, value_cache, cache_seqlens, key, value, block_table)
+    new = 0 if key is None else key.shape[2]
+    return kvcache_decode(
+        query, key_cache, value_cache, cache_seqlens, new, block_table, alibi_slopes, sinks, scale, window_left,
+        window_right, softcap, num_splits,
+    )  # fmt: skip
+
+
+kvcache_fwd_triton.register_fake(fake_kvcache)

@@ -1,0 +1,247 @@
+"""Split-KV decoding over a contiguous or paged key/value cache (``fastattn.kvcache_attention`` on Triton).
+
+Grid ``(splits, batch * heads_kv, row tiles)``: one program per (sequence ``b``, key/value head ``h``, split
+``s``). The ``R = group * Lq`` query rows of ``h``'s GQA group (query head ``h * group + g``, query ``i``: row
+``g * Lq + i``) are packed into one ``BLOCK_R`` tile, so each K/V tile a program loads serves every query head of
+the group and the cache is read exactly once per call (FlashDecoding's GQA packing); the rows also make the
+``tl.dot``s tall enough for tensor cores. Only beyond 64 rows (32 at head dim 256 or in fp32: many queries per
+step, e.g. a group of 8 verifying 16 drafted tokens) do the rows take several tiles, each reading the keys.
+
+A program walks the ``s``-th of ``splits`` equal parts (multiples of ``BLOCK_N``) of the
+keys its rows attend, loading K and V tiles through the block table (``page = block_table[b, j // page_size]``,
+``slot = j % page_size``; a contiguous cache is page ``b`` with ``page_size = Lmax``), with an online softmax in
+fp32, and writes its normalised partial output and lse; ``merge_splits`` (torch ops) combines the splits exactly
+through their lse and adds the sink.
+
+Cost: ``4 * B * Hq * Lq * total * D`` FLOPs against minimum bytes of K and V of every attended key once (plus q
+and out): about 8 FLOPs per byte read at ``group * Lq = 4``, far below a GPU's ratio, so it is bound by memory
+bandwidth and should reach the HBM bandwidth for long caches. Splits exist so that ``B * Hkv`` programs fewer
+than the SMs still fill the machine.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...kvcache import choose_splits, merge_splits
+from .._kvcache import capacity
+from . import _common  # noqa: F401  (the interpreter's range() fix precedes any launch)
+from .fwd import _arch
+
+__all__ = ["kvcache_decode", "decode_config", "_decode_kernel"]
+
+
+@triton.jit
+def _decode_kernel(
+    Q, KC, VC, SEQLENS, BT, ALIBI, OUT, LSE,
+    sq_b, sq_h, sq_l, sq_d,
+    sk_p, sk_h, sk_s, sk_d,
+    sv_p, sv_h, sv_s, sv_d,
+    bt_stride, alibi_stride_b,
+    heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, page_size, new_len, num_splits,
+    scale, softcap, left, right,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):  # fmt: skip
+    """One (sequence, kv head, split): partial ``OUT (S, B, Hq, Lq, Dv)`` fp32 normalised, ``LSE (S, B, Hq, Lq)``."""
+    s = tl.program_id(0)
+    bh = tl.program_id(1)
+    tile = tl.program_id(2)  # the group's rows beyond BLOCK_R (many queries per step) take more programs
+    b = bh // heads_kv
+    h = bh % heads_kv
+    group = heads_q // heads_kv
+    rows = group * seqlen_q
+    total = tl.load(SEQLENS + b).to(tl.int32) + new_len
+
+    r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    g = r // seqlen_q
+    i = r % seqlen_q
+    hq = h * group + g
+    row_ok = r < rows
+    pos = total - seqlen_q + i  # each row's key position (bottom-right)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q_ptr = Q + b.to(tl.int64) * sq_b + hq[:, None] * sq_h + i[:, None] * sq_l + d[None, :] * sq_d
+    q = tl.load(q_ptr, mask=row_ok[:, None] & (d[None, :] < head_dim), other=0.0)
+
+    # The keys any row attends: [first row's lo, last row's hi] (bounds never decrease with the row).
+    key_lo = 0
+    key_hi = total
+    row_lo = tl.zeros([BLOCK_R], dtype=tl.int32)
+    row_hi = tl.zeros([BLOCK_R], dtype=tl.int32) + total - 1
+    if HAS_LEFT:
+        key_lo = tl.maximum(total - seqlen_q - left, 0)
+        row_lo = pos - left
+    if HAS_RIGHT:
+        key_hi = tl.minimum(total + right, total)
+        row_hi = tl.minimum(pos + right, total - 1)
+    part = tl.cdiv(tl.cdiv(tl.maximum(key_hi - key_lo, 0), num_splits), BLOCK_N) * BLOCK_N
+    k_start = key_lo + s * part
+    k_end = tl.minimum(k_start + part, key_hi)
+
+    slope = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * alibi_stride_b + hq, mask=row_ok, other=0.0)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    for start in range(k_start, k_end, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        key_ok = j < k_end
+        if PAGED:
+            page = tl.load(BT + b.to(tl.int64) * bt_stride + j // page_size, mask=key_ok, other=0).to(tl.int64)
+        else:
+            page = tl.zeros([BLOCK_N], dtype=tl.int64) + b
+        slot = j % page_size
+        k_ptr = KC + page[:, None] * sk_p + h * sk_h + slot[:, None] * sk_s + d[None, :] * sk_d
+        k = tl.load(k_ptr, mask=key_ok[:, None] & (d[None, :] < head_dim), other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_N) fp32
+        if SOFTCAP:
+            qk = softcap * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap) + 1.0))
+        if HAS_ALIBI:
+            qk -= slope[:, None] * tl.abs(pos[:, None] - j[None, :]).to(tl.float32)
+        ok = key_ok[None, :] & row_ok[:, None] & (j[None, :] >= row_lo[:, None]) & (j[None, :] <= row_hi[:, None])
+        qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptr = VC + page[:, None] * sv_p + h * sv_h + slot[:, None] * sv_s + dv[None, :] * sv_d
+        v = tl.load(v_ptr, mask=key_ok[:, None] & (dv[None, :] < head_dim_v), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    batch = tl.num_programs(1) // heads_kv
+    row_base = ((s * batch + b) * heads_q + hq).to(tl.int64) * seqlen_q + i  # (S, B, Hq, Lq) index
+    tl.store(OUT + row_base[:, None] * head_dim_v + dv[None, :], out, mask=row_ok[:, None] & (dv[None, :] < head_dim_v))
+    tl.store(LSE + row_base, lse, mask=row_ok)
+
+
+def decode_config(rows: int, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: Optional[int] = None) -> dict:
+    """``BLOCK_R`` (the group's rows, at least 16 for ``tl.dot``, at most 64 or 32: more rows take more programs,
+    which read the keys again), ``BLOCK_N`` keys per tile, head-dim blocks and warps: chosen so that the accumulator,
+    the queries and one K/V tile stay in registers (``fastattn compile-check``: no spills on sm_75/80/86/90).
+    ``arch``: the compute capability (75, 80, 90; None: the interpreter)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    big = max(block_d, block_dv)
+    if arch is not None and arch < 80:
+        # sm_75: Triton emits FMA code that holds the operands' rows in registers: the smallest tiles.
+        return dict(BLOCK_R=16, BLOCK_N=16, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=4, num_stages=1)
+    # 64 rows fit beside head dims up to 128 in 16-bit types; wider rows or fp32 tiles take 32 per program.
+    most = 32 if big >= 256 or dtype == torch.float32 else 64
+    block_r = min(most, max(16, triton.next_power_of_2(rows)))
+    block_n = 64 if big <= 128 and block_r <= 32 else 32
+    if dtype == torch.float32 and big >= 128:  # fp32 K/V tiles are twice the registers
+        block_n = 16 if big >= 256 else 32
+    warps = 8 if block_r >= 64 or big >= 256 else 4
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=2)
+
+
+def _workers(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: enough to exercise splits in tests
+
+
+def kvcache_decode(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    new_len: int,
+    block_table: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
+    sinks: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)`` over the caches as they are (the append is done)."""
+    batch, heads_q, seqlen_q, head_dim = query.shape
+    heads_kv, page_size, head_dim_v = key_cache.shape[1], key_cache.shape[2], value_cache.shape[3]
+    splits = num_splits or choose_splits(
+        batch * heads_kv, _workers(query.device), capacity(key_cache, block_table), 256
+    )
+    cfg = decode_config((heads_q // heads_kv) * seqlen_q, head_dim, head_dim_v, query.dtype, _arch(query.device))
+    part_out = torch.empty(splits, batch, heads_q, seqlen_q, head_dim_v, device=query.device, dtype=torch.float32)
+    part_lse = torch.empty(splits, batch, heads_q, seqlen_q, device=query.device, dtype=torch.float32)
+    alibi = None if alibi_slopes is None else alibi_slopes.float().contiguous()
+    table = block_table if block_table is not None else cache_seqlens  # any int32 tensor: never read unless paged
+    grid = (splits, batch * heads_kv, triton.cdiv((heads_q // heads_kv) * seqlen_q, cfg["BLOCK_R"]))
+    _decode_kernel[grid](
+        query, key_cache, value_cache, cache_seqlens, table, alibi if alibi is not None else part_lse,
+        part_out, part_lse,
+        *query.stride(), *key_cache.stride(), *value_cache.stride(),
+        table.stride(0) if block_table is not None else 0,
+        heads_q if alibi is not None and alibi.shape[0] > 1 else 0,
+        heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, page_size, int(new_len), splits,
+        float(scale), float(softcap) if softcap > 0 else 1.0, int(window_left), int(window_right),
+        PAGED=block_table is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi is not None, **cfg,
+    )  # fmt: skip
+    out, lse = merge_splits(part_out, part_lse, sinks)
+    return out.to(query.dtype), lse
+
+
+# ---------------------------------------------------------------------------------------------- compile-check
+
+# The builds ``fastattn compile-check`` audits per arch, dtype and head dim: the plainest launch (contiguous cache,
+# no band) and the heaviest (paged, both band bounds, softcap, ALiBi), each at the smallest row tile (a GQA group
+# of 4 decoding one token) and the largest the tests use (a group of 8 with 16 queries).
+COMPILE_MASKS = {
+    "contiguous": dict(PAGED=False, HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False),
+    "paged+window+variants": dict(PAGED=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True),
+}
+COMPILE_ROWS = (4, 128)
+
+
+def compile_variants(dtype: torch.dtype, head_dim: int, arch: int) -> list[tuple[str, int, int, int, int]]:
+    """``(mask, BLOCK_R, BLOCK_N, num_warps, num_stages)`` of every distinct build compile-check audits for these
+    inputs on ``arch`` (row counts that choose the same tile share one build)."""
+    out = []
+    for mask in COMPILE_MASKS:
+        for rows in COMPILE_ROWS:
+            cfg = decode_config(rows, head_dim, head_dim, dtype, arch)
+            build = (mask, cfg["BLOCK_R"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+            if build not in out:
+                out.append(build)
+    return out
+
+
+def compile_signature(mask: str, dtype: str, head_dim: int, block_r: int, block_n: int):
+    """``(fn, signature, constexprs, attrs)`` of ``_decode_kernel`` as a real launch specialises it: unit last-dim
+    strides (constexpr 1), 16-aligned pointers and row strides."""
+    elt = "*" + dtype
+    pointers = {"Q": elt, "KC": elt, "VC": elt, "SEQLENS": "*i32", "BT": "*i32", "ALIBI": "*fp32", "OUT": "*fp32",
+                "LSE": "*fp32"}  # fmt: skip
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    consts = {"BLOCK_R": block_r, "BLOCK_N": block_n, "BLOCK_D": block_d, "BLOCK_DV": block_d, "sq_d": 1,
+              "sk_d": 1, "sv_d": 1, **COMPILE_MASKS[mask]}  # fmt: skip
+    aligned = {"sq_b", "sq_h", "sk_p", "sk_h", "sk_s", "sv_p", "sv_h", "sv_s"}
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(_decode_kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            constexprs[name] = consts[name]
+        elif name in pointers:
+            sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in ("scale", "softcap") else "i32"
+            if name in aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return _decode_kernel, sig, constexprs, attrs
