@@ -185,6 +185,32 @@ class Spy:
         monkeypatch.setattr(fastattn_hf, "_fastattn_sdpa", spy)
 
 
+class KvSpy:
+    """Records what reaches ``fastattn.kvcache_attention`` (decoding steps) from the integration."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        inner = fastattn_hf._fastattn_kvcache
+
+        def spy(q, k_cache, v_cache, cache_seqlens, **kw):
+            assert kw.get("key") is None and kw.get("value") is None  # transformers' cache has appended already
+            self.calls.append(
+                dict(
+                    q=tuple(q.shape),
+                    k=tuple(k_cache.shape),
+                    seqlens=cache_seqlens.tolist(),
+                    causal=kw["is_causal"],
+                    window=kw["window"],
+                    gqa=kw["enable_gqa"],
+                    softcap=kw.get("softcap"),
+                    sinks=kw.get("sinks"),
+                )
+            )
+            return inner(q, k_cache, v_cache, cache_seqlens, **kw)
+
+        monkeypatch.setattr(fastattn_hf, "_fastattn_kvcache", spy)
+
+
 def _forbid_torch_attention(monkeypatch):
     """fastattn's run must not fall back on torch's own attention anywhere."""
 
@@ -499,17 +525,69 @@ def test_greedy_generate_gives_the_same_tokens(kind, monkeypatch):
     new = 6  # SEQ + new > WINDOW + 1: the sliding cache drops keys (kv_offset > 0)
     args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     ref = eager.generate(**args)
-    spy = Spy(monkeypatch)
+    spy, kv = Spy(monkeypatch), KvSpy(monkeypatch)
     out = fast.generate(**args)
     assert torch.equal(out, ref), (out[:, SEQ:], ref[:, SEQ:])
     layers = fast.config.num_hidden_layers
-    assert len(spy.calls) == layers * new
+    assert len(spy.calls) + len(kv.calls) == layers * new
     decode = spy.calls[layers:]
     for call in decode:
         assert call["q"][2] == 1
         assert call["q_offset"] == call["k"][2] - 1  # bottom-right: the new token sees every cached key
-    if kind == "mistral":
-        assert max(c["k"][2] for c in decode) == WINDOW  # the cache keeps WINDOW - 1 keys plus the new one
+    for call in kv.calls:  # a step with no padding left in its keys: over the cache, every key attended
+        assert call["q"][2] == 1 and call["seqlens"] == [call["k"][2]] * len(PADS)
+    if kind == "mistral":  # the cache keeps WINDOW - 1 keys plus the new one
+        assert max(c["k"][2] for c in decode + kv.calls) == WINDOW
+    if kind in ("mistral", "qwen2"):
+        # once the left padding has left a sliding layer's cache, no mask is needed: kvcache_attention's steps
+        assert kv.calls and all(c["window"] == (WINDOW - 1, 0) for c in kv.calls)
+    else:
+        assert kv.calls == []  # a padded batch keeps its padding mask: scaled_dot_product_attention
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gpt_oss", "gemma2"])
+def test_decoding_steps_of_an_unpadded_batch_go_to_kvcache_attention(kind, monkeypatch):
+    """No padding: every step after the prefill is kvcache_attention over transformers' own DynamicCache
+    (GQA, sliding windows, sinks, softcap), and greedy decoding gives eager's tokens and logits."""
+    fast, eager = _pair(kind)
+    ids = _batch(kind)[0][:, -5:]  # the last 5 tokens of every row: no padding in any
+    new = 7  # 5 + 7 > WINDOW + 1: the sliding layers' caches drop keys
+    args = dict(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    args.update(output_logits=True, return_dict_in_generate=True)
+    ref = eager.generate(**args)
+    spy, kv = Spy(monkeypatch), KvSpy(monkeypatch)
+    _forbid_torch_attention(monkeypatch)
+    out = fast.generate(**args)
+    assert torch.equal(out.sequences, ref.sequences), (out.sequences[:, 5:], ref.sequences[:, 5:])
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)
+    layers = fast.config.num_hidden_layers
+    assert len(spy.calls) == layers and all(c["q"][2] == 5 for c in spy.calls)  # the prefill
+    assert len(kv.calls) == layers * (new - 1)
+    for step, call in enumerate(kv.calls):
+        assert call["q"][2] == 1 and call["causal"]
+        assert call["seqlens"] == [call["k"][2]] * len(PADS)  # every cached key, the new one included
+        assert call["gqa"] == (call["q"][1] != call["k"][1]) and call["gqa"]
+        if kind in ("mistral", "gpt_oss", "gemma2") and step % layers == 0:  # sliding layer: the window
+            assert call["window"] == (WINDOW - 1, 0) and call["k"][2] <= max(WINDOW, 5 + step // layers)
+    if kind == "gpt_oss":
+        assert all(c["sinks"] is not None for c in kv.calls)
+    if kind == "gemma2":
+        assert all(c["softcap"] == SOFTCAP for c in kv.calls)
+
+
+def test_decoding_steps_that_stay_on_sdpa(monkeypatch):
+    """A padded batch (the mask), and a step whose queries need a gradient, are not kvcache_attention's."""
+    fast, _ = _pair("llama")
+    ids, mask = _batch("llama")
+    kv = KvSpy(monkeypatch)
+    fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert kv.calls == []
+    cache = transformers.DynamicCache(config=fast.config)
+    arg = "cache" if "cache" in inspect.signature(fast.forward).parameters else "past_key_values"
+    plain = ids[:, -4:]
+    fast(input_ids=plain, use_cache=True, **{arg: cache})
+    fast(input_ids=plain[:, -1:], **{arg: cache}).logits.sum().backward()  # grad enabled, weights require it
+    assert kv.calls == []
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
@@ -636,11 +714,12 @@ def test_variant_models_greedy_generate(kind, monkeypatch):
     new = 3
     args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     ref = eager.generate(**args)
-    spy = Spy(monkeypatch)
+    spy, kv = Spy(monkeypatch), KvSpy(monkeypatch)
     out = fast.generate(**args)
     assert torch.equal(out, ref), (out[:, SEQ:], ref[:, SEQ:])
-    assert len(spy.calls) == 2 * new
-    assert all(c["q"][2] == 1 for c in spy.calls[2:])
+    # the sliding layers' steps go to kvcache_attention once the padding has left their cache
+    assert len(spy.calls) + len(kv.calls) == 2 * new
+    assert all(c["q"][2] == 1 for c in spy.calls[2:] + kv.calls)
 
 
 @pytest.mark.parametrize("kind", ["bloom", "gpt_oss", "gemma2"])

@@ -29,6 +29,11 @@ attention function, transformers hands it ``attention_mask=None`` and padded bat
   trains, output in transformers' ``(B, Lq, H, Dv)`` layout. What it cannot honour (returning
   attention weights, a head mask, a paged cache) is refused with an error naming the feature and the
   model, never ignored.
+* **Decoding steps** (a few new queries after the cached keys of a ``DynamicCache``, plain or sliding-window,
+  with no padding, under ``torch.no_grad``) go to ``fastattn.kvcache_attention`` over the cache transformers
+  has just appended to: split-KV over the keys, each key/value head read once for its GQA group. Padded
+  batches, static caches, Llama 4's chunked layers, training and ``torch.compile`` stay on
+  ``scaled_dot_product_attention`` (``_decode_step`` says why for each).
 * **Bloom** computes its attention itself (ALiBi added to the mask, no attention function), so
   ``register`` also routes ``BloomAttention`` to fastattn with in-kernel ALiBi when the model runs
   under a registered name (:func:`bloom_attention_forward`); other implementations keep Bloom's own.
@@ -66,6 +71,7 @@ from torch import Tensor
 
 from ..functional import scaled_dot_product_attention as _fastattn_sdpa
 from ..functional import varlen_attention as _fastattn_varlen
+from ..kvcache import kvcache_attention as _fastattn_kvcache
 
 __all__ = ["CompactMask", "attention_forward", "bloom_attention_forward", "mask_function", "register"]
 
@@ -322,6 +328,40 @@ def mask_function(
     return dense
 
 
+# The most queries per sequence a step may have to go to ``kvcache_attention``: its kernels put a GQA group's
+# queries in one program, sized for decoding (one token, or a few with speculative decoding).
+_DECODE_MAX_QUERIES = 16
+
+
+def _decode_step(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Optional[Tensor],
+    dropout_p: float,
+    causal: bool,
+    window: Optional[tuple[int, int]],
+    q_offset: int,
+    chunk: int,
+    sinks: Optional[Tensor],
+) -> bool:
+    """Whether this call is a decoding step over a key/value cache that ``fastattn.kvcache_attention`` computes
+    exactly: a few queries (at most ``_DECODE_MAX_QUERIES``) after cached keys, placed bottom-right (query
+    ``i`` at key ``Lk - Lq + i``, a plain or sliding-window ``DynamicCache``) or attending every key, with no
+    padding or float mask, no dropout, no chunk and nothing that needs a gradient (the call is forward only).
+
+    The steps that stay on ``scaled_dot_product_attention``: batches with padding (the mask has no place in
+    the decode kernels), static caches (transformers then asks for a dense mask), Llama 4's chunked layers,
+    training, and anything under ``torch.compile`` (``kvcache_attention`` reads ``cache_seqlens`` on the host).
+    """
+    lq, lk = query.shape[2], key.shape[2]
+    if not 0 < lq <= _DECODE_MAX_QUERIES or lk <= lq or mask is not None or dropout_p or chunk or _tracing():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, sinks)):
+        return False
+    return q_offset == lk - lq or (not causal and window is None)
+
+
 def _model_name(module: torch.nn.Module) -> str:
     model_type = getattr(getattr(module, "config", None), "model_type", None)
     return f"{model_type} ({type(module).__name__})" if model_type else type(module).__name__
@@ -418,19 +458,38 @@ def attention_forward(
         else:
             mask = bias + mask
 
+    dropout_p = float(dropout) if module.training else 0.0
+    sinks = _sinks(module, kwargs)
+    if _decode_step(query, key, value, mask, dropout_p, causal, window, q_offset, chunk, sinks):
+        out = _fastattn_kvcache(
+            query,
+            key,
+            value,
+            # key/value already hold this step's keys (the cache appended them): nothing to append here
+            torch.full((query.shape[0],), lk, dtype=torch.int32, device=query.device),
+            is_causal=causal,
+            window=window,
+            softcap=kwargs.get("softcap"),
+            sinks=sinks,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+            backend=backend,
+        )
+        # (B, Hq, Lq, Dv) → (B, Lq, Hq, Dv)
+        return out.transpose(1, 2).contiguous(), None
     out = _fastattn_sdpa(
         query,
         key,
         value,
         attn_mask=mask,
-        dropout_p=float(dropout) if module.training else 0.0,
+        dropout_p=dropout_p,
         is_causal=causal,
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
         window=window,
         q_offset=q_offset,
         softcap=kwargs.get("softcap"),
-        sinks=_sinks(module, kwargs),
+        sinks=sinks,
         chunk=chunk or None,
         backend=backend,
     )
