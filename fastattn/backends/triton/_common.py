@@ -163,6 +163,26 @@ def query_tile_range(
 
 
 @triton.jit
+def packed_entry(Schedule, CuQ, CuK, pid, num_seqs):
+    """The packed kernels' program ``pid``: its schedule entry ``(sequence, tile)`` and that sequence's first
+    query and key rows and lengths, from the offsets ``CuQ``/``CuK``.
+
+    The schedule has surplus entries (it is sized before the device knows the real tile count) that name
+    sequence ``num_seqs``: they get the last sequence's rows with both lengths 0, so they attend nothing.
+    Returns ``(seq, tile, row_q, row_k, seqlen_q, seqlen_k)``; ``seq`` and the rows as int64.
+    """
+    seq = tl.load(Schedule + 2 * pid)
+    tile = tl.load(Schedule + 2 * pid + 1)
+    real = seq < num_seqs
+    seq = tl.minimum(seq, num_seqs - 1)
+    row_q = tl.load(CuQ + seq).to(tl.int64)
+    row_k = tl.load(CuK + seq).to(tl.int64)
+    seqlen_q = tl.where(real, tl.load(CuQ + seq + 1) - tl.load(CuQ + seq), 0)
+    seqlen_k = tl.where(real, tl.load(CuK + seq + 1) - tl.load(CuK + seq), 0)
+    return seq.to(tl.int64), tile, row_q, row_k, seqlen_q, seqlen_k
+
+
+@triton.jit
 def row_bounds(
     pos, seqlen_k, left, right, chunk, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr
 ):

@@ -93,6 +93,7 @@ from ._common import (
     apply_tensor_mask,
     key_tile_range,
     load_tensor_mask,
+    packed_entry,
     query_tile_range,
     score_mod,
 )
@@ -423,16 +424,9 @@ def _attn_bwd_dkdv_kernel(
     drop_lq = seqlen_q  # the dropout contract's lengths: the call's (packed: the maxima)
     drop_lk = seqlen_k
     if PACKED:
-        seq = tl.load(Schedule + 2 * pid)
-        pid_n = tl.load(Schedule + 2 * pid + 1)
-        real = seq < num_seqs  # the schedule's surplus entries name sequence B: no rows, no keys
-        seq = tl.minimum(seq, num_seqs - 1)
-        row_q = tl.load(CuQ + seq).to(tl.int64)
-        row_k = tl.load(CuK + seq).to(tl.int64)
-        seqlen_q = tl.where(real, tl.load(CuQ + seq + 1) - tl.load(CuQ + seq), 0)
-        seqlen_k = tl.where(real, tl.load(CuK + seq + 1) - tl.load(CuK + seq), 0)
+        # b: the sequence (ALiBi's row and the dropout contract's batch index)
+        b, pid_n, row_q, row_k, seqlen_q, seqlen_k = packed_entry(Schedule, CuQ, CuK, pid, num_seqs)
         q_offset = seqlen_k - seqlen_q
-        b = seq.to(tl.int64)  # the sequence: ALiBi's row and the dropout contract's batch index
         b_mem = 0  # the tensors' batch dim (one row of packed tokens)
         delta_len = total_q
         g = pid_bg
@@ -584,16 +578,9 @@ def _attn_bwd_dq_kernel(
     drop_lq = seqlen_q  # the dropout contract's lengths: the call's (packed: the maxima)
     drop_lk = seqlen_k
     if PACKED:
-        seq = tl.load(Schedule + 2 * pid)
-        pid_m = tl.load(Schedule + 2 * pid + 1)
-        real = seq < num_seqs  # the schedule's surplus entries name sequence B: no rows, no keys
-        seq = tl.minimum(seq, num_seqs - 1)
-        row_q = tl.load(CuQ + seq).to(tl.int64)
-        row_k = tl.load(CuK + seq).to(tl.int64)
-        seqlen_q = tl.where(real, tl.load(CuQ + seq + 1) - tl.load(CuQ + seq), 0)
-        seqlen_k = tl.where(real, tl.load(CuK + seq + 1) - tl.load(CuK + seq), 0)
+        # b: the sequence (ALiBi's row and the dropout contract's batch index)
+        b, pid_m, row_q, row_k, seqlen_q, seqlen_k = packed_entry(Schedule, CuQ, CuK, pid, num_seqs)
         q_offset = seqlen_k - seqlen_q
-        b = seq.to(tl.int64)  # the sequence: ALiBi's row and the dropout contract's batch index
         b_mem = 0  # the tensors' batch dim (one row of packed tokens)
         delta_len = total_q
         h = pid_bh
