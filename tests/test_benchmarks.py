@@ -336,3 +336,19 @@ def test_variants_rows_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_variants, "variant_kwargs", lambda name, seqlen, gen: {})  # a variant that does nothing
     with pytest.raises(RuntimeError, match="did not take effect"):
         cpu_variants.run_group(64, False, torch.float32, "fwd", ["softcap"], reps=1, warmup=0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_varlen_benchmark_end_to_end(tmp_path, padded):
+    """benchmarks/varlen.py at toy size: every contender's output checked against the first's before timing
+    (a contender that disagrees is left out, so all three rows mean agreement), and the markdown's ratio."""
+    spec = importlib.util.spec_from_file_location("fastattn_bench_varlen", os.path.join(BENCH, "varlen.py"))
+    varlen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(varlen)
+    out = tmp_path / "varlen.md"
+    args = ["--docs", "3", "--shortest", "5", "--longest", "40", "--reps", "2", "--warmup", "1", "--modes", "fwd_bwd"]
+    assert varlen.main(args + (["--padded-input"] if padded else []) + ["--markdown", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| fwd_bwd")]
+    names = ["unpad_varlen", "compact_mask", "sdpa_padded"] if padded else ["fastattn", "sdpa_padded"]
+    assert [r.split(" | ")[2] for r in rows][: len(names)] == names
+    assert "x**" in rows[0]  # the subject's ratio against its best peer

@@ -233,6 +233,20 @@ def _registered():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _compact_padding(request, monkeypatch):
+    """Most tests here describe the compact key-padding path (what a padded batch with little padding, or a
+    decoding step with padding, takes), so padded prefills stay on it; tests that ask for ``unpadding`` keep
+    the integration's default, where these batches (27% padding) are unpadded into varlen_attention."""
+    if "unpadding" not in request.fixturenames:
+        monkeypatch.setattr(fastattn_hf, "_UNPAD_MIN_PADDING", 2.0)
+
+
+@pytest.fixture
+def unpadding():
+    assert fastattn_hf._UNPAD_MIN_PADDING < sum(PADS) / (len(PADS) * SEQ)  # the test batch is unpadded
+
+
 # ---------------------------------------------------------------------------------------------
 # registration and import
 
@@ -421,7 +435,7 @@ class VarlenSpy:
         inner = fastattn_hf._fastattn_varlen
 
         def spy(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
-            self.calls.append(dict(q=tuple(q.shape), cu=cu_q.tolist(), max=(max_q, max_k), **kw))
+            self.calls.append(dict(q=tuple(q.shape), cu=cu_q.tolist(), cu_k=cu_k.tolist(), max=(max_q, max_k), **kw))
             return inner(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
         monkeypatch.setattr(fastattn_hf, "_fastattn_varlen", spy)
@@ -614,6 +628,68 @@ def test_prefill_against_cached_keys(kind, monkeypatch):
             assert call["mask"] == ((len(PADS), 1, 1, call["k"][2]), torch.bool)
         else:  # the sliding cache kept only keys past the left padding: no padding mask at all
             assert call["mask"] is None and call["window"] == (WINDOW - 1, 0)
+
+
+@pytest.mark.parametrize("kind", DECODERS + ["bert", "gpt_oss", "gemma2"])
+def test_padded_batches_are_unpadded_into_varlen_attention(kind, unpadding, monkeypatch):
+    """27% padding (left for decoders, right for BERT): each row's tokens are one varlen sequence; the logits at
+    the real tokens equal eager's, the padding positions get zeros, and no padding mask reaches a kernel."""
+    fast, eager = _pair(kind)
+    ids, mask = _batch(kind)
+    keep = mask.bool()
+    with torch.no_grad():
+        ref = eager(input_ids=ids, attention_mask=mask).logits
+        spy, varlen = Spy(monkeypatch), VarlenSpy(monkeypatch)
+        _forbid_torch_attention(monkeypatch)
+        out = fast(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(out[keep], ref[keep], rtol=1e-4, atol=1e-4)
+    assert spy.calls == [] and len(varlen.calls) == fast.config.num_hidden_layers
+    lengths = [SEQ - pad for pad in PADS]
+    cu = [0] + [sum(lengths[: i + 1]) for i in range(len(lengths))]
+    for call in varlen.calls:
+        assert call["q"][0] == sum(lengths) and call["cu"] == cu and call["cu_k"] == cu
+        assert call["max"] == (SEQ, SEQ) and call["is_causal"] is (kind != "bert")
+    if kind == "gpt_oss":
+        assert all(c["sinks"] is not None for c in varlen.calls)
+    if kind == "gemma2":
+        assert all(c["softcap"] == SOFTCAP for c in varlen.calls)
+    if kind in ("mistral", "gpt_oss", "gemma2"):
+        assert varlen.calls[0]["window"] == (WINDOW - 1, 0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_unpadded_prefill_then_greedy_generate(kind, unpadding, monkeypatch):
+    """The prefill of a left-padded batch unpadded, its decoding steps on the compact mask: eager's tokens."""
+    fast, eager = _pair(kind)
+    ids, mask = _batch(kind)
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    ref = eager.generate(**args)
+    spy, varlen, kv = Spy(monkeypatch), VarlenSpy(monkeypatch), KvSpy(monkeypatch)
+    out = fast.generate(**args)
+    assert torch.equal(out, ref), (out[:, SEQ:], ref[:, SEQ:])
+    layers = fast.config.num_hidden_layers
+    # the steps: the compact mask, or (Gemma 2's sliding layer, once the padding has left it) the cache kernel
+    assert len(varlen.calls) == layers and len(spy.calls) + len(kv.calls) == 3 * layers
+    assert all(c["q"][2] == 1 and c["mask"][1] == torch.bool for c in spy.calls)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert", "gpt_oss"])
+def test_unpadded_training_gradients_match_eager(kind, unpadding):
+    _gradients_match_eager(kind, "fastattn")
+
+
+def test_little_padding_keeps_the_compact_mask(unpadding, monkeypatch):
+    """Below the threshold (one padding token in 33), the compact key-padding path is faster: it stays."""
+    fast, eager = _pair("llama")
+    ids, mask = _batch("llama")
+    mask = torch.ones_like(mask)
+    mask[2, 0] = 0
+    with torch.no_grad():
+        ref = eager(input_ids=ids, attention_mask=mask).logits
+        spy, varlen = Spy(monkeypatch), VarlenSpy(monkeypatch)
+        out = fast(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], rtol=1e-4, atol=1e-4)
+    assert varlen.calls == [] and all(c["mask"] == ((len(PADS), 1, 1, SEQ), torch.bool) for c in spy.calls)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "bert"])

@@ -48,6 +48,12 @@ True, in training too) transformers does not look for packing when it builds mas
 ``"sdpa"`` then let documents attend each other (measured with 5.24: relative logit error about 1). A padding
 mask takes precedence over the packed keywords, as in FlashAttention's path.
 
+**Padded batches** with at least 1/8 padding tokens and no cache (training, a prefill) are unpadded: each
+row's run of real tokens becomes one ``varlen_attention`` sequence and the output is scattered back, zeros at
+the padding (1.2-1.55x the compact mask's speed on the CPU at 25-53% padding, 0.94-1.03x at 6%:
+``benchmarks/results/varlen-padded-cpu-epyc-2core-2026-12-05.md``). Below that, with a cache, or for masks
+that are not one run per row, the compact mask stays.
+
 Positions: transformers places a mask by the absolute position of the first query (``q_offset``)
 and of the first key (``kv_offset``, non-zero for a sliding-window cache that dropped old keys);
 fastattn's ``q_offset`` is the key index of query 0, their difference: ``Lk - Lq`` for a plain
@@ -422,6 +428,12 @@ def attention_forward(
     if packed is not None:
         variant = {"softcap": kwargs.get("softcap"), "sinks": _sinks(module, kwargs)}
         return _varlen_forward(module, query, key, value, dropout, scaling, backend, *packed, **variant)
+    unpadded = _unpad_layout(query, key, attention_mask, kwargs)
+    if unpadded is not None:
+        variant = {"softcap": kwargs.get("softcap"), "sinks": _sinks(module, kwargs)}
+        return _unpadded_forward(
+            module, query, key, value, dropout, scaling, backend, attention_mask, *unpadded, **variant
+        )
     lq, lk = query.shape[2], key.shape[2]
     window: Optional[tuple[int, int]] = None
     q_offset, chunk = 0, 0
@@ -749,6 +761,85 @@ def _varlen_forward(
     )
     # (B·L, Hq, Dv) → (B, L, Hq, Dv)
     return out.view(batch, length, heads_q, -1), None
+
+
+# Padded batches go through varlen_attention (unpad, attend, pad) from this fraction of padding tokens on:
+# benchmarks/varlen.py --padded-input on the CPU (8 sequences of up to 2048 tokens, causal, fp32) measured
+# 1.0x at 6% padding, 1.22-1.25x at 25% and 1.5x at 53% against the compact key-padding mask, whose kernels
+# compute the padded query rows and the partial tiles the unpadded sequences do not have.
+_UNPAD_MIN_PADDING = 0.125
+
+
+def _unpad_layout(
+    query: Tensor, key: Tensor, attention_mask: Any, kwargs: dict
+) -> Optional[tuple[Tensor, Tensor, int]]:
+    """``(tokens, cu_seqlens, longest)`` when this call is a padded batch that is faster unpadded, else None.
+
+    That is: a ``CompactMask`` whose only mask is a key padding with one run of real tokens per row (left or
+    right padding), queries and keys of the same tokens (``Lq == Lk``, ``q_offset == 0``: no cache), no chunk
+    and no additive bias, with at least ``_UNPAD_MIN_PADDING`` of the tokens padding. Each row's run is then
+    one sequence whose causal and window bands are its own (bottom-right equals top-left when ``Lq == Lk``).
+    ``tokens``: the real tokens' indices in the flattened ``(B * L)`` batch. Reads the mask on the host, so
+    never under tracing.
+    """
+    if not isinstance(attention_mask, CompactMask) or attention_mask.padding is None or _tracing():
+        return None
+    mask = attention_mask
+    if mask.dense or mask.documents is not None or mask.chunk or mask.q_offset != 0 or mask.padding.dtype != torch.bool:
+        return None
+    batch, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+    if lq != lk or kwargs.get("position_bias") is not None or mask.padding.numel() != batch * lk:
+        return None
+    keep = mask.padding.reshape(batch, lk)
+    lengths = keep.sum(dim=1)
+    if float(lengths.sum()) > (1.0 - _UNPAD_MIN_PADDING) * batch * lk or not _one_run(mask.padding):
+        return None
+    cu = torch.zeros(batch + 1, dtype=torch.int32, device=query.device)
+    cu[1:] = lengths.cumsum(0)
+    return keep.reshape(-1).nonzero().squeeze(1).to(query.device), cu, int(lengths.max())
+
+
+def _unpadded_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    dropout: float,
+    scaling: Optional[float],
+    backend: Optional[str],
+    mask: CompactMask,
+    tokens: Tensor,
+    cu_seqlens: Tensor,
+    longest: int,
+    *,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
+) -> tuple[Tensor, None]:
+    """A padded batch → its real tokens → ``fastattn.varlen_attention`` → ``((B, L, Hq, Dv), None)``, zeros at
+    the padding positions (no query there attends anything)."""
+    batch, heads_q, length = query.shape[:3]
+    # (B, H, L, D) → (B, L, H, D) → (B·L, H, D) → the real tokens (T, H, D)
+    q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])[tokens] for t in (query, key, value))
+    out = _fastattn_varlen(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        longest,
+        longest,
+        dropout_p=float(dropout) if module.training else 0.0,
+        is_causal=mask.is_causal,
+        scale=scaling,
+        enable_gqa=heads_q != key.shape[1],
+        window=mask.window,
+        softcap=softcap,
+        sinks=sinks,
+        backend=backend,
+    )
+    # (T, Hq, Dv) → (B·L, Hq, Dv), zeros at the padding → (B, L, Hq, Dv)
+    full = out.new_zeros(batch * length, *out.shape[1:]).index_copy(0, tokens, out)
+    return full.view(batch, length, heads_q, -1), None
 
 
 _REGISTERED: dict[str, Callable] = {}
