@@ -508,6 +508,40 @@ def test_packed_sequences_equal_each_sequence_alone(is_causal):
     assert_close(out, alone, None, name="packed cross-attention")
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [{"softcap": 2.0}, {"alibi_slopes": torch.tensor([0.5, 0.25, 0.125, 0.0625])}, {"sinks": True}, {"chunk": 3}],
+    ids=["softcap", "alibi", "sinks", "chunk"],
+)
+def test_packed_sequences_with_variants_equal_each_sequence_alone(variant):
+    """The module's variants reach the packed path: the output, the input's and the sinks' gradients equal the
+    module run on each sequence alone (causal, so ALiBi's and the chunk's positions count from each start)."""
+    torch.manual_seed(1)
+    mha = fnn.MultiheadAttention(16, 4, batch_first=True, backend="reference", **variant)
+    _randomise(mha)
+    if variant.get("sinks"):
+        with torch.no_grad():
+            mha.sinks.normal_()
+    lengths = [5, 1, 9, 3]
+    xs = [torch.randn(n, 16, requires_grad=True) for n in lengths]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)])
+    x = torch.cat(xs).detach().requires_grad_()
+    grad = torch.randn(sum(lengths), 16)
+    out, _ = mha(x, x, x, need_weights=False, is_causal=True, cu_seqlens=cu)
+    out.backward(grad)
+    packed_grads = [p.grad.clone() for p in mha.parameters()]
+    mha.zero_grad()
+    causal = lambda n: torch.ones(n, n, dtype=torch.bool).triu(1)  # noqa: E731
+    alone = torch.cat([mha(t, t, t, need_weights=False, attn_mask=causal(len(t)), is_causal=True)[0] for t in xs])
+    alone.backward(grad)
+    assert_close(out, alone, None, name="packed with a variant")
+    assert_close(x.grad, torch.cat([t.grad for t in xs]), None, name="d input")
+    for got, (name, param) in zip(packed_grads, mha.named_parameters()):
+        assert_close(got, param.grad, None, name=f"d {name}")
+    if variant.get("sinks"):
+        assert mha.sinks.grad.abs().sum() > 0
+
+
 def test_packed_sequences_refuse_masks_and_weights():
     mha = fnn.MultiheadAttention(8, 2, backend="reference")
     x, cu = torch.randn(6, 8), torch.tensor([0, 2, 6])
