@@ -234,6 +234,25 @@ def test_kvcache_splits_agree(backend, num_splits, monkeypatch):
     check(case, backend, num_splits=num_splits, seed=7)
 
 
+# The CPU kernel's register tiles (4 rows by 4 keys of scores, 4 rows by 4 vectors of outputs under AVX-512; 2 and 2
+# otherwise) and their tails: head dims not a whole number of tiles (80, 144: 5 and 9 vectors of 16), GQA groups
+# of 6 and 7 rows (4 + 2, 4 + 2 + 1), key counts that are no multiple of 4 (and a block of fewer keys than a tile).
+CPU_TILE_CASES = [
+    Case(batch=2, lengths=(131, 2), new=1, heads_q=12, heads_kv=2, head_dim=80, dtype=torch.bfloat16),
+    Case(batch=1, lengths=(197,), new=2, seqlen_q=1, heads_q=7, heads_kv=1, head_dim=144, head_dim_v=80,
+         page_size=48),
+    Case(batch=2, lengths=(70, 1), new=1, heads_q=6, heads_kv=1, head_dim=48, head_dim_v=112, page_size=16,
+         dtype=torch.float16, variant="softcap"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("index", range(len(CPU_TILE_CASES)))
+def test_kvcache_cpu_register_tiles(index, num_splits, monkeypatch):
+    _runnable("cpu", monkeypatch)
+    check(CPU_TILE_CASES[index], "cpu", num_splits=num_splits, seed=40 + index)
+
+
 # ---------------------------------------------------------------------------------------------- bad inputs
 
 

@@ -228,7 +228,8 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
 
   // Row pointers of a block's keys and values (through the block table), computed one block ahead so that the
   // next block's rows are prefetched while this one is converted: the loads of a decode step are its cost, and
-  // keeping many lines in flight is what reaches the memory bandwidth.
+  // keeping many lines in flight is what reaches the memory bandwidth. The prefetches go to L2 (T1), not L1: a
+  // block ahead is 32-64 KiB of K and V, as much as L1 holds, so T0 would evict the rows being scored.
   const T* krow[2][kBlock];
   const T* vrow[2][kBlock];
   auto locate = [&](int64_t k0, int cur) {
@@ -254,8 +255,8 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
       if (jj < n_next) {
         const char* kn = reinterpret_cast<const char*>(krow[cur ^ 1][jj]);
         const char* vn = reinterpret_cast<const char*>(vrow[cur ^ 1][jj]);
-        for (int64_t off = 0; off < kbytes; off += 64) __builtin_prefetch(kn + off);
-        for (int64_t off = 0; off < vbytes; off += 64) __builtin_prefetch(vn + off);
+        for (int64_t off = 0; off < kbytes; off += 64) __builtin_prefetch(kn + off, 0, 2);
+        for (int64_t off = 0; off < vbytes; off += 64) __builtin_prefetch(vn + off, 0, 2);
       }
       if (direct) {
         dot_rows(qf, R, Dp, DirectRows<T>{krow[cur]}, jj, Dp, raw + jj, kBlock);
