@@ -431,9 +431,12 @@ def attention_forward(
     unpadded = _unpad_layout(query, key, attention_mask, kwargs)
     if unpadded is not None:
         variant = {"softcap": kwargs.get("softcap"), "sinks": _sinks(module, kwargs)}
-        return _unpadded_forward(
-            module, query, key, value, dropout, scaling, backend, attention_mask, *unpadded, **variant
-        )
+        tokens, cu, longest = unpadded
+        mask = attention_mask
+        return _varlen_forward(
+            module, query, key, value, dropout, scaling, backend, cu, cu, longest, longest, mask.is_causal,
+            mask.window, tokens=tokens, **variant,
+        )  # fmt: skip
     lq, lk = query.shape[2], key.shape[2]
     window: Optional[tuple[int, int]] = None
     q_offset, chunk = 0, 0
@@ -735,13 +738,18 @@ def _varlen_forward(
     *,
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
+    tokens: Optional[Tensor] = None,
 ) -> tuple[Tensor, None]:
     """Packed documents → ``fastattn.varlen_attention`` over the ``B * L`` tokens → ``((B, L, Hq, Dv), None)``.
 
-    Gemma 2's ``softcap`` and gpt-oss's ``sinks`` apply inside each document, as in the padded path."""
+    Gemma 2's ``softcap`` and gpt-oss's ``sinks`` apply inside each document, as in the padded path.
+    ``tokens`` (an unpadded batch, ``_unpad_layout``): only these of the ``B * L`` tokens are attended, and the
+    output is zeros at the others (the padding, where no query attends anything)."""
     batch, heads_q, length = query.shape[:3]
     # (B, H, L, D) → (B, L, H, D) → (B·L, H, D): a view when the projections are (B, L, H, D) in memory.
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
+    if tokens is not None:  # (B·L, H, D) → the real tokens (T, H, D)
+        q, k, v = q[tokens], k[tokens], v[tokens]
     out = _fastattn_varlen(
         q,
         k,
@@ -759,6 +767,8 @@ def _varlen_forward(
         sinks=sinks,
         backend=backend,
     )
+    if tokens is not None:  # (T, Hq, Dv) → (B·L, Hq, Dv), zeros at the padding
+        out = out.new_zeros(batch * length, *out.shape[1:]).index_copy(0, tokens, out)
     # (B·L, Hq, Dv) → (B, L, Hq, Dv)
     return out.view(batch, length, heads_q, -1), None
 
@@ -797,49 +807,6 @@ def _unpad_layout(
     cu = torch.zeros(batch + 1, dtype=torch.int32, device=query.device)
     cu[1:] = lengths.cumsum(0)
     return keep.reshape(-1).nonzero().squeeze(1).to(query.device), cu, int(lengths.max())
-
-
-def _unpadded_forward(
-    module: torch.nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    dropout: float,
-    scaling: Optional[float],
-    backend: Optional[str],
-    mask: CompactMask,
-    tokens: Tensor,
-    cu_seqlens: Tensor,
-    longest: int,
-    *,
-    softcap: Optional[float] = None,
-    sinks: Optional[Tensor] = None,
-) -> tuple[Tensor, None]:
-    """A padded batch → its real tokens → ``fastattn.varlen_attention`` → ``((B, L, Hq, Dv), None)``, zeros at
-    the padding positions (no query there attends anything)."""
-    batch, heads_q, length = query.shape[:3]
-    # (B, H, L, D) → (B, L, H, D) → (B·L, H, D) → the real tokens (T, H, D)
-    q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])[tokens] for t in (query, key, value))
-    out = _fastattn_varlen(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        cu_seqlens,
-        longest,
-        longest,
-        dropout_p=float(dropout) if module.training else 0.0,
-        is_causal=mask.is_causal,
-        scale=scaling,
-        enable_gqa=heads_q != key.shape[1],
-        window=mask.window,
-        softcap=softcap,
-        sinks=sinks,
-        backend=backend,
-    )
-    # (T, Hq, Dv) → (B·L, Hq, Dv), zeros at the padding → (B, L, Hq, Dv)
-    full = out.new_zeros(batch * length, *out.shape[1:]).index_copy(0, tokens, out)
-    return full.view(batch, length, heads_q, -1), None
 
 
 _REGISTERED: dict[str, Callable] = {}
