@@ -166,7 +166,8 @@ def bwd_config(
 
 # The family of a launch with a variant (softcap, ALiBi, chunk: ``fwd.has_variants``): heavy tiles, no tuned
 # entries, and these where the heavy ones spill with every variant on (``fastattn compile-check``'s
-# "+variants" builds, Triton 3.8). (arch: 90, 86 for sm_86/89, 80, 75; fp32; padded head dim).
+# "+variants" builds: Triton 3.8, and for sm_90 also 3.6, the GPU image's, in ``make gpu-preflight``).
+# (arch: 90, 86 for sm_86/89, 80, 75; fp32; padded head dim).
 VARIANTS_FAMILY = "variants"
 # fmt: off
 _BWD_VARIANT_CONFIGS: dict = {
@@ -177,7 +178,7 @@ _BWD_VARIANT_CONFIGS: dict = {
     (80, True ,  16): ((32, 128, 8, 1), (128, 64, 8, 1)),
     (80, True , 128): ((16, 32, 8, 2), (64, 32, 8, 2)),
     (86, True ,  64): ((16, 64, 8, 1), (32, 64, 4, 1)),
-    (90, False,  64): ((16, 128, 8, 2), (128, 64, 8, 2)),
+    (90, False,  64): ((16, 128, 8, 2), (128, 32, 8, 2)),
     (90, False, 256): ((32, 32, 8, 1), (64, 16, 8, 2)),
     (90, True ,  16): ((32, 128, 8, 2), (128, 32, 8, 2)),
     (90, True ,  32): ((16, 128, 8, 2), (128, 32, 8, 2)),
