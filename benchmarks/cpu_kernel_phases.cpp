@@ -1,7 +1,7 @@
 // Where the CPU attention forward's time goes, phase by phase, for one instruction-set build.
 //
 // Built and run by benchmarks/cpu_kernel_phases.py (g++ against torch's headers and libraries, with
-// -DPHASES_ISA=AVX2|AVX512|DEFAULT selecting the same target pragma as csrc/cpu/attn_cpu_<isa>.cpp), it
+// -DPHASES_ISA=AVX2|AVX512|DEFAULT including the same target header as csrc/cpu/attn_cpu_<isa>.cpp), it
 // includes csrc/cpu/attn_cpu_kernel.h and times its real pieces on the dense forward's tile shape
 // (BQ = 64 queries, BK = 256 keys, head dim 64) in CPU time of one thread, so that other processes on a
 // shared machine do not inflate the figures:
@@ -17,26 +17,10 @@
 // and prints one line per phase: GFLOP/s or ns per element, and the share of a modelled tile
 // (S + exp pass + PV + the tile's K/V pack amortised over the query tiles that reuse it).
 #if defined(PHASES_ISA_AVX512)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#define __AVX512F__ 1
-#define __AVX512BW__ 1
-#define __AVX512VL__ 1
-#define __AVX512DQ__ 1
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
+#include "cpu_target_avx512.h"
 #define PHASES_ISA_NAME "avx512"
 #elif defined(PHASES_ISA_AVX2)
-#pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
+#include "cpu_target_avx2.h"
 #define PHASES_ISA_NAME "avx2"
 #else
 #define CPU_CAPABILITY DEFAULT

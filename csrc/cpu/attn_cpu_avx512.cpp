@@ -1,35 +1,7 @@
 // The attention kernels compiled for AVX512 (chosen at run time by attn_cpu.cpp from
 // at::get_cpu_capability(), as torch chooses its own kernels; never -march=native).
-// GCC's target pragma must precede every include, and GCC does not define the ISA macros
-// for it, so they are defined here too: at::vec and sleef.h select their code from them, picking AVX512 code.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __AVX512F__
-#define __AVX512F__ 1
-#endif
-#ifndef __AVX512BW__
-#define __AVX512BW__ 1
-#endif
-#ifndef __AVX512VL__
-#define __AVX512VL__ 1
-#endif
-#ifndef __AVX512DQ__
-#define __AVX512DQ__ 1
-#endif
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
+#include "cpu_target_avx512.h"  // first: its target pragma must precede every include
+#if defined(FASTATTN_CPU_TARGET)
 #include "attn_cpu_kernel.h"
 
 namespace fastattn_cpu {

@@ -11,7 +11,7 @@
 // The variable is read at every call (a getenv and a few compares next to milliseconds of work), so a
 // test can switch builds within one process. FASTATTN_CPU_HIDE_FEATURES=avx512f,... (tests only) makes
 // the named CPU features count as absent, so the "this CPU lacks it" path is tested on any machine. CPU support is read from CPUID and XGETBV directly (the
-// feature lists of attn_cpu_avx2.cpp / attn_cpu_avx512.cpp's target pragmas, and the OS saving the
+// feature lists of cpu_target_avx2.h / cpu_target_avx512.h's target pragmas, and the OS saving the
 // registers), not from the compiler's __builtin_cpu_supports, whose feature names vary by version.
 #pragma once
 
