@@ -31,6 +31,8 @@ __all__ = [
     "op_args",
     "fake_kvcache",
     "capacity",
+    "gpu_workers",
+    "splits_for",
 ]
 
 KVCACHE_OP_ARGS = (
@@ -101,6 +103,25 @@ def capacity(key_cache: Tensor, block_table: Optional[Tensor]) -> int:
     return key_cache.shape[2] * (1 if block_table is None else block_table.shape[1])
 
 
+# No split is chosen shorter than this many keys of the cache's capacity: a split's fixed cost is its share of
+# the merge.
+MIN_SPLIT_KEYS = 256
+
+
+def gpu_workers(device: torch.device) -> int:
+    """SMs for the GPU kernels' ``(batch, kv head, split)`` programs to fill; 2 on CPU tensors (the Triton
+    interpreter, the CUDA emulator: enough to exercise splits in tests)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def splits_for(num_splits: int, query: Tensor, key_cache: Tensor, block_table: Optional[Tensor], workers: int) -> int:
+    """``num_splits``, or for 0 ``choose_splits``' choice for this call's ``batch * kv heads`` programs."""
+    programs = query.shape[0] * key_cache.shape[1]
+    return num_splits or choose_splits(programs, workers, capacity(key_cache, block_table), MIN_SPLIT_KEYS)
+
+
 @torch.library.custom_op("fastattn::kvcache_fwd_cpu", mutates_args=("key_cache", "value_cache"))
 def kvcache_fwd_cpu(
     query: Tensor,
@@ -120,10 +141,7 @@ def kvcache_fwd_cpu(
 ) -> tuple[Tensor, Tensor]:
     """The native CPU kernel (``csrc/cpu/decode_cpu_kernel.h``) after the append; splits fill the threads."""
     append_(key_cache, value_cache, cache_seqlens, key, value, block_table)
-    batch, heads_kv = query.shape[0], key_cache.shape[1]
-    splits = num_splits or choose_splits(
-        batch * heads_kv, torch.get_num_threads(), capacity(key_cache, block_table), 256
-    )
+    splits = splits_for(num_splits, query, key_cache, block_table, torch.get_num_threads())
     new = 0 if key is None else key.shape[2]
     return torch.ops.fastattn.cpu_kvcache_fwd(
         query, key_cache, value_cache, cache_seqlens.contiguous(), new, block_table, alibi_slopes, sinks, scale,

@@ -175,13 +175,6 @@ def attn_bwd(
     return dq, dk, dv, (dmask if need_mask_grad else None)
 
 
-def _workers(device: torch.device) -> int:
-    """SMs to fill with ``(batch, kv head, split)`` blocks; 2 under emulation (enough to exercise splits)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
-
-
 @torch.library.custom_op("fastattn::kvcache_fwd_cuda", mutates_args=("key_cache", "value_cache"))
 def kvcache_fwd_cuda(
     query: Tensor,
@@ -201,15 +194,12 @@ def kvcache_fwd_cuda(
 ) -> tuple[Tensor, Tensor]:
     """The CUDA split-KV kernel (``csrc/cuda/decode.cu``, op ``fastattn::cuda_kvcache_fwd``) after the append;
     splits fill the SMs (``backends/_kvcache.py``: the schema and fake every backend's op shares)."""
-    from ..kvcache import append_, choose_splits
-    from ._kvcache import capacity
+    from ..kvcache import append_
+    from ._kvcache import gpu_workers, splits_for
 
     _ensure_loaded()
     append_(key_cache, value_cache, cache_seqlens, key, value, block_table)
-    batch, heads_kv = query.shape[0], key_cache.shape[1]
-    splits = num_splits or choose_splits(
-        batch * heads_kv, _workers(query.device), capacity(key_cache, block_table), 256
-    )
+    splits = splits_for(num_splits, query, key_cache, block_table, gpu_workers(query.device))
     new = 0 if key is None else key.shape[2]
     return torch.ops.fastattn.cuda_kvcache_fwd(
         query, key_cache, value_cache, cache_seqlens.contiguous(), new, block_table, alibi_slopes, sinks, scale,

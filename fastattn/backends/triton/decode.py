@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...kvcache import choose_splits, merge_splits
-from .._kvcache import capacity
+from ...kvcache import merge_splits
+from .._kvcache import gpu_workers, splits_for
 from . import _common  # noqa: F401  (the interpreter's range() fix precedes any launch)
 from .fwd import _arch
 
@@ -149,12 +149,6 @@ def decode_config(rows: int, head_dim: int, head_dim_v: int, dtype: torch.dtype,
     return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=2)
 
 
-def _workers(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter: enough to exercise splits in tests
-
-
 def kvcache_decode(
     query: Tensor,
     key_cache: Tensor,
@@ -173,9 +167,7 @@ def kvcache_decode(
     """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)`` over the caches as they are (the append is done)."""
     batch, heads_q, seqlen_q, head_dim = query.shape
     heads_kv, page_size, head_dim_v = key_cache.shape[1], key_cache.shape[2], value_cache.shape[3]
-    splits = num_splits or choose_splits(
-        batch * heads_kv, _workers(query.device), capacity(key_cache, block_table), 256
-    )
+    splits = splits_for(num_splits, query, key_cache, block_table, gpu_workers(query.device))
     cfg = decode_config((heads_q // heads_kv) * seqlen_q, head_dim, head_dim_v, query.dtype, _arch(query.device))
     part_out = torch.empty(splits, batch, heads_q, seqlen_q, head_dim_v, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(splits, batch, heads_q, seqlen_q, device=query.device, dtype=torch.float32)
