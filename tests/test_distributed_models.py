@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _dist_support import leave_together
 
 import fastattn
 from fastattn.distributed import shard_sequence
@@ -58,9 +59,7 @@ def _modules(rank, world, path):
             torch.testing.assert_close(grad, q.grad, rtol=1e-8, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
         with pytest.raises(ValueError, match="generate: not supported with context_parallel_group"):
             cp_model.generate(src, bos_id=1)
-        # Tear down together: a rank that closes its connections while the other still has the group
-        # open makes gloo abort the other process (seen under load).
-        dist.barrier()
+        leave_together()
     finally:
         dist.destroy_process_group()
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _dist_support import leave_together
 
 from fastattn import reference
 from fastattn.distributed import ring, ring_attention, shard_sequence, unshard_sequence
@@ -74,7 +75,7 @@ def _check_cases(rank, world, path):
                 )
             whole = unshard_sequence(out.detach(), is_causal=causal)
             torch.testing.assert_close(whole, expected.detach(), rtol=1e-10, atol=1e-10)
-        dist.barrier()  # tear down together (see test_distributed_models)
+        leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -125,7 +126,7 @@ def _check_errors_and_memory(rank, world, path):
         shard_bytes = (k.numel() + v.numel()) * k.element_size()
         assert peak[0] <= 2 * shard_bytes, (peak[0], shard_bytes)
         assert peak[0] >= shard_bytes  # the ring did move shards
-        dist.barrier()  # tear down together (see test_distributed_models)
+        leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -177,7 +178,7 @@ def _strided_shards(rank, world, path):
         assert not shards[1].is_contiguous()
         out = ring_attention(*shards, is_causal=True, backend="reference")
         torch.testing.assert_close(out, shard_sequence(expected, is_causal=True), rtol=1e-10, atol=1e-10)
-        dist.barrier()  # tear down together (see test_distributed_models)
+        leave_together()
     finally:
         dist.destroy_process_group()
 
