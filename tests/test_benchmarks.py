@@ -338,6 +338,25 @@ def test_variants_rows_end_to_end(tmp_path, monkeypatch):
         cpu_variants.run_group(64, False, torch.float32, "fwd", ["softcap"], reps=1, warmup=0)
 
 
+@pytest.mark.skipif(_cpu_ext_reason() is not None, reason=str(_cpu_ext_reason()))
+def test_variants_thread_clock(capsys):
+    """``--clock thread`` times one thread's CPU time, so it takes ``--threads 1`` and says so in its header."""
+    import cpu_variants
+
+    with pytest.raises(SystemExit):
+        cpu_variants.main(["--clock", "thread", "--seqlens", "64"])
+    assert "--clock thread: expected --threads 1" in capsys.readouterr().err
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--clock", "thread", "--threads", "1", "--seqlens", "64", "--dtypes", "float32", "--causal", "false"]
+        argv += ["--modes", "fwd", "--variants", "softcap", "--reps", "1", "--warmup", "0"]
+        assert cpu_variants.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "threads 1, clock thread" in out and "softcap" in out
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_varlen_benchmark_end_to_end(tmp_path, padded):
     """benchmarks/varlen.py at toy size: every contender's output checked against the first's before timing

@@ -219,18 +219,24 @@ struct AsIs {
   Vec operator()(const Vec& v, int64_t) const { return v; }
 };
 
+// exp_store's 2^x: exact zeros for -inf.
+struct Exp2 {
+  Vec operator()(const Vec& x) const { return exp2_vec(x); }
+};
+
 // out[j] = exp(f(x)[j] * mul - sub) converted to out_t, two vectors at a time (one bf16 vector);
-// returns the fp32 sum. Computed as 2^(f(x)·mul·log2 e − sub·log2 e) with exp2_vec (attn_cpu_gemm.h).
+// returns the fp32 sum. Computed as 2^(f(x)·mul·log2 e − sub·log2 e) with exp2 (exp2_vec, attn_cpu_gemm.h).
 // f(v, j) maps the vector of x at j to its scores: the softcap's or ALiBi's pass fused into this one.
-template <typename out_t, typename F = AsIs>
-inline float exp_store(const float* x, int64_t n, float mul, float sub, out_t* out, const F& f = F()) {
+template <typename out_t, typename F = AsIs, typename E = Exp2>
+inline float exp_store(const float* x, int64_t n, float mul, float sub, out_t* out, const F& f = F(),
+                       const E& exp2 = E()) {
   const int64_t vs = Vec::size();
   const Vec vmul(mul * kLog2e), vsub(sub * kLog2e), zero(0.f);
   Vec sum0(0.f), sum1(0.f);
   int64_t j = 0;
   for (; j + 2 * vs <= n; j += 2 * vs) {
-    const Vec e0 = exp2_vec(at::vec::fmsub(f(Vec::loadu(x + j), j), vmul, vsub));
-    const Vec e1 = exp2_vec(at::vec::fmsub(f(Vec::loadu(x + j + vs), j + vs), vmul, vsub));
+    const Vec e0 = exp2(at::vec::fmsub(f(Vec::loadu(x + j), j), vmul, vsub));
+    const Vec e1 = exp2(at::vec::fmsub(f(Vec::loadu(x + j + vs), j + vs), vmul, vsub));
     sum0 = sum0 + e0;
     sum1 = sum1 + e1;
     if constexpr (std::is_same<out_t, float>::value) {
@@ -242,9 +248,9 @@ inline float exp_store(const float* x, int64_t n, float mul, float sub, out_t* o
   }
   if (j < n) {  // the tail, masked: lanes past n are zero in the sum and never stored
     const int64_t c0 = std::min(vs, n - j), c1 = n - j - c0;
-    const Vec e0 = Vec::set(zero, exp2_vec(at::vec::fmsub(f(Vec::loadu(x + j, c0), j), vmul, vsub)), c0);
+    const Vec e0 = Vec::set(zero, exp2(at::vec::fmsub(f(Vec::loadu(x + j, c0), j), vmul, vsub)), c0);
     const Vec e1 =
-        c1 > 0 ? Vec::set(zero, exp2_vec(at::vec::fmsub(f(Vec::loadu(x + j + vs, c1), j + vs), vmul, vsub)), c1)
+        c1 > 0 ? Vec::set(zero, exp2(at::vec::fmsub(f(Vec::loadu(x + j + vs, c1), j + vs), vmul, vsub)), c1)
                : zero;
     sum0 = sum0 + e0;
     sum1 = sum1 + e1;
@@ -300,28 +306,73 @@ inline void apply_mask_row(const AttnParams& p, int64_t b, int64_t h, int64_t i,
   }
 }
 
-// tanh(x) by csrc/attn_rules.h's formula, 1 - 2 / (e^{2x} + 1) (exact at the saturated ends, about 1e-7
-// absolute near 0), with exp2_vec for e^{2x} (its input capped at 64: 2 / (2^64 + 1) already rounds the
-// result to 1) and the reciprocal as the ISA's approximate one plus a Newton step (rcp14: 2^-28 relative
-// after it; AVX2's rcp: about 2^-23) instead of a division, whose throughput is a fraction of the FMA
-// pipes': the softcap's cost per score is what issue #19's 10% bar measures. NaN stays NaN.
-inline Vec tanh_vec(const Vec& x) {
-  const Vec cap(64.f), one(1.f), two(2.f);
+// The softcap's tanh, by csrc/attn_rules.h's formula tanh(x) = 1 - 2 r, r = 1 / (e^{2x} + 1) (exact at the
+// saturated ends, about 1e-7 absolute near 0). softcap_r gives r, so that the forward's exp pass folds the
+// 1 - 2 r and the outer factor into the FMA it already does (softcap_exp_store); tanh_vec gives the tanh.
+// The reciprocal is the ISA's approximate one plus a Newton step (rcp14: 2^-28 relative after it; AVX2's rcp:
+// about 2^-23) instead of a division, whose throughput is a fraction of the FMA pipes'. e^{2x} on AVX-512 is
+// softcap_r512's; elsewhere exp2_vec with its input capped at 64 (2 / (2^64 + 1) already rounds tanh to 1).
+// The softcap's cost per score is what issue #19's 10% bar measures: on Zen 4 the 512-bit operations issue
+// about one a cycle, so it is their count that costs (measured: four vectors in lockstep gained nothing).
+// NaN stays NaN.
+#if defined(CPU_CAPABILITY_AVX512)
+// 2^y = 2^floor(y) · p(y - floor(y)) for a y that is not -inf (callers clamp), the fraction from vreduceps
+// and the power from vscalefps: 8 operations against exp2_vec's 12 (whose bit-built power needs the -127
+// clamp to give exact zeros); p of degree 5 on [0, 1), 1.6e-7 relative in fp32 (exp2_vec's accuracy). A
+// shorter p and no Newton step in softcap_r512 for bf16 probabilities (their row sums and the lse stay fp32)
+// put the lse 6e-5 off the oracle where the tests allow 2.6e-5.
+inline __m512 pow2_512(__m512 y) {
+  const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // y - floor(y)
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0018776348f), f, _mm512_set1_ps(0.0089894049f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055826042f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24015382f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69315302f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99999994f));
+  return _mm512_scalef_ps(p, y);
+}
+
+// r for y = 2x·log2 e, clamped to [-64, 64] (a NaN passes the clamps; 2 / (2^64 + 1) already rounds tanh to 1).
+inline __m512 softcap_r512(__m512 y) {
+  y = _mm512_max_ps(_mm512_set1_ps(-64.f), _mm512_min_ps(_mm512_set1_ps(64.f), y));  // NaN: the 2nd operand
+  const __m512 d = _mm512_add_ps(pow2_512(y), _mm512_set1_ps(1.f));
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // Newton: r (2 - d r)
+}
+
+// The softcap exp pass's 2^x: its exponents are finite (no mask on those tiles), so the clamp is only for
+// inputs beyond -150, whose 2^floor(y) · p rounds to an exact 0.
+struct Exp2Scalef {
+  Vec operator()(const Vec& x) const { return Vec(pow2_512(_mm512_max_ps(_mm512_set1_ps(-150.f), x))); }
+};
+#endif
+
+inline Vec softcap_r(const Vec& x) {
   const Vec y = x * Vec(2.f * kLog2e);
 #if defined(CPU_CAPABILITY_AVX512)
-  const Vec d = exp2_vec(Vec(_mm512_min_ps(cap, y))) + one;  // min(cap, NaN) is NaN: the second operand
-  Vec r(_mm512_rcp14_ps(d));
+  return Vec(softcap_r512(y));
 #elif defined(CPU_CAPABILITY_AVX2)
-  const Vec d = exp2_vec(Vec(_mm256_min_ps(cap, y))) + one;
-  Vec r(_mm256_rcp_ps(d));
+  const Vec d = exp2_vec(Vec(_mm256_min_ps(Vec(64.f), y))) + Vec(1.f);  // min(cap, NaN) is NaN: the 2nd operand
+  const Vec r(_mm256_rcp_ps(d));
+  return r * at::vec::fnmadd(d, r, Vec(2.f));  // Newton: r (2 - d r)
 #else
-  const Vec d = exp2_vec(at::vec::minimum(y, cap)) + one;
-  Vec r = one / d;
+  return Vec(1.f) / (exp2_vec(at::vec::minimum(y, Vec(64.f))) + Vec(1.f));
 #endif
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  r = r * at::vec::fnmadd(d, r, two);  // Newton: r (2 - d r)
+}
+
+inline Vec tanh_vec(const Vec& x) { return at::vec::fnmadd(Vec(2.f), softcap_r(x), Vec(1.f)); }
+
+// out[j] = exp(mul·r(in·x[j]) - sub) as exp_store does it, r = softcap_r: the softcap's fused exp pass. in
+// is the scale still to apply to x (the bf16 GEMM leaves these tiles' scores unscaled: one pass fewer).
+template <typename out_t>
+inline float softcap_exp_store(const float* x, int64_t n, float in, float mul, float sub, out_t* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec vin(in * 2.f * kLog2e);
+  return exp_store(
+      x, n, mul, sub, out, [&vin](const Vec& v, int64_t) { return Vec(softcap_r512(v * vin)); }, Exp2Scalef());
+#else
+  const Vec vin(in);
+  return exp_store(x, n, mul, sub, out, [&vin](const Vec& v, int64_t) { return softcap_r(v * vin); });
 #endif
-  return at::vec::fnmadd(two, r, one);
 }
 
 // The score of one vector of n lanes of dot products: csrc/attn_rules.h's order (rules::scaled_score with
@@ -360,6 +411,16 @@ inline void score_col(const fastattn::rules::ScoreScale& sc, float slope, int64_
   const Vec iota = Vec::arange(0.f, 1.f);
   for (int64_t r = r0; r < r1; r += vs)
     score_vec(sc, slope, Vec(static_cast<float>(base + r)) + iota, std::min<int64_t>(vs, r1 - r), s + r, t + r);
+}
+
+// The maximum over c in [0, n) of x[c] + y[c] (y readable a whole vector past n).
+inline float max_sum(const float* x, const float* y, int64_t n) {
+  const int64_t vs = Vec::size();
+  Vec vm(kNegInf);
+  int64_t j = 0;
+  for (; j + vs <= n; j += vs) vm = at::vec::maximum(vm, Vec::loadu(x + j) + Vec::loadu(y + j));
+  if (j < n) vm = at::vec::maximum(vm, Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j) + Vec::loadu(y + j), n - j));
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
 }
 
 // The maximum over c in [0, n) of x[c] - slope * |base - c - lane|: one ALiBi row's max, read only (the exp
@@ -527,7 +588,8 @@ inline bool fwd_scores(const AttnParams& p, int64_t m, int64_t n, const pack_t* 
                        float* S, float* rmax) {
   if constexpr (std::is_same<pack_t, BFloat16>::value) {
     gemm_vnni(m, n, round_even(p.D), qa, round_even(p.D), kpk, p.BK, S, p.BK, false);
-    for (int64_t r = 0; r < m; ++r) scale_inplace(S + r * p.BK, n, mul);
+    if (mul != 1.f)
+      for (int64_t r = 0; r < m; ++r) scale_inplace(S + r * p.BK, n, mul);
     return false;
   } else {
     std::fill(rmax, rmax + m * Vec::size(), kNegInf);
@@ -594,6 +656,11 @@ void attn_fwd(const AttnParams& p) {
     auto lrow = scratch<float>(BQ);
     auto alpha = scratch<float>(BQ);
     auto rmax = scratch<float>(BQ * Vec::size());
+    auto cap_max = scratch<float>(sc.softcap ? BQ : 1);
+    // ALiBi's column term on a tile on one side of the diagonal (alibi_side), padded by a vector for the
+    // exp pass's whole-vector reads at a row's tail.
+    auto alibi_col = scratch<float>(has_alibi ? BK + Vec::size() : 1);
+    if (has_alibi) std::fill(alibi_col.get(), alibi_col.get() + BK + Vec::size(), 0.f);
     auto tiles = scratch<int64_t>(nK);
     auto states = scratch<int8_t>(nK);
     pack_t* P = vnni ? Pb.get() : reinterpret_cast<pack_t*>(S.get());
@@ -630,7 +697,44 @@ void attn_fwd(const AttnParams& p) {
         const int64_t kt = tiles[it], k0 = kt * BK, n = std::min(BK, Lk - k0);
         const int64_t npad = vnni ? round_even(n) : n;
         const pack_t* kpk = kvp + ((b * Hkv + hk) * nK + kt) * blk;
-        const bool have_max = fwd_scores(p, m, n, qa.get(), kpk, sc.pre, S.get(), rmax.get());
+        // A tile with a softcap alone and no mask to read takes the fused exp pass (kFusedCap below), which
+        // scales as it goes: the bf16 GEMM then leaves its scores unscaled (cap_in = what is left to apply).
+        const bool masked = states[it] != kFull && p.mask_kind != kMaskNone;
+        const bool fused_cap = sc.softcap && !has_alibi && !masked;
+        const float cap_in = vnni && fused_cap && sc.pre > 0.f ? sc.pre : 1.f;
+        const bool have_max = fwd_scores(p, m, n, qa.get(), kpk, sc.pre / cap_in, S.get(), rmax.get());
+        // ALiBi alone on a tile whose keys all lie on one side of every row's position is linear in the key:
+        // -slope·|pos - key| = side·slope·c - side·slope·(pos - k0) for key = k0 + c (side 1: the keys at or
+        // before every position; -1: at or after). The column term is one vector per tile (alibi_col) and the
+        // row term joins the exp pass's subtrahend: one add per score instead of the |distance|'s four
+        // operations, in the max pass and the exp pass. Both terms are measured from k0, so their magnitudes
+        // (and roundings) are those of the distances themselves. The diagonal's tiles keep kFusedAlibi.
+        int alibi_side = 0;
+        if (has_alibi && !sc.softcap && !masked) {
+          if (k0 + n - 1 <= q0 + var.q_offset)
+            alibi_side = 1;
+          else if (k0 >= q0 + m - 1 + var.q_offset)
+            alibi_side = -1;
+          const Vec iota = Vec::arange(0.f, 1.f), vslope(alibi_side * slope);
+          for (int64_t c = 0; alibi_side != 0 && c < n; c += Vec::size())
+            ((iota + Vec(static_cast<float>(c))) * vslope).store(alibi_col.get() + c);
+        }
+        if (fused_cap) {  // the rows' maxima, capped together: one tanh per row costs a whole key tile's 64 scores
+          for (int64_t r = 0; r < m; ++r) {
+            int64_t lo, hi;
+            fastattn::rules::row_bounds(var, q0 + r + var.q_offset, Lk, lo, hi);
+            const int64_t c0 = std::clamp<int64_t>(lo - k0, 0, n), c1 = std::clamp<int64_t>(hi - k0 + 1, 0, n);
+            const float* s = S.get() + r * BK;
+            // cap_in > 0: the max of the unscaled scores is the scaled ones' max, unscaled
+            cap_max[r] = c0 >= c1 ? 0.f
+                         : cap_in * (have_max && c0 == 0 && c1 == n ? reduce_max(rmax.get() + r * Vec::size())
+                                                                    : max_of(s + c0, c1 - c0));
+          }
+          for (int64_t r = 0; r < m; r += Vec::size()) {
+            const int64_t cnt = std::min<int64_t>(Vec::size(), m - r);
+            (tanh_vec(Vec::loadu(cap_max.get() + r, cnt)) * Vec(sc.post)).store(cap_max.get() + r, cnt);
+          }
+        }
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = q0 + r;
           float* s = S.get() + r * BK;
@@ -643,23 +747,24 @@ void attn_fwd(const AttnParams& p) {
             fill_zero(prow, npad);
             continue;
           }
-          // s is pre·QKᵀ (pre = the scale, or scale / softcap). A softcap alone or ALiBi alone, where the tile
-          // needs no mask, is applied inside the exp pass (fused: no pass that stores the scores); its row
-          // max comes from the raw maximum (the softcap is monotone: max(cap(x)) = cap(max(x)), the GEMM's
-          // epilogue's where the whole row is visible) or from a read-only pass (ALiBi). Otherwise the scores
-          // are formed in place first (score_row, then the mask).
-          const bool masked = states[it] != kFull && p.mask_kind != kMaskNone;
+          // s is pre·QKᵀ (pre = the scale, or scale / softcap; QKᵀ itself where cap_in is pre). A softcap
+          // alone or ALiBi alone, where the tile needs no mask, is applied inside the exp pass (fused: no pass
+          // that stores the scores); its row max comes from the raw maximum (the softcap is monotone:
+          // max(cap(x)) = cap(max(x)), cap_max), from a pass of adds (ALiBi off the diagonal: kLinearAlibi) or
+          // from a read-only pass (ALiBi on it). Otherwise the scores are formed in place first (score_row,
+          // then the mask).
           const bool whole_row = have_max && c0 == 0 && c1 == n;
           const float base = static_cast<float>(i + var.q_offset - k0 - c0);  // ALiBi: pos - key at c0
-          enum { kStored, kFusedCap, kFusedAlibi } path = kStored;
-          float row_max;
+          enum { kStored, kFusedCap, kLinearAlibi, kFusedAlibi } path = kStored;
+          float row_max, alibi_row = 0.f;
           if (score_mod && !masked && !(sc.softcap && has_alibi)) {
-            if (sc.softcap) {
+            if (fused_cap) {
               path = kFusedCap;
-              const float raw = whole_row ? reduce_max(rmax.get() + r * Vec::size()) : max_of(s + c0, c1 - c0);
-              float capped[Vec::size()];
-              tanh_vec(Vec(raw)).store(capped);
-              row_max = sc.post * capped[0];
+              row_max = cap_max[r];
+            } else if (alibi_side != 0) {
+              path = kLinearAlibi;
+              alibi_row = -static_cast<float>(alibi_side) * slope * static_cast<float>(i + var.q_offset - k0);
+              row_max = max_sum(s + c0, alibi_col.get() + c0, c1 - c0) + alibi_row;
             } else {
               path = kFusedAlibi;
               row_max = max_alibi(s + c0, c1 - c0, base, slope);
@@ -678,9 +783,12 @@ void attn_fwd(const AttnParams& p) {
           }
           alpha[r] = mrow[r] == kNegInf ? 0.f : std::exp(mrow[r] - m_new);
           float sum;
-          if (path == kFusedCap) {  // exp(post·tanh(x) - m)
-            sum = exp_store(s + c0, c1 - c0, sc.post, m_new, prow + c0,
-                            [](const Vec& v, int64_t) { return tanh_vec(v); });
+          if (path == kFusedCap) {  // exp(post·tanh(x) - m) = exp(-2 post·r - (m - post)), r from softcap_r
+            sum = softcap_exp_store(s + c0, c1 - c0, cap_in, -2.f * sc.post, m_new - sc.post, prow + c0);
+          } else if (path == kLinearAlibi) {  // exp(x + column term - (m - row term))
+            const float* col = alibi_col.get() + c0;
+            sum = exp_store(s + c0, c1 - c0, 1.f, m_new - alibi_row, prow + c0,
+                            [col](const Vec& v, int64_t j) { return v + Vec::loadu(col + j); });
           } else if (path == kFusedAlibi) {  // exp(x - slope·|pos - key| - m)
             const Vec iota = Vec::arange(0.f, 1.f), vslope(-slope);
             sum = exp_store(s + c0, c1 - c0, 1.f, m_new, prow + c0, [&](const Vec& v, int64_t j) {
