@@ -243,6 +243,11 @@ CPU_TILE_CASES = [
          page_size=48),
     Case(batch=2, lengths=(70, 1), new=1, heads_q=6, heads_kv=1, head_dim=48, head_dim_v=112, page_size=16,
          dtype=torch.float16, variant="softcap"),
+    # bf16 with head dims a multiple of 32: the VDPBF16PS path on CPUs with AVX512_BF16 (rows in fours and
+    # singly, an odd number of keys in the last block, 32-wide value chunks after 64-wide ones, paged or not)
+    Case(batch=2, lengths=(133, 6), new=2, seqlen_q=2, heads_q=6, heads_kv=2, head_dim=96, head_dim_v=160,
+         page_size=16, dtype=torch.bfloat16, variant="alibi"),
+    Case(batch=1, lengths=(301,), new=1, heads_q=8, heads_kv=2, head_dim=128, dtype=torch.bfloat16, variant="all"),
 ]  # fmt: skip
 
 
@@ -251,6 +256,14 @@ CPU_TILE_CASES = [
 def test_kvcache_cpu_register_tiles(index, num_splits, monkeypatch):
     _runnable("cpu", monkeypatch)
     check(CPU_TILE_CASES[index], "cpu", num_splits=num_splits, seed=40 + index)
+
+
+@pytest.mark.parametrize("index", [i for i, c in enumerate(CPU_TILE_CASES) if c.dtype == torch.bfloat16])
+def test_kvcache_cpu_bf16_without_dot_instructions(index, monkeypatch):
+    """bf16 through the fp32 path of the same build, as on an AVX512 CPU without AVX512_BF16."""
+    _runnable("cpu", monkeypatch)
+    monkeypatch.setenv("FASTATTN_CPU_HIDE_FEATURES", "avx512_bf16")
+    check(CPU_TILE_CASES[index], "cpu", num_splits=2, seed=60 + index)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

@@ -108,6 +108,21 @@ inline bool cpu_supports(Isa isa) {
   return true;
 }
 
+// Whether the CPU has AVX512_BF16 (CPUID leaf 7 subleaf 1, EAX bit 5): not part of any build's feature list, the
+// AVX512 decode kernel checks it at run time and uses VDPBF16PS for bf16 caches when present. Hidden by
+// FASTATTN_CPU_HIDE_FEATURES=avx512_bf16 (tests: the fp32 path of the same build).
+inline bool cpu_has_avx512_bf16() {
+#if defined(FASTATTN_X86_CPUID)
+  static const bool present = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1u) != 0;
+  }();
+  return present && cpu_supports(Isa::kAvx512) && !feature_hidden("avx512_bf16");
+#else
+  return false;
+#endif
+}
+
 // The best build this CPU supports, whatever is compiled or forced (for messages and `fastattn info`).
 inline Isa cpu_best_isa() {
   for (int i = kNumIsa - 1; i > 0; --i)

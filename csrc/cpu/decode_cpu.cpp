@@ -14,6 +14,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu_isa.h"
 #include "decode_cpu.h"
 
 namespace fastattn_cpu {
@@ -98,6 +99,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_kvcache_fwd(const at::Tensor& query, cons
     p.variant.sinks = sink.data_ptr<float>();
   }
   p.splits = num_splits;
+  p.bf16_dot = cpu_has_avx512_bf16();
   const int64_t R = (p.Hq / p.Hkv) * p.Lq;
   auto f32 = query.options().dtype(at::kFloat);
   at::Tensor part_out = at::empty({p.B * p.Hkv * p.splits * R * p.Dv}, f32);

@@ -29,6 +29,8 @@ struct DecodeParams {
   // are unused (each sequence is aligned bottom-right: q_offset = total_b - Lq).
   fastattn::rules::Variant variant;
   int64_t splits;  // parts of each sequence's keys, one task each
+  // The CPU has AVX512_BF16: the AVX512 kernel scores and accumulates bf16 caches with VDPBF16PS.
+  bool bf16_dot;
   // Scratch: per task (b, kv head, split) the normalised partial output (R, Dv) and its lse (R) over R = group*Lq
   // rows; layout (B, Hkv, splits, R, Dv) and (B, Hkv, splits, R), fp32.
   float* part_out;

@@ -12,11 +12,14 @@
 // (-inf if it attended nothing) in scratch; a second pass merges the splits of each row exactly through
 // their lse, adds the sink's logit to the denominator once, and writes out (input dtype) and lse (fp32).
 //
-// Cost: FLOPs 4 * B * Hq * Lq * total * D (about 8 per cached element read when group * Lq = 4, far below the
-// machine's ratio of FLOPs to bytes), minimum bytes: K and V of every attended key once, plus q and out;
-// so it is bound by memory bandwidth and should reach the machine's measured read bandwidth for long caches
-// (benchmarks/decode.py). Splits exist so that B * Hkv tasks smaller than the thread count still use every
-// thread; their merge reads R * Dv floats per split, nothing next to the cache.
+// Cost: FLOPs 4 * B * Hq * Lq * total * D (about 8 per cached element read when group * Lq = 4), minimum bytes:
+// K and V of every attended key once (2 * D * sizeof(T) per key and kv head), plus q and out. The bound it should
+// hit is the machine's measured read bandwidth for long caches (benchmarks/decode.py), but the arithmetic is not
+// free on 2 cores: for bf16, D = 128 and a group of 4, a key brings 512 bytes and 1024 multiply-adds, which at
+// ~30 GB/s is ~30 G multiply-adds per second per core, Zen 4's fp32 FMA rate; so bf16 caches on CPUs with
+// AVX512_BF16 use VDPBF16PS (two multiply-adds per lane, no conversion of K or V; P rounded to bf16 as on GPUs).
+// Splits exist so that B * Hkv tasks smaller than the thread count still use every thread; their merge reads
+// R * Dv floats per split, nothing next to the cache.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -27,7 +30,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "decode_cpu.h"
@@ -95,7 +100,7 @@ inline void hsum4(const DVec& a0, const DVec& a1, const DVec& a2, const DVec& a3
 
 // Where a block's K or V rows are read: straight from the cache (unit stride, a whole number of vectors per row:
 // each vector converted to fp32 in registers as it is used), or from an fp32 copy made by to_f32 (any stride or
-// head dim; padded rows).
+// head dim; padded rows). bf16 rows on AVX512_BF16 CPUs go to the *_bf16 functions instead.
 template <typename T>
 struct DirectRows {
   const T* const* rows;
@@ -168,6 +173,145 @@ inline void accumulate(float* acc, int64_t ld, const float* p, int64_t pld, cons
   if (r < rows) accumulate_rows<1>(acc, ld, p, pld, v, n, padded, r);
 }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+// bf16 caches on a CPU with AVX512_BF16 (checked at run time: DecodeParams::bf16_dot). VDPBF16PS multiplies pairs
+// of bf16 and adds both products to an fp32 lane: per key and GQA row it does the work of two fp32 FMAs and needs
+// no bf16 -> fp32 conversion of K or V, which is what bounds the fp32 path on bf16 (per key of D = 128 with a
+// group of 4: 1024 multiply-adds for 512 bytes of K and V, about Zen 4's fp32 FMA rate at its read bandwidth).
+// q.K is exact in its products (q and K are bf16); P.V rounds P to bf16 first, as FlashAttention does on GPUs.
+// These functions take their own target (the AVX512 build's list plus avx512bf16) so that the build still runs
+// on AVX512 CPUs without it; they are called once per block of keys, so they are not inlined into the task.
+#define FASTATTN_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")))
+
+// Scores of NR rows of q (bf16, row stride qld, D = 32 * nc) against keys rows[0, n): out[r * ostride + j].
+// Two keys per step, so that each row has two independent accumulation chains; q stays in registers when
+// NC (the chunks of 32) is known at compile time.
+template <int NR, int NC>
+FASTATTN_BF16_TARGET inline void dot_rows_bf16(const uint16_t* q, int64_t qld, int64_t nc_rt,
+                                               const uint16_t* const* rows, int64_t n, float* out, int64_t ostride) {
+  const int64_t nc = NC > 0 ? NC : nc_rt;
+  constexpr int QR = NC > 0 ? NC : 1;
+  __m512i qv[NR][QR];
+  if (NC > 0)
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < QR; ++c) qv[r][c] = _mm512_loadu_si512(q + r * qld + 32 * c);
+  auto qload = [&](int r, int64_t c) { return NC > 0 ? qv[r][c] : _mm512_loadu_si512(q + r * qld + 32 * c); };
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    __m512 a0[NR], a1[NR];
+    for (int r = 0; r < NR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nc; ++c) {
+      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(rows[j] + 32 * c);
+      const __m512bh k1 = (__m512bh)_mm512_loadu_si512(rows[j + 1] + 32 * c);
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh x = (__m512bh)qload(r, c);
+        a0[r] = _mm512_dpbf16_ps(a0[r], x, k0);
+        a1[r] = _mm512_dpbf16_ps(a1[r], x, k1);
+      }
+    }
+    if (NR == 4) {
+      hsum4(a0[0], a0[1], a0[2], a0[3], out + j, ostride);
+      hsum4(a1[0], a1[1], a1[2], a1[3], out + j + 1, ostride);
+    } else {
+      for (int r = 0; r < NR; ++r) {
+        out[r * ostride + j] = _mm512_reduce_add_ps(a0[r]);
+        out[r * ostride + j + 1] = _mm512_reduce_add_ps(a1[r]);
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    for (int r = 0; r < NR; ++r) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t c = 0; c < nc; ++c)
+        a = _mm512_dpbf16_ps(a, (__m512bh)qload(r, c), (__m512bh)_mm512_loadu_si512(rows[j] + 32 * c));
+      out[r * ostride + j] = _mm512_reduce_add_ps(a);
+    }
+  }
+}
+
+template <int NC>
+FASTATTN_BF16_TARGET void dot_block_bf16(const uint16_t* q, int64_t R, int64_t qld, int64_t nc,
+                                         const uint16_t* const* rows, int64_t n, float* out, int64_t ostride) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) dot_rows_bf16<4, NC>(q + r * qld, qld, nc, rows, n, out + r * ostride, ostride);
+  for (; r < R; ++r) dot_rows_bf16<1, NC>(q + r * qld, qld, nc, rows, n, out + r * ostride, ostride);
+}
+
+// p (R rows of n fp32 probabilities, stride pld) rounded to bf16 (round to nearest even, as c10::BFloat16) into
+// pb (stride pld), with a zero after an odd n: the pairs (p[j], p[j + 1]) are then the 32-bit words of pb.
+FASTATTN_BF16_TARGET inline void round_p_bf16(const float* p, int64_t R, int64_t pld, int64_t n, uint16_t* pb) {
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+      const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + r * pld + j + 16), _mm512_loadu_ps(p + r * pld + j));
+      _mm512_storeu_si512(pb + r * pld + j, (__m512i)x);
+    }
+    for (; j < n; ++j) pb[r * pld + j] = c10::BFloat16(p[r * pld + j]).x;
+    if (n % 2) pb[r * pld + n] = 0;
+  }
+}
+
+// acc[r, :] += sum_j p[r, j] * v[j, :] for NR rows, CH chunks of 32 values at c: keys in pairs (j, j + 1), whose
+// rows are interleaved by 16-bit unpacks, so that one VDPBF16PS against the broadcast pair (p[r, j], p[r, j + 1])
+// adds both keys. The unpacks work within 128-bit lanes: a chunk's outputs are kept in "pair order" (see
+// pair_index), which the task undoes once at the end. `zero` stands for the missing partner of an odd last key.
+template <int NR, int CH>
+FASTATTN_BF16_TARGET inline void accumulate_rows_bf16(float* acc, int64_t ld, const uint16_t* pb, int64_t pld,
+                                                      const uint16_t* const* rows, const uint16_t* zero, int64_t n,
+                                                      int64_t c) {
+  __m512 a[NR][2 * CH];
+  for (int r = 0; r < NR; ++r)
+    for (int h = 0; h < 2 * CH; ++h) a[r][h] = _mm512_loadu_ps(acc + r * ld + c + 16 * h);
+  for (int64_t j = 0; j < n; j += 2) {
+    const uint16_t* v0 = rows[j] + c;
+    const uint16_t* v1 = j + 1 < n ? rows[j + 1] + c : zero;
+    __m512bh lo[CH], hi[CH];
+    for (int h = 0; h < CH; ++h) {
+      const __m512i x0 = _mm512_loadu_si512(v0 + 32 * h), x1 = _mm512_loadu_si512(v1 + 32 * h);
+      lo[h] = (__m512bh)_mm512_unpacklo_epi16(x0, x1);
+      hi[h] = (__m512bh)_mm512_unpackhi_epi16(x0, x1);
+    }
+    for (int r = 0; r < NR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, pb + r * pld + j, sizeof(pair));
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int h = 0; h < CH; ++h) {
+        a[r][2 * h] = _mm512_dpbf16_ps(a[r][2 * h], lo[h], pv);
+        a[r][2 * h + 1] = _mm512_dpbf16_ps(a[r][2 * h + 1], hi[h], pv);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int h = 0; h < 2 * CH; ++h) _mm512_storeu_ps(acc + r * ld + c + 16 * h, a[r][h]);
+}
+
+template <int NR>
+FASTATTN_BF16_TARGET inline void accumulate_cols_bf16(float* acc, int64_t ld, const uint16_t* pb, int64_t pld,
+                                                      const uint16_t* const* rows, const uint16_t* zero, int64_t n,
+                                                      int64_t dv) {
+  int64_t c = 0;
+  for (; c + 64 <= dv; c += 64) accumulate_rows_bf16<NR, 2>(acc, ld, pb, pld, rows, zero, n, c);
+  if (c < dv) accumulate_rows_bf16<NR, 1>(acc, ld, pb, pld, rows, zero, n, c);
+}
+
+FASTATTN_BF16_TARGET void accumulate_bf16(float* acc, int64_t ld, const float* p, uint16_t* pb, int64_t pld,
+                                          const uint16_t* const* rows, const uint16_t* zero, int64_t n, int64_t dv,
+                                          int64_t R) {
+  round_p_bf16(p, R, pld, n, pb);
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) accumulate_cols_bf16<4>(acc + r * ld, ld, pb + r * pld, pld, rows, zero, n, dv);
+  for (; r < R; ++r) accumulate_cols_bf16<1>(acc + r * ld, ld, pb + r * pld, pld, rows, zero, n, dv);
+}
+#undef FASTATTN_BF16_TARGET
+#endif
+
+// Where output column d of a chunk of 32 sits in accumulate_rows_bf16's pair order: 16-bit unpacks of 128-bit lane
+// L (columns 8L..8L+7) put columns 8L..8L+3 in fp32 lanes 4L..4L+3 of the low half, 8L+4..8L+7 in the high half.
+inline int64_t pair_index(int64_t d) {
+  const int64_t c = d / 32 * 32, e = d % 32, lane = e / 8, i = e % 8;
+  return c + (i < 4 ? 4 * lane + i : 16 + 4 * lane + i - 4);
+}
+
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // The keys [k0, k1) of split s of sequence b's attended range, and that range's total: R rows' union of bounds.
@@ -192,7 +336,8 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
   const int64_t G = p.Hq / p.Hkv, R = G * p.Lq;
   constexpr int64_t W = DVec::size();
   const int64_t Dp = round_up(p.D, W), Dvp = round_up(p.Dv, W);
-  buf.resize(R * Dp + R * Dvp + kBlock * Dp + kBlock * Dvp + 2 * R * kBlock + 3 * R);
+  // The VDPBF16PS path's bf16 buffers (q, P, a zero row) take half a float per value at the end of buf.
+  buf.resize(R * Dp + R * Dvp + kBlock * Dp + kBlock * Dvp + 2 * R * kBlock + 3 * R + (R * Dp + R * kBlock + Dvp) / 2);
   float* qf = buf.data();           // (R, Dp) the rows' queries in fp32
   float* acc = qf + R * Dp;         // (R, Dvp) unnormalised outputs
   float* kb = acc + R * Dvp;        // (kBlock, Dp) the block's keys
@@ -202,6 +347,9 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
   float* m = raw + R * kBlock;      // (R) running max
   float* l = m + R;                 // (R) running sum
   float* slope = l + R;             // (R) ALiBi slopes (0 without)
+  uint16_t* qb = reinterpret_cast<uint16_t*>(slope + R);  // (R, Dp) the rows' queries in bf16
+  uint16_t* pb = qb + R * Dp;                             // (R, kBlock) probabilities in bf16
+  uint16_t* zero = pb + R * kBlock;                       // (Dvp) a value row of zeros
   std::vector<int64_t> lo(R), hi(R);  // each row's attended keys [lo, hi]
 
   const Range range = split_range(p, b, s);
@@ -245,13 +393,45 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
   const int64_t kbytes = p.D * p.k_s[3] * int64_t(sizeof(T)), vbytes = p.Dv * p.v_s[3] * int64_t(sizeof(T));
   // Rows read in place: unit last-dim strides and head dims a whole number of vectors (the common case).
   const bool direct = p.k_s[3] == 1 && p.v_s[3] == 1 && p.D == Dp && p.Dv == Dvp;
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  const bool dp = std::is_same<T, c10::BFloat16>::value && p.bf16_dot && direct && p.D % 32 == 0 && p.Dv % 32 == 0;
+#else
+  constexpr bool dp = false;
+#endif
+  if (dp) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t hq = h * G + r / p.Lq, i = r % p.Lq;
+      const T* qr = q + b * p.q_s[0] + hq * p.q_s[1] + i * p.q_s[2];
+      for (int64_t d = 0; d < p.D; ++d) std::memcpy(qb + r * Dp + d, qr + d * p.q_s[3], sizeof(uint16_t));
+    }
+    std::fill(zero, zero + Dvp, uint16_t(0));
+  }
   int cur = 0;
   if (range.k0 < range.k1) locate(range.k0, cur);
   for (int64_t k0 = range.k0; k0 < range.k1; k0 += kBlock) {
     const int64_t n = std::min(kBlock, range.k1 - k0);
     const int64_t next = k0 + kBlock, n_next = next < range.k1 ? std::min(kBlock, range.k1 - next) : 0;
     if (n_next) locate(next, cur ^ 1);
-    for (int64_t jj = 0; jj < n; ++jj) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+    if (dp) {
+      // Eight keys per call: their scores, and the prefetch of the next block's rows at the same index.
+      const auto rows = reinterpret_cast<const uint16_t* const*>(krow[cur]);
+      for (int64_t j0 = 0; j0 < n; j0 += 8) {
+        for (int64_t jj = j0; jj < std::min(j0 + 8, n_next); ++jj) {
+          const char* kn = reinterpret_cast<const char*>(krow[cur ^ 1][jj]);
+          const char* vn = reinterpret_cast<const char*>(vrow[cur ^ 1][jj]);
+          for (int64_t off = 0; off < kbytes; off += 64) __builtin_prefetch(kn + off, 0, 2);
+          for (int64_t off = 0; off < vbytes; off += 64) __builtin_prefetch(vn + off, 0, 2);
+        }
+        const int64_t m8 = std::min<int64_t>(8, n - j0);
+        if (p.D == 128)
+          dot_block_bf16<4>(qb, R, Dp, 4, rows + j0, m8, raw + j0, kBlock);
+        else
+          dot_block_bf16<0>(qb, R, Dp, p.D / 32, rows + j0, m8, raw + j0, kBlock);
+      }
+    }
+#endif
+    for (int64_t jj = 0; jj < (dp ? 0 : n); ++jj) {
       if (jj < n_next) {
         const char* kn = reinterpret_cast<const char*>(krow[cur ^ 1][jj]);
         const char* vn = reinterpret_cast<const char*>(vrow[cur ^ 1][jj]);
@@ -321,7 +501,12 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
       }
       l[r] = l[r] * corr + hsum(sum) + tail;
     }
-    if (direct)
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+    if (dp)
+      accumulate_bf16(acc, Dvp, sc, pb, kBlock, reinterpret_cast<const uint16_t* const*>(vrow[cur]), zero, n, p.Dv, R);
+    else
+#endif
+        if (direct)
       accumulate(acc, Dvp, sc, kBlock, DirectRows<T>{vrow[cur]}, n, Dvp, R);
     else
       accumulate(acc, Dvp, sc, kBlock, BufferRows{vb, Dvp}, n, Dvp, R);
@@ -334,7 +519,7 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
   for (int64_t r = 0; r < R; ++r) {
     const bool any = l[r] > 0.f;
     const float inv = any ? 1.f / l[r] : 0.f;
-    for (int64_t d = 0; d < p.Dv; ++d) out[r * p.Dv + d] = acc[r * Dvp + d] * inv;
+    for (int64_t d = 0; d < p.Dv; ++d) out[r * p.Dv + d] = acc[r * Dvp + (dp ? pair_index(d) : d)] * inv;
     lse[r] = any ? m[r] + std::log(l[r]) : kDecodeNegInf;
   }
 }
