@@ -110,3 +110,14 @@ def test_parser_and_variant_sets():
         assert got <= want and {c for c in want if c[0] >= 80} <= got
         assert (75, "fp16", 64, "window") in got and (75, "fp16", 128, "none") not in got
     assert len(full) > len(default)
+
+
+def test_masks_select_the_builds_of_those_masks():
+    only = cc.variants([75, 90], False, head_dims=(64,), masks=cc.PACKED_MASKS)
+    assert {v.arch for v in only} == {90} and {v.mask for v in only} == set(cc.PACKED_MASKS)
+    assert {v.kernel for v in only} == {"_attn_fwd_kernel", *cc.BWD_KERNELS}
+    parser = argparse.ArgumentParser()
+    cc.add_compile_check_parser(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["compile-check", "--masks", "none,window+packed"]).masks == ("none", "window+packed")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compile-check", "--masks", "nope"])

@@ -120,9 +120,14 @@ def _torch_dtype(name: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYPES, packed=False) -> list[Variant]:
+def variants(
+    archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYPES, packed=False, masks=None
+) -> list[Variant]:
     """Every variant to compile, per arch (bf16 needs sm_80+): dtype × head dim × mask × (the forward's
-    autotune configs, the dK/dV and dQ kernels' one config each)."""
+    autotune configs, the dK/dV and dQ kernels' one config each).
+
+    ``masks`` (names of ``MASK_VARIANTS``): only these builds, forward and backward, and no decode builds; a
+    packed name only from sm_80 on. Re-checking one family after a tile change then costs its builds alone."""
     from . import bwd, decode, fwd
 
     out = []
@@ -132,14 +137,18 @@ def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYP
                 continue  # the backend refuses bf16 below sm_80
             for d in head_dims:
                 tdt = _torch_dtype(dtype)
-                for mask in ALL_MASKS if all_masks else _default(DEFAULT_MASKS, arch, packed):
+                fwd_masks = ALL_MASKS if all_masks else _default(DEFAULT_MASKS, arch, packed)
+                bwd_masks = ALL_MASKS if all_masks else _default(BWD_DEFAULT_MASKS, arch, packed)
+                if masks is not None:
+                    fwd_masks = bwd_masks = tuple(m for m in masks if arch >= 80 or not m.endswith(PACKED))
+                for mask in fwd_masks:
                     kind, _, _, dropout = MASK_VARIANTS[mask]
                     var = _has_variants(mask)
                     heavy = bool(kind) or dropout or var
                     bm, bn = fwd.fwd_tiles(d, d, tdt, arch, heavy, var)
                     for w, s in fwd.fwd_configs(bm, d, d, tdt, arch, heavy, var):
                         out.append(Variant("_attn_fwd_kernel", arch, dtype, d, mask, bm, bn, w, s))
-                for mask in ALL_MASKS if all_masks else _default(BWD_DEFAULT_MASKS, arch, packed):
+                for mask in bwd_masks:
                     kind, _, _, dropout = MASK_VARIANTS[mask]
                     # None: no spill-free config, the backend runs the reference backward instead.
                     var = _has_variants(mask)
@@ -147,7 +156,7 @@ def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYP
                     config = bwd.bwd_config(d, d, tdt, arch, bool(kind) or dropout or var, fam) or ()
                     for name, (bm, bn, w, s) in zip(BWD_KERNELS, config):
                         out.append(Variant(name, arch, dtype, d, mask, bm, bn, w, s))
-                for mask, br, bn, w, s in decode.compile_variants(tdt, d, arch):
+                for mask, br, bn, w, s in () if masks is not None else decode.compile_variants(tdt, d, arch):
                     out.append(Variant(DECODE_KERNEL, arch, dtype, d, mask, br, bn, w, s))
     return out
 
@@ -433,6 +442,14 @@ def _parse_archs(text: str) -> list[int]:
     return archs
 
 
+def _parse_masks(text: str) -> tuple[str, ...]:
+    masks = tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in masks if m not in MASK_VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--masks: unknown {unknown}; expected names of {sorted(MASK_VARIANTS)}")
+    return masks
+
+
 def add_compile_check_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the ``compile-check`` subcommand to ``fastattn``'s CLI (``subparsers`` from ``add_subparsers``)."""
     p = subparsers.add_parser(
@@ -443,6 +460,11 @@ def add_compile_check_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--arch", type=_parse_archs, default=[75, 80, 86, 90], help="e.g. sm_75,sm_80,sm_86,sm_90 (default)")
     p.add_argument("--all", action="store_true", help="the full product: every mask kind × causal per config")
     p.add_argument("--packed", action="store_true", help="also the packed (varlen) builds, sm_80 and newer")
+    p.add_argument(
+        "--masks",
+        type=_parse_masks,
+        help="only the builds of these mask variants (comma-separated, e.g. window+packed), forward and backward",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON (for the benchmark report)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
     p.add_argument(
@@ -476,7 +498,9 @@ def run_compile_check(args) -> int:
         n = write_candidates(results, args.candidates)
         print(f"{n} of {len(results)} candidates clean in {time.perf_counter() - start:.1f} s; wrote {args.candidates}")
         return 0
-    vs = variants(args.arch, args.all, args.head_dims, args.dtypes, getattr(args, "packed", False))
+    vs = variants(
+        args.arch, args.all, args.head_dims, args.dtypes, getattr(args, "packed", False), getattr(args, "masks", None)
+    )
     start = time.perf_counter()
     results = _run_all(vs, max(1, args.jobs))
     return report(results, time.perf_counter() - start, args.jobs, args.json)
