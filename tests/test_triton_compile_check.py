@@ -121,3 +121,32 @@ def test_masks_select_the_builds_of_those_masks():
     assert parser.parse_args(["compile-check", "--masks", "none,window+packed"]).masks == ("none", "window+packed")
     with pytest.raises(SystemExit):
         parser.parse_args(["compile-check", "--masks", "nope"])
+
+
+def test_packed_builds_take_the_packed_tables():
+    """Where a packed launch has tiles of its own, compile-check builds exactly those (the launchers ask the
+    same functions with ``packed=True``), and the dense builds keep theirs."""
+    import torch
+
+    from fastattn.backends.triton import bwd, fwd
+
+    builds = {}
+    for v in cc.variants([80, 86, 90], False, packed=True):
+        builds.setdefault((v.kernel, v.arch, v.dtype, v.head_dim, v.mask), []).append(
+            (v.block_m, v.block_n, v.num_warps, v.num_stages)
+        )
+    for (arch, wide, d, heavy), config in bwd._BWD_PACKED_CONFIGS.items():
+        dtype = "fp32" if wide else "bf16"
+        mask = cc.PACKED_MASKS[1] if heavy else cc.PACKED_MASKS[0]
+        for name, want in zip(cc.BWD_KERNELS, config):
+            assert builds[(name, arch, dtype, d, mask)] == [want]
+        fam = bwd.VARIANTS_FAMILY if heavy else None  # the heavy packed build has every variant on
+        assert bwd.bwd_config(d, d, torch.float32 if wide else torch.bfloat16, arch, heavy, fam) != config
+    for (arch, wide, d, heavy), tile in fwd._FWD_PACKED_TILES.items():
+        mask = cc.PACKED_MASKS[1] if heavy else cc.PACKED_MASKS[0]
+        got = builds[("_attn_fwd_kernel", arch, "fp32" if wide else "bf16", d, mask)]
+        assert {b[:2] for b in got} == {tile}
+    for (arch, wide, d, heavy), stages in fwd._FWD_PACKED_STAGES.items():
+        mask = cc.PACKED_MASKS[1] if heavy else cc.PACKED_MASKS[0]
+        got = builds[("_attn_fwd_kernel", arch, "fp32" if wide else "bf16", d, mask)]
+        assert [b[3] for b in got] == [stages]

@@ -66,11 +66,12 @@ MASK_VARIANTS = {
 VARIANTS = "+variants"
 MASK_VARIANTS["float+window+dropout" + VARIANTS] = MASK_VARIANTS["float+window+dropout"]
 # Packed sequences (``varlen_attention``): the same kernels with ``PACKED`` (per-sequence starts and lengths read
-# from the offsets, the tile schedule), no mask tensor, on the tiles of the equivalent dense launch. Two builds
-# stand for every packed launch: the light tiles with a window (both band bounds), and the heavy ones with
-# dropout and every variant. Opt-in (``--packed``), sm_80 and newer: on the dense tables' tiles 11 of the 72
-# packed backward/forward builds at head dims 64/128 (bf16, fp32) spill 8-120 bytes under Triton 3.8 (mostly the
-# dK/dV pass), so the packed launches still need tiles of their own before they join the default run.
+# from the offsets, the tile schedule), no mask tensor, on the tiles the packed launches take (``packed=True`` in
+# ``fwd.fwd_tiles``/``fwd_configs`` and ``bwd.bwd_config``: the dense choice, or tiles of their own where that
+# spills with ``PACKED``). Two builds stand for every packed launch: the light tiles with a window (both band
+# bounds), and the heavy ones with dropout and every variant. Opt-in (``--packed``), sm_80 and newer. On the dense
+# tiles 54 of the 380 packed builds (sm_80/86/90, every dtype and head dim) spilled 8-392 bytes under Triton 3.8,
+# mostly the dK/dV pass.
 PACKED = "+packed"
 MASK_VARIANTS["window" + PACKED] = MASK_VARIANTS["window"]
 MASK_VARIANTS["window+dropout" + VARIANTS + PACKED] = (0, True, True, True)
@@ -143,17 +144,18 @@ def variants(
                     fwd_masks = bwd_masks = tuple(m for m in masks if arch >= 80 or not m.endswith(PACKED))
                 for mask in fwd_masks:
                     kind, _, _, dropout = MASK_VARIANTS[mask]
-                    var = _has_variants(mask)
+                    var, packs = _has_variants(mask), mask.endswith(PACKED)
                     heavy = bool(kind) or dropout or var
-                    bm, bn = fwd.fwd_tiles(d, d, tdt, arch, heavy, var)
-                    for w, s in fwd.fwd_configs(bm, d, d, tdt, arch, heavy, var):
+                    bm, bn = fwd.fwd_tiles(d, d, tdt, arch, heavy, var, packs)
+                    for w, s in fwd.fwd_configs(bm, d, d, tdt, arch, heavy, var, packs):
                         out.append(Variant("_attn_fwd_kernel", arch, dtype, d, mask, bm, bn, w, s))
                 for mask in bwd_masks:
                     kind, _, _, dropout = MASK_VARIANTS[mask]
                     # None: no spill-free config, the backend runs the reference backward instead.
                     var = _has_variants(mask)
                     fam = bwd.VARIANTS_FAMILY if var else None
-                    config = bwd.bwd_config(d, d, tdt, arch, bool(kind) or dropout or var, fam) or ()
+                    heavy = bool(kind) or dropout or var
+                    config = bwd.bwd_config(d, d, tdt, arch, heavy, fam, mask.endswith(PACKED)) or ()
                     for name, (bm, bn, w, s) in zip(BWD_KERNELS, config):
                         out.append(Variant(name, arch, dtype, d, mask, bm, bn, w, s))
                 for mask, br, bn, w, s in () if masks is not None else decode.compile_variants(tdt, d, arch):
