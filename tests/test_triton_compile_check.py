@@ -90,8 +90,8 @@ def test_parser_and_variant_sets():
     full = cc.variants([75, 80, 86, 90], all_masks=True)
     fwd_default = [v for v in default if v.kernel == "_attn_fwd_kernel"]
     attention_full = [v for v in full if v.kernel != cc.DECODE_KERNEL]
-    assert {v.mask for v in fwd_default} == set(cc.DEFAULT_MASKS)
-    assert {v.mask for v in attention_full} == set(cc.ALL_MASKS)
+    assert {v.mask for v in fwd_default} == set(cc.DEFAULT_MASKS + cc.PACKED_MASKS)
+    assert {v.mask for v in attention_full} == set(cc.ALL_MASKS + cc.PACKED_MASKS)
     # The decode kernel: its plainest and heaviest builds on every arch, dtype and head dim.
     from fastattn.backends.triton import decode
 
@@ -107,9 +107,26 @@ def test_parser_and_variant_sets():
     for kernel in cc.BWD_KERNELS:
         got = {(v.arch, v.dtype, v.head_dim, v.mask) for v in default if v.kernel == kernel}
         want = {(v.arch, v.dtype, v.head_dim, m) for v in fwd_default for m in cc.BWD_DEFAULT_MASKS}
+        want |= {(v.arch, v.dtype, v.head_dim, v.mask) for v in fwd_default if v.mask in cc.PACKED_MASKS}
         assert got <= want and {c for c in want if c[0] >= 80} <= got
         assert (75, "fp16", 64, "window") in got and (75, "fp16", 128, "none") not in got
     assert len(full) > len(default)
+
+
+def test_packed_builds_in_the_default_set():
+    """Both packed builds, forward and both backward kernels, from sm_80 on, for every dtype at
+    ``PACKED_DEFAULT_HEAD_DIMS``; ``--packed`` adds them at every other head dim."""
+    default = cc.variants([75, 80, 86, 90], all_masks=False)
+    packed = {(v.kernel, v.arch, v.dtype, v.head_dim, v.mask) for v in default if v.mask.endswith(cc.PACKED)}
+    kernels = ("_attn_fwd_kernel", *cc.BWD_KERNELS)
+    arch_dtype_dim = [(a, t, d) for a in (80, 86, 90) for t in cc.DTYPES for d in cc.PACKED_DEFAULT_HEAD_DIMS]
+    assert packed == {(k, a, t, d, m) for k in kernels for a, t, d in arch_dtype_dim for m in cc.PACKED_MASKS}
+    every = cc.variants([75, 80, 86, 90], all_masks=False, packed=True)
+    assert {v.head_dim for v in every if v.mask.endswith(cc.PACKED)} == set(cc.HEAD_DIMS)
+    assert not any(v.arch == 75 and v.mask.endswith(cc.PACKED) for v in every)
+    assert len(every) - len(default) == sum(
+        v.mask.endswith(cc.PACKED) and v.head_dim not in cc.PACKED_DEFAULT_HEAD_DIMS for v in every
+    )
 
 
 def test_masks_select_the_builds_of_those_masks():

@@ -10,9 +10,11 @@ sm_75). Exit status 1 on a compile failure, any spill, or shared memory above th
 
 By default: every autotune config of the forward and the one config (``bwd.bwd_config``) of each
 backward kernel (dK/dV, dQ), for every dtype × head dim, with the simplest ("none") and the most
-complex ("float+window+dropout") mask variant, and "window" for the backward. The backward is
-compiled as a real launch specialises it: unit last-dim and mask-key strides, 16-aligned pointers
-and row strides. ``--all``: the full product of mask kind × causal (plus dropout) per config.
+complex ("float+window+dropout") mask variant, and "window" for the backward; from sm_80 on, the two
+packed builds (``PACKED_MASKS``) of the forward and both backward kernels at ``PACKED_DEFAULT_HEAD_DIMS``.
+The backward is compiled as a real launch specialises it: unit last-dim and mask-key strides, 16-aligned
+pointers and row strides. ``--packed``: the packed builds at every head dim. ``--all``: the full product of
+mask kind × causal (plus dropout) per config, and the packed builds at every head dim.
 Variants compile in worker processes (``--jobs``) that run
 without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
 """
@@ -69,13 +71,17 @@ MASK_VARIANTS["float+window+dropout" + VARIANTS] = MASK_VARIANTS["float+window+d
 # from the offsets, the tile schedule), no mask tensor, on the tiles the packed launches take (``packed=True`` in
 # ``fwd.fwd_tiles``/``fwd_configs`` and ``bwd.bwd_config``: the dense choice, or tiles of their own where that
 # spills with ``PACKED``). Two builds stand for every packed launch: the light tiles with a window (both band
-# bounds), and the heavy ones with dropout and every variant. Opt-in (``--packed``), sm_80 and newer. On the dense
-# tiles 54 of the 380 packed builds (sm_80/86/90, every dtype and head dim) spilled 8-392 bytes under Triton 3.8,
-# mostly the dK/dV pass.
+# bounds), and the heavy ones with dropout and every variant. On the dense tiles 54 of the 380 packed builds
+# (sm_80/86/90, every dtype and head dim) spilled 8-392 bytes under Triton 3.8, mostly the dK/dV pass, at every
+# head dim. The default run (``make test``) compiles them from sm_80 on at ``PACKED_DEFAULT_HEAD_DIMS`` only: 64
+# and 128 (the common head dims; 128's tiles serve 80 and 96 too) and 256 (the largest spills, forward and dQ as
+# well), 164 builds. The whole matrix, 380 builds (878 s on the shared 2-core machine), would take ``make test``
+# past its 20 minutes: it stays behind ``--packed`` (and ``--all``).
 PACKED = "+packed"
 MASK_VARIANTS["window" + PACKED] = MASK_VARIANTS["window"]
 MASK_VARIANTS["window+dropout" + VARIANTS + PACKED] = (0, True, True, True)
 PACKED_MASKS = ("window" + PACKED, "window+dropout" + VARIANTS + PACKED)
+PACKED_DEFAULT_HEAD_DIMS = (64, 128, 256)
 DEFAULT_MASKS = ("none", "float+window+dropout", "float+window+dropout+variants")
 # The backward also compiles "window": its non-mask config serves causal and windows too.
 BWD_DEFAULT_MASKS = ("none", "window", "float+window+dropout", "float+window+dropout+variants")
@@ -138,8 +144,8 @@ def variants(
                 continue  # the backend refuses bf16 below sm_80
             for d in head_dims:
                 tdt = _torch_dtype(dtype)
-                fwd_masks = ALL_MASKS if all_masks else _default(DEFAULT_MASKS, arch, packed)
-                bwd_masks = ALL_MASKS if all_masks else _default(BWD_DEFAULT_MASKS, arch, packed)
+                fwd_masks = _default(ALL_MASKS if all_masks else DEFAULT_MASKS, arch, d, packed or all_masks)
+                bwd_masks = _default(ALL_MASKS if all_masks else BWD_DEFAULT_MASKS, arch, d, packed or all_masks)
                 if masks is not None:
                     fwd_masks = bwd_masks = tuple(m for m in masks if arch >= 80 or not m.endswith(PACKED))
                 for mask in fwd_masks:
@@ -167,9 +173,12 @@ BWD_KERNELS = ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 DECODE_KERNEL = "_decode_kernel"  # kvcache_attention's split-KV kernel (decode.py), block_m = its row tile
 
 
-def _default(masks: tuple[str, ...], arch: int, packed: bool) -> tuple[str, ...]:
-    """The default masks of an arch, with the packed builds from sm_80 on when asked (sm_75's were never checked)."""
-    return masks + PACKED_MASKS if packed and arch >= 80 else masks
+def _default(masks: tuple[str, ...], arch: int, head_dim: int, packed: bool) -> tuple[str, ...]:
+    """The masks of an arch and head dim, with the packed builds from sm_80 on (sm_75's were never checked): at
+    ``PACKED_DEFAULT_HEAD_DIMS``, or at every head dim when asked (``packed``)."""
+    if arch >= 80 and (packed or head_dim in PACKED_DEFAULT_HEAD_DIMS):
+        return masks + PACKED_MASKS
+    return masks
 
 
 def _has_variants(mask: str) -> bool:
@@ -460,8 +469,12 @@ def add_compile_check_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--arch", type=_parse_archs, default=[75, 80, 86, 90], help="e.g. sm_75,sm_80,sm_86,sm_90 (default)")
-    p.add_argument("--all", action="store_true", help="the full product: every mask kind × causal per config")
-    p.add_argument("--packed", action="store_true", help="also the packed (varlen) builds, sm_80 and newer")
+    p.add_argument(
+        "--all", action="store_true", help="the full product: every mask kind × causal per config, packed builds too"
+    )
+    p.add_argument(
+        "--packed", action="store_true", help="the packed (varlen) builds at every head dim (default: 64/128/256)"
+    )
     p.add_argument(
         "--masks",
         type=_parse_masks,
