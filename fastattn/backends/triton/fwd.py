@@ -219,10 +219,18 @@ _FWD_VARIANT_STAGES = {(80, True, 16): 2, (86, False, 32): 2}
 # Packed launches (``PACKED``: the sequence's bounds read from the offsets and the schedule, live through the
 # whole tile loop) where the dense launch's tile or stages spill (``fastattn compile-check --packed``, Triton 3.8
 # and 3.6): (arch, fp32, padded head dim, heavy or with a variant).
-_FWD_PACKED_TILES = {(90, False, 256, False): (128, 32)}  # 128x64 spilled 80-120 bytes
+_FWD_PACKED_TILES = {
+    (80, False, 256, True): (32, 32),  # 64x32: 120 bytes under Triton 3.6 (1 stage, or 64x16: 40-104)
+    (86, False, 256, True): (32, 32),  # 64x32: 32 bytes under Triton 3.6
+    (86, True, 32, True): (64, 32),  # 64x64: 152 bytes under Triton 3.6
+    (86, True, 64, True): (64, 32),  # 64x64: 424 bytes under Triton 3.6
+    (90, False, 256, False): (128, 32),  # 128x64: 80-120 bytes
+}
 _FWD_PACKED_STAGES = {
     (80, True, 16, False): 2,  # 3 stages: 8 bytes
     (86, False, 128, False): 2,  # 3 stages: 8 bytes at head dims 80-128
+    (80, True, 256, True): 1,  # 2 stages: 16 bytes under Triton 3.6
+    (86, True, 256, True): 1,  # the same ptxas allocation as sm_80's
     (90, True, 256, True): 1,  # 2 stages: 8 bytes
 }
 
