@@ -199,7 +199,8 @@ _BWD_VARIANT_CONFIGS: dict = {
 # heavy one mask-free dropout and every variant, as the two packed builds of compile-check stand for them. Each is
 # a clean config near the dense one (fewer stages, then a shorter streamed tile, then a shorter resident one; a
 # later one where the first clean one sat at 252-255 registers); the comments say what the dense choice spilled
-# (Triton 3.8) and, in brackets, a nearer candidate that was clean under 3.8 but spilled under 3.6.
+# (Triton 3.8; "3.6:" where only Triton 3.6 spilled it) and, in brackets, a nearer candidate that spilled under
+# 3.6.
 # fmt: off
 _BWD_PACKED_CONFIGS: dict = {
     (80, False,  32, True ): ((16, 128, 8, 1), (128, 32, 8, 2)),  # dense 32x128: 392 B
@@ -220,9 +221,12 @@ _BWD_PACKED_CONFIGS: dict = {
     (86, True ,  64, False): ((16, 64, 8, 1), (128, 32, 8, 2)),   # dense 16x128: 16 B (16x64 x2: 40 B, 3.6)
     (86, True ,  64, True ): ((16, 32, 8, 1), (32, 64, 4, 1)),    # dense 16x64: 8 B
     (86, True , 128, True ): ((16, 32, 8, 1), (32, 32, 4, 2)),    # dense 16x64: 64-72 B
+    (90, False,  32, True ): ((16, 128, 8, 2), (128, 64, 8, 2)),  # 3.6: dense 32x128: 16 B (1 stage: 152 B)
     (90, False,  64, False): ((32, 128, 8, 1), (128, 64, 8, 2)),  # dense 64x128: 32 B (2 stages: 8 B, 3.6)
+    (90, False, 128, True ): ((16, 32, 8, 2), (128, 32, 8, 2)),   # 3.6: dense 16x64: 32 B (1 stage: 160 B)
     (90, False, 128, False): ((16, 128, 8, 2), (128, 64, 8, 2)),  # dense 32x128: 32 B
     (90, False, 256, False): ((16, 32, 8, 2), (128, 16, 8, 2)),   # dense 16x64: 112 B, dQ 128x32: 8 B
+    (90, False, 256, True ): ((16, 16, 8, 1), (64, 16, 8, 2)),    # 3.6: dense 32x32: 56 B (16x32: 8 B)
     (90, True ,  32, False): ((32, 128, 8, 1), (128, 64, 8, 2)),  # dense 64x128: 80 B
     (90, True ,  64, False): ((16, 128, 8, 2), (128, 64, 8, 2)),  # dense 32x128: 8 B
     (90, True ,  64, True ): ((16, 32, 8, 1), (64, 32, 8, 2)),    # dense 16x128: 112 B (16x64: 72 B, 3.6)
