@@ -220,10 +220,12 @@ _FWD_VARIANT_STAGES = {(80, True, 16): 2, (86, False, 32): 2}
 # whole tile loop) where the dense launch's tile or stages spill (``fastattn compile-check --packed``, Triton 3.8
 # and 3.6): (arch, fp32, padded head dim, heavy or with a variant).
 _FWD_PACKED_TILES = {
+    (80, True, 16, True): (64, 32),  # 64x64: 192 bytes under Triton 3.6
     (80, False, 256, True): (32, 32),  # 64x32: 120 bytes under Triton 3.6 (1 stage, or 64x16: 40-104)
     (86, False, 256, True): (32, 32),  # 64x32: 32 bytes under Triton 3.6
     (86, True, 32, True): (64, 32),  # 64x64: 152 bytes under Triton 3.6
     (86, True, 64, True): (64, 32),  # 64x64: 424 bytes under Triton 3.6
+    (86, True, 128, True): (32, 32),  # 64x32: 8 bytes under Triton 3.6 (1 stage: 72)
     (90, False, 256, False): (128, 32),  # 128x64: 80-120 bytes
 }
 _FWD_PACKED_STAGES = {
