@@ -63,6 +63,16 @@ def test_launchers_take_the_tuned_tiles(table_dir, monkeypatch):
     assert fwd.fwd_blocks(128, 128, torch.bfloat16, 90, False, -1, 0) == fwd.fwd_tiles(128, 128, torch.bfloat16, 90)
 
 
+def test_packed_launches_keep_the_static_tiles(table_dir):
+    """The tuned tiles were timed and compile-checked on the dense kernels only: packed launches take the static
+    choice with ``packed=True``, the one ``compile-check`` builds."""
+    _write_table(table_dir, 90, {"fwd/bf16/d128/causal": [64, 128, 4, 3], "bwd/bf16/d64/mask": [[16, 64, 4, 1]] * 2})
+    static = fwd.fwd_tiles(128, 128, torch.bfloat16, 90, packed=True)
+    assert fwd.fwd_blocks(128, 128, torch.bfloat16, 90, False, -1, 0, packed=True) == static != (64, 128)
+    packed = bwd.bwd_config(64, 64, torch.bfloat16, 90, True, "mask", packed=True)
+    assert packed == bwd.bwd_config(64, 64, torch.bfloat16, 90, True, None, packed=True) != ((16, 64, 4, 1),) * 2
+
+
 def test_family_of_a_launch():
     assert tuning.family(False, -1, -1) == "none"
     assert tuning.family(False, -1, 0) == "causal"

@@ -90,8 +90,8 @@ def test_parser_and_variant_sets():
     full = cc.variants([75, 80, 86, 90], all_masks=True)
     fwd_default = [v for v in default if v.kernel == "_attn_fwd_kernel"]
     attention_full = [v for v in full if v.kernel != cc.DECODE_KERNEL]
-    assert {v.mask for v in fwd_default} == set(cc.DEFAULT_MASKS)
-    assert {v.mask for v in attention_full} == set(cc.ALL_MASKS)
+    assert {v.mask for v in fwd_default} == set(cc.DEFAULT_MASKS + cc.PACKED_MASKS)
+    assert {v.mask for v in attention_full} == set(cc.ALL_MASKS + cc.PACKED_MASKS)
     # The decode kernel: its plainest and heaviest builds on every arch, dtype and head dim.
     from fastattn.backends.triton import decode
 
@@ -107,6 +107,63 @@ def test_parser_and_variant_sets():
     for kernel in cc.BWD_KERNELS:
         got = {(v.arch, v.dtype, v.head_dim, v.mask) for v in default if v.kernel == kernel}
         want = {(v.arch, v.dtype, v.head_dim, m) for v in fwd_default for m in cc.BWD_DEFAULT_MASKS}
+        want |= {(v.arch, v.dtype, v.head_dim, v.mask) for v in fwd_default if v.mask in cc.PACKED_MASKS}
         assert got <= want and {c for c in want if c[0] >= 80} <= got
         assert (75, "fp16", 64, "window") in got and (75, "fp16", 128, "none") not in got
     assert len(full) > len(default)
+
+
+def test_packed_builds_in_the_default_set():
+    """Both packed builds, forward and both backward kernels, from sm_80 on, for every dtype at
+    ``PACKED_DEFAULT_HEAD_DIMS``; ``--packed`` adds them at every other head dim."""
+    default = cc.variants([75, 80, 86, 90], all_masks=False)
+    packed = {(v.kernel, v.arch, v.dtype, v.head_dim, v.mask) for v in default if v.mask.endswith(cc.PACKED)}
+    kernels = ("_attn_fwd_kernel", *cc.BWD_KERNELS)
+    arch_dtype_dim = [(a, t, d) for a in (80, 86, 90) for t in cc.DTYPES for d in cc.PACKED_DEFAULT_HEAD_DIMS]
+    assert packed == {(k, a, t, d, m) for k in kernels for a, t, d in arch_dtype_dim for m in cc.PACKED_MASKS}
+    every = cc.variants([75, 80, 86, 90], all_masks=False, packed=True)
+    assert {v.head_dim for v in every if v.mask.endswith(cc.PACKED)} == set(cc.HEAD_DIMS)
+    assert not any(v.arch == 75 and v.mask.endswith(cc.PACKED) for v in every)
+    assert len(every) - len(default) == sum(
+        v.mask.endswith(cc.PACKED) and v.head_dim not in cc.PACKED_DEFAULT_HEAD_DIMS for v in every
+    )
+
+
+def test_masks_select_the_builds_of_those_masks():
+    only = cc.variants([75, 90], False, head_dims=(64,), masks=cc.PACKED_MASKS)
+    assert {v.arch for v in only} == {90} and {v.mask for v in only} == set(cc.PACKED_MASKS)
+    assert {v.kernel for v in only} == {"_attn_fwd_kernel", *cc.BWD_KERNELS}
+    parser = argparse.ArgumentParser()
+    cc.add_compile_check_parser(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["compile-check", "--masks", "none,window+packed"]).masks == ("none", "window+packed")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compile-check", "--masks", "nope"])
+
+
+def test_packed_builds_take_the_packed_tables():
+    """Where a packed launch has tiles of its own, compile-check builds exactly those (the launchers ask the
+    same functions with ``packed=True``), and the dense builds keep theirs."""
+    import torch
+
+    from fastattn.backends.triton import bwd, fwd
+
+    builds = {}
+    for v in cc.variants([80, 86, 90], False, packed=True):
+        builds.setdefault((v.kernel, v.arch, v.dtype, v.head_dim, v.mask), []).append(
+            (v.block_m, v.block_n, v.num_warps, v.num_stages)
+        )
+    for (arch, wide, d, heavy), config in bwd._BWD_PACKED_CONFIGS.items():
+        dtype = "fp32" if wide else "bf16"
+        mask = cc.PACKED_MASKS[1] if heavy else cc.PACKED_MASKS[0]
+        for name, want in zip(cc.BWD_KERNELS, config):
+            assert builds[(name, arch, dtype, d, mask)] == [want]
+        fam = bwd.VARIANTS_FAMILY if heavy else None  # the heavy packed build has every variant on
+        assert bwd.bwd_config(d, d, torch.float32 if wide else torch.bfloat16, arch, heavy, fam) != config
+    for (arch, wide, d, heavy), tile in fwd._FWD_PACKED_TILES.items():
+        mask = cc.PACKED_MASKS[1] if heavy else cc.PACKED_MASKS[0]
+        got = builds[("_attn_fwd_kernel", arch, "fp32" if wide else "bf16", d, mask)]
+        assert {b[:2] for b in got} == {tile}
+    for (arch, wide, d, heavy), stages in fwd._FWD_PACKED_STAGES.items():
+        mask = cc.PACKED_MASKS[1] if heavy else cc.PACKED_MASKS[0]
+        got = builds[("_attn_fwd_kernel", arch, "fp32" if wide else "bf16", d, mask)]
+        assert [b[3] for b in got] == [stages]

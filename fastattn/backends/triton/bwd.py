@@ -124,6 +124,7 @@ def bwd_config(
     arch: Optional[int],
     heavy: bool = False,
     fam: Optional[str] = None,
+    packed: bool = False,
 ) -> Optional[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
     """``((BLOCK_M, BLOCK_N, num_warps, num_stages) of dK/dV, (the same) of dQ)`` for one variant, or None
     where no spill-free config exists (sm_75 beyond fp16 at head dims <= 64: the backend's backward then
@@ -140,18 +141,23 @@ def bwd_config(
     on the blocks): ``fam`` (the launch's ``tuning.family``) selects a config timed on a GPU by
     ``benchmarks/tune.py`` where the tuned table for this arch and Triton version has one. fp16 and bf16
     share entries. ``fam == VARIANTS_FAMILY`` (a launch with a variant: heavy, nothing timed yet) takes
-    ``_BWD_VARIANT_CONFIGS`` where the heavy entry spills with the variants.
+    ``_BWD_VARIANT_CONFIGS`` where the heavy entry spills with the variants. ``packed`` (a ``varlen_attention``
+    launch: no tuned entries, which were timed and checked on the dense kernels only) takes
+    ``_BWD_PACKED_CONFIGS`` where the dense choice spills with ``PACKED``.
     """
     d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
     variants = fam == VARIANTS_FAMILY
     fam = fam if fam is not None else ("mask" if heavy else "none")
-    tuned = None if variants else lookup("bwd", arch, dtype, d, fam)
+    tuned = None if variants or packed else lookup("bwd", arch, dtype, d, fam)
     if tuned is not None:
         return tuned
     if arch is None:
         return (32, 32, 4, 1), (32, 32, 4, 1)
     if dtype == torch.float64:  # gradcheck only; no tensor cores, never compile-checked
         return (16, 32, 4, 1), (32, 16, 4, 1)
+    packed_key = (_arch_key(arch), dtype == torch.float32, d, heavy or variants)
+    if packed and packed_key in _BWD_PACKED_CONFIGS:
+        return _BWD_PACKED_CONFIGS[packed_key]
     if variants and (_arch_key(arch), dtype == torch.float32, d) in _BWD_VARIANT_CONFIGS:
         return _BWD_VARIANT_CONFIGS[(_arch_key(arch), dtype == torch.float32, d)]
     family = 90 if arch >= 90 else (80 if arch >= 80 else 75)
@@ -184,6 +190,46 @@ _BWD_VARIANT_CONFIGS: dict = {
     (90, True ,  32): ((16, 128, 8, 2), (128, 32, 8, 2)),
     (90, True ,  64): ((16, 128, 8, 1), (64, 32, 8, 2)),
     (90, True , 256): ((16, 16, 8, 1), (32, 32, 8, 2)),
+}
+# fmt: on
+
+# Packed launches (``PACKED``: the sequence's bounds from the offsets and the schedule stay live through the tile
+# loop) where the dense choice spills (``fastattn compile-check --packed``, Triton 3.8 and 3.6): (arch: 90, 86 for
+# sm_86/89, 80; fp32; padded head dim; heavy or with a variant). The light key serves none/causal/window, the
+# heavy one mask-free dropout and every variant, as the two packed builds of compile-check stand for them. Each is
+# a clean config near the dense one (fewer stages, then a shorter streamed tile, then a shorter resident one; a
+# later one where the first clean one sat at 252-255 registers); the comments say what the dense choice spilled
+# (Triton 3.8; "3.6:" where only Triton 3.6 spilled it) and, in brackets, a nearer candidate that spilled under
+# 3.6.
+# fmt: off
+_BWD_PACKED_CONFIGS: dict = {
+    (80, False,  32, True ): ((16, 128, 8, 1), (128, 32, 8, 2)),  # dense 32x128: 392 B
+    (80, False,  64, False): ((16, 128, 8, 1), (128, 64, 8, 2)),  # dense 32x128: 24 B
+    (80, False,  64, True ): ((16, 32, 8, 1), (128, 32, 8, 2)),   # dense 16x128: 136 B, 16x64: 32 B
+    (80, False, 256, False): ((16, 32, 8, 2), (64, 64, 8, 2)),    # dense 16x64: 40 B
+    (80, False, 256, True ): ((16, 16, 8, 1), (32, 32, 4, 2)),    # dense 4 warps: 48 B
+    (80, True ,  16, True ): ((16, 128, 8, 1), (128, 64, 8, 1)),  # dense 32x128: 336 B
+    (80, True ,  64, False): ((16, 128, 8, 1), (128, 32, 8, 2)),  # dense 2 stages: 8 B (16x64 x2: 40 B, 3.6)
+    (80, True , 128, False): ((32, 32, 8, 1), (64, 32, 8, 1)),    # dense 32x64: 56-64 B, dQ 4 warps: 8 B
+    (80, True , 128, True ): ((16, 32, 8, 2), (32, 32, 8, 2)),    # dense dQ 64x32: 8 B (64x16 x2: 16 B, 3.6)
+    (80, True , 256, False): ((16, 16, 8, 1), (32, 32, 8, 2)),    # dense 4 warps: 16 B
+    (86, False,  32, True ): ((16, 128, 8, 1), (128, 32, 8, 2)),  # dense 32x128: 288 B
+    (86, False,  64, False): ((16, 128, 8, 1), (128, 64, 8, 2)),  # dense 32x128: 8 B
+    (86, False, 256, False): ((16, 32, 8, 2), (32, 32, 4, 2)),    # dense 16x64: 32 B
+    (86, True ,  16, True ): ((16, 128, 8, 1), (128, 64, 8, 2)),  # dense 32x128: 256 B
+    (86, True ,  32, True ): ((16, 32, 8, 1), (128, 32, 8, 2)),   # dense 16x128: 8 B (16x64: 16 B, 3.6)
+    (86, True ,  64, False): ((16, 64, 8, 1), (128, 32, 8, 2)),   # dense 16x128: 16 B (16x64 x2: 40 B, 3.6)
+    (86, True ,  64, True ): ((16, 32, 8, 1), (32, 64, 4, 1)),    # dense 16x64: 8 B
+    (86, True , 128, True ): ((16, 32, 8, 1), (32, 32, 4, 2)),    # dense 16x64: 64-72 B
+    (90, False,  32, True ): ((16, 128, 8, 2), (128, 64, 8, 2)),  # 3.6: dense 32x128: 16 B (1 stage: 152 B)
+    (90, False,  64, False): ((32, 128, 8, 1), (128, 64, 8, 2)),  # dense 64x128: 32 B (2 stages: 8 B, 3.6)
+    (90, False, 128, True ): ((16, 32, 8, 2), (128, 32, 8, 2)),   # 3.6: dense 16x64: 32 B (1 stage: 160 B)
+    (90, False, 128, False): ((16, 128, 8, 2), (128, 64, 8, 2)),  # dense 32x128: 32 B
+    (90, False, 256, False): ((16, 32, 8, 2), (128, 16, 8, 2)),   # dense 16x64: 112 B, dQ 128x32: 8 B
+    (90, False, 256, True ): ((16, 16, 8, 1), (64, 16, 8, 2)),    # 3.6: dense 32x32: 56 B (16x32: 8 B)
+    (90, True ,  32, False): ((32, 128, 8, 1), (128, 64, 8, 2)),  # dense 64x128: 80 B
+    (90, True ,  64, False): ((16, 128, 8, 2), (128, 64, 8, 2)),  # dense 32x128: 8 B
+    (90, True ,  64, True ): ((16, 32, 8, 1), (64, 32, 8, 2)),    # dense 16x128: 112 B (16x64: 72 B, 3.6)
 }
 # fmt: on
 
@@ -271,6 +317,7 @@ def block_sizes(
     head_dim_v: Optional[int] = None,
     heavy: bool = False,
     fam: Optional[str] = None,
+    packed: bool = False,
 ) -> tuple[int, int, int, int]:
     """``(dK/dV BLOCK_M, dK/dV BLOCK_N, dQ BLOCK_M, dQ BLOCK_N)`` for this variant on ``device``.
 
@@ -281,7 +328,7 @@ def block_sizes(
     padded = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v or head_dim))
     if arch is None and lookup("bwd", None, dtype, padded, fam or ("mask" if heavy else "none")) is None:
         return INTERPRET_BLOCKS if max_seqlen <= 512 else INTERPRET_BLOCKS_LONG
-    config = bwd_config(head_dim, head_dim_v or head_dim, dtype, arch, heavy, fam)
+    config = bwd_config(head_dim, head_dim_v or head_dim, dtype, arch, heavy, fam, packed)
     if config is None:
         raise ValueError(f"head_dim: {_no_config(head_dim, head_dim_v or head_dim, dtype, arch)}")
     (bm1, bn1, _, _), (bm2, bn2, _, _) = config
@@ -303,7 +350,7 @@ def fallback_reason(params: AttnParams) -> Optional[str]:
     heavy = is_heavy(params.mask is not None, params.dropout_p, params.chunk, params.softcap, params.alibi is not None)
     variants = has_variants(params.chunk, params.softcap, params.alibi is not None)
     fam = VARIANTS_FAMILY if variants else None
-    if bwd_config(params.head_dim, params.head_dim_v, params.dtype, arch, heavy, fam) is None:
+    if bwd_config(params.head_dim, params.head_dim_v, params.dtype, arch, heavy, fam, params.is_packed) is None:
         return _no_config(params.head_dim, params.head_dim_v, params.dtype, arch)
     return None
 
@@ -811,7 +858,7 @@ def _launch(
     heavy = is_heavy(mask is not None, dropout_p, chunk, softcap, alibi_slopes is not None)
     variants = has_variants(chunk, softcap, alibi_slopes is not None)
     fam = VARIANTS_FAMILY if variants else family(heavy, left, right)
-    config = bwd_config(head_dim, head_dim_v, q.dtype, _arch(q.device), heavy, fam)
+    config = bwd_config(head_dim, head_dim_v, q.dtype, _arch(q.device), heavy, fam, packed)
     if config is None:
         raise ValueError(f"head_dim: {_no_config(head_dim, head_dim_v, q.dtype, _arch(q.device))}")
     cfg_kv, cfg_q = config
@@ -917,7 +964,7 @@ def _prepare(q: Tensor, v: Tensor, params: AttnParams, philox: Optional[Tensor],
     blocks = list(
         block_sizes(
             q.shape[-1], q.dtype, q.device, max(q.shape[2], params.seqlen_k), head_dim_v=v.shape[-1], heavy=heavy,
-            fam=fam,
+            fam=fam, packed=params.is_packed,
         )
     )  # fmt: skip
     return blocks

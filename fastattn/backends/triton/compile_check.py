@@ -10,9 +10,11 @@ sm_75). Exit status 1 on a compile failure, any spill, or shared memory above th
 
 By default: every autotune config of the forward and the one config (``bwd.bwd_config``) of each
 backward kernel (dK/dV, dQ), for every dtype × head dim, with the simplest ("none") and the most
-complex ("float+window+dropout") mask variant, and "window" for the backward. The backward is
-compiled as a real launch specialises it: unit last-dim and mask-key strides, 16-aligned pointers
-and row strides. ``--all``: the full product of mask kind × causal (plus dropout) per config.
+complex ("float+window+dropout") mask variant, and "window" for the backward; from sm_80 on, the two
+packed builds (``PACKED_MASKS``) of the forward and both backward kernels at ``PACKED_DEFAULT_HEAD_DIMS``.
+The backward is compiled as a real launch specialises it: unit last-dim and mask-key strides, 16-aligned
+pointers and row strides. ``--packed``: the packed builds at every head dim. ``--all``: the full product of
+mask kind × causal (plus dropout) per config, and the packed builds at every head dim.
 Variants compile in worker processes (``--jobs``) that run
 without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
 """
@@ -66,15 +68,20 @@ MASK_VARIANTS = {
 VARIANTS = "+variants"
 MASK_VARIANTS["float+window+dropout" + VARIANTS] = MASK_VARIANTS["float+window+dropout"]
 # Packed sequences (``varlen_attention``): the same kernels with ``PACKED`` (per-sequence starts and lengths read
-# from the offsets, the tile schedule), no mask tensor, on the tiles of the equivalent dense launch. Two builds
-# stand for every packed launch: the light tiles with a window (both band bounds), and the heavy ones with
-# dropout and every variant. Opt-in (``--packed``), sm_80 and newer: on the dense tables' tiles 11 of the 72
-# packed backward/forward builds at head dims 64/128 (bf16, fp32) spill 8-120 bytes under Triton 3.8 (mostly the
-# dK/dV pass), so the packed launches still need tiles of their own before they join the default run.
+# from the offsets, the tile schedule), no mask tensor, on the tiles the packed launches take (``packed=True`` in
+# ``fwd.fwd_tiles``/``fwd_configs`` and ``bwd.bwd_config``: the dense choice, or tiles of their own where that
+# spills with ``PACKED``). Two builds stand for every packed launch: the light tiles with a window (both band
+# bounds), and the heavy ones with dropout and every variant. On the dense tiles 54 of the 380 packed builds
+# (sm_80/86/90, every dtype and head dim) spilled 8-392 bytes under Triton 3.8, mostly the dK/dV pass, at every
+# head dim. The default run (``make test``) compiles them from sm_80 on at ``PACKED_DEFAULT_HEAD_DIMS`` only: 64
+# and 128 (the common head dims; 128's tiles serve 80 and 96 too) and 256 (the largest spills, forward and dQ as
+# well), 164 builds. The whole matrix, 380 builds (878 s on the shared 2-core machine), would take ``make test``
+# past its 20 minutes: it stays behind ``--packed`` (and ``--all``).
 PACKED = "+packed"
 MASK_VARIANTS["window" + PACKED] = MASK_VARIANTS["window"]
 MASK_VARIANTS["window+dropout" + VARIANTS + PACKED] = (0, True, True, True)
 PACKED_MASKS = ("window" + PACKED, "window+dropout" + VARIANTS + PACKED)
+PACKED_DEFAULT_HEAD_DIMS = (64, 128, 256)
 DEFAULT_MASKS = ("none", "float+window+dropout", "float+window+dropout+variants")
 # The backward also compiles "window": its non-mask config serves causal and windows too.
 BWD_DEFAULT_MASKS = ("none", "window", "float+window+dropout", "float+window+dropout+variants")
@@ -120,9 +127,14 @@ def _torch_dtype(name: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYPES, packed=False) -> list[Variant]:
+def variants(
+    archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYPES, packed=False, masks=None
+) -> list[Variant]:
     """Every variant to compile, per arch (bf16 needs sm_80+): dtype × head dim × mask × (the forward's
-    autotune configs, the dK/dV and dQ kernels' one config each)."""
+    autotune configs, the dK/dV and dQ kernels' one config each).
+
+    ``masks`` (names of ``MASK_VARIANTS``): only these builds, forward and backward, and no decode builds; a
+    packed name only from sm_80 on. Re-checking one family after a tile change then costs its builds alone."""
     from . import bwd, decode, fwd
 
     out = []
@@ -132,22 +144,27 @@ def variants(archs: list[int], all_masks: bool, head_dims=HEAD_DIMS, dtypes=DTYP
                 continue  # the backend refuses bf16 below sm_80
             for d in head_dims:
                 tdt = _torch_dtype(dtype)
-                for mask in ALL_MASKS if all_masks else _default(DEFAULT_MASKS, arch, packed):
+                fwd_masks = _default(ALL_MASKS if all_masks else DEFAULT_MASKS, arch, d, packed or all_masks)
+                bwd_masks = _default(ALL_MASKS if all_masks else BWD_DEFAULT_MASKS, arch, d, packed or all_masks)
+                if masks is not None:
+                    fwd_masks = bwd_masks = tuple(m for m in masks if arch >= 80 or not m.endswith(PACKED))
+                for mask in fwd_masks:
                     kind, _, _, dropout = MASK_VARIANTS[mask]
-                    var = _has_variants(mask)
+                    var, packs = _has_variants(mask), mask.endswith(PACKED)
                     heavy = bool(kind) or dropout or var
-                    bm, bn = fwd.fwd_tiles(d, d, tdt, arch, heavy, var)
-                    for w, s in fwd.fwd_configs(bm, d, d, tdt, arch, heavy, var):
+                    bm, bn = fwd.fwd_tiles(d, d, tdt, arch, heavy, var, packs)
+                    for w, s in fwd.fwd_configs(bm, d, d, tdt, arch, heavy, var, packs):
                         out.append(Variant("_attn_fwd_kernel", arch, dtype, d, mask, bm, bn, w, s))
-                for mask in ALL_MASKS if all_masks else _default(BWD_DEFAULT_MASKS, arch, packed):
+                for mask in bwd_masks:
                     kind, _, _, dropout = MASK_VARIANTS[mask]
                     # None: no spill-free config, the backend runs the reference backward instead.
                     var = _has_variants(mask)
                     fam = bwd.VARIANTS_FAMILY if var else None
-                    config = bwd.bwd_config(d, d, tdt, arch, bool(kind) or dropout or var, fam) or ()
+                    heavy = bool(kind) or dropout or var
+                    config = bwd.bwd_config(d, d, tdt, arch, heavy, fam, mask.endswith(PACKED)) or ()
                     for name, (bm, bn, w, s) in zip(BWD_KERNELS, config):
                         out.append(Variant(name, arch, dtype, d, mask, bm, bn, w, s))
-                for mask, br, bn, w, s in decode.compile_variants(tdt, d, arch):
+                for mask, br, bn, w, s in () if masks is not None else decode.compile_variants(tdt, d, arch):
                     out.append(Variant(DECODE_KERNEL, arch, dtype, d, mask, br, bn, w, s))
     return out
 
@@ -156,9 +173,12 @@ BWD_KERNELS = ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 DECODE_KERNEL = "_decode_kernel"  # kvcache_attention's split-KV kernel (decode.py), block_m = its row tile
 
 
-def _default(masks: tuple[str, ...], arch: int, packed: bool) -> tuple[str, ...]:
-    """The default masks of an arch, with the packed builds from sm_80 on when asked (sm_75's were never checked)."""
-    return masks + PACKED_MASKS if packed and arch >= 80 else masks
+def _default(masks: tuple[str, ...], arch: int, head_dim: int, packed: bool) -> tuple[str, ...]:
+    """The masks of an arch and head dim, with the packed builds from sm_80 on (sm_75's were never checked): at
+    ``PACKED_DEFAULT_HEAD_DIMS``, or at every head dim when asked (``packed``)."""
+    if arch >= 80 and (packed or head_dim in PACKED_DEFAULT_HEAD_DIMS):
+        return masks + PACKED_MASKS
+    return masks
 
 
 def _has_variants(mask: str) -> bool:
@@ -433,6 +453,14 @@ def _parse_archs(text: str) -> list[int]:
     return archs
 
 
+def _parse_masks(text: str) -> tuple[str, ...]:
+    masks = tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in masks if m not in MASK_VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--masks: unknown {unknown}; expected names of {sorted(MASK_VARIANTS)}")
+    return masks
+
+
 def add_compile_check_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the ``compile-check`` subcommand to ``fastattn``'s CLI (``subparsers`` from ``add_subparsers``)."""
     p = subparsers.add_parser(
@@ -441,8 +469,17 @@ def add_compile_check_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--arch", type=_parse_archs, default=[75, 80, 86, 90], help="e.g. sm_75,sm_80,sm_86,sm_90 (default)")
-    p.add_argument("--all", action="store_true", help="the full product: every mask kind × causal per config")
-    p.add_argument("--packed", action="store_true", help="also the packed (varlen) builds, sm_80 and newer")
+    p.add_argument(
+        "--all", action="store_true", help="the full product: every mask kind × causal per config, packed builds too"
+    )
+    p.add_argument(
+        "--packed", action="store_true", help="the packed (varlen) builds at every head dim (default: 64/128/256)"
+    )
+    p.add_argument(
+        "--masks",
+        type=_parse_masks,
+        help="only the builds of these mask variants (comma-separated, e.g. window+packed), forward and backward",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON (for the benchmark report)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
     p.add_argument(
@@ -476,7 +513,9 @@ def run_compile_check(args) -> int:
         n = write_candidates(results, args.candidates)
         print(f"{n} of {len(results)} candidates clean in {time.perf_counter() - start:.1f} s; wrote {args.candidates}")
         return 0
-    vs = variants(args.arch, args.all, args.head_dims, args.dtypes, getattr(args, "packed", False))
+    vs = variants(
+        args.arch, args.all, args.head_dims, args.dtypes, getattr(args, "packed", False), getattr(args, "masks", None)
+    )
     start = time.perf_counter()
     results = _run_all(vs, max(1, args.jobs))
     return report(results, time.perf_counter() - start, args.jobs, args.json)

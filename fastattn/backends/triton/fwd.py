@@ -103,18 +103,23 @@ def fwd_tiles(
     arch: Optional[int],
     heavy: bool = False,
     variants: bool = False,
+    packed: bool = False,
 ) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for a head dim, dtype and compute capability (``arch`` = 90, 80, 75; None = interpreter).
 
     ``heavy``: a mask tensor or dropout (a mask tile and Philox draws per score need registers:
     narrower key tiles keep them from spilling, as ``fastattn compile-check`` shows). Fixed per
     variant rather than autotuned, so that the mask's tile summary can be built for the kernel's
-    block before launch; autotuning picks warps and pipeline stages (``fwd_configs``).
+    block before launch; autotuning picks warps and pipeline stages (``fwd_configs``). ``packed``: a
+    ``varlen_attention`` launch (``PACKED``), which takes ``_FWD_PACKED_TILES`` where the dense tile spills.
     """
     if arch is None:
         return INTERPRET_TILE
     d = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
     wide = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
+    key = (_arch_key(arch), wide, d, heavy or variants)
+    if packed and key in _FWD_PACKED_TILES:
+        return _FWD_PACKED_TILES[key]
     if variants and (_arch_key(arch), wide, d) in _FWD_VARIANT_TILES:
         return _FWD_VARIANT_TILES[(_arch_key(arch), wide, d)]
     if arch >= 90:
@@ -148,16 +153,25 @@ def fwd_blocks(
     left: int,
     right: int,
     variants: bool = False,
+    packed: bool = False,
 ) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of a launch: the tuned table's (``tuning.lookup``) where it has one, else ``fwd_tiles``.
 
-    Launches with a variant have no tuned entries yet (nothing was timed with them): the static tiles.
+    Launches with a variant have no tuned entries yet (nothing was timed with them): the static tiles. So do
+    packed launches: the tuned tiles were timed and compile-checked on the dense kernel only.
     """
     padded = max(_pow2_dim(head_dim), _pow2_dim(head_dim_v))
-    tuned = None if variants else lookup("fwd", arch, dtype, padded, family(heavy, left, right))
+    tuned = _tuned_fwd(arch, dtype, padded, heavy, left, right, variants, packed)
     if tuned is not None:
         return tuned[0], tuned[1]
-    return fwd_tiles(head_dim, head_dim_v, dtype, arch, heavy, variants)
+    return fwd_tiles(head_dim, head_dim_v, dtype, arch, heavy, variants, packed)
+
+
+def _tuned_fwd(arch, dtype, padded: int, heavy: bool, left: int, right: int, variants: bool, packed: bool):
+    """The tuned forward config of a launch, or None: never for a variant or packed launch (see ``fwd_blocks``)."""
+    if variants or packed:
+        return None
+    return lookup("fwd", arch, dtype, padded, family(heavy, left, right))
 
 
 def fwd_configs(
@@ -168,8 +182,9 @@ def fwd_configs(
     arch: int,
     heavy: bool = False,
     variants: bool = False,
+    packed: bool = False,
 ) -> list[tuple[int, int]]:
-    """(num_warps, num_stages) pairs autotuned for one variant.
+    """(num_warps, num_stages) pairs autotuned for one variant (``packed``: a ``varlen_attention`` launch).
 
     From ``fastattn compile-check`` (Triton 3.8, ptxas from its wheel): 128-row tiles spill at 4 warps
     (255 registers), so they take 8; so do 64-row tiles at head dim 256 and with a mask/dropout;
@@ -180,6 +195,9 @@ def fwd_configs(
         return [(8 if d >= 128 else 4, 1)]  # FMA tiles at head dim >= 128 spill at 4 warps
     warps = 8 if block_m >= 128 or (block_m >= 64 and (d >= 256 or heavy)) else 4
     stages = 2 if d >= 256 or (dtype == torch.float32 and d >= 128) else 3
+    key = (_arch_key(arch), dtype == torch.float32, d, heavy or variants)
+    if packed and key in _FWD_PACKED_STAGES:
+        return [(warps, _FWD_PACKED_STAGES[key])]
     if variants and (_arch_key(arch), dtype == torch.float32, d) in _FWD_VARIANT_STAGES:
         return [(warps, _FWD_VARIANT_STAGES[(_arch_key(arch), dtype == torch.float32, d)])]
     if arch >= 90 and block_m >= 128 and dtype != torch.float32 and not heavy:
@@ -197,6 +215,26 @@ def fwd_configs(
 # every variant on (``fastattn compile-check``'s "+variants" builds, Triton 3.8): (arch, fp32, padded head dim).
 _FWD_VARIANT_TILES = {(90, False, 256): (64, 16)}
 _FWD_VARIANT_STAGES = {(80, True, 16): 2, (86, False, 32): 2}
+
+# Packed launches (``PACKED``: the sequence's bounds read from the offsets and the schedule, live through the
+# whole tile loop) where the dense launch's tile or stages spill (``fastattn compile-check --packed``, Triton 3.8
+# and 3.6): (arch, fp32, padded head dim, heavy or with a variant).
+_FWD_PACKED_TILES = {
+    (80, True, 16, True): (64, 32),  # 64x64: 192 bytes under Triton 3.6
+    (80, False, 256, True): (32, 32),  # 64x32: 120 bytes under Triton 3.6 (1 stage, or 64x16: 40-104)
+    (86, False, 256, True): (32, 32),  # 64x32: 32 bytes under Triton 3.6
+    (86, True, 32, True): (64, 32),  # 64x64: 152 bytes under Triton 3.6
+    (86, True, 64, True): (64, 32),  # 64x64: 424 bytes under Triton 3.6
+    (86, True, 128, True): (32, 32),  # 64x32: 8 bytes under Triton 3.6 (1 stage: 72)
+    (90, False, 256, False): (128, 32),  # 128x64: 80-120 bytes
+}
+_FWD_PACKED_STAGES = {
+    (80, True, 16, False): 2,  # 3 stages: 8 bytes
+    (86, False, 128, False): 2,  # 3 stages: 8 bytes at head dims 80-128
+    (80, True, 256, True): 1,  # 2 stages: 16 bytes under Triton 3.6
+    (86, True, 256, True): 1,  # the same ptxas allocation as sm_80's
+    (90, True, 256, True): 1,  # 2 stages: 8 bytes
+}
 
 # sm_86/sm_89 (99 KB of shared memory per block, sm_80: 163; fastattn compile-check --arch sm_86):
 # (head dim, fp32, heavy) variants whose sm_80 stages need 104-116 KB, or spill 8 bytes there.
@@ -503,14 +541,21 @@ def _attn_fwd_kernel(
 
 
 def _autotuned(
-    arch: int, block_m: int, head_dim: int, head_dim_v: int, dtype: torch.dtype, heavy: bool, variants: bool = False
+    arch: int,
+    block_m: int,
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    heavy: bool,
+    variants: bool = False,
+    packed: bool = False,
 ):
     """``_attn_fwd_kernel`` wrapped in ``triton.autotune`` over the configs of this variant."""
-    key = (arch, block_m, _pow2_dim(head_dim), _pow2_dim(head_dim_v), dtype, heavy, variants)
+    key = (arch, block_m, _pow2_dim(head_dim), _pow2_dim(head_dim_v), dtype, heavy, variants, packed)
     if key not in _TUNED:
         configs = [
             triton.Config({}, num_warps=w, num_stages=s)
-            for w, s in fwd_configs(block_m, head_dim, head_dim_v, dtype, arch, heavy, variants)
+            for w, s in fwd_configs(block_m, head_dim, head_dim_v, dtype, arch, heavy, variants, packed)
         ]
         _TUNED[key] = triton.autotune(
             configs,
@@ -708,12 +753,12 @@ def attn_fwd(
     heavy = is_heavy(mask is not None, dropout_p, chunk, softcap, alibi_slopes is not None)
     variants = has_variants(chunk, softcap, alibi_slopes is not None)
     padded = max(meta["BLOCK_D"], meta["BLOCK_DV"])
-    tuned = None if variants else lookup("fwd", arch, q.dtype, padded, family(heavy, left, right))
+    tuned = _tuned_fwd(arch, q.dtype, padded, heavy, left, right, variants, packed)
     with torch.cuda.device(q.device):
         if tuned is not None and tuple(tuned[:2]) == (block_m, block_n):
             _attn_fwd_kernel[grid](*args, **meta, num_warps=tuned[2], num_stages=tuned[3])
         else:
-            _autotuned(arch, block_m, head_dim, head_dim_v, q.dtype, heavy, variants)[grid](*args, **meta)
+            _autotuned(arch, block_m, head_dim, head_dim_v, q.dtype, heavy, variants, packed)[grid](*args, **meta)
     return out, lse
 
 
@@ -764,7 +809,9 @@ def forward(
     heavy = is_heavy(params.mask is not None, params.dropout_p, params.chunk, params.softcap, params.alibi is not None)
     variants = has_variants(params.chunk, params.softcap, params.alibi is not None)
     left, right = params.bounds
-    block_m, block_n = fwd_blocks(q.shape[-1], v.shape[-1], q.dtype, _arch(q.device), heavy, left, right, variants)
+    block_m, block_n = fwd_blocks(
+        q.shape[-1], v.shape[-1], q.dtype, _arch(q.device), heavy, left, right, variants, params.is_packed
+    )
     summary = []
     if params.mask is not None:
         s = params.tile_summary(block_m, block_n)
