@@ -72,25 +72,23 @@
 // Variants (csrc/attn_rules.h, the rules shared with the CUDA kernels): the band and the chunk bound each
 // row's keys (rules::row_bounds) and decide tile states; in the forward the S micro-kernel multiplies by
 // scale / softcap (the tanh's inner factor) and a softcap or ALiBi then forms each row's scores in one
-// vectorised pass in the same tile (score_row: tanh through one exp2_vec, ALiBi from an iota of positions),
+// vectorised pass in the same tile (score_row: tanh through one power of 2, ALiBi from an iota of positions),
 // the row max still the GEMM's epilogue's where only the (monotone) softcap changed the scores; the backward
 // forms each key column the same way (score_col), keeping the tanh for dS's 1 - tanh² factor. A sink joins
 // each row's (max, sum) once after its last tile (rules::add_sink) and its gradient is computed in Python
-// from out, lse and dO. Every ISA build and tile type runs the same code (nothing here is ISA-specific).
+// from out, lse and dO. Every ISA build and tile type runs the same code, but for the softcap's powers of 2
+// and reciprocal (AVX-512 and AVX2 instructions where they pay, softcap_r).
 //
-// What the variants cost (benchmarks/cpu_variants.py, 2026-12-04, same machine under load, interleaved, L =
-// 2048; results/cpu-variants-*): sinks nothing measurable (one add_sink per row; the spread of the runs,
-// up to +-15% on a loaded machine, is larger than any difference). Chunk is no slower than the same attention
-// computed without it (each chunk a batch entry), and with a chunk that is a multiple of 256 the dense 64 x
-// 256 tiles are kept (block_sizes). ALiBi fused into the exp pass: +4% (AVX-512) to +10-13% (AVX2) forward,
-// +4-7% forward+backward: a read-only max pass and 3 operations per score in the exp pass. The softcap:
-// +10-17% (AVX-512) and +16-25% (AVX2) forward, +8-22% forward+backward: tanh costs about what the softmax's
-// exp costs per score (an exp2_vec, a reciprocal and 5 more operations), and that pass is the tile's ~10%
-// beyond its GEMMs. Both miss issue #19's 10% bar in places. What would close it: ALiBi's bias is linear in
-// the key on tiles that lie on one side of the diagonal (all of them but the diagonal's, causal or not), so
-// a column bias (slope·j) and a row bias (-slope·pos) added in the S micro-kernel's epilogue, before its row
-// max, would make ALiBi free there; for the softcap, a tanh of fewer operations (a rational minimax on a
-// clamped range) where the P·V operand is bf16 anyway.
+// What the variants cost (benchmarks/cpu_variants.py --clock thread, 2026-12-05, L = 2048, AVX-512;
+// results/cpu-variants-*): sinks nothing measurable (one add_sink per row). Chunk is no slower than the same
+// attention computed without it (each chunk a batch entry), and with a chunk that is a multiple of 256 the dense
+// 64 x 256 tiles are kept (block_sizes). ALiBi +3-7% forward, +4-6% forward+backward: off the diagonal its bias
+// is linear in the key (kLinearAlibi: a column term per tile, a row term in the exp pass's subtrahend, one add
+// per score), on it the |distance| is formed in the exp pass after a read-only max pass. The softcap +5-11%
+// forward, +8-15% forward+backward: its tanh costs about what the softmax's exp does per score, so it takes the
+// short forms (vreduceps/vscalefps powers of 2, the 1 - 2r folded into the exp pass's FMA, the rows' maxima
+// capped together, no scale pass on bf16 tiles); bf16 forward+backward is still above issue #19's 10%, where
+// the backward's separate tanh pass (score_col) and its 1 - tanh² pass are what is left to fuse.
 //
 // Tile skipping: a (query tile, key tile) pair is EMPTY (skipped), PARTIAL (mask read per
 // element) or FULL (no mask read). Causal, window, chunk and q_offset are analytic; a mask tensor
