@@ -16,6 +16,10 @@
 //         SDPA flash: ~230 TFLOP/s on A100, 324-370 on H100). Not measured yet: no GPU here.
 // Grid:   (query tiles of kBlockM = 64 rows, Hq, B); heaviest query tiles first (causal).
 //         128 threads: warp w owns query rows 16w..16w+15 of the tile for the whole kernel.
+// Packed: (varlen_attention; params.layout) B sequences, the grid over the longest one's query tiles: each
+//         block reads its sequence's rows, lengths and bottom-right q_offset (attn_common.cuh: seq_info) and
+//         leaves at once past its rows, so padding costs one launch slot, no loads. Everything below then uses
+//         the sequence's lengths; the dropout contract keeps the call's (the maxima), as the Triton backend.
 // Tiles:  BLOCK_N = 64 keys (32 for D = 256, to keep the 16x256 fp32 accumulator in registers).
 // Registers per thread (D <= 128): Q fragments D/16 x 4 regs (A operand of every QKᵀ mma, loaded once
 //         by ldmatrix.x4), O accumulator D/8 x 4 fp32, S/P BLOCK_N/8 x 4 fp32, row max and sum x 2.
@@ -111,16 +115,23 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
     const int h = int(blockIdx.y), b = int(blockIdx.z);
     const int hk = h / (p.heads_q / p.heads_kv);
     const int q0 = m_tile * kBlockM;
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
-    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-    const rules::Variant& var = p.variant;
-    const int n_k_tiles = (p.seqlen_k + kBN - 1) / kBN;
+    // This block's sequence: its rows, lengths and alignment. The grid covers the longest sequence's query
+    // tiles; a block past this sequence's rows has nothing to do (packed sequences only, block-uniform).
+    const attn_common::SeqInfo seq =
+        attn_common::seq_info(p.layout, b, p.seqlen_q, p.seqlen_k, p.variant.q_offset);
+    if (q0 >= seq.len_q) return;
+    const int len_q = seq.len_q, len_k = seq.len_k;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + seq.q_start * p.q_stride[2];
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] + seq.k_start * p.k_stride[2];
+    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] + seq.k_start * p.v_stride[2];
+    rules::Variant var = p.variant;
+    var.q_offset = seq.q_offset;
+    const int n_k_tiles = (p.seqlen_k + kBN - 1) / kBN;  // the summary's (dense batches only)
     const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
     const bool dropout = p.dropout.philox != nullptr;
     // This query tile's keys and the keys all its rows attend (band and chunk), computed once.
     const rules::TileBounds32 tb =
-        rules::narrow(rules::row_tile(var, q0, min(q0 + kBlockM, p.seqlen_q) - 1, p.seqlen_k), p.seqlen_k);
+        rules::narrow(rules::row_tile(var, q0, min(q0 + kBlockM, len_q) - 1, len_k), len_k);
 
     // Which key tiles to visit: the summary's non-empty list, or the band's range.
     int n_iter = 0, tile_lo = 0;
@@ -133,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         index = p.kv_index + row * n_k_tiles;
         state = p.tile_state + row * n_k_tiles;
     } else {
-        if (tb.lo <= tb.hi) {
+        if (tb.lo <= tb.hi && len_k > 0) {  // a sequence without keys: no tile (out 0, lse -inf or the sink)
             tile_lo = tb.lo / kBN;
             n_iter = tb.hi / kBN - tile_lo + 1;
         }
@@ -148,9 +159,9 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
     uint32_t qf[Cfg::kQInRegs ? D / 16 : 1][4];
 
     if (n_iter > 0) {
-        load_rows<T, D, kBlockM>(sQ, qg, p.q_stride[2], q0, p.seqlen_q, tid);
+        load_rows<T, D, kBlockM>(sQ, qg, p.q_stride[2], q0, len_q, tid);
         const int kt0 = index ? index[0] : tile_lo;
-        load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kt0 * kBN, p.seqlen_k, tid);
+        load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kt0 * kBN, len_k, tid);
         fa::cp_async_commit();
     }
     const float scale_log2 = p.scale * kLog2e;
@@ -163,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         const int k0 = kt * kBN;
         fa::cp_async_wait<0>();  // K_j (and Q on the first tile) landed
         __syncthreads();         // ... for every thread's copies; everyone is done with V_{j-1}
-        load_rows<T, D, kBN>(sV, vg, p.v_stride[2], k0, p.seqlen_k, tid);
+        load_rows<T, D, kBN>(sV, vg, p.v_stride[2], k0, len_k, tid);
         fa::cp_async_commit();
         if constexpr (Cfg::kQInRegs) {
             if (it == 0) {
@@ -174,7 +185,8 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
             }
         }
 
-        // Dropout's keep bits of this tile's P, drawn before S is live (the generator's registers are free).
+        // Dropout's keep bits of this tile's P, drawn before S is live (the generator's registers are free). The
+        // contract indexes the batch padded to the call's lengths (packed: the longest sequence's).
         const uint32_t keep_bits = dropout ? dropout::keep_bits<kBN, false>(p.dropout, p.seqlen_q, p.seqlen_k,
                                                                             int64_t(b) * p.heads_q + h,
                                                                             q0 + warp * 16, k0, lane)
@@ -214,23 +226,23 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         if (state != nullptr) {
             partial = state[kt] != kFull;
         } else {
-            partial = !rules::encloses(tb, k0, min(k0 + kBN, p.seqlen_k) - 1);
+            partial = !rules::encloses(tb, k0, min(k0 + kBN, len_k) - 1);
         }
-        const bool tail = k0 + kBN > p.seqlen_k;
+        const bool tail = k0 + kBN > len_k;
         if (partial || tail || kMod) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 // Row i sees keys [j_lo, j_hi] of this tile (band, chunk and length), then the mask tensor.
                 const int i = q0 + warp * 16 + g + 8 * r;
                 const int64_t pos = int64_t(i) + var.q_offset;
-                int j_lo = k0, j_hi = min(k0 + kBN, p.seqlen_k) - 1;
+                int j_lo = k0, j_hi = min(k0 + kBN, len_k) - 1;
                 if (partial) {
                     int64_t lo, hi;
-                    rules::row_bounds(var, pos, p.seqlen_k, lo, hi);
-                    j_lo = max(j_lo, rules::clamp_index(lo, p.seqlen_k));
-                    j_hi = min(j_hi, rules::clamp_index(hi, p.seqlen_k));
+                    rules::row_bounds(var, pos, len_k, lo, hi);
+                    j_lo = max(j_lo, rules::clamp_index(lo, len_k));
+                    j_hi = min(j_hi, rules::clamp_index(hi, len_k));
                 }
-                const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;
+                const bool read_mask = partial && p.mask != nullptr && i < len_q;
                 const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
 #pragma unroll
                 for (int ni = 0; ni < kBN / 8; ++ni)
@@ -291,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         __syncthreads();         // ... for every thread's copies; everyone is done reading K_j
         if (it + 1 < n_iter) {
             const int kn = index ? index[it + 1] : tile_lo + it + 1;
-            load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kn * kBN, p.seqlen_k, tid);
+            load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kn * kBN, len_k, tid);
             fa::cp_async_commit();
         }
 
@@ -336,22 +348,22 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
             *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * kLd + dn * 8 + 2 * t) =
                 fa::pack2<T>(o[dn][2 * r] * inv[r], o[dn][2 * r + 1] * inv[r]);
     __syncwarp();
-    T* og = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1];
+    T* og = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + seq.q_start * p.out_stride[2];
     constexpr int kChunks = D / 8;
 #pragma unroll
     for (int c = lane; c < 16 * kChunks; c += 32) {
         const int r = c / kChunks, col = (c % kChunks) * 8;
         const int i = q0 + warp * 16 + r;
-        if (i < p.seqlen_q)
+        if (i < len_q)
             *reinterpret_cast<uint4*>(og + int64_t(i) * p.out_stride[2] + col) =
                 *reinterpret_cast<const uint4*>(sO + r * kLd + col);
     }
     if (t == 0) {
-        float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q;
+        float* lse = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + seq.q_start;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int i = q0 + warp * 16 + g + 8 * r;
-            if (i < p.seqlen_q) lse[i] = row_sum[r] > 0.f ? row_max[r] * kLn2 + logf(row_sum[r]) : -INFINITY;
+            if (i < len_q) lse[i] = row_sum[r] > 0.f ? row_max[r] * kLn2 + logf(row_sum[r]) : -INFINITY;
         }
     }
 }
