@@ -535,12 +535,15 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
     const int h = int(blockIdx.y), b = int(blockIdx.z);
     const int hk = h / (p.heads_q / p.heads_kv);
     const int q0 = m_tile * kBM;
-    // This block's sequence (attn_common.cuh); a block past its query rows exits (packed only, block-uniform).
+    // This block's sequence (attn_common.cuh); a block past its query rows exits (packed only, block-uniform). The
+    // prologue's values die with it: the loop and the epilogue read what they need again (seq_info<true>; the
+    // dS-writing instantiation spilled at D = 128 holding them).
     const attn_common::SeqInfo seq = attn_common::seq_info(p.layout, b, p.seqlen_q, p.seqlen_k, p.variant.q_offset);
     if (q0 >= seq.len_q) return;
     const int len_q = seq.len_q, len_k = seq.len_k;
-    rules::Variant var = p.variant;
-    var.q_offset = seq.q_offset;
+    rules::Variant var_seq = p.variant;
+    var_seq.q_offset = seq.q_offset;
+    const rules::Variant& var = p.variant;  // q_offset: the sequence's (seq), never var's
     const int n_k_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;  // the summary's (dense batches only)
     const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + seq.q_start * p.q_stride[2];
     const T* dog =
@@ -554,12 +557,12 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
     // This query tile's keys and the keys all its rows attend (band and chunk), and each of this thread's two rows'
     // keys, computed once: the loop over key tiles then does no division.
     const rules::TileBounds32 tb =
-        rules::narrow(rules::row_tile(var, q0, min(q0 + kBM, len_q) - 1, len_k), len_k);
+        rules::narrow(rules::row_tile(var_seq, q0, min(q0 + kBM, len_q) - 1, len_k), len_k);
     int row_lo[2], row_hi[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         int64_t lo, hi;
-        rules::row_bounds(var, int64_t(q0 + rw * 16 + g + 8 * r) + var.q_offset, len_k, lo, hi);
+        rules::row_bounds(var, int64_t(q0 + rw * 16 + g + 8 * r) + seq.q_offset, len_k, lo, hi);
         row_lo[r] = rules::clamp_index(lo, len_k);
         row_hi[r] = rules::clamp_index(hi, len_k);
     }
@@ -610,9 +613,9 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
         if (state != nullptr) {
             partial = state[kt] != kFull;
         } else {
-            partial = !rules::encloses(tb, k0, min(k0 + kBlockN, len_k) - 1);
+            partial = !rules::encloses(tb, k0, min(k0 + kBlockN, attn_common::seq_len_k(p.layout, b, p.seqlen_k)) - 1);
         }
-        const bool tail = k0 + kBlockN > len_k;
+        const bool tail = k0 + kBlockN > attn_common::seq_len_k(p.layout, b, p.seqlen_k);
         // Dropout: the keep bits of this S tile (rows queries, columns keys), drawn before S is live (per key
         // tile: per sub-tile, ptxas exceeds its default cap at D = 96 and spills).
         const uint32_t bits = dropout ? dropout::keep_bits<kBlockN, false>(p.dropout, p.seqlen_q, p.seqlen_k, bh,
@@ -625,10 +628,11 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
 #pragma unroll kSubUnroll
         for (int sub = 0; sub < kBlockN; sub += kSub) {
             if (sub % kKeys == 0) {
-                if (k0 + sub >= len_k) break;  // block-uniform
+                const int len_k_now = attn_common::seq_len_k(p.layout, b, p.seqlen_k);
+                if (k0 + sub >= len_k_now) break;  // block-uniform
                 __syncthreads();  // everyone is done with the previous K/V rows
-                load_rows<T, D, kKeys>(sK, kg, p.k_stride[2], k0 + sub, len_k, tid);
-                load_rows<T, D, kKeys>(sV, vg, p.v_stride[2], k0 + sub, len_k, tid);
+                load_rows<T, D, kKeys>(sK, kg, p.k_stride[2], k0 + sub, len_k_now, tid);
+                load_rows<T, D, kKeys>(sV, vg, p.v_stride[2], k0 + sub, len_k_now, tid);
                 fa::cp_async_commit();
                 fa::cp_async_wait<0>();  // K/V (and Q/dO on the first tile) landed
                 __syncthreads();
@@ -641,10 +645,14 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int i = q0 + rw * 16 + g + 8 * r;
-                const int64_t pos = int64_t(i) + var.q_offset;
-                const bool read_mask = partial && p.mask != nullptr && i < len_q;
+                // The sequence's key count and q_offset, read where used (S and dP are live here).
+                const attn_common::SeqInfo now =
+                    attn_common::seq_info<true>(p.layout, b, p.seqlen_q, p.seqlen_k, var.q_offset);
+                const int len_k = now.len_k;
+                const int64_t pos = int64_t(i) + now.q_offset;
+                const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;  // a mask: dense only
                 const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
-                const bool write_ds = kDs && i < len_q && c0 == 0;  // one warp of a kSplit pair
+                const bool write_ds = kDs && i < p.seqlen_q && c0 == 0;  // one warp of a pair; dS: dense only
                 const int64_t dmask_row = dmask_bh + int64_t(i) * p.seqlen_k;
 #pragma unroll
                 for (int ni = 0; ni < kSub / 8; ++ni)
@@ -692,10 +700,12 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
     }
     fa::cp_async_wait<0>();  // Q/dO's copies, if no key tile was visited
     __syncthreads();
+    const attn_common::SeqInfo seq_out =
+        attn_common::seq_info<true>(p.layout, b, p.seqlen_q, p.seqlen_k, var.q_offset);
     store_rows<T, D, kDw>(
         dq, p.scale, sQ + rw * 16 * kLd + c0,
-        static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + seq.q_start * p.dq_stride[2] + c0,
-        p.dq_stride[2], q0 + rw * 16, len_q, lane);
+        static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + seq_out.q_start * p.dq_stride[2] + c0,
+        p.dq_stride[2], q0 + rw * 16, seq_out.len_q, lane);
 }
 
 #ifndef FASTATTN_EMULATE

@@ -116,22 +116,23 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
     const int hk = h / (p.heads_q / p.heads_kv);
     const int q0 = m_tile * kBlockM;
     // This block's sequence: its rows, lengths and alignment. The grid covers the longest sequence's query
-    // tiles; a block past this sequence's rows has nothing to do (packed sequences only, block-uniform).
+    // tiles; a block past this sequence's rows has nothing to do (packed sequences only, block-uniform). The
+    // prologue's values die with it: the loop and the epilogue read what they need again (seq_info<true>).
     const attn_common::SeqInfo seq =
         attn_common::seq_info(p.layout, b, p.seqlen_q, p.seqlen_k, p.variant.q_offset);
     if (q0 >= seq.len_q) return;
-    const int len_q = seq.len_q, len_k = seq.len_k;
     const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + seq.q_start * p.q_stride[2];
     const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] + seq.k_start * p.k_stride[2];
     const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] + seq.k_start * p.v_stride[2];
-    rules::Variant var = p.variant;
-    var.q_offset = seq.q_offset;
+    const rules::Variant& var = p.variant;  // q_offset: the sequence's (seq), never var's
     const int n_k_tiles = (p.seqlen_k + kBN - 1) / kBN;  // the summary's (dense batches only)
     const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
     const bool dropout = p.dropout.philox != nullptr;
     // This query tile's keys and the keys all its rows attend (band and chunk), computed once.
+    rules::Variant var_seq = p.variant;
+    var_seq.q_offset = seq.q_offset;
     const rules::TileBounds32 tb =
-        rules::narrow(rules::row_tile(var, q0, min(q0 + kBlockM, len_q) - 1, len_k), len_k);
+        rules::narrow(rules::row_tile(var_seq, q0, min(q0 + kBlockM, seq.len_q) - 1, seq.len_k), seq.len_k);
 
     // Which key tiles to visit: the summary's non-empty list, or the band's range.
     int n_iter = 0, tile_lo = 0;
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         index = p.kv_index + row * n_k_tiles;
         state = p.tile_state + row * n_k_tiles;
     } else {
-        if (tb.lo <= tb.hi && len_k > 0) {  // a sequence without keys: no tile (out 0, lse -inf or the sink)
+        if (tb.lo <= tb.hi && seq.len_k > 0) {  // a sequence without keys: no tile (out 0, lse -inf or the sink)
             tile_lo = tb.lo / kBN;
             n_iter = tb.hi / kBN - tile_lo + 1;
         }
@@ -159,9 +160,9 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
     uint32_t qf[Cfg::kQInRegs ? D / 16 : 1][4];
 
     if (n_iter > 0) {
-        load_rows<T, D, kBlockM>(sQ, qg, p.q_stride[2], q0, len_q, tid);
+        load_rows<T, D, kBlockM>(sQ, qg, p.q_stride[2], q0, seq.len_q, tid);
         const int kt0 = index ? index[0] : tile_lo;
-        load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kt0 * kBN, len_k, tid);
+        load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kt0 * kBN, seq.len_k, tid);
         fa::cp_async_commit();
     }
     const float scale_log2 = p.scale * kLog2e;
@@ -174,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         const int k0 = kt * kBN;
         fa::cp_async_wait<0>();  // K_j (and Q on the first tile) landed
         __syncthreads();         // ... for every thread's copies; everyone is done with V_{j-1}
-        load_rows<T, D, kBN>(sV, vg, p.v_stride[2], k0, len_k, tid);
+        load_rows<T, D, kBN>(sV, vg, p.v_stride[2], k0, attn_common::seq_len_k(p.layout, b, p.seqlen_k), tid);
         fa::cp_async_commit();
         if constexpr (Cfg::kQInRegs) {
             if (it == 0) {
@@ -222,19 +223,23 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
 
         // Scale to log2 units; mask where the tile is not known to be fully visible.
         // Lane (g, t) holds s[ni][e] at row 16w + g + 8(e/2), key k0 + 8ni + 2t + e%2.
+        // The sequence's length and q_offset are read where used (attn_common.cuh: seq_info<true>): S is live here.
         bool partial;
         if (state != nullptr) {
             partial = state[kt] != kFull;
         } else {
-            partial = !rules::encloses(tb, k0, min(k0 + kBN, len_k) - 1);
+            partial = !rules::encloses(tb, k0, min(k0 + kBN, attn_common::seq_len_k(p.layout, b, p.seqlen_k)) - 1);
         }
-        const bool tail = k0 + kBN > len_k;
+        const bool tail = k0 + kBN > attn_common::seq_len_k(p.layout, b, p.seqlen_k);
         if (partial || tail || kMod) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 // Row i sees keys [j_lo, j_hi] of this tile (band, chunk and length), then the mask tensor.
+                const attn_common::SeqInfo now =
+                    attn_common::seq_info<true>(p.layout, b, p.seqlen_q, p.seqlen_k, var.q_offset);
+                const int len_k = now.len_k;
                 const int i = q0 + warp * 16 + g + 8 * r;
-                const int64_t pos = int64_t(i) + var.q_offset;
+                const int64_t pos = int64_t(i) + now.q_offset;
                 int j_lo = k0, j_hi = min(k0 + kBN, len_k) - 1;
                 if (partial) {
                     int64_t lo, hi;
@@ -242,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
                     j_lo = max(j_lo, rules::clamp_index(lo, len_k));
                     j_hi = min(j_hi, rules::clamp_index(hi, len_k));
                 }
-                const bool read_mask = partial && p.mask != nullptr && i < len_q;
+                const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;  // a mask: dense only
                 const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
 #pragma unroll
                 for (int ni = 0; ni < kBN / 8; ++ni)
@@ -303,7 +308,8 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         __syncthreads();         // ... for every thread's copies; everyone is done reading K_j
         if (it + 1 < n_iter) {
             const int kn = index ? index[it + 1] : tile_lo + it + 1;
-            load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kn * kBN, len_k, tid);
+            load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kn * kBN, attn_common::seq_len_k(p.layout, b, p.seqlen_k),
+                                 tid);
             fa::cp_async_commit();
         }
 
@@ -348,7 +354,10 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
             *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * kLd + dn * 8 + 2 * t) =
                 fa::pack2<T>(o[dn][2 * r] * inv[r], o[dn][2 * r + 1] * inv[r]);
     __syncwarp();
-    T* og = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + seq.q_start * p.out_stride[2];
+    const attn_common::SeqInfo seq_out =
+        attn_common::seq_info<true>(p.layout, b, p.seqlen_q, p.seqlen_k, var.q_offset);
+    const int len_q = seq_out.len_q;
+    T* og = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + seq_out.q_start * p.out_stride[2];
     constexpr int kChunks = D / 8;
 #pragma unroll
     for (int c = lane; c < 16 * kChunks; c += 32) {
@@ -359,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
                 *reinterpret_cast<const uint4*>(sO + r * kLd + col);
     }
     if (t == 0) {
-        float* lse = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + seq.q_start;
+        float* lse = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + seq_out.q_start;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int i = q0 + warp * 16 + g + 8 * r;
