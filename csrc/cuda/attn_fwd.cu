@@ -36,7 +36,9 @@
 //         Rows are padded by 8 elements (16 bytes): the 8 row addresses of an ldmatrix then fall in
 //         8 different 4-bank groups, so ldmatrix and the 16-byte cp.async stores are conflict-free.
 //         Bytes: (64 + 2·BLOCK_N)·(D+8)·2 = 15360 / 27648 / 39936 / 52224 / 67584 for D = 32 / 64 /
-//         96 / 128 / 256 (above 48 KiB the launcher opts in).
+//         96 / 128 / 256 (above 48 KiB the launcher opts in), plus 24 for the block's sequence (SeqShared).
+//         With it ptxas (CUDA 13.0) still spills at D = 128 with kMod (sm_80 80 B, sm_90 24 B) and at D = 256
+//         (sm_80 kMod 8 B; sm_90 24 / 40 B): packed sequences cost those kernels registers (issue #20, open).
 // Pipeline (FA2's): K and V of a key tile are two cp.async groups that alternate with the compute
 //         that does not read them: V_j streams in while S_j = Q K_jᵀ and the softmax run, K_{j+1}
 //         streams in while O += P_j V_j runs. That is the double buffer, at the shared memory of one
@@ -94,8 +96,17 @@ struct Tile {
     // A softcap or ALiBi (kMod) at D = 32 spills at 128 (136 bytes on sm_80): 3 blocks per SM.
     static constexpr int min_blocks_per_sm(bool mod) { return D <= 32 ? (mod ? 3 : 4) : 1; }
     static constexpr int kQElems = kBlockM * kLd, kKVElems = kBN * kLd;
-    static constexpr int kSmemBytes = (kQElems + 2 * kKVElems) * 2;
+    // After the tiles: the block's sequence (SeqShared), 24 bytes.
+    static constexpr int kSmemBytes = (kQElems + 2 * kKVElems) * 2 + 24;
     static_assert(D % 32 == 0, "S = QK^T consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
+};
+
+// The block's sequence values that the loop and the epilogue need, in shared memory: read there at each use (an
+// LDS at a constant offset from the tile base, no address registers) instead of held in registers through the
+// loop, where the kernel has none to spare (held, or re-read from global memory, they spilled 16-128 B per thread).
+struct SeqShared {
+    int64_t q_offset, q_start;  // the sequence's alignment and first query row (attn_common::SeqInfo)
+    int len_k, len_q;
 };
 
 // kMod: a softcap or ALiBi modifies every score (a separate instantiation, so the plain kernel's registers are
@@ -108,6 +119,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
     T* sQ = smem;                  // [64][kLd]
     T* sK = smem + Cfg::kQElems;   // [kBN][kLd]
     T* sV = sK + Cfg::kKVElems;    // [kBN][kLd]
+    SeqShared* sSeq = reinterpret_cast<SeqShared*>(sV + Cfg::kKVElems);
 
     const int tid = int(threadIdx.x), lane = tid % 32, warp = tid / 32;
     const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: row group, thread in quad
@@ -121,6 +133,8 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
     const attn_common::SeqInfo seq =
         attn_common::seq_info(p.layout, b, p.seqlen_q, p.seqlen_k, p.variant.q_offset);
     if (q0 >= seq.len_q) return;
+    if (tid == 0) *sSeq = SeqShared{seq.q_offset, seq.q_start, seq.len_k, seq.len_q};
+    __syncthreads();  // sSeq, read from here on
     const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + seq.q_start * p.q_stride[2];
     const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] + seq.k_start * p.k_stride[2];
     const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] + seq.k_start * p.v_stride[2];
@@ -175,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         const int k0 = kt * kBN;
         fa::cp_async_wait<0>();  // K_j (and Q on the first tile) landed
         __syncthreads();         // ... for every thread's copies; everyone is done with V_{j-1}
-        load_rows<T, D, kBN>(sV, vg, p.v_stride[2], k0, attn_common::seq_len_k(p.layout, b, p.seqlen_k), tid);
+        load_rows<T, D, kBN>(sV, vg, p.v_stride[2], k0, sSeq->len_k, tid);
         fa::cp_async_commit();
         if constexpr (Cfg::kQInRegs) {
             if (it == 0) {
@@ -223,23 +237,21 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
 
         // Scale to log2 units; mask where the tile is not known to be fully visible.
         // Lane (g, t) holds s[ni][e] at row 16w + g + 8(e/2), key k0 + 8ni + 2t + e%2.
-        // The sequence's length and q_offset are read where used (attn_common.cuh: seq_info<true>): S is live here.
+        // The sequence's length and q_offset are read where used (sSeq): S is live here.
         bool partial;
         if (state != nullptr) {
             partial = state[kt] != kFull;
         } else {
-            partial = !rules::encloses(tb, k0, min(k0 + kBN, attn_common::seq_len_k(p.layout, b, p.seqlen_k)) - 1);
+            partial = !rules::encloses(tb, k0, min(k0 + kBN, sSeq->len_k) - 1);
         }
-        const bool tail = k0 + kBN > attn_common::seq_len_k(p.layout, b, p.seqlen_k);
+        const bool tail = k0 + kBN > sSeq->len_k;
         if (partial || tail || kMod) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 // Row i sees keys [j_lo, j_hi] of this tile (band, chunk and length), then the mask tensor.
-                const attn_common::SeqInfo now =
-                    attn_common::seq_info<true>(p.layout, b, p.seqlen_q, p.seqlen_k, var.q_offset);
-                const int len_k = now.len_k;
+                const int len_k = sSeq->len_k;
                 const int i = q0 + warp * 16 + g + 8 * r;
-                const int64_t pos = int64_t(i) + now.q_offset;
+                const int64_t pos = int64_t(i) + sSeq->q_offset;
                 int j_lo = k0, j_hi = min(k0 + kBN, len_k) - 1;
                 if (partial) {
                     int64_t lo, hi;
@@ -308,8 +320,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         __syncthreads();         // ... for every thread's copies; everyone is done reading K_j
         if (it + 1 < n_iter) {
             const int kn = index ? index[it + 1] : tile_lo + it + 1;
-            load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kn * kBN, attn_common::seq_len_k(p.layout, b, p.seqlen_k),
-                                 tid);
+            load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kn * kBN, sSeq->len_k, tid);
             fa::cp_async_commit();
         }
 
@@ -354,10 +365,8 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
             *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * kLd + dn * 8 + 2 * t) =
                 fa::pack2<T>(o[dn][2 * r] * inv[r], o[dn][2 * r + 1] * inv[r]);
     __syncwarp();
-    const attn_common::SeqInfo seq_out =
-        attn_common::seq_info<true>(p.layout, b, p.seqlen_q, p.seqlen_k, var.q_offset);
-    const int len_q = seq_out.len_q;
-    T* og = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + seq_out.q_start * p.out_stride[2];
+    const int len_q = sSeq->len_q;
+    T* og = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + sSeq->q_start * p.out_stride[2];
     constexpr int kChunks = D / 8;
 #pragma unroll
     for (int c = lane; c < 16 * kChunks; c += 32) {
@@ -368,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
                 *reinterpret_cast<const uint4*>(sO + r * kLd + col);
     }
     if (t == 0) {
-        float* lse = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + seq_out.q_start;
+        float* lse = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + sSeq->q_start;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int i = q0 + warp * 16 + g + 8 * r;
