@@ -59,15 +59,17 @@
 //         and the per-sub-tile K/V loads were in), and its key sub-tile is 16 at D >= 128 (32 spilled
 //         16 bytes on sm_90 at D = 128).
 //         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16) with the dropout path (a runtime
-//         branch: every launch pays its registers), no spills (dQ+dS: the dS-writing instantiation, below):
-//             D                32    64    96   128   256
-//             dK/dV  sm_80    160   212   224   251   246
-//             dK/dV  sm_90    140   209   230   254   255
-//             dQ     sm_80    210   242   254   233   216
-//             dQ     sm_90    210   242   254   242   217
-//             dQ+dS  sm_80    216   224   246   240   214
-//             dQ+dS  sm_90    216   232   248   248   219
-//         preprocess: 32-56. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS. dK/dV at
+//         branch: every launch pays its registers) and packed sequences (a runtime branch too), plain / kMod
+//         (dQ+dS: the dS-writing instantiation, below); no spills but dK/dV at D = 256 on sm_90 (48 / 40 B,
+//         mk/known-spills.json, issue 19):
+//             D                  32         64         96        128        256
+//             dK/dV  sm_80    166/168    244/216    226/236    254/254    246/246
+//             dK/dV  sm_90    162/172    238/226    226/238    254/254    255/255
+//             dQ     sm_80    211/218    242/246    255/250    234/240    218/222
+//             dQ     sm_90    212/218    244/248    255/244    242/252    225/229
+//             dQ+dS  sm_80    220/232    227/224    249/250    244/244    224/225
+//             dQ+dS  sm_90    217/232    233/226    249/246    252/255    232/231
+//         preprocess: 32-64. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS. dK/dV at
 //         D = 256 draws its keep bits after the pair's exchange (Dropout, below): drawn before the matmuls,
 //         as at D <= 128, it took 255 registers and spilled 8 + 8 bytes on sm_80 (255, none, on sm_90);
 //         drawn once per query tile for both sub-tiles, 255 and 16 + 16 (sm_90 251); before the dropout

@@ -20,7 +20,8 @@ struct DropoutParams {
 // The sequence layout of a launch (the registry's OP_LAYOUT_ARGS): null offsets for a dense batch; for packed
 // sequences (varlen_attention) the int32 (B + 1,) offsets of sequence b's query rows cu_seqlens_q[b] ..
 // cu_seqlens_q[b + 1] and key rows cu_seqlens_k[b] .., on the device. The kernels turn it into one program's
-// sequence (attn_common.cuh: seq_info), so the dense batch is the special case of one code path.
+// sequence (attn_common.cuh: seq_info), so the dense batch is the special case of one code path (the forward
+// compiles it twice, kPacked: its dense kernels never look the layout up).
 struct SeqLayout {
     const int32_t* cu_seqlens_q;
     const int32_t* cu_seqlens_k;
