@@ -70,7 +70,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     at::IntArrayRef blocks, bool need_mask_grad, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
     constexpr const char* op = "fastattn::cuda_attn_bwd";
-    check_dense_layout(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
     TORCH_CHECK(summary.empty() || summary.size() == 6, op,
                 ": argument 'summary' must be [] or [kv_state, kv_count, kv_index, q_state, q_count, q_index], got ",
                 summary.size(), " tensors");
@@ -114,8 +113,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     TORCH_CHECK(seqlen_q < (int64_t(1) << 31) && seqlen_k < (int64_t(1) << 31), op,
                 ": sequence lengths must be below 2^31, got ", seqlen_q, " and ", seqlen_k);
     TORCH_CHECK(std::isfinite(scale), op, ": argument 'scale' must be finite, got ", scale);
+    const OpLayout layout =
+        op_layout(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, given(mask_opt));
+    TORCH_CHECK(!layout.packed || summary.empty(), op,
+                ": argument 'summary': packed sequences take none, got ", summary.size(), " tensors");
+    TORCH_CHECK(layout.batch <= 65535, op, ": at most 65535 packed sequences (grid limit), got ",
+                layout.batch);
+    // ALiBi slopes have one row per sequence when packed.
     const rules::Variant variant =
-        variant_params(op, q, alibi_opt, std::nullopt, window_left, window_right, q_offset, chunk, softcap);
+        variant_params(op, q, alibi_opt, std::nullopt, window_left, window_right, q_offset, chunk, softcap,
+                       layout.packed ? layout.batch : q.size(0));
     TORCH_CHECK(!need_mask_grad || (given(mask_opt) && mask_opt->is_floating_point()), op,
                 ": need_mask_grad=True needs a floating-point argument 'mask' to differentiate, got ",
                 given(mask_opt) ? dtype_name(mask_opt->scalar_type()) : "None");
@@ -128,7 +135,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
         return poison_outputs() ? at::full(like.sizes(), std::numeric_limits<float>::quiet_NaN(), like.options())
                         : at::empty(like.sizes(), like.options());
     };
-    at::Tensor dq = alloc(q), dk = alloc(k), dv = alloc(v);
+    // Packed: gradients token-major (total, H, D) seen as (1, H, total, D), as registry.packed_empty.
+    const auto grad = [&](const at::Tensor& like) {
+        return layout.packed ? packed_output(like, like.size(1), like.size(2), like.size(3)) : alloc(like);
+    };
+    at::Tensor dq = grad(q), dk = grad(k), dv = grad(v);
     // dmask: the scores' gradient dS, (B, Hq, Lq, Lk) in the mask's dtype, or empty when not asked for.
     at::Tensor dmask = at::empty({0}, q.options());
     if (need_mask_grad) {
@@ -136,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
         dmask = poison_outputs() ? at::full(shape, std::numeric_limits<float>::quiet_NaN(), mask_opt->options())
                          : at::empty(shape, mask_opt->options());
     }
-    if (seqlen_k == 0 || batch == 0 || heads_q == 0) {  // nothing attended: zero gradients
+    if (seqlen_k == 0 || batch == 0 || heads_q == 0 || (layout.packed && layout.max_seqlen_k == 0)) {
+        // nothing attended: zero gradients
         dq.zero_();
         dk.zero_();
         dv.zero_();
@@ -159,21 +171,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     p.dq = dq.data_ptr();
     p.dk = dk.data_ptr();
     p.dv = dv.data_ptr();
-    for (int d = 0; d < 3; ++d) {
-        p.q_stride[d] = qr.stride(d);
-        p.k_stride[d] = kr.stride(d);
-        p.v_stride[d] = vr.stride(d);
-        p.out_stride[d] = outr.stride(d);
-        p.dout_stride[d] = dor.stride(d);
-        p.dq_stride[d] = dq.stride(d);
-        p.dk_stride[d] = dk.stride(d);
-        p.dv_stride[d] = dv.stride(d);
-    }
-    p.batch = int(batch);
+    kernel_strides(qr, p.q_stride);
+    kernel_strides(kr, p.k_stride);
+    kernel_strides(vr, p.v_stride);
+    kernel_strides(outr, p.out_stride);
+    kernel_strides(dor, p.dout_stride);
+    kernel_strides(dq, p.dq_stride);
+    kernel_strides(dk, p.dk_stride);
+    kernel_strides(dv, p.dv_stride);
+    p.lse_stride[0] = batch == 1 ? 0 : heads_q * seqlen_q;  // lse and delta: contiguous (B, Hq, Lq)
+    p.lse_stride[1] = seqlen_q;
+    // Packed: the grids and the dropout contract take the sequences and their longest lengths.
+    p.batch = int(layout.packed ? layout.batch : batch);
     p.heads_q = int(heads_q);
     p.heads_kv = int(heads_kv);
-    p.seqlen_q = int(seqlen_q);
-    p.seqlen_k = int(seqlen_k);
+    p.seqlen_q = int(layout.packed ? layout.max_seqlen_q : seqlen_q);
+    p.seqlen_k = int(layout.packed ? layout.max_seqlen_k : seqlen_k);
+    p.layout = layout.seq_layout();
     p.head_dim = int(head_dim);
     p.scale = float(scale);
     p.variant = variant;

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 #include "checks.h"
@@ -57,13 +58,18 @@ inline DropoutParams dropout_params(const char* op, const std::optional<at::Tens
     return d;
 }
 
-// The variant of an attention op (csrc/attn_rules.h) from its arguments, checked: the band (window_left/right,
-// -1 unbounded), q_offset, chunk (0: none), softcap (0: none), ALiBi slopes ((1|B, Hq) float32, contiguous, on
-// q's device) and sinks ((Hq,) float32, contiguous, on q's device). The tensors must outlive the launch.
-inline rules::Variant variant_params(const char* op, const at::Tensor& q, const std::optional<at::Tensor>& alibi_opt,
+// The variant of an attention op (csrc/attn_rules.h) from its arguments, checked: the band
+// (window_left/right, -1 unbounded), q_offset, chunk (0: none), softcap (0: none), ALiBi slopes ((1|B, Hq)
+// float32, contiguous, on q's device) and sinks ((Hq,) float32, contiguous, on q's device). The tensors must
+// outlive the launch. `batch`: the ALiBi table's rows, q.size(0) when negative (packed sequences pass their
+// count).
+inline rules::Variant variant_params(const char* op, const at::Tensor& q,
+                                     const std::optional<at::Tensor>& alibi_opt,
                                      const std::optional<at::Tensor>& sinks_opt, int64_t window_left,
-                                     int64_t window_right, int64_t q_offset, int64_t chunk, double softcap) {
-    const int64_t batch = q.size(0), heads_q = q.size(1);
+                                     int64_t window_right, int64_t q_offset, int64_t chunk, double softcap,
+                                     int64_t batch = -1) {
+    if (batch < 0) batch = q.size(0);
+    const int64_t heads_q = q.size(1);
     TORCH_CHECK(window_left >= -1 && window_right >= -1, op,
                 ": window_left and window_right must be >= -1 (-1 = unbounded), got ", window_left, " and ",
                 window_right);
@@ -100,14 +106,87 @@ inline std::optional<at::Tensor> summary_part(at::TensorList summary, size_t i) 
     return i < summary.size() ? std::optional<at::Tensor>(summary[i]) : std::nullopt;
 }
 
-// The registry's sequence layout (OP_LAYOUT_ARGS): the CUDA kernels take dense batches only, so packed offsets
-// are refused here (the capability table already keeps packed calls off this backend).
-inline void check_dense_layout(const char* op, const std::optional<at::Tensor>& cu_seqlens_q,
-                               const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                               int64_t max_seqlen_k) {
-    TORCH_CHECK(!cu_seqlens_q.has_value() && !cu_seqlens_k.has_value() && max_seqlen_q == 0 && max_seqlen_k == 0, op,
-                ": arguments 'cu_seqlens_q'/'cu_seqlens_k': expected None (the CUDA kernels take dense batches; "
-                "packed sequences run on the triton or cpu backend), got packed offsets");
+// The registry's sequence layout (OP_LAYOUT_ARGS) of an attention op, checked (naming the argument, what was
+// expected and what was received). Dense: both offsets None and both maxima 0. Packed (varlen_attention): q
+// and k are the (1, H, total, D) views of the packed tokens, cu_seqlens_q/k the (B + 1,) int32 or int64
+// offsets on q's device, max_seqlen_q/k the longest sequence's lengths, and no mask tensor. The offsets'
+// values (0 first, nondecreasing, the token count last, no sequence longer than the maxima) are checked by
+// varlen_attention once per tensor (fastattn/_validate.py): reading them here would synchronise with the
+// device on every call.
+struct OpLayout {
+    bool packed = false;
+    // int32, contiguous (the kernels' SeqLayout); they must outlive the launch
+    at::Tensor cu_seqlens_q, cu_seqlens_k;
+    int64_t batch = 0, max_seqlen_q = 0, max_seqlen_k = 0;  // the sequences and their longest lengths
+    SeqLayout seq_layout() const {
+        if (!packed) return SeqLayout{nullptr, nullptr};
+        return SeqLayout{cu_seqlens_q.data_ptr<int32_t>(), cu_seqlens_k.data_ptr<int32_t>()};
+    }
+};
+
+inline OpLayout op_layout(const char* op, const at::Tensor& q, const at::Tensor& k,
+                          const std::optional<at::Tensor>& cu_q_opt,
+                          const std::optional<at::Tensor>& cu_k_opt, int64_t max_seqlen_q,
+                          int64_t max_seqlen_k, bool has_mask) {
+    const bool has_q = cu_q_opt.has_value() && cu_q_opt->defined();
+    const bool has_k = cu_k_opt.has_value() && cu_k_opt->defined();
+    OpLayout l;
+    if (!has_q && !has_k) {
+        TORCH_CHECK(
+            max_seqlen_q == 0 && max_seqlen_k == 0, op,
+            ": arguments 'max_seqlen_q'/'max_seqlen_k' must be 0 for a dense batch (cu_seqlens None), got ",
+            max_seqlen_q, " and ", max_seqlen_k);
+        return l;
+    }
+    TORCH_CHECK(has_q && has_k, op, ": arguments 'cu_seqlens_q' and 'cu_seqlens_k' come together, got ",
+                has_q ? "cu_seqlens_k=None" : "cu_seqlens_q=None");
+    const at::Tensor &cu_seqlens_q = *cu_q_opt, &cu_seqlens_k = *cu_k_opt;  // named for the checks' messages
+    CHECK_SAME_DEVICE(op, cu_seqlens_q, q);
+    CHECK_SAME_DEVICE(op, cu_seqlens_k, q);
+    CHECK_DTYPE(op, cu_seqlens_q, at::kInt, at::kLong);
+    CHECK_DTYPE(op, cu_seqlens_k, at::kInt, at::kLong);
+    CHECK_DIM(op, cu_seqlens_q, 1);
+    CHECK_DIM(op, cu_seqlens_k, 1);
+    TORCH_CHECK(
+        cu_seqlens_q.size(0) >= 1 && cu_seqlens_k.size(0) == cu_seqlens_q.size(0), op,
+        ": arguments 'cu_seqlens_q' and 'cu_seqlens_k' must both have shape (B + 1,) with B >= 0, got ",
+        cu_seqlens_q.sizes(), " and ", cu_seqlens_k.sizes());
+    TORCH_CHECK(!has_mask, op, ": argument 'mask': packed sequences take no mask tensor, got one");
+    TORCH_CHECK(
+        q.size(0) == 1 && k.size(0) == 1, op,
+        ": arguments 'q'/'k': packed sequences are (1, H, total, D) views of the (total, H, D) tokens, got ",
+        q.sizes(), " and ", k.sizes());
+    TORCH_CHECK(
+        max_seqlen_q >= 0 && max_seqlen_q <= q.size(2) && max_seqlen_k >= 0 && max_seqlen_k <= k.size(2), op,
+        ": arguments 'max_seqlen_q'/'max_seqlen_k' must be in [0, total_q = ", q.size(2),
+        "] and [0, total_k = ", k.size(2), "], got ", max_seqlen_q, " and ", max_seqlen_k);
+    l.packed = true;
+    // The kernels read int32 offsets (totals are below 2^31, checked with the lengths): an int64 tensor is
+    // converted.
+    l.cu_seqlens_q = cu_seqlens_q.to(at::kInt).contiguous();
+    l.cu_seqlens_k = cu_seqlens_k.to(at::kInt).contiguous();
+    l.batch = cu_seqlens_q.size(0) - 1;
+    l.max_seqlen_q = max_seqlen_q;
+    l.max_seqlen_k = max_seqlen_k;
+    return l;
+}
+
+// A kernel's (batch, head, row) strides of t: a batch of one reads batch stride 0, so that packed sequences
+// (every sequence in batch 0, at its row offset) and dense batches share the kernels' addressing.
+inline void kernel_strides(const at::Tensor& t, int64_t (&stride)[3]) {
+    for (int d = 0; d < 3; ++d) stride[d] = t.stride(d);
+    if (t.size(0) == 1) stride[0] = 0;
+}
+
+// A token-major (total, heads, dim) tensor seen as (1, heads, total, dim) (registry.packed_empty): packed
+// outputs and gradients, so that the caller's (total, H, D) results are contiguous; poisoned with NaN under
+// FASTATTN_POISON.
+inline at::Tensor packed_output(const at::Tensor& like, int64_t heads, int64_t total, int64_t dim) {
+    // (total, heads, dim) -> (heads, total, dim) -> (1, heads, total, dim)
+    at::Tensor t = poison_outputs() ? at::full({total, heads, dim}, std::numeric_limits<float>::quiet_NaN(),
+                                               like.options())
+                                    : at::empty({total, heads, dim}, like.options());
+    return t.permute({1, 0, 2}).unsqueeze(0);
 }
 
 }  // namespace fastattn

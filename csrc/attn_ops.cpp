@@ -38,7 +38,6 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                                  int64_t max_seqlen_k) {
     constexpr const char* op = "fastattn::cuda_attn_fwd";
-    check_dense_layout(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
     TORCH_CHECK(summary.empty() || summary.size() == 3, op,
                 ": argument 'summary' must be [] or [tile_state, kv_count, kv_index], got ", summary.size(),
                 " tensors");
@@ -73,9 +72,17 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
     TORCH_CHECK(blocks.size() == 2 && blocks[0] == attn_fwd::kBlockM && blocks[1] == attn_fwd::block_n(int(head_dim)),
                 op, ": argument 'blocks' must be [", attn_fwd::kBlockM, ", ", attn_fwd::block_n(int(head_dim)),
                 "] (the kernel's tile at head_dim ", head_dim, "), got ", blocks);
+    const OpLayout layout = op_layout(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      mask_opt.has_value() && mask_opt->defined());
+    TORCH_CHECK(!layout.packed || summary.empty(), op,
+                ": argument 'summary': packed sequences take none, got ", summary.size(), " tensors");
+    TORCH_CHECK(layout.batch <= 65535, op, ": at most 65535 packed sequences (grid limit), got ",
+                layout.batch);
     const DropoutParams dropout = dropout_params(op, philox_opt, dropout_p, q);
+    // ALiBi slopes have one row per sequence when packed.
     const rules::Variant variant =
-        variant_params(op, q, alibi_opt, sinks_opt, window_left, window_right, q_offset, chunk, softcap);
+        variant_params(op, q, alibi_opt, sinks_opt, window_left, window_right, q_offset, chunk, softcap,
+                       layout.packed ? layout.batch : q.size(0));
 
     const bool has_mask = mask_opt.has_value() && mask_opt->defined();
     const bool has_summary = tile_state_opt.has_value() && tile_state_opt->defined();
@@ -92,9 +99,12 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
     const auto alloc = [&](at::IntArrayRef shape, at::TensorOptions opts) {
         return poison_outputs() ? at::full(shape, std::numeric_limits<float>::quiet_NaN(), opts) : at::empty(shape, opts);
     };
-    at::Tensor out = alloc({batch, heads_q, seqlen_q, head_dim}, q.options());
+    // Packed: out token-major (total_q, Hq, D) seen as (1, Hq, total_q, D), lse (1, Hq, total_q).
+    at::Tensor out = layout.packed ? packed_output(q, heads_q, seqlen_q, head_dim)
+                                   : alloc({batch, heads_q, seqlen_q, head_dim}, q.options());
     at::Tensor lse = alloc({batch, heads_q, seqlen_q}, q.options().dtype(at::kFloat));
-    if (seqlen_k == 0) {  // nothing to attend: zeros, lse -inf (or the sink's logit)
+    if (seqlen_k == 0 || (layout.packed && layout.max_seqlen_k == 0)) {
+        // nothing to attend: zeros, lse -inf (or the sink's logit)
         out.zero_();
         if (variant.sinks != nullptr)
             lse.copy_(sinks_opt->view({1, heads_q, 1}).expand({batch, heads_q, seqlen_q}));
@@ -110,17 +120,19 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
     p.v = vr.data_ptr();
     p.out = out.data_ptr();
     p.lse = lse.data_ptr<float>();
-    for (int d = 0; d < 3; ++d) {
-        p.q_stride[d] = qr.stride(d);
-        p.k_stride[d] = kr.stride(d);
-        p.v_stride[d] = vr.stride(d);
-        p.out_stride[d] = out.stride(d);
-    }
-    p.batch = int(batch);
+    kernel_strides(qr, p.q_stride);
+    kernel_strides(kr, p.k_stride);
+    kernel_strides(vr, p.v_stride);
+    kernel_strides(out, p.out_stride);
+    p.lse_stride[0] = batch == 1 ? 0 : heads_q * seqlen_q;
+    p.lse_stride[1] = seqlen_q;
+    // Packed: the grid and the dropout contract take the sequences and their longest lengths.
+    p.batch = int(layout.packed ? layout.batch : batch);
     p.heads_q = int(heads_q);
     p.heads_kv = int(heads_kv);
-    p.seqlen_q = int(seqlen_q);
-    p.seqlen_k = int(seqlen_k);
+    p.seqlen_q = int(layout.packed ? layout.max_seqlen_q : seqlen_q);
+    p.seqlen_k = int(layout.packed ? layout.max_seqlen_k : seqlen_k);
+    p.layout = layout.seq_layout();
     p.head_dim = int(head_dim);
     p.scale = float(scale);
     p.variant = variant;

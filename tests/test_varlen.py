@@ -182,15 +182,16 @@ def test_opcheck_reference_ops_packed():
         torch.library.opcheck(torch.ops.fastattn.reference_bwd.default, bwd)
 
 
-def test_kernel_backends_refuse_packed_with_the_reason_until_they_have_it():
+def test_every_kernel_backend_claims_packed_or_refuses_it_with_the_reason():
     params, *_ = fastattn._validate.validate_packed(*_packed()[:7], enable_gqa=True)
     assert "packed" in params.features
     for name in registry.names():
         backend = registry.get(name)
         if "packed" not in backend.capabilities.features:
             assert "packed variable-length sequences" in backend.unsupported_reason(params)
-    # The CUDA kernels have no packed path: claiming it would run the dense kernel over the packed tokens.
-    assert "packed variable-length sequences" in registry.get("cuda").capabilities.reason(params)
+    # Every fused backend has a packed path now (the CUDA kernels through seq_info; tests/test_varlen_cuda.py).
+    for name in ("triton", "cpu", "cuda"):
+        assert "packed" in registry.get(name).capabilities.features, name
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -33,6 +33,9 @@
 //         group's reduction happens in registers in a fixed order, deterministic, K/V loaded once.
 //         dQ (Lq/64, Hq, B), heaviest (causal) query tiles first: warp w owns query rows 16w..16w+15
 //         and accumulates their dQ while the key tiles (64 keys) stream past.
+// Packed: (params.layout) each grid covers the longest sequence's tiles x B sequences; every block reads its
+//         sequence's rows, lengths and bottom-right q_offset from seq_info (attn_common.cuh) and leaves past its
+//         own query (preprocess, dQ) or key (dK/dV) rows; a sequence without queries still writes dK = dV = 0.
 // D = 256: one warp's dK + dV rows over all of D would be 2·(256/8)·4 = 256 fp32 registers (and dQ's
 //         128 left no room: 255 and spills in a first try), so both passes split the head dim between
 //         warp pairs (Tile::kSplit = 2): warp w owns 16 keys (dK/dV) or query rows (dQ) 16·(w % 2) and
@@ -56,15 +59,17 @@
 //         and the per-sub-tile K/V loads were in), and its key sub-tile is 16 at D >= 128 (32 spilled
 //         16 bytes on sm_90 at D = 128).
 //         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16) with the dropout path (a runtime
-//         branch: every launch pays its registers), no spills (dQ+dS: the dS-writing instantiation, below):
-//             D                32    64    96   128   256
-//             dK/dV  sm_80    160   212   224   251   246
-//             dK/dV  sm_90    140   209   230   254   255
-//             dQ     sm_80    210   242   254   233   216
-//             dQ     sm_90    210   242   254   242   217
-//             dQ+dS  sm_80    216   224   246   240   214
-//             dQ+dS  sm_90    216   232   248   248   219
-//         preprocess: 32-56. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS. dK/dV at
+//         branch: every launch pays its registers) and packed sequences (a runtime branch too), plain / kMod
+//         (dQ+dS: the dS-writing instantiation, below); no spills but dK/dV at D = 256 on sm_90 (48 / 40 B,
+//         mk/known-spills.json, issue 19):
+//             D                  32         64         96        128        256
+//             dK/dV  sm_80    166/168    244/216    226/236    254/254    246/246
+//             dK/dV  sm_90    162/172    238/226    226/238    254/254    255/255
+//             dQ     sm_80    211/218    242/246    255/250    234/240    218/222
+//             dQ     sm_90    212/218    244/248    255/244    242/252    225/229
+//             dQ+dS  sm_80    220/232    227/224    249/250    244/244    224/225
+//             dQ+dS  sm_90    217/232    233/226    249/246    252/255    232/231
+//         preprocess: 32-64. Every dK/dV and dQ variant has HMMA, LDSM and LDGSTS in its SASS. dK/dV at
 //         D = 256 draws its keep bits after the pair's exchange (Dropout, below): drawn before the matmuls,
 //         as at D <= 128, it took 255 registers and spilled 8 + 8 bytes on sm_80 (255, none, on sm_90);
 //         drawn once per query tile for both sub-tiles, 255 and 16 + 16 (sm_90 251); before the dropout
@@ -301,12 +306,14 @@ template <class T, int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_preprocess_kernel(const AttnBwdParams p) {
     const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
     const int h = int(blockIdx.y), b = int(blockIdx.z);
-    const T* og = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1];
-    const T* dg = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
-    float* delta = p.delta + (int64_t(b) * p.heads_q + h) * p.seqlen_q;
+    const attn_common::SeqInfo seq = attn_common::seq_info(p.layout, b, p.seqlen_q, p.seqlen_k, 0);
+    const T* og = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + seq.q_start * p.out_stride[2];
+    const T* dg =
+        static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + seq.q_start * p.dout_stride[2];
+    float* delta = p.delta + b * p.lse_stride[0] + h * p.lse_stride[1] + seq.q_start;
     for (int r = 0; r < 16; ++r) {
         const int i = int(blockIdx.x) * 64 + warp * 16 + r;
-        if (i >= p.seqlen_q) break;  // warp-uniform
+        if (i >= seq.len_q) break;  // warp-uniform
         float acc = 0.f;
 #pragma unroll
         for (int c = lane; c < D; c += 32)
@@ -341,17 +348,23 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
     const int hk = int(blockIdx.y), b = int(blockIdx.z);
     const int group = p.heads_q / p.heads_kv;
     const int k0 = int(blockIdx.x) * kKeys;
+    // This block's sequence (attn_common.cuh); the grid covers the longest sequence's key tiles, a block past this
+    // one's keys has nothing to write (packed sequences only, block-uniform).
+    const attn_common::SeqInfo seq = attn_common::seq_info(p.layout, b, p.seqlen_q, p.seqlen_k, p.variant.q_offset);
+    if (k0 >= seq.len_k) return;
+    const int len_q = seq.len_q, len_k = seq.len_k;
     const int n_tile = k0 / kBlockN;  // the summary's key tile (64 keys: a superset of this block's)
-    const int k_last = min(k0 + kKeys, p.seqlen_k) - 1;
-    const int n_q_tiles = (p.seqlen_q + kBM - 1) / kBM;
+    const int k_last = min(k0 + kKeys, len_k) - 1;
+    const int n_q_tiles = (p.seqlen_q + kBM - 1) / kBM;      // the summaries' (dense batches only)
     const int n_k_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
     // kMod also covers a chunk here: the plain instantiation folds the chunk's code away (at D = 256 its registers
     // spilled).
-    const rules::Variant var = kMod ? p.variant : rules::band_only(p.variant);
-    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
-    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-    load_rows<T, D, kKeys>(sK, kg, p.k_stride[2], k0, p.seqlen_k, tid);
-    load_rows<T, D, kKeys>(sV, vg, p.v_stride[2], k0, p.seqlen_k, tid);
+    rules::Variant var = kMod ? p.variant : rules::band_only(p.variant);
+    var.q_offset = seq.q_offset;
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] + seq.k_start * p.k_stride[2];
+    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] + seq.k_start * p.v_stride[2];
+    load_rows<T, D, kKeys>(sK, kg, p.k_stride[2], k0, len_k, tid);
+    load_rows<T, D, kKeys>(sV, vg, p.v_stride[2], k0, len_k, tid);
     fa::cp_async_commit();
 
     float dk[kDw / 8][4], dv[kDw / 8][4];
@@ -360,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk[dn][e] = 0.f, dv[dn][e] = 0.f;
     const float scale_log2 = p.scale * kLog2e;
-    const bool tail = k0 + kKeys > p.seqlen_k;
+    const bool tail = k0 + kKeys > len_k;
     const bool dropout = p.dropout.philox != nullptr;
 
     for (int hh = 0; hh < group; ++hh) {
@@ -377,15 +390,18 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
             state = p.q_state + row * n_q_tiles;
         } else {
             // The rows that see some key of this tile (band and chunk).
-            const rules::TileBounds32 tb = rules::narrow(rules::key_tile(var, k0, k_last, p.seqlen_q), p.seqlen_q);
-            if (tb.lo <= tb.hi) {
+            const rules::TileBounds32 tb = rules::narrow(rules::key_tile(var, k0, k_last, len_q), len_q);
+            if (tb.lo <= tb.hi && len_q > 0) {  // a sequence without queries: dK = dV = 0
                 tile_lo = tb.lo / kBM;
                 n_iter = tb.hi / kBM - tile_lo + 1;
             }
         }
-        const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-        const T* dog = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
-        const int64_t bh = int64_t(b) * p.heads_q + h;
+        const T* qg =
+            static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + seq.q_start * p.q_stride[2];
+        const T* dog =
+            static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + seq.q_start * p.dout_stride[2];
+        const int64_t bh = int64_t(b) * p.heads_q + h;  // the dropout contract's (batch, head) row
+        const int64_t lse_row = b * p.lse_stride[0] + h * p.lse_stride[1] + seq.q_start;
         const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
         const rules::ScoreScale sc = rules::score_scale(p.scale, var.softcap, kLog2e);
         const float slope2 = kMod ? rules::alibi_slope(var, b, h, kLog2e) : 0.f;
@@ -394,13 +410,13 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
             const int mt = index ? index[it] : tile_lo + it;
             const int q0 = mt * kBM;
             __syncthreads();  // everyone is done with the previous query tile
-            load_rows<T, D, kBM>(sQ, qg, p.q_stride[2], q0, p.seqlen_q, tid);
-            load_rows<T, D, kBM>(sdO, dog, p.dout_stride[2], q0, p.seqlen_q, tid);
+            load_rows<T, D, kBM>(sQ, qg, p.q_stride[2], q0, len_q, tid);
+            load_rows<T, D, kBM>(sdO, dog, p.dout_stride[2], q0, len_q, tid);
             fa::cp_async_commit();
             if (tid < kBM) {
                 const int i = q0 + tid;
-                sL[tid] = i < p.seqlen_q ? lse_log2(p.lse[bh * p.seqlen_q + i]) : INFINITY;
-                sD[tid] = i < p.seqlen_q ? p.delta[bh * p.seqlen_q + i] : 0.f;
+                sL[tid] = i < len_q ? lse_log2(p.lse[lse_row + i]) : INFINITY;
+                sD[tid] = i < len_q ? p.delta[lse_row + i] : 0.f;
             }
             fa::cp_async_wait<0>();
             __syncthreads();
@@ -410,7 +426,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
                 partial = state[mt] != kFull;
             } else {
                 // Per query tile, from the rules (held across the loop, the bounds spilled at D = 256).
-                partial = !rules::tile_full(var, q0, min(q0 + kBM, p.seqlen_q) - 1, k0, k_last, p.seqlen_k);
+                partial = !rules::tile_full(var, q0, min(q0 + kBM, len_q) - 1, k0, k_last, len_k);
             }
             // In sub-tiles of kSub queries (fewer live fp32 registers at large D). Sᵀ = K Qᵀ and dPᵀ = V dOᵀ:
             // 16 keys x kSub queries per warp; lane (g, t) holds [ni][e] at key k0 + 16kw + g + 8(e/2),
@@ -448,11 +464,11 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
                             }
                             bool keep = true;
                             if (partial || tail) {
-                                keep = j < p.seqlen_k;
+                                keep = j < len_k;
                                 if (partial) {
                                     // Band and chunk, per element (held per key, the bounds spilled at D = 256).
                                     keep = keep && rules::allowed(var, int64_t(i) + var.q_offset, j);
-                                    if (keep && p.mask != nullptr && i < p.seqlen_q)
+                                    if (keep && p.mask != nullptr && i < len_q)
                                         keep = apply_mask_value(p.mask_elem, p.mask,
                                                                 mask_bh + int64_t(i) * p.mask_stride[2] +
                                                                     int64_t(j) * p.mask_stride[3],
@@ -485,12 +501,14 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
     fa::cp_async_wait<0>();
     __syncthreads();
     const int row0 = k0 + kw * 16;
-    store_rows<T, D, kDw>(dk, p.scale, sK + kw * 16 * kLd + c0,
-                          static_cast<T*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] + c0, p.dk_stride[2],
-                          row0, p.seqlen_k, lane);
-    store_rows<T, D, kDw>(dv, 1.f, sV + kw * 16 * kLd + c0,
-                          static_cast<T*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1] + c0, p.dv_stride[2],
-                          row0, p.seqlen_k, lane);
+    store_rows<T, D, kDw>(
+        dk, p.scale, sK + kw * 16 * kLd + c0,
+        static_cast<T*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] + seq.k_start * p.dk_stride[2] + c0,
+        p.dk_stride[2], row0, len_k, lane);
+    store_rows<T, D, kDw>(
+        dv, 1.f, sV + kw * 16 * kLd + c0,
+        static_cast<T*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1] + seq.k_start * p.dv_stride[2] + c0,
+        p.dv_stride[2], row0, len_k, lane);
 }
 
 // kDs: also write dS (the float mask's gradient) for every (row, key) of this query tile, zeros where the
@@ -519,26 +537,36 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
     const int h = int(blockIdx.y), b = int(blockIdx.z);
     const int hk = h / (p.heads_q / p.heads_kv);
     const int q0 = m_tile * kBM;
-    const rules::Variant& var = p.variant;
-    const int n_k_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-    const T* dog = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
-    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
-    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-    const int64_t bh = int64_t(b) * p.heads_q + h;
+    // This block's sequence (attn_common.cuh); a block past its query rows exits (packed only, block-uniform). The
+    // prologue's values die with it: the loop and the epilogue read what they need again (seq_info<true>; the
+    // dS-writing instantiation spilled at D = 128 holding them).
+    const attn_common::SeqInfo seq = attn_common::seq_info(p.layout, b, p.seqlen_q, p.seqlen_k, p.variant.q_offset);
+    if (q0 >= seq.len_q) return;
+    const int len_q = seq.len_q, len_k = seq.len_k;
+    rules::Variant var_seq = p.variant;
+    var_seq.q_offset = seq.q_offset;
+    const rules::Variant& var = p.variant;  // q_offset: the sequence's (seq), never var's
+    const int n_k_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;  // the summary's (dense batches only)
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + seq.q_start * p.q_stride[2];
+    const T* dog =
+        static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + seq.q_start * p.dout_stride[2];
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] + seq.k_start * p.k_stride[2];
+    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] + seq.k_start * p.v_stride[2];
+    const int64_t bh = int64_t(b) * p.heads_q + h;  // the dropout contract's (batch, head) row
+    const int64_t lse_row = b * p.lse_stride[0] + h * p.lse_stride[1] + seq.q_start;
     const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
     const int64_t dmask_bh = bh * p.seqlen_q * p.seqlen_k;  // dmask: contiguous (B, Hq, Lq, Lk)
     // This query tile's keys and the keys all its rows attend (band and chunk), and each of this thread's two rows'
     // keys, computed once: the loop over key tiles then does no division.
     const rules::TileBounds32 tb =
-        rules::narrow(rules::row_tile(var, q0, min(q0 + kBM, p.seqlen_q) - 1, p.seqlen_k), p.seqlen_k);
+        rules::narrow(rules::row_tile(var_seq, q0, min(q0 + kBM, len_q) - 1, len_k), len_k);
     int row_lo[2], row_hi[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         int64_t lo, hi;
-        rules::row_bounds(var, int64_t(q0 + rw * 16 + g + 8 * r) + var.q_offset, p.seqlen_k, lo, hi);
-        row_lo[r] = rules::clamp_index(lo, p.seqlen_k);
-        row_hi[r] = rules::clamp_index(hi, p.seqlen_k);
+        rules::row_bounds(var, int64_t(q0 + rw * 16 + g + 8 * r) + seq.q_offset, len_k, lo, hi);
+        row_lo[r] = rules::clamp_index(lo, len_k);
+        row_hi[r] = rules::clamp_index(hi, len_k);
     }
 
     int n_iter = 0, tile_lo = 0;
@@ -553,22 +581,22 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
         index = p.kv_index + row * n_k_tiles;
         state = p.kv_state + row * n_k_tiles;
     } else {
-        if (tb.lo <= tb.hi) {
+        if (tb.lo <= tb.hi && len_k > 0) {  // a sequence without keys: dQ = 0
             tile_lo = tb.lo / kBlockN;
             n_iter = tb.hi / kBlockN - tile_lo + 1;
         }
     }
 
-    load_rows<T, D, kBM>(sQ, qg, p.q_stride[2], q0, p.seqlen_q, tid);
-    load_rows<T, D, kBM>(sdO, dog, p.dout_stride[2], q0, p.seqlen_q, tid);
+    load_rows<T, D, kBM>(sQ, qg, p.q_stride[2], q0, len_q, tid);
+    load_rows<T, D, kBM>(sdO, dog, p.dout_stride[2], q0, len_q, tid);
     fa::cp_async_commit();
     // This lane's rows 16rw + g + 8r: lse·log2e (+inf past Lq or for an empty row) and delta.
     float l2[2], dl[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int i = q0 + rw * 16 + g + 8 * r;
-        l2[r] = i < p.seqlen_q ? lse_log2(p.lse[bh * p.seqlen_q + i]) : INFINITY;
-        dl[r] = i < p.seqlen_q ? p.delta[bh * p.seqlen_q + i] : 0.f;
+        l2[r] = i < len_q ? lse_log2(p.lse[lse_row + i]) : INFINITY;
+        dl[r] = i < len_q ? p.delta[lse_row + i] : 0.f;
     }
     float dq[kDw / 8][4];
 #pragma unroll
@@ -587,9 +615,9 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
         if (state != nullptr) {
             partial = state[kt] != kFull;
         } else {
-            partial = !rules::encloses(tb, k0, min(k0 + kBlockN, p.seqlen_k) - 1);
+            partial = !rules::encloses(tb, k0, min(k0 + kBlockN, attn_common::seq_len_k(p.layout, b, p.seqlen_k)) - 1);
         }
-        const bool tail = k0 + kBlockN > p.seqlen_k;
+        const bool tail = k0 + kBlockN > attn_common::seq_len_k(p.layout, b, p.seqlen_k);
         // Dropout: the keep bits of this S tile (rows queries, columns keys), drawn before S is live (per key
         // tile: per sub-tile, ptxas exceeds its default cap at D = 96 and spills).
         const uint32_t bits = dropout ? dropout::keep_bits<kBlockN, false>(p.dropout, p.seqlen_q, p.seqlen_k, bh,
@@ -602,10 +630,11 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
 #pragma unroll kSubUnroll
         for (int sub = 0; sub < kBlockN; sub += kSub) {
             if (sub % kKeys == 0) {
-                if (k0 + sub >= p.seqlen_k) break;  // block-uniform
+                const int len_k_now = attn_common::seq_len_k(p.layout, b, p.seqlen_k);
+                if (k0 + sub >= len_k_now) break;  // block-uniform
                 __syncthreads();  // everyone is done with the previous K/V rows
-                load_rows<T, D, kKeys>(sK, kg, p.k_stride[2], k0 + sub, p.seqlen_k, tid);
-                load_rows<T, D, kKeys>(sV, vg, p.v_stride[2], k0 + sub, p.seqlen_k, tid);
+                load_rows<T, D, kKeys>(sK, kg, p.k_stride[2], k0 + sub, len_k_now, tid);
+                load_rows<T, D, kKeys>(sV, vg, p.v_stride[2], k0 + sub, len_k_now, tid);
                 fa::cp_async_commit();
                 fa::cp_async_wait<0>();  // K/V (and Q/dO on the first tile) landed
                 __syncthreads();
@@ -618,10 +647,14 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int i = q0 + rw * 16 + g + 8 * r;
-                const int64_t pos = int64_t(i) + var.q_offset;
-                const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;
+                // The sequence's key count and q_offset, read where used (S and dP are live here).
+                const attn_common::SeqInfo now =
+                    attn_common::seq_info<true>(p.layout, b, p.seqlen_q, p.seqlen_k, var.q_offset);
+                const int len_k = now.len_k;
+                const int64_t pos = int64_t(i) + now.q_offset;
+                const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;  // a mask: dense only
                 const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
-                const bool write_ds = kDs && i < p.seqlen_q && c0 == 0;  // one warp of a kSplit pair
+                const bool write_ds = kDs && i < p.seqlen_q && c0 == 0;  // one warp of a pair; dS: dense only
                 const int64_t dmask_row = dmask_bh + int64_t(i) * p.seqlen_k;
 #pragma unroll
                 for (int ni = 0; ni < kSub / 8; ++ni)
@@ -636,7 +669,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
                         }
                         bool keep = true;
                         if (partial || tail) {
-                            keep = j < p.seqlen_k;
+                            keep = j < len_k;
                             if (partial) {
                                 keep = keep && j >= row_lo[r] && j <= row_hi[r];  // band and chunk
                                 if (keep && read_mask)
@@ -647,7 +680,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
                         float dpz = dp[ni][2 * r + c];
                         if (dropout) dpz = dropped(dpz, dropout::kept(bits, sub / 8 + ni, 2 * r + c), p.dropout.scale);
                         const float ds = prob * (dpz - dl[r]);
-                        if (write_ds && j < p.seqlen_k) store_mask_grad(p.mask_elem, p.dmask, dmask_row + j, ds);
+                        if (write_ds && j < len_k) store_mask_grad(p.mask_elem, p.dmask, dmask_row + j, ds);
                         // The score's gradient before the softcap: times 1 - tanh² (attn_rules.h).
                         dp[ni][2 * r + c] = (kMod && sc.softcap) ? rules::softcap_grad(ds, th) : ds;
                     }
@@ -669,9 +702,12 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
     }
     fa::cp_async_wait<0>();  // Q/dO's copies, if no key tile was visited
     __syncthreads();
-    store_rows<T, D, kDw>(dq, p.scale, sQ + rw * 16 * kLd + c0,
-                          static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + c0, p.dq_stride[2],
-                          q0 + rw * 16, p.seqlen_q, lane);
+    const attn_common::SeqInfo seq_out =
+        attn_common::seq_info<true>(p.layout, b, p.seqlen_q, p.seqlen_k, var.q_offset);
+    store_rows<T, D, kDw>(
+        dq, p.scale, sQ + rw * 16 * kLd + c0,
+        static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + seq_out.q_start * p.dq_stride[2] + c0,
+        p.dq_stride[2], q0 + rw * 16, seq_out.len_q, lane);
 }
 
 #ifndef FASTATTN_EMULATE

@@ -12,7 +12,9 @@ namespace fastattn {
 // Gradients of out = softmax(scale · q kᵀ + mask) v given dout, out and the forward's lse:
 // dq (B, Hq, Lq, D), dk and dv (B, Hkv, Lk, D). q, k, v, out, dout, dq, dk, dv: last stride 1, other
 // strides multiples of 8 elements, 16-byte aligned pointers (16-byte cp.async and vector stores).
-// lse and delta: fp32, contiguous (B, Hq, Lq); delta is the preprocess's output, read by the other two.
+// lse and delta: fp32 (B, Hq, Lq), rows contiguous, through lse_stride; delta is the preprocess's output,
+// read by the other two. Packed sequences as in AttnFwdParams (the layout, batch strides 0, the longest
+// lengths).
 struct AttnBwdParams {
     const void* q;
     const void* k;
@@ -26,8 +28,10 @@ struct AttnBwdParams {
     void* dv;
     int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], dout_stride[3];  // batch, head, row
     int64_t dq_stride[3], dk_stride[3], dv_stride[3];
+    int64_t lse_stride[2];  // batch, head of lse and delta
     int batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
     float scale;
+    SeqLayout layout;
     // The variant, as in AttnFwdParams (the sinks are in lse: the kernels never read them).
     rules::Variant variant;
     MaskElem mask_elem;

@@ -16,23 +16,34 @@
 //         SDPA flash: ~230 TFLOP/s on A100, 324-370 on H100). Not measured yet: no GPU here.
 // Grid:   (query tiles of kBlockM = 64 rows, Hq, B); heaviest query tiles first (causal).
 //         128 threads: warp w owns query rows 16w..16w+15 of the tile for the whole kernel.
+// Packed: (varlen_attention; params.layout) B sequences, the grid over the longest one's query tiles: each
+//         block reads its sequence's rows, lengths and bottom-right q_offset (attn_common.cuh: seq_info) and
+//         leaves at once past its rows, so padding costs one launch slot, no loads. Everything below then uses
+//         the sequence's lengths; the dropout contract keeps the call's (the maxima), as the Triton backend.
+//         A compile-time parameter (kPacked, chosen by the launcher when cu_seqlens are given): one source, but
+//         the dense kernels compile without the lookups, the shared SeqShared and the early exit, to the same
+//         registers as before packed sequences (the packed ones cost registers, and spill: the table below).
 // Tiles:  BLOCK_N = 64 keys (32 for D = 256, to keep the 16x256 fp32 accumulator in registers).
 // Registers per thread (D <= 128): Q fragments D/16 x 4 regs (A operand of every QKᵀ mma, loaded once
 //         by ldmatrix.x4), O accumulator D/8 x 4 fp32, S/P BLOCK_N/8 x 4 fp32, row max and sum x 2.
 //         D = 256: Q is re-read from shared memory per k-step (64 more registers would spill).
-//         ptxas (CUDA 13.0, -O3), registers per thread, fp16 = bf16, no spills in any variant (with the
-//         dropout path; before it: sm_80 124 / 202 / 238 / 245 / 254, sm_90 127 / 224 / 246 / 251 / 254):
-//             D        32    64    96   128   256
-//             sm_80   128   200   242   249   251
-//             sm_90   128   214   242   246   255
-//         i.e. 4 blocks (16 warps) per SM at D = 32 (launch bound: exactly at its 128 cap now; 3 blocks
-//         would spill at D = 64), 2 blocks (8 warps) per SM otherwise, as FlashAttention-2's 255-register
-//         kernels.
+//         ptxas (CUDA 13.0, -O3), registers per thread (fp16 = bf16) with the dropout path, plain / kMod; the
+//         dense kernels (kPacked = false, every launch without cu_seqlens) have no spills in any variant:
+//             D                 32         64         96        128        256
+//             dense  sm_80   118/163    206/191    228/232    242/254    250/252
+//             dense  sm_90   128/162    206/198    228/236    248/248    255/255
+//             packed sm_80   128/168    194/200    242/244    252/255    252/255
+//             packed sm_90   126/159    198/201    236/253    255/255    255/255
+//         The packed kernels spill (known debt, issue #20; mk/known-spills.json names each): sm_80 kMod 80 B at
+//         D = 128 and 8 B at D = 256; sm_90 kMod 24 B at D = 128, 24 / 40 B (plain / kMod) at D = 256.
+//         i.e. 4 blocks (16 warps) per SM at D = 32 (launch bound: 128 registers; kMod 3 blocks), 2 blocks
+//         (8 warps) per SM otherwise, as FlashAttention-2's 255-register kernels.
 // Shared: Q tile [64][D+8], one K tile [BLOCK_N][D+8] and one V tile [BLOCK_N][D+8], 16-bit elements.
 //         Rows are padded by 8 elements (16 bytes): the 8 row addresses of an ldmatrix then fall in
 //         8 different 4-bank groups, so ldmatrix and the 16-byte cp.async stores are conflict-free.
 //         Bytes: (64 + 2·BLOCK_N)·(D+8)·2 = 15360 / 27648 / 39936 / 52224 / 67584 for D = 32 / 64 /
-//         96 / 128 / 256 (above 48 KiB the launcher opts in).
+//         96 / 128 / 256 (above 48 KiB the launcher opts in); the packed kernels add 24 for the block's
+//         sequence (SeqShared).
 // Pipeline (FA2's): K and V of a key tile are two cp.async groups that alternate with the compute
 //         that does not read them: V_j streams in while S_j = Q K_jᵀ and the softmax run, K_{j+1}
 //         streams in while O += P_j V_j runs. That is the double buffer, at the shared memory of one
@@ -90,13 +101,32 @@ struct Tile {
     // A softcap or ALiBi (kMod) at D = 32 spills at 128 (136 bytes on sm_80): 3 blocks per SM.
     static constexpr int min_blocks_per_sm(bool mod) { return D <= 32 ? (mod ? 3 : 4) : 1; }
     static constexpr int kQElems = kBlockM * kLd, kKVElems = kBN * kLd;
-    static constexpr int kSmemBytes = (kQElems + 2 * kKVElems) * 2;
+    // Packed kernels keep the block's sequence (SeqShared, 24 bytes) after the tiles; dense ones have none.
+    static constexpr int smem_bytes(bool packed) { return (kQElems + 2 * kKVElems) * 2 + (packed ? 24 : 0); }
     static_assert(D % 32 == 0, "S = QK^T consumes D in steps of 32 (two m16n8k16 per ldmatrix.x4)");
 };
 
+// The block's sequence values that the loop and the epilogue need, in shared memory: read there at each use (an
+// LDS at a constant offset from the tile base, no address registers) instead of held in registers through the
+// loop, where the kernel has none to spare (held, or re-read from global memory, they spilled 16-128 B per thread).
+struct SeqShared {
+    int64_t q_offset, q_start;  // the sequence's alignment and first query row (attn_common::SeqInfo)
+    int len_k, len_q;
+};
+
+// The block's sequence where the loop or the epilogue uses it: packed, read from shared memory (SeqShared); dense,
+// the call's values from the params (constant bank), as a dense-only kernel always read them.
+template <bool kPacked>
+FA_DEVICE SeqShared seq_now(const AttnFwdParams& p, const SeqShared* sSeq) {
+    if constexpr (kPacked) return *sSeq;
+    else return SeqShared{p.variant.q_offset, 0, p.seqlen_k, p.seqlen_q};
+}
+
 // kMod: a softcap or ALiBi modifies every score (a separate instantiation, so the plain kernel's registers are
 // untouched); the band and the chunk (attn_rules.h's row bounds) and the sinks (the epilogue) are runtime.
-template <class T, int D, bool kMod>
+// kPacked: packed sequences (p.layout's offsets, the launcher's choice), a separate instantiation too: the dense
+// kernels have no sequence lookup, no SeqShared and no early exit, so their registers are the dense-only kernel's.
+template <class T, int D, bool kMod, bool kPacked>
 __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) attn_fwd_kernel(const AttnFwdParams p) {
     using Cfg = Tile<D>;
     constexpr int kBN = Cfg::kBN, kLd = Cfg::kLd;
@@ -104,6 +134,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
     T* sQ = smem;                  // [64][kLd]
     T* sK = smem + Cfg::kQElems;   // [kBN][kLd]
     T* sV = sK + Cfg::kKVElems;    // [kBN][kLd]
+    SeqShared* sSeq = reinterpret_cast<SeqShared*>(sV + Cfg::kKVElems);
 
     const int tid = int(threadIdx.x), lane = tid % 32, warp = tid / 32;
     const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: row group, thread in quad
@@ -111,16 +142,28 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
     const int h = int(blockIdx.y), b = int(blockIdx.z);
     const int hk = h / (p.heads_q / p.heads_kv);
     const int q0 = m_tile * kBlockM;
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
-    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-    const rules::Variant& var = p.variant;
-    const int n_k_tiles = (p.seqlen_k + kBN - 1) / kBN;
+    // This block's sequence: its rows, lengths and alignment (dense: the call's). The grid covers the longest
+    // sequence's query tiles; a block past this sequence's rows has nothing to do (packed only, block-uniform).
+    // The prologue's values die with it: the loop and the epilogue read what they need again (seq_now).
+    attn_common::SeqInfo seq{0, 0, p.seqlen_q, p.seqlen_k, p.variant.q_offset};
+    if constexpr (kPacked) {
+        seq = attn_common::seq_info(p.layout, b, p.seqlen_q, p.seqlen_k, p.variant.q_offset);
+        if (q0 >= seq.len_q) return;
+        if (tid == 0) *sSeq = SeqShared{seq.q_offset, seq.q_start, seq.len_k, seq.len_q};
+        __syncthreads();  // sSeq, read from here on
+    }
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + seq.q_start * p.q_stride[2];
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] + seq.k_start * p.k_stride[2];
+    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] + seq.k_start * p.v_stride[2];
+    const rules::Variant& var = p.variant;  // q_offset: the sequence's (seq), never var's
+    const int n_k_tiles = (p.seqlen_k + kBN - 1) / kBN;  // the summary's (dense batches only)
     const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
     const bool dropout = p.dropout.philox != nullptr;
     // This query tile's keys and the keys all its rows attend (band and chunk), computed once.
+    rules::Variant var_seq = p.variant;
+    if constexpr (kPacked) var_seq.q_offset = seq.q_offset;
     const rules::TileBounds32 tb =
-        rules::narrow(rules::row_tile(var, q0, min(q0 + kBlockM, p.seqlen_q) - 1, p.seqlen_k), p.seqlen_k);
+        rules::narrow(rules::row_tile(var_seq, q0, min(q0 + kBlockM, seq.len_q) - 1, seq.len_k), seq.len_k);
 
     // Which key tiles to visit: the summary's non-empty list, or the band's range.
     int n_iter = 0, tile_lo = 0;
@@ -133,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         index = p.kv_index + row * n_k_tiles;
         state = p.tile_state + row * n_k_tiles;
     } else {
-        if (tb.lo <= tb.hi) {
+        if (tb.lo <= tb.hi && (!kPacked || seq.len_k > 0)) {  // a sequence without keys: no tile (out 0, lse -inf)
             tile_lo = tb.lo / kBN;
             n_iter = tb.hi / kBN - tile_lo + 1;
         }
@@ -148,9 +191,9 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
     uint32_t qf[Cfg::kQInRegs ? D / 16 : 1][4];
 
     if (n_iter > 0) {
-        load_rows<T, D, kBlockM>(sQ, qg, p.q_stride[2], q0, p.seqlen_q, tid);
+        load_rows<T, D, kBlockM>(sQ, qg, p.q_stride[2], q0, seq.len_q, tid);
         const int kt0 = index ? index[0] : tile_lo;
-        load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kt0 * kBN, p.seqlen_k, tid);
+        load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kt0 * kBN, seq.len_k, tid);
         fa::cp_async_commit();
     }
     const float scale_log2 = p.scale * kLog2e;
@@ -163,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         const int k0 = kt * kBN;
         fa::cp_async_wait<0>();  // K_j (and Q on the first tile) landed
         __syncthreads();         // ... for every thread's copies; everyone is done with V_{j-1}
-        load_rows<T, D, kBN>(sV, vg, p.v_stride[2], k0, p.seqlen_k, tid);
+        load_rows<T, D, kBN>(sV, vg, p.v_stride[2], k0, seq_now<kPacked>(p, sSeq).len_k, tid);
         fa::cp_async_commit();
         if constexpr (Cfg::kQInRegs) {
             if (it == 0) {
@@ -174,7 +217,8 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
             }
         }
 
-        // Dropout's keep bits of this tile's P, drawn before S is live (the generator's registers are free).
+        // Dropout's keep bits of this tile's P, drawn before S is live (the generator's registers are free). The
+        // contract indexes the batch padded to the call's lengths (packed: the longest sequence's).
         const uint32_t keep_bits = dropout ? dropout::keep_bits<kBN, false>(p.dropout, p.seqlen_q, p.seqlen_k,
                                                                             int64_t(b) * p.heads_q + h,
                                                                             q0 + warp * 16, k0, lane)
@@ -210,27 +254,30 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
 
         // Scale to log2 units; mask where the tile is not known to be fully visible.
         // Lane (g, t) holds s[ni][e] at row 16w + g + 8(e/2), key k0 + 8ni + 2t + e%2.
+        // The sequence's length and q_offset are read where used (seq_now): S is live here.
         bool partial;
         if (state != nullptr) {
             partial = state[kt] != kFull;
         } else {
-            partial = !rules::encloses(tb, k0, min(k0 + kBN, p.seqlen_k) - 1);
+            partial = !rules::encloses(tb, k0, min(k0 + kBN, seq_now<kPacked>(p, sSeq).len_k) - 1);
         }
-        const bool tail = k0 + kBN > p.seqlen_k;
+        const bool tail = k0 + kBN > seq_now<kPacked>(p, sSeq).len_k;
         if (partial || tail || kMod) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 // Row i sees keys [j_lo, j_hi] of this tile (band, chunk and length), then the mask tensor.
+                const SeqShared now = seq_now<kPacked>(p, sSeq);
+                const int len_k = now.len_k;
                 const int i = q0 + warp * 16 + g + 8 * r;
-                const int64_t pos = int64_t(i) + var.q_offset;
-                int j_lo = k0, j_hi = min(k0 + kBN, p.seqlen_k) - 1;
+                const int64_t pos = int64_t(i) + now.q_offset;
+                int j_lo = k0, j_hi = min(k0 + kBN, len_k) - 1;
                 if (partial) {
                     int64_t lo, hi;
-                    rules::row_bounds(var, pos, p.seqlen_k, lo, hi);
-                    j_lo = max(j_lo, rules::clamp_index(lo, p.seqlen_k));
-                    j_hi = min(j_hi, rules::clamp_index(hi, p.seqlen_k));
+                    rules::row_bounds(var, pos, len_k, lo, hi);
+                    j_lo = max(j_lo, rules::clamp_index(lo, len_k));
+                    j_hi = min(j_hi, rules::clamp_index(hi, len_k));
                 }
-                const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;
+                const bool read_mask = partial && p.mask != nullptr && i < p.seqlen_q;  // a mask: dense only
                 const int64_t mask_row = mask_bh + int64_t(i) * p.mask_stride[2];
 #pragma unroll
                 for (int ni = 0; ni < kBN / 8; ++ni)
@@ -291,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
         __syncthreads();         // ... for every thread's copies; everyone is done reading K_j
         if (it + 1 < n_iter) {
             const int kn = index ? index[it + 1] : tile_lo + it + 1;
-            load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kn * kBN, p.seqlen_k, tid);
+            load_rows<T, D, kBN>(sK, kg, p.k_stride[2], kn * kBN, seq_now<kPacked>(p, sSeq).len_k, tid);
             fa::cp_async_commit();
         }
 
@@ -336,39 +383,43 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
             *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * kLd + dn * 8 + 2 * t) =
                 fa::pack2<T>(o[dn][2 * r] * inv[r], o[dn][2 * r + 1] * inv[r]);
     __syncwarp();
-    T* og = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1];
+    const SeqShared seq_out = seq_now<kPacked>(p, sSeq);
+    const int len_q = seq_out.len_q;
+    T* og = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + seq_out.q_start * p.out_stride[2];
     constexpr int kChunks = D / 8;
 #pragma unroll
     for (int c = lane; c < 16 * kChunks; c += 32) {
         const int r = c / kChunks, col = (c % kChunks) * 8;
         const int i = q0 + warp * 16 + r;
-        if (i < p.seqlen_q)
+        if (i < len_q)
             *reinterpret_cast<uint4*>(og + int64_t(i) * p.out_stride[2] + col) =
                 *reinterpret_cast<const uint4*>(sO + r * kLd + col);
     }
     if (t == 0) {
-        float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q;
+        float* lse = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + seq_out.q_start;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int i = q0 + warp * 16 + g + 8 * r;
-            if (i < p.seqlen_q) lse[i] = row_sum[r] > 0.f ? row_max[r] * kLn2 + logf(row_sum[r]) : -INFINITY;
+            if (i < len_q) lse[i] = row_sum[r] > 0.f ? row_max[r] * kLn2 + logf(row_sum[r]) : -INFINITY;
         }
     }
 }
 
 template <class T, int D>
 const char* launch_typed(const AttnFwdParams& p, void* stream) {
-    constexpr int kSmem = Tile<D>::kSmemBytes;
     const bool mod = p.variant.softcap > 0.f || p.variant.alibi != nullptr;
-    auto* kernel = mod ? &attn_fwd_kernel<T, D, true> : &attn_fwd_kernel<T, D, false>;
+    const bool packed = p.layout.cu_seqlens_q != nullptr;
+    const int smem = Tile<D>::smem_bytes(packed);
+    auto* kernel = packed ? (mod ? &attn_fwd_kernel<T, D, true, true> : &attn_fwd_kernel<T, D, false, true>)
+                          : (mod ? &attn_fwd_kernel<T, D, true, false> : &attn_fwd_kernel<T, D, false, false>);
 #ifndef FASTATTN_EMULATE
-    if (kSmem > 48 * 1024) {
-        const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (smem > 48 * 1024) {
+        const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (err != cudaSuccess) return cudaGetErrorString(err);
     }
 #endif
     const dim3 grid(unsigned((p.seqlen_q + kBlockM - 1) / kBlockM), unsigned(p.heads_q), unsigned(p.batch));
-    FA_LAUNCH_KERNEL(kernel, grid, dim3(kThreads), kSmem, stream, p);
+    FA_LAUNCH_KERNEL(kernel, grid, dim3(kThreads), smem, stream, p);
     return fa_launch_status();
 }
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..masks import TileSummary
 from ..params import FEATURES, AttnParams
-from .registry import Backend, Capabilities, fake_backward, fake_forward, op_scalars, register
+from .registry import Backend, Capabilities, fake_backward, fake_forward, op_layout, op_scalars, register
 
 __all__ = [
     "CudaBackend",
@@ -49,9 +49,9 @@ BLOCK_N = 64  # backward: keys per tile (csrc/cuda/attn_bwd_params.h: attn_bwd::
 BLOCK_M_KV = 32  # backward: query rows streamed past the dK/dV pass (kBlockMkv)
 BLOCK_M_DQ = 64  # backward: query rows resident in the dQ pass (kBlockMdq)
 _DTYPES = (torch.float16, torch.bfloat16)
-# Packed sequences: the ops take the layout arguments but the kernels have no packed path yet (they refuse
-# offsets), so the table must not claim it: varlen calls go to triton or cpu.
-_FEATURES = frozenset(FEATURES) - {"head_dim_v", "packed"}
+# Every feature but a value head dim different from the query's (the kernels share one head dim); packed
+# sequences run through the same kernels (csrc/cuda/attn_common.cuh: seq_info).
+_FEATURES = frozenset(FEATURES) - {"head_dim_v"}
 _MAX_GRID_YZ = 65535  # batch and heads are grid dims y and z
 
 _loaded_kind: Optional[str] = None  # "cuda" or "cuda_emulate" once that library is loaded and its fakes registered
@@ -113,7 +113,9 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, params: AttnParams, philox: Option
     """Run ``fastattn::cuda_attn_fwd``: ``(out (B, Hq, Lq, D), lse (B, Hq, Lq) fp32)``.
 
     Builds (or reuses, cached on ``params``) the tile summary for the kernel's block when there is a mask
-    tensor; the band (causal, window, q_offset) is handled inside the kernel analytically.
+    tensor; the band (causal, window, q_offset) is handled inside the kernel analytically. Packed sequences
+    (``params.is_packed``): ``q``, ``k``, ``v`` are ``(1, H, total, D)`` views, ``out`` comes back token-major and
+    the lse ``(1, Hq, total_q)`` (the registry's layout arguments, ``op_layout``).
     """
     if params.dropout_p > 0.0 and philox is None:
         raise ValueError("philox: expected the [seed, offset] int64 tensor when dropout_p > 0, got None")
@@ -124,7 +126,7 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, params: AttnParams, philox: Option
         summary = [s.state, s.kv_count, s.kv_index]
     return torch.ops.fastattn.cuda_attn_fwd(
         q, k, v, params.mask, *_variant_args(params), summary, philox if params.dropout_p > 0.0 else None,
-        *op_scalars(params), [BLOCK_M, block_n(q.shape[-1])],
+        *op_scalars(params), [BLOCK_M, block_n(q.shape[-1])], *op_layout(params),
     )  # fmt: skip
 
 
@@ -170,7 +172,7 @@ def attn_bwd(
     dq, dk, dv, dmask = torch.ops.fastattn.cuda_attn_bwd(
         grad_out, q, k, v, out, lse.float(), params.mask, alibi, summaries(params),
         philox if params.dropout_p > 0.0 else None, *op_scalars(params), [BLOCK_M_DQ, BLOCK_N, BLOCK_M_KV],
-        bool(need_mask_grad),
+        bool(need_mask_grad), *op_layout(params),
     )  # fmt: skip
     return dq, dk, dv, (dmask if need_mask_grad else None)
 
