@@ -234,7 +234,7 @@ def test_kvcache_splits_agree(backend, num_splits, monkeypatch):
     check(case, backend, num_splits=num_splits, seed=7)
 
 
-# The CPU kernel's register tiles (4 rows by 4 keys of scores, 4 rows by 4 vectors of outputs under AVX-512; 2 and 2
+# The CPU kernel's register tiles (4 rows by 4 keys of scores; 4 rows by 4 vectors of outputs under AVX-512, by 2
 # otherwise) and their tails: head dims not a whole number of tiles (80, 144: 5 and 9 vectors of 16), GQA groups
 # of 6 and 7 rows (4 + 2, 4 + 2 + 1), key counts that are no multiple of 4 (and a block of fewer keys than a tile).
 CPU_TILE_CASES = [
