@@ -386,24 +386,27 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
   const rules::ScoreScale ss = rules::score_scale(p.scale, p.variant.softcap, 1.f);
   const bool alibi = p.variant.alibi != nullptr;
 
-  // Key j's K and V rows (through the block table), and the block's.
-  auto kv_rows = [&](int64_t j, const T*& kr, const T*& vr) {
-    const int64_t page = p.block_table ? p.block_table[b * p.bt_stride + j / p.page_size] : b;
-    const int64_t slot = j % p.page_size;
-    kr = kc + page * p.k_s[0] + h * p.k_s[1] + slot * p.k_s[2];
-    vr = vc + page * p.v_s[0] + h * p.v_s[1] + slot * p.v_s[2];
+  // Row pointers of a block's keys and values (through the block table), computed one block ahead so that the
+  // next block's rows are prefetched while this one is scored: the loads of a decode step are its cost, and
+  // keeping many lines in flight while the block computes is what reaches the memory bandwidth. The prefetches go
+  // to L2 (T1), not L1: a block ahead is 32-64 KiB of K and V, as much as L1 holds, so T0 would evict the rows
+  // being scored. One division per block: the slots of consecutive keys step through the pages.
+  const T* krow[2][kBlock];
+  const T* vrow[2][kBlock];
+  auto locate = [&](int64_t k0, int64_t n, int buf) {
+    int64_t index = k0 / p.page_size, slot = k0 - index * p.page_size;
+    for (int64_t jj = 0; jj < n; ++jj, ++slot) {
+      if (slot == p.page_size) {
+        slot = 0;
+        ++index;
+      }
+      const int64_t page = p.block_table ? p.block_table[b * p.bt_stride + index] : b;
+      krow[buf][jj] = kc + page * p.k_s[0] + h * p.k_s[1] + slot * p.k_s[2];
+      vrow[buf][jj] = vc + page * p.v_s[0] + h * p.v_s[1] + slot * p.v_s[2];
+    }
   };
-  const T* krow[kBlock];
-  const T* vrow[kBlock];
-  // While key j is scored, key j + kBlock's K and V rows are prefetched: the loads of a decode step are its cost,
-  // and keeping many lines in flight while the block computes is what reaches the memory bandwidth (without the
-  // prefetches, 9 against 15 GB/s single-threaded on a quiet machine). To L2 (T1), not L1: a block ahead is 32-64
-  // KiB of K and V, as much as L1 holds, so T0 would evict the rows being scored.
   const int64_t kbytes = p.D * p.k_s[3] * int64_t(sizeof(T)), vbytes = p.Dv * p.v_s[3] * int64_t(sizeof(T));
-  auto prefetch_key = [&](int64_t j) {
-    if (j >= range.k1) return;
-    const T *kr, *vr;
-    kv_rows(j, kr, vr);
+  auto prefetch_rows = [&](const T* kr, const T* vr) {
     for (int64_t off = 0; off < kbytes; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(kr) + off, 0, 2);
     for (int64_t off = 0; off < vbytes; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(vr) + off, 0, 2);
   };
@@ -422,15 +425,19 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
     }
     std::fill(zero, zero + Dvp, uint16_t(0));
   }
-  for (int64_t k0 = range.k0; k0 < range.k1; k0 += kBlock) {
+  int cur = 0;
+  if (range.k0 < range.k1) locate(range.k0, std::min(kBlock, range.k1 - range.k0), cur);
+  for (int64_t k0 = range.k0; k0 < range.k1; k0 += kBlock, cur ^= 1) {
     const int64_t n = std::min(kBlock, range.k1 - k0);
-    for (int64_t jj = 0; jj < n; ++jj) kv_rows(k0 + jj, krow[jj], vrow[jj]);
+    const int64_t n_next = std::clamp<int64_t>(range.k1 - k0 - kBlock, 0, kBlock);
+    if (n_next) locate(k0 + kBlock, n_next, cur ^ 1);
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
     if (dp) {
       // Eight keys per call: their scores, and the prefetch of the next block's rows at the same index.
-      const auto rows = reinterpret_cast<const uint16_t* const*>(krow);
+      const auto rows = reinterpret_cast<const uint16_t* const*>(krow[cur]);
       for (int64_t j0 = 0; j0 < n; j0 += 8) {
-        for (int64_t jj = j0; jj < j0 + 8; ++jj) prefetch_key(k0 + kBlock + jj);
+        for (int64_t jj = j0; jj < std::min(j0 + 8, n_next); ++jj)
+          prefetch_rows(krow[cur ^ 1][jj], vrow[cur ^ 1][jj]);
         const int64_t m8 = std::min<int64_t>(8, n - j0);
         if (p.D == 128)
           dot_block_bf16<4>(qb, R, Dp, 4, rows + j0, m8, raw + j0, kBlock);
@@ -440,12 +447,12 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
     }
 #endif
     for (int64_t jj = 0; jj < (dp ? 0 : n); ++jj) {
-      prefetch_key(k0 + kBlock + jj);
+      if (jj < n_next) prefetch_rows(krow[cur ^ 1][jj], vrow[cur ^ 1][jj]);
       if (direct) {
-        dot_rows(qf, R, Dp, DirectRows<T>{krow}, jj, Dp, raw + jj, kBlock);
+        dot_rows(qf, R, Dp, DirectRows<T>{krow[cur]}, jj, Dp, raw + jj, kBlock);
       } else {
-        to_f32(krow[jj], p.k_s[3], kb + jj * Dp, p.D, Dp);
-        to_f32(vrow[jj], p.v_s[3], vb + jj * Dvp, p.Dv, Dvp);
+        to_f32(krow[cur][jj], p.k_s[3], kb + jj * Dp, p.D, Dp);
+        to_f32(vrow[cur][jj], p.v_s[3], vb + jj * Dvp, p.Dv, Dvp);
         dot_rows(qf, R, Dp, BufferRows{kb, Dp}, jj, Dp, raw + jj, kBlock);
       }
     }
@@ -506,11 +513,11 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
     }
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
     if (dp)
-      accumulate_bf16(acc, Dvp, sc, pb, kBlock, reinterpret_cast<const uint16_t* const*>(vrow), zero, n, p.Dv, R);
+      accumulate_bf16(acc, Dvp, sc, pb, kBlock, reinterpret_cast<const uint16_t* const*>(vrow[cur]), zero, n, p.Dv, R);
     else
 #endif
         if (direct)
-      accumulate(acc, Dvp, sc, kBlock, DirectRows<T>{vrow}, n, Dvp, R);
+      accumulate(acc, Dvp, sc, kBlock, DirectRows<T>{vrow[cur]}, n, Dvp, R);
     else
       accumulate(acc, Dvp, sc, kBlock, BufferRows{vb, Dvp}, n, Dvp, R);
   }
