@@ -316,11 +316,12 @@ inline void apply_mask_row(const AttnParams& p, int64_t b, int64_t h, int64_t i,
 // about one a cycle, so it is their count that costs (measured: four vectors in lockstep gained nothing).
 // NaN stays NaN.
 #if defined(CPU_CAPABILITY_AVX512)
-// 2^y = 2^floor(y) · p(y - floor(y)) for a y that is not -inf (callers clamp), the fraction from vreduceps
-// and the power from vscalefps: 8 operations against exp2_vec's 12 (whose bit-built power needs the -127
-// clamp to give exact zeros); p of degree 5 on [0, 1), 1.6e-7 relative in fp32 (exp2_vec's accuracy). A
-// shorter p and no Newton step in softcap_r512 for bf16 probabilities (their row sums and the lse stay fp32)
-// put the lse 6e-5 off the oracle where the tests allow 2.6e-5.
+// 2^y = 2^floor(y) · p(y - floor(y)), the fraction from vreduceps and the power from vscalefps: 7 operations
+// against exp2_vec's 12 (whose bit-built power needs the -127 clamp to give exact zeros), and no clamp: vreduceps
+// gives 0 for ±inf and vscalefps scales by 2^-inf = 0 and 2^inf = inf (an exact 0 for -inf, a masked score), the
+// underflow below -149 rounds to 0, and NaN stays NaN. p of degree 5 on [0, 1), 1.6e-7 relative in fp32
+// (exp2_vec's accuracy). A shorter p and no Newton step in softcap_r512 for bf16 probabilities (their row sums
+// and the lse stay fp32) put the lse 6e-5 off the oracle where the tests allow 2.6e-5.
 inline __m512 pow2_512(__m512 y) {
   const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // y - floor(y)
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0018776348f), f, _mm512_set1_ps(0.0089894049f));
@@ -331,18 +332,18 @@ inline __m512 pow2_512(__m512 y) {
   return _mm512_scalef_ps(p, y);
 }
 
-// r for y = 2x·log2 e, clamped to [-64, 64] (a NaN passes the clamps; 2 / (2^64 + 1) already rounds tanh to 1).
+// r for y = 2x·log2 e, capped at 64 (2 / (2^64 + 1) already rounds tanh to 1), where d = inf would make the
+// Newton step inf·0; no floor is needed (y = -inf: d = 1, r = 1).
 inline __m512 softcap_r512(__m512 y) {
-  y = _mm512_max_ps(_mm512_set1_ps(-64.f), _mm512_min_ps(_mm512_set1_ps(64.f), y));  // NaN: the 2nd operand
+  y = _mm512_min_ps(_mm512_set1_ps(64.f), y);  // NaN: the 2nd operand
   const __m512 d = _mm512_add_ps(pow2_512(y), _mm512_set1_ps(1.f));
   const __m512 r = _mm512_rcp14_ps(d);
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // Newton: r (2 - d r)
 }
 
-// 2^x for the softcap's exp passes (and the backward's ALiBi one): the clamp maps inputs beyond -150, -inf
-// included (a masked score or an empty row in the backward), to -150, whose 2^floor(y) · p rounds to an exact 0.
+// 2^x for the softcap's exp passes (and the backward's ALiBi one).
 struct Exp2Scalef {
-  Vec operator()(const Vec& x) const { return Vec(pow2_512(_mm512_max_ps(_mm512_set1_ps(-150.f), x))); }
+  Vec operator()(const Vec& x) const { return Vec(pow2_512(x)); }
 };
 #endif
 
@@ -436,7 +437,7 @@ inline void bwd_col(const fastattn::rules::ScoreScale& sc, float slope, int64_t 
     }
     if constexpr (kAlibi) y = at::vec::fmadd((Vec(static_cast<float>(base + r)) + iota).abs(), vslope, y);
 #if defined(CPU_CAPABILITY_AVX512)
-    const Vec pv = Exp2Scalef()(y);  // -inf (a masked or empty row's +inf shift) clamps to -150: an exact 0
+    const Vec pv = Exp2Scalef()(y);  // -inf (a masked or empty row's +inf shift): an exact 0
 #else
     const Vec pv = exp2_vec(y);
 #endif
