@@ -84,13 +84,15 @@
 // attention computed without it (each chunk a batch entry), and with a chunk that is a multiple of 256 the dense
 // 64 x 256 tiles are kept (block_sizes). ALiBi +3-7% forward, +3-4% forward+backward: off the diagonal its bias
 // is linear in the key (kLinearAlibi: a column term per tile, a row term in the exp pass's subtrahend, one add
-// per score), on it the |distance| is formed in the exp pass after a read-only max pass. The softcap +6-10%
-// forward, +5-9% forward+backward (results/cpu-variants-softcap-bwd-2026-12-05): its tanh costs about what the
-// softmax's exp does per score, so it takes the short forms (vreduceps/vscalefps powers of 2, the 1 - 2r folded
-// into the exp pass's FMA, the rows' maxima capped together, no scale pass on bf16 tiles), and the backward
-// forms a key column's P and dS in the pass that forms its scores (bwd_col: before it, four passes over the
-// column, and bf16 forward+backward +10-15%). Every row is within issue #19's 10%, the bf16 dense forward only
-// just (+9.9%).
+// per score), on it the |distance| is formed in the exp pass after a read-only max pass. The softcap +3-8%
+// forward, +5-8% forward+backward (results/cpu-variants-softcap-bwd-2026-12-05): its tanh costs about what the
+// softmax's exp does per score, so it takes the short forms (vreduceps/vscalefps powers of 2 with no clamps, the
+// 1 - 2r folded into the exp pass's FMA, the rows' maxima capped together, no scale pass on bf16 tiles), and the
+// backward forms a key column's P and dS in the pass that forms its scores (bwd_col: before it, four passes over
+// the column, and bf16 forward+backward +10-15%). Every row is within issue #19's 10%; the nearest are the dense
+// forwards and bf16's dense forward+backward (+7-8%), where the tanh's own operations are what is left. The AVX2
+// build (8 lanes, exp2_vec's 12-operation powers for both exponentials) is above it: +17-19% forward, +9-14%
+// forward+backward.
 //
 // Tile skipping: a (query tile, key tile) pair is EMPTY (skipped), PARTIAL (mask read per
 // element) or FULL (no mask read). Causal, window, chunk and q_offset are analytic; a mask tensor
