@@ -74,7 +74,7 @@
 // scale / softcap (the tanh's inner factor) and a softcap or ALiBi then forms each row's scores in one
 // vectorised pass in the same tile (score_row: tanh through one power of 2, ALiBi from an iota of positions),
 // the row max still the GEMM's epilogue's where only the (monotone) softcap changed the scores; the backward
-// forms each key column the same way (score_col), keeping the tanh for dS's 1 - tanh² factor. A sink joins
+// takes each key column's scores, probabilities and dS in one pass (bwd_col), 1 - tanh² from the same r. A sink joins
 // each row's (max, sum) once after its last tile (rules::add_sink) and its gradient is computed in Python
 // from out, lse and dO. Every ISA build and tile type runs the same code, but for the softcap's powers of 2
 // and reciprocal (AVX-512 and AVX2 instructions where they pay, softcap_r).
@@ -82,13 +82,17 @@
 // What the variants cost (benchmarks/cpu_variants.py --clock thread, 2026-12-05, L = 2048, AVX-512;
 // results/cpu-variants-*): sinks nothing measurable (one add_sink per row). Chunk is no slower than the same
 // attention computed without it (each chunk a batch entry), and with a chunk that is a multiple of 256 the dense
-// 64 x 256 tiles are kept (block_sizes). ALiBi +3-7% forward, +4-6% forward+backward: off the diagonal its bias
+// 64 x 256 tiles are kept (block_sizes). ALiBi +3-7% forward, +3-4% forward+backward: off the diagonal its bias
 // is linear in the key (kLinearAlibi: a column term per tile, a row term in the exp pass's subtrahend, one add
-// per score), on it the |distance| is formed in the exp pass after a read-only max pass. The softcap +5-11%
-// forward, +8-15% forward+backward: its tanh costs about what the softmax's exp does per score, so it takes the
-// short forms (vreduceps/vscalefps powers of 2, the 1 - 2r folded into the exp pass's FMA, the rows' maxima
-// capped together, no scale pass on bf16 tiles); bf16 forward+backward is still above issue #19's 10%, where
-// the backward's separate tanh pass (score_col) and its 1 - tanh² pass are what is left to fuse.
+// per score), on it the |distance| is formed in the exp pass after a read-only max pass. The softcap +3-8%
+// forward, +5-8% forward+backward (results/cpu-variants-softcap-bwd-2026-12-05): its tanh costs about what the
+// softmax's exp does per score, so it takes the short forms (vreduceps/vscalefps powers of 2 with no clamps, the
+// 1 - 2r folded into the exp pass's FMA, the rows' maxima capped together, no scale pass on bf16 tiles), and the
+// backward forms a key column's P and dS in the pass that forms its scores (bwd_col: before it, four passes over
+// the column, and bf16 forward+backward +10-15%). Every row is within issue #19's 10%; the nearest are the dense
+// forwards and bf16's dense forward+backward (+7-8%), where the tanh's own operations are what is left. The AVX2
+// build (8 lanes, exp2_vec's 12-operation powers for both exponentials) is above it: +17-19% forward, +9-14%
+// forward+backward.
 //
 // Tile skipping: a (query tile, key tile) pair is EMPTY (skipped), PARTIAL (mask read per
 // element) or FULL (no mask read). Causal, window, chunk and q_offset are analytic; a mask tensor
@@ -314,11 +318,12 @@ inline void apply_mask_row(const AttnParams& p, int64_t b, int64_t h, int64_t i,
 // about one a cycle, so it is their count that costs (measured: four vectors in lockstep gained nothing).
 // NaN stays NaN.
 #if defined(CPU_CAPABILITY_AVX512)
-// 2^y = 2^floor(y) · p(y - floor(y)) for a y that is not -inf (callers clamp), the fraction from vreduceps
-// and the power from vscalefps: 8 operations against exp2_vec's 12 (whose bit-built power needs the -127
-// clamp to give exact zeros); p of degree 5 on [0, 1), 1.6e-7 relative in fp32 (exp2_vec's accuracy). A
-// shorter p and no Newton step in softcap_r512 for bf16 probabilities (their row sums and the lse stay fp32)
-// put the lse 6e-5 off the oracle where the tests allow 2.6e-5.
+// 2^y = 2^floor(y) · p(y - floor(y)), the fraction from vreduceps and the power from vscalefps: 7 operations
+// against exp2_vec's 12 (whose bit-built power needs the -127 clamp to give exact zeros), and no clamp: vreduceps
+// gives 0 for ±inf and vscalefps scales by 2^-inf = 0 and 2^inf = inf (an exact 0 for -inf, a masked score), the
+// underflow below -149 rounds to 0, and NaN stays NaN. p of degree 5 on [0, 1), 1.6e-7 relative in fp32
+// (exp2_vec's accuracy). A shorter p and no Newton step in softcap_r512 for bf16 probabilities (their row sums
+// and the lse stay fp32) put the lse 6e-5 off the oracle where the tests allow 2.6e-5.
 inline __m512 pow2_512(__m512 y) {
   const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // y - floor(y)
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0018776348f), f, _mm512_set1_ps(0.0089894049f));
@@ -329,23 +334,23 @@ inline __m512 pow2_512(__m512 y) {
   return _mm512_scalef_ps(p, y);
 }
 
-// r for y = 2x·log2 e, clamped to [-64, 64] (a NaN passes the clamps; 2 / (2^64 + 1) already rounds tanh to 1).
+// r for y = 2x·log2 e, capped at 64 (2 / (2^64 + 1) already rounds tanh to 1), where d = inf would make the
+// Newton step inf·0; no floor is needed (y = -inf: d = 1, r = 1).
 inline __m512 softcap_r512(__m512 y) {
-  y = _mm512_max_ps(_mm512_set1_ps(-64.f), _mm512_min_ps(_mm512_set1_ps(64.f), y));  // NaN: the 2nd operand
+  y = _mm512_min_ps(_mm512_set1_ps(64.f), y);  // NaN: the 2nd operand
   const __m512 d = _mm512_add_ps(pow2_512(y), _mm512_set1_ps(1.f));
   const __m512 r = _mm512_rcp14_ps(d);
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // Newton: r (2 - d r)
 }
 
-// The softcap exp pass's 2^x: its exponents are finite (no mask on those tiles), so the clamp is only for
-// inputs beyond -150, whose 2^floor(y) · p rounds to an exact 0.
+// 2^x for the softcap's exp passes (and the backward's ALiBi one).
 struct Exp2Scalef {
-  Vec operator()(const Vec& x) const { return Vec(pow2_512(_mm512_max_ps(_mm512_set1_ps(-150.f), x))); }
+  Vec operator()(const Vec& x) const { return Vec(pow2_512(x)); }
 };
 #endif
 
-inline Vec softcap_r(const Vec& x) {
-  const Vec y = x * Vec(2.f * kLog2e);
+// r for y = 2x·log2 e (the caller's factor, which it may fold into one of its own).
+inline Vec softcap_r_of2(const Vec& y) {
 #if defined(CPU_CAPABILITY_AVX512)
   return Vec(softcap_r512(y));
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -356,6 +361,8 @@ inline Vec softcap_r(const Vec& x) {
   return Vec(1.f) / (exp2_vec(at::vec::minimum(y, Vec(64.f))) + Vec(1.f));
 #endif
 }
+
+inline Vec softcap_r(const Vec& x) { return softcap_r_of2(x * Vec(2.f * kLog2e)); }
 
 inline Vec tanh_vec(const Vec& x) { return at::vec::fnmadd(Vec(2.f), softcap_r(x), Vec(1.f)); }
 
@@ -401,14 +408,61 @@ inline void score_row(const fastattn::rules::ScoreScale& sc, float slope, int64_
               nullptr);
 }
 
-// score_row's backward twin: one key's column of Sᵀ, rows r in [r0, r1) at positions base + r (base =
-// q0 + q_offset - key for ALiBi's distance), the softcap's tanh kept in t.
-inline void score_col(const fastattn::rules::ScoreScale& sc, float slope, int64_t base, int64_t r0, int64_t r1,
-                      float* s, float* t) {
-  const int64_t vs = Vec::size();
+// The backward's elementwise work on one key's column of Sᵀ and dPᵀ where a softcap or ALiBi forms the scores,
+// rows r in [r0, r1) at positions base + r (base = q0 + q_offset - key for ALiBi's distance), in one vectorised
+// pass that reads and writes each of the two columns once: s (the raw dot products) becomes Pᵀ (times Z with
+// dropout: z, the column's keep / (1 - p), or null) and dp (dPᵀ) becomes dSᵀ = Pᵀ ∘ (dPᵀ (∘ Z) − delta), times
+// the softcap's 1 - tanh² = 4r(1 - r) (r = softcap_r's, tanh = 1 - 2r). shift is the lse in base-2 units, less
+// post·log2 e with a softcap, so that the 1 - 2r and both outer factors fold into the exponent's one FMA as in
+// the forward's exp pass (softcap_exp_store). dmask, when given, is the float mask's gradient column (rows ld
+// apart): dS after the softcap, before its 1 - tanh² factor (the mask is added after the softcap).
+template <bool kCap, bool kAlibi>
+inline void bwd_col(const fastattn::rules::ScoreScale& sc, float slope, int64_t base, int64_t r0, int64_t r1,
+                    const float* shift, const float* delta, const float* z, float* dmask, int64_t ld, float* s,
+                    float* dp) {
+  constexpr int64_t vs = Vec::size();
   const Vec iota = Vec::arange(0.f, 1.f);
-  for (int64_t r = r0; r < r1; r += vs)
-    score_vec(sc, slope, Vec(static_cast<float>(base + r)) + iota, std::min<int64_t>(vs, r1 - r), s + r, t + r);
+  // With a softcap: x·pre·2 log2 e into softcap_r's 2^y, and the exponent's post·log2 e·(1 - 2r) as
+  // -2 post·log2 e·r (shift holds the rest); without: x·pre·log2 e.
+  const Vec vin(kCap ? sc.pre * 2.f * kLog2e : sc.pre * kLog2e), vout(-2.f * sc.post * kLog2e);
+  const Vec vslope(-slope * kLog2e), four(4.f);
+  auto step = [&](int64_t r, int64_t cnt) {
+    const bool whole = cnt == vs;
+    auto load = [whole, cnt](const float* x) { return whole ? Vec::loadu(x) : Vec::loadu(x, cnt); };
+    const Vec x = load(s + r) * vin;
+    Vec y, rv;
+    if constexpr (kCap) {
+      rv = softcap_r_of2(x);
+      y = at::vec::fmsub(rv, vout, load(shift + r));
+    } else {
+      y = x - load(shift + r);
+    }
+    if constexpr (kAlibi) y = at::vec::fmadd((Vec(static_cast<float>(base + r)) + iota).abs(), vslope, y);
+#if defined(CPU_CAPABILITY_AVX512)
+    const Vec pv = Exp2Scalef()(y);  // -inf (a masked or empty row's +inf shift): an exact 0
+#else
+    const Vec pv = exp2_vec(y);
+#endif
+    const Vec vd = load(delta + r);
+    Vec ds = pv * (z != nullptr ? at::vec::fmsub(load(dp + r), load(z + r), vd) : load(dp + r) - vd);
+    if (dmask != nullptr) {
+      float lanes[vs];
+      ds.store(lanes);
+      for (int64_t l = 0; l < cnt; ++l) dmask[(r + l) * ld] = lanes[l];
+    }
+    if constexpr (kCap) ds = ds * (rv * at::vec::fnmadd(rv, four, four));
+    const Vec pz = z != nullptr ? pv * load(z + r) : pv;
+    if (whole) {
+      ds.store(dp + r);
+      pz.store(s + r);
+    } else {
+      ds.store(dp + r, cnt);
+      pz.store(s + r, cnt);
+    }
+  };
+  int64_t r = r0;
+  for (; r + vs <= r1; r += vs) step(r, vs);
+  if (r < r1) step(r, r1 - r);
 }
 
 // The maximum over c in [0, n) of x[c] + y[c] (y readable a whole vector past n).
@@ -981,13 +1035,13 @@ void attn_bwd(const AttnParams& p) {
   const fastattn::rules::Variant& var = p.variant;
   const fastattn::rules::ScoreScale sc = fastattn::rules::score_scale(p.scale, var.softcap, 1.f);
   const bool score_mod = var.softcap > 0.f || var.alibi != nullptr;
+  const float lse_off = sc.softcap ? sc.post * kLog2e : 0.f;
 
   const int64_t n_tasks = B * Hkv * n_chunks;
   parallel_dynamic(n_tasks, [&](const auto& claim) {
     BwdOperands<scalar_t, pack_t> ops(p, per_chunk);
     const int64_t ldq = ops.ldq;
     auto zcol = scratch<float>(drop ? BQ : 1);  // Z = keep / (1 - p) of one key column
-    auto tcol = scratch<float>(BQ);  // the softcap's tanh of one key column
     auto dKacc = scratch<float>(per_chunk * BK * D);
     auto dVacc = scratch<float>(per_chunk * BK * Dv);
     auto ST = scratch<float>(BK * ldq);   // Sᵀ, then Pᵀ (fp32)
@@ -1029,9 +1083,9 @@ void attn_bwd(const AttnParams& p) {
                            dO + b * p.do_s[0] + h * p.do_s[1] + q0 * p.do_s[2], m);
           const float* lse = p.lse_in + (b * Hq + h) * Lq + q0;
           const float* delta = p.delta + (b * Hq + h) * Lq + q0;
-          // The lse in base-2 units, for exp2. A row that attends nothing has lse = -inf: +inf makes
-          // its P exactly 0.
-          for (int64_t r = 0; r < m; ++r) lse_eff[r] = lse[r] == kNegInf ? kInf : lse[r] * kLog2e;
+          // The lse in base-2 units, for exp2, less lse_off (bwd_col's shift). A row that attends nothing
+          // has lse = -inf: +inf makes its P exactly 0.
+          for (int64_t r = 0; r < m; ++r) lse_eff[r] = lse[r] == kNegInf ? kInf : lse[r] * kLog2e - lse_off;
           for (int64_t it = 0; it < nt; ++it) {
             const int64_t kt = tiles[it], k0 = kt * BK, n = std::min(BK, Lk - k0), c = kt - kt0;
             ops.transposed_scores(c, n, m, ST.get(), dPT.get());
@@ -1066,11 +1120,26 @@ void attn_bwd(const AttnParams& p) {
                 }
                 shift = colshift.get();
               }
-              if (score_mod) score_col(sc, slope, q0 + var.q_offset - key, r0, r1, s, tcol.get());
-              {
-                const int64_t vs = Vec::size();
-                // Scores in base-2 units (the shift's): a softcap or ALiBi has already formed them.
-                const Vec vscale(score_mod ? kLog2e : p.scale * kLog2e);
+              float* dm = p.dmask != nullptr ? p.dmask + ((b * Hq + h) * Lq + q0) * Lk + key : nullptr;
+              const float* z = nullptr;
+              if (drop) {  // Z of the column, for dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − delta) and Pᵀ ∘ Z (dV)
+                philox::keep_scale(rng, philox::element(rng, b * Hq + h, q0 + r0, key), rng.seqlen_k,
+                                   r1 - r0, keep_value, zcol.get() + r0);
+                z = zcol.get();
+              }
+              if (score_mod) {
+                const int64_t base = q0 + var.q_offset - key;
+                if (!sc.softcap)
+                  bwd_col<false, true>(sc, slope, base, r0, r1, shift, delta, z, dm, Lk, s, dp);
+                else if (var.alibi != nullptr)
+                  bwd_col<true, true>(sc, slope, base, r0, r1, shift, delta, z, dm, Lk, s, dp);
+                else
+                  bwd_col<true, false>(sc, slope, base, r0, r1, shift, delta, z, dm, Lk, s, dp);
+                continue;
+              }
+              const int64_t vs = Vec::size();
+              {  // Pᵀ, in place: Sᵀ·scale in base-2 units less the shift
+                const Vec vscale(p.scale * kLog2e);
                 int64_t r = r0;
                 for (; r + vs <= r1; r += vs)
                   exp2_vec(at::vec::fmsub(Vec::loadu(s + r), vscale, Vec::loadu(shift + r))).store(s + r);
@@ -1079,12 +1148,8 @@ void attn_bwd(const AttnParams& p) {
                       .store(s + r, r1 - r);
               }
               // dSᵀ = Pᵀ ∘ (dPᵀ − delta), in place over dPᵀ.
-              const int64_t vs = Vec::size();
               int64_t r = r0;
-              if (drop) {  // dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − delta), then Pᵀ ∘ Z for dV
-                philox::keep_scale(rng, philox::element(rng, b * Hq + h, q0 + r0, key), rng.seqlen_k,
-                                   r1 - r0, keep_value, zcol.get() + r0);
-                const float* z = zcol.get();
+              if (z != nullptr) {  // dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − delta), then Pᵀ ∘ Z for dV
                 for (; r + vs <= r1; r += vs) {
                   const Vec vp = Vec::loadu(s + r), vz = Vec::loadu(z + r);
                   (vp * at::vec::fmsub(Vec::loadu(dp + r), vz, Vec::loadu(delta + r))).store(dp + r);
@@ -1099,17 +1164,8 @@ void attn_bwd(const AttnParams& p) {
                   (Vec::loadu(s + r) * (Vec::loadu(dp + r) - Vec::loadu(delta + r))).store(dp + r);
                 for (; r < r1; ++r) dp[r] = s[r] * (dp[r] - delta[r]);
               }
-              if (p.dmask != nullptr) {  // the float mask's gradient: dS after the softcap (zeros elsewhere)
-                float* dm = p.dmask + ((b * Hq + h) * Lq + q0) * Lk + key;
+              if (dm != nullptr)  // the float mask's gradient: dS (zeros elsewhere)
                 for (int64_t rr = r0; rr < r1; ++rr) dm[rr * Lk] = dp[rr];
-              }
-              if (var.softcap > 0.f) {  // dS before the cap: times 1 - tanh²
-                const float* tc = tcol.get();
-                for (r = r0; r < r1; r += vs) {
-                  const int64_t cnt = std::min<int64_t>(vs, r1 - r);
-                  fastattn::rules::softcap_grad(Vec::loadu(dp + r, cnt), Vec::loadu(tc + r, cnt)).store(dp + r, cnt);
-                }
-              }
             }
             ops.accumulate(c, n, m, ST.get(), dPT.get(), dVacc.get() + c * BK * Dv, dKacc.get() + c * BK * D);
           }
