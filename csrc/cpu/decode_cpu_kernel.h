@@ -123,7 +123,6 @@ inline void hsum4(const DVec& a0, const DVec& a1, const DVec& a2, const DVec& a3
 // head dim; padded rows). bf16 rows on AVX512_BF16 CPUs go to the *_bf16 functions instead.
 template <typename T>
 struct DirectRows {
-  using Elem = T;
   const T* const* rows;
   inline DVec load(int64_t j, int64_t d) const {
     DVec x;
@@ -132,9 +131,7 @@ struct DirectRows {
   }
 };
 
-template <typename T>
 struct BufferRows {
-  using Elem = T;  // the cache's rows, which the prefetches name
   const float* base;
   int64_t ld;
   inline DVec load(int64_t j, int64_t d) const { return DVec::loadu(base + j * ld + d); }
@@ -168,9 +165,9 @@ inline void dot_rows(const float* qf, int64_t rows, int64_t ld, const Src& k, in
 // NR x NV sums stay in registers as independent FMA chains, and each key's NV vectors of V are read once, in order,
 // so a block's V streams like its K. (Columns outer, one vector of each of the block's rows per pass, measured 15%
 // slower single-threaded on long fp32 caches: 12.6 against 14.5 GB/s, and its P.V pass 1.5x the time from L3.)
-template <int NR, int NV, class Src>
+template <int NR, int NV, class Src, class PF>
 inline void accumulate_keys(float* acc, int64_t ld, const float* p, int64_t pld, const Src& v, int64_t n, int64_t c,
-                            const Prefetch<typename Src::Elem>& pf) {
+                            const PF& pf) {
   constexpr int64_t W = DVec::size();
   DVec a[NR][NV];
   for (int r = 0; r < NR; ++r)
@@ -189,9 +186,9 @@ inline void accumulate_keys(float* acc, int64_t ld, const float* p, int64_t pld,
 }
 
 // Every column of NR rows; the first pass carries the prefetches.
-template <int NR, class Src>
+template <int NR, class Src, class PF>
 inline void accumulate_keys_cols(float* acc, int64_t ld, const float* p, int64_t pld, const Src& v, int64_t n,
-                                 int64_t padded, Prefetch<typename Src::Elem> pf) {
+                                 int64_t padded, PF pf) {
   constexpr int64_t W = DVec::size();
   int64_t c = 0;
   for (; c + kKeysNV * W <= padded; c += kKeysNV * W, pf = {})
@@ -199,9 +196,10 @@ inline void accumulate_keys_cols(float* acc, int64_t ld, const float* p, int64_t
   for (; c < padded; c += W, pf = {}) accumulate_keys<NR, 1>(acc, ld, p, pld, v, n, c, pf);
 }
 
-template <class Src>
+// pf: the Prefetch of the next block's V rows, carried by the first pass only.
+template <class Src, class PF>
 inline void accumulate(float* acc, int64_t ld, const float* p, int64_t pld, const Src& v, int64_t n, int64_t padded,
-                       int64_t rows, Prefetch<typename Src::Elem> pf) {
+                       int64_t rows, PF pf) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4, pf = {}) accumulate_keys_cols<4>(acc + r * ld, ld, p + r * pld, pld, v, n, padded, pf);
   for (; r + 2 <= rows; r += 2, pf = {}) accumulate_keys_cols<2>(acc + r * ld, ld, p + r * pld, pld, v, n, padded, pf);
@@ -475,7 +473,7 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
       } else {
         to_f32(krow[cur][jj], p.k_s[3], kb + jj * Dp, p.D, Dp);
         to_f32(vrow[cur][jj], p.v_s[3], vb + jj * Dvp, p.Dv, Dvp);
-        dot_rows(qf, R, Dp, BufferRows<T>{kb, Dp}, jj, Dp, raw + jj, kBlock);
+        dot_rows(qf, R, Dp, BufferRows{kb, Dp}, jj, Dp, raw + jj, kBlock);
       }
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -542,7 +540,7 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
         if (direct)
       accumulate(acc, Dvp, sc, kBlock, DirectRows<T>{vrow[cur]}, n, Dvp, R, vpf);
     else
-      accumulate(acc, Dvp, sc, kBlock, BufferRows<T>{vb, Dvp}, n, Dvp, R, vpf);
+      accumulate(acc, Dvp, sc, kBlock, BufferRows{vb, Dvp}, n, Dvp, R, vpf);
   }
 
   const int64_t task = (b * p.Hkv + h) * p.splits + s;
