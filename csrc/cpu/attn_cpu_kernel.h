@@ -382,17 +382,11 @@ inline float softcap_exp_store(const float* x, int64_t n, float in, float mul, f
 
 // The score of one vector of n lanes of dot products: csrc/attn_rules.h's order (rules::scaled_score with
 // tanh_vec: s = pre·x, or post·tanh(pre·x) with a softcap, then ALiBi's -slope * |dist|, dist being each
-// lane's query position minus its key); the softcap's tanh goes to t when given. Whole vectors take the
-// plain loads and stores.
-inline void score_vec(const fastattn::rules::ScoreScale& sc, float slope, const Vec& dist, int64_t n, float* s,
-                      float* t) {
+// lane's query position minus its key). Whole vectors take the plain loads and stores.
+inline void score_vec(const fastattn::rules::ScoreScale& sc, float slope, const Vec& dist, int64_t n, float* s) {
   const bool whole = n == Vec::size();
   Vec x = (whole ? Vec::loadu(s) : Vec::loadu(s, n)) * Vec(sc.pre);
-  if (sc.softcap) {
-    const Vec tv = tanh_vec(x);
-    x = tv * Vec(sc.post);
-    if (t != nullptr) whole ? tv.store(t) : tv.store(t, n);
-  }
+  if (sc.softcap) x = tanh_vec(x) * Vec(sc.post);
   if (slope != 0.f) x = at::vec::fmadd(dist.abs(), Vec(-slope), x);
   whole ? x.store(s) : x.store(s, n);
 }
@@ -404,8 +398,7 @@ inline void score_row(const fastattn::rules::ScoreScale& sc, float slope, int64_
   const int64_t vs = Vec::size();
   const Vec iota = Vec::arange(0.f, 1.f);
   for (int64_t c = c0; c < c1; c += vs)
-    score_vec(sc, slope, Vec(static_cast<float>(pos - k0 - c)) - iota, std::min<int64_t>(vs, c1 - c), s + c,
-              nullptr);
+    score_vec(sc, slope, Vec(static_cast<float>(pos - k0 - c)) - iota, std::min<int64_t>(vs, c1 - c), s + c);
 }
 
 // The backward's elementwise work on one key's column of Sᵀ and dPᵀ where a softcap or ALiBi forms the scores,
