@@ -30,8 +30,8 @@ from torch import Tensor
 
 from ...kvcache import merge_splits
 from .._kvcache import gpu_workers, splits_for
-from . import _common  # noqa: F401  (the interpreter's range() fix precedes any launch)
-from .fwd import _arch
+from ._common import score_mod
+from .fwd import LOG2E, _arch
 
 __all__ = ["kvcache_decode", "decode_config", "_decode_kernel"]
 
@@ -44,12 +44,15 @@ def _decode_kernel(
     sv_p, sv_h, sv_s, sv_d,
     bt_stride, alibi_stride_b,
     heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, page_size, new_len, num_splits,
-    scale, softcap, left, right,
+    qk_scale, softcap2, left, right,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, kv head, split): partial ``OUT (S, B, Hq, Lq, Dv)`` fp32 normalised, ``LSE (S, B, Hq, Lq)``."""
+    """One (sequence, kv head, split): partial ``OUT (S, B, Hq, Lq, Dv)`` fp32 normalised, ``LSE (S, B, Hq, Lq)``.
+
+    Scores in the exp2 domain as the attention kernels' (``_common.score_mod``: ``qk_scale``, ``softcap2``).
+    """
     s = tl.program_id(0)
     bh = tl.program_id(1)
     tile = tl.program_id(2)  # the group's rows beyond BLOCK_R (many queries per step) take more programs
@@ -85,9 +88,9 @@ def _decode_kernel(
     k_start = key_lo + s * part
     k_end = tl.minimum(k_start + part, key_hi)
 
-    slope = tl.zeros([BLOCK_R], dtype=tl.float32)
-    if HAS_ALIBI:
-        slope = tl.load(ALIBI + b * alibi_stride_b + hq, mask=row_ok, other=0.0)
+    slope2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if HAS_ALIBI:  # each row's slope, in the exp2 domain (the launcher's table)
+        slope2 = tl.load(ALIBI + b * alibi_stride_b + hq, mask=row_ok, other=0.0)
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -102,17 +105,16 @@ def _decode_kernel(
         slot = j % page_size
         k_ptr = KC + page[:, None] * sk_p + h * sk_h + slot[:, None] * sk_s + d[None, :] * sk_d
         k = tl.load(k_ptr, mask=key_ok[:, None] & (d[None, :] < head_dim), other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_N) fp32
-        if SOFTCAP:
-            qk = softcap * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap) + 1.0))
-        if HAS_ALIBI:
-            qk -= slope[:, None] * tl.abs(pos[:, None] - j[None, :]).to(tl.float32)
+        # (BLOCK_R, BLOCK_N) fp32; rows at their key positions `pos`, so q_offset 0
+        qk, _ = score_mod(
+            tl.dot(q, tl.trans(k)), pos, j, 0, qk_scale, softcap2, slope2[:, None], SOFTCAP, HAS_ALIBI, False
+        )
         ok = key_ok[None, :] & row_ok[:, None] & (j[None, :] >= row_lo[:, None]) & (j[None, :] <= row_hi[:, None])
         qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptr = VC + page[:, None] * sv_p + h * sv_h + slot[:, None] * sv_s + dv[None, :] * sv_d
         v = tl.load(v_ptr, mask=key_ok[:, None] & (dv[None, :] < head_dim_v), other=0.0)
@@ -121,7 +123,7 @@ def _decode_kernel(
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     batch = tl.num_programs(1) // heads_kv
     row_base = ((s * batch + b) * heads_q + hq).to(tl.int64) * seqlen_q + i  # (S, B, Hq, Lq) index
     tl.store(OUT + row_base[:, None] * head_dim_v + dv[None, :], out, mask=row_ok[:, None] & (dv[None, :] < head_dim_v))
@@ -171,7 +173,7 @@ def kvcache_decode(
     cfg = decode_config((heads_q // heads_kv) * seqlen_q, head_dim, head_dim_v, query.dtype, _arch(query.device))
     part_out = torch.empty(splits, batch, heads_q, seqlen_q, head_dim_v, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(splits, batch, heads_q, seqlen_q, device=query.device, dtype=torch.float32)
-    alibi = None if alibi_slopes is None else alibi_slopes.float().contiguous()
+    alibi = None if alibi_slopes is None else (alibi_slopes.float() * LOG2E).contiguous()  # exp2 domain
     table = block_table if block_table is not None else cache_seqlens  # any int32 tensor: never read unless paged
     grid = (splits, batch * heads_kv, triton.cdiv((heads_q // heads_kv) * seqlen_q, cfg["BLOCK_R"]))
     _decode_kernel[grid](
@@ -181,7 +183,8 @@ def kvcache_decode(
         table.stride(0) if block_table is not None else 0,
         heads_q if alibi is not None and alibi.shape[0] > 1 else 0,
         heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, page_size, int(new_len), splits,
-        float(scale), float(softcap) if softcap > 0 else 1.0, int(window_left), int(window_right),
+        float(scale) / softcap if softcap > 0 else float(scale) * LOG2E, float(softcap) * LOG2E, int(window_left),
+        int(window_right),
         PAGED=block_table is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi is not None, **cfg,
     )  # fmt: skip
@@ -233,7 +236,7 @@ def compile_signature(mask: str, dtype: str, head_dim: int, block_r: int, block_
             sig[name] = pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "fp32" if name in ("scale", "softcap") else "i32"
+            sig[name] = "fp32" if name in ("qk_scale", "softcap2") else "i32"
             if name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return _decode_kernel, sig, constexprs, attrs
