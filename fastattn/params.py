@@ -37,22 +37,23 @@ from .masks import Mask, TileSummary, tensor_tile_summary
 __all__ = ["AttnParams", "SEQ_LAYOUTS", "FEATURES"]
 
 # Everything a call may use beyond plain dense attention (bool/float mask tensors, dropout, GQA, a value
-# head dim different from the query's, the float mask's gradient, and the variants).
-FEATURES = (
-    "mask_bool",
-    "mask_float",
-    "mask_grad",
-    "dropout",
-    "gqa",
-    "head_dim_v",
-    "softcap",
-    "alibi",
-    "sinks",
-    "chunk",
-    "packed",
-    "kvcache",
-    "paged",
-)
+# head dim different from the query's, the float mask's gradient, the variants, the sequence layouts), in
+# order, each with what a backend's refusal calls it ("it has no ...": ``registry.Capabilities.reason``).
+FEATURES = {
+    "mask_bool": "boolean attn_mask",
+    "mask_float": "float attn_mask",
+    "mask_grad": "gradient for a float attn_mask",
+    "dropout": "dropout (dropout_p > 0)",
+    "gqa": "grouped-query attention (fewer key/value heads)",
+    "head_dim_v": "value head dim different from the query's",
+    "softcap": "logit softcap (softcap=)",
+    "alibi": "in-kernel ALiBi (alibi_slopes=)",
+    "sinks": "attention sinks (sinks=)",
+    "chunk": "chunked attention (chunk=)",
+    "packed": "packed variable-length sequences (varlen_attention)",
+    "kvcache": "key/value-cache attention (kvcache_attention)",
+    "paged": "paged key/value caches (block_table=)",
+}
 
 
 # How sequences sit in the tensors. ``"dense"``: ``(B, H, L, D)``, every row of a batch one sequence of ``Lq``

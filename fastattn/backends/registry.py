@@ -82,23 +82,6 @@ class SlowPathWarning(UserWarning):
     """The automatic choice ran a call on the unfused ``reference`` backend that a fused one could take."""
 
 
-# What each feature is called in a refusal ("it has no ...").
-_FEATURE_TEXT = {
-    "mask_bool": "boolean attn_mask",
-    "mask_float": "float attn_mask",
-    "mask_grad": "gradient for a float attn_mask",
-    "dropout": "dropout (dropout_p > 0)",
-    "gqa": "grouped-query attention (fewer key/value heads)",
-    "head_dim_v": "value head dim different from the query's",
-    "softcap": "logit softcap (softcap=)",
-    "alibi": "in-kernel ALiBi (alibi_slopes=)",
-    "sinks": "attention sinks (sinks=)",
-    "chunk": "chunked attention (chunk=)",
-    "packed": "packed variable-length sequences (varlen_attention)",
-    "kvcache": "key/value-cache attention (kvcache_attention)",
-    "paged": "paged key/value caches (block_table=)",
-}
-assert set(_FEATURE_TEXT) == set(FEATURES)
 _CASTS = {
     torch.float32: ".float()",
     torch.bfloat16: ".bfloat16()",
@@ -135,9 +118,9 @@ class Capabilities:
                 reasons.append(f"{name} {dim} is not supported (one of {', '.join(map(str, self.head_dims))})")
             elif self.max_head_dim is not None and dim > self.max_head_dim:
                 reasons.append(f"{name} {dim} is above the supported {self.max_head_dim}")
-        missing = sorted(params.features - self.features, key=FEATURES.index)
+        missing = [f for f in FEATURES if f in params.features - self.features]
         if missing:
-            reasons.append("it has no " + ", no ".join(_FEATURE_TEXT[f] for f in missing))
+            reasons.append("it has no " + ", no ".join(FEATURES[f] for f in missing))
         return "; ".join(reasons) or None
 
 
@@ -169,7 +152,7 @@ class Backend:
         if "kvcache" in params.features:
             table = self.kvcache_capabilities
             if table is None:
-                return "it has no " + _FEATURE_TEXT["kvcache"]
+                return "it has no " + FEATURES["kvcache"]
         return table.reason(params) or self.extra_reason(params)
 
     def backward_reason(self, params: AttnParams) -> Optional[str]:
