@@ -66,9 +66,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& mask_opt, const std::optional<at::Tensor>& alibi_opt,
     at::TensorList summary, const std::optional<at::Tensor>& philox_opt, double scale, double dropout_p,
-    int64_t window_left, int64_t window_right, int64_t q_offset, int64_t chunk, double softcap,
-    at::IntArrayRef blocks, bool need_mask_grad, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+    at::ArrayRef<double> variant_scalars, at::IntArrayRef blocks, bool need_mask_grad,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k) {
     constexpr const char* op = "fastattn::cuda_attn_bwd";
     TORCH_CHECK(summary.empty() || summary.size() == 6, op,
                 ": argument 'summary' must be [] or [kv_state, kv_count, kv_index, q_state, q_count, q_index], got ",
@@ -121,8 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_attn_bwd(
                 layout.batch);
     // ALiBi slopes have one row per sequence when packed.
     const rules::Variant variant =
-        variant_params(op, q, alibi_opt, std::nullopt, window_left, window_right, q_offset, chunk, softcap,
-                       layout.packed ? layout.batch : q.size(0));
+        variant_params(op, q, alibi_opt, std::nullopt, variant_scalars, layout.packed ? layout.batch : q.size(0));
     TORCH_CHECK(!need_mask_grad || (given(mask_opt) && mask_opt->is_floating_point()), op,
                 ": need_mask_grad=True needs a floating-point argument 'mask' to differentiate, got ",
                 given(mask_opt) ? dtype_name(mask_opt->scalar_type()) : "None");
@@ -242,10 +241,9 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
     // The registry's op arguments (fastattn/backends/registry.py: OP_BWD_ARGS), as every backend's.
     m.def(
         "cuda_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-        "Tensor? alibi_slopes, Tensor[] summary, Tensor? philox, float scale, float dropout_p, int window_left, "
-        "int window_right, int q_offset, int chunk, float softcap, int[] blocks, bool need_mask_grad, "
-        "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) -> "
-        "(Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+        "Tensor? alibi_slopes, Tensor[] summary, Tensor? philox, float scale, float dropout_p, float[] variant, "
+        "int[] blocks, bool need_mask_grad, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+        "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("cuda_attn_bwd", &fastattn::cuda_attn_bwd); }

@@ -58,25 +58,20 @@ inline DropoutParams dropout_params(const char* op, const std::optional<at::Tens
     return d;
 }
 
-// The variant of an attention op (csrc/attn_rules.h) from its arguments, checked: the band
-// (window_left/right, -1 unbounded), q_offset, chunk (0: none), softcap (0: none), ALiBi slopes ((1|B, Hq)
+// The variant of an attention op (csrc/attn_rules.h) from its arguments, checked: the scalars of `variant`
+// (rules::unpack_variant: the band with causal folded in, q_offset, chunk, softcap), ALiBi slopes ((1|B, Hq)
 // float32, contiguous, on q's device) and sinks ((Hq,) float32, contiguous, on q's device). The tensors must
 // outlive the launch. `batch`: the ALiBi table's rows, q.size(0) when negative (packed sequences pass their
 // count).
 inline rules::Variant variant_params(const char* op, const at::Tensor& q,
                                      const std::optional<at::Tensor>& alibi_opt,
-                                     const std::optional<at::Tensor>& sinks_opt, int64_t window_left,
-                                     int64_t window_right, int64_t q_offset, int64_t chunk, double softcap,
+                                     const std::optional<at::Tensor>& sinks_opt, at::ArrayRef<double> variant,
                                      int64_t batch = -1) {
     if (batch < 0) batch = q.size(0);
     const int64_t heads_q = q.size(1);
-    TORCH_CHECK(window_left >= -1 && window_right >= -1, op,
-                ": window_left and window_right must be >= -1 (-1 = unbounded), got ", window_left, " and ",
-                window_right);
-    TORCH_CHECK(chunk >= 0, op, ": argument 'chunk' must be >= 0 (0 = none), got ", chunk);
-    TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": argument 'softcap' must be >= 0 (0 = none), got ",
-                softcap);
-    rules::Variant v{window_left, window_right, q_offset, chunk, float(softcap), nullptr, 0, nullptr};
+    rules::Variant v{-1, -1, 0, 0, 0.f, nullptr, 0, nullptr};
+    const std::string error = rules::unpack_variant(variant.data(), variant.size(), v);
+    TORCH_CHECK(error.empty(), op, ": argument 'variant': ", error);
     if (alibi_opt.has_value() && alibi_opt->defined()) {
         const at::Tensor& alibi_slopes = *alibi_opt;
         CHECK_SAME_DEVICE(op, alibi_slopes, q);

@@ -31,8 +31,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& alibi_opt,
                                                  const std::optional<at::Tensor>& sinks_opt, at::TensorList summary,
                                                  const std::optional<at::Tensor>& philox_opt, double scale,
-                                                 double dropout_p, int64_t window_left, int64_t window_right,
-                                                 int64_t q_offset, int64_t chunk, double softcap,
+                                                 double dropout_p, at::ArrayRef<double> variant_scalars,
                                                  at::IntArrayRef blocks,
                                                  const std::optional<at::Tensor>& cu_seqlens_q,
                                                  const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
@@ -81,8 +80,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::
     const DropoutParams dropout = dropout_params(op, philox_opt, dropout_p, q);
     // ALiBi slopes have one row per sequence when packed.
     const rules::Variant variant =
-        variant_params(op, q, alibi_opt, sinks_opt, window_left, window_right, q_offset, chunk, softcap,
-                       layout.packed ? layout.batch : q.size(0));
+        variant_params(op, q, alibi_opt, sinks_opt, variant_scalars, layout.packed ? layout.batch : q.size(0));
 
     const bool has_mask = mask_opt.has_value() && mask_opt->defined();
     const bool has_summary = tile_state_opt.has_value() && tile_state_opt->defined();
@@ -222,9 +220,9 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
     // The registry's op arguments (fastattn/backends/registry.py: OP_FWD_ARGS), as every backend's.
     m.def(
         "cuda_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, Tensor? sinks, "
-        "Tensor[] summary, Tensor? philox, float scale, float dropout_p, int window_left, int window_right, "
-        "int q_offset, int chunk, float softcap, int[] blocks, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
-        "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor out, Tensor lse)");
+        "Tensor[] summary, Tensor? philox, float scale, float dropout_p, float[] variant, int[] blocks, "
+        "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) -> "
+        "(Tensor out, Tensor lse)");
     m.def(
         "cuda_dropout_keep_mask(Tensor philox, int batch, int heads_q, int seqlen_q, int seqlen_k, float dropout_p) "
         "-> Tensor");

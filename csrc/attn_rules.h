@@ -20,6 +20,9 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <cmath>
+#include <string>
+
 #if defined(__CUDACC__)
 #define FA_RULE __host__ __device__ __forceinline__
 #else
@@ -49,6 +52,34 @@ struct Variant {
 // them takes its variant through this, so that the compiler folds their code away (registers).
 FA_RULE Variant band_only(const Variant& v) {
     return Variant{v.left, v.right, v.q_offset, 0, 0.f, nullptr, 0, v.sinks};
+}
+
+// The ops' `float[] variant` argument (fastattn/params.py: VariantScalars): Variant's scalars in this order, as
+// doubles (integers exact below 2^53). The tensors (ALiBi slopes, sinks) are separate op arguments.
+enum VariantScalar : int { kWindowLeft, kWindowRight, kQOffset, kChunk, kSoftcap, kVariantScalars };
+
+// Fills v's scalars from the ops' variant argument `s` of `n` numbers and returns "" when they are valid, else
+// what is wrong, naming the scalar and the value received (the ops raise it). Host only.
+inline std::string unpack_variant(const double* s, size_t n, Variant& v) {
+    static const char* const names[kVariantScalars] = {"window_left", "window_right", "q_offset", "chunk",
+                                                       "softcap"};
+    if (n != kVariantScalars)
+        return "expected " + std::to_string(int(kVariantScalars)) +
+               " numbers (window_left, window_right, q_offset, chunk, softcap), got " + std::to_string(n);
+    for (int i = 0; i < kVariantScalars; ++i) {
+        const bool integral = i != kSoftcap;
+        if (!std::isfinite(s[i]) || (integral && (s[i] != std::floor(s[i]) || std::fabs(s[i]) >= 0x1p53)))
+            return std::string(names[i]) + " must be a finite " + (integral ? "integer" : "number") + ", got " +
+                   std::to_string(s[i]);
+    }
+    v.left = int64_t(s[kWindowLeft]), v.right = int64_t(s[kWindowRight]), v.q_offset = int64_t(s[kQOffset]);
+    v.chunk = int64_t(s[kChunk]), v.softcap = float(s[kSoftcap]);
+    if (v.left < -1 || v.right < -1)
+        return "window_left and window_right must be >= -1 (-1: unbounded), got " + std::to_string(v.left) +
+               " and " + std::to_string(v.right);
+    if (v.chunk < 0) return "chunk must be >= 0 (0: none), got " + std::to_string(v.chunk);
+    if (s[kSoftcap] < 0.0) return "softcap must be >= 0 (0: none), got " + std::to_string(s[kSoftcap]);
+    return std::string();
 }
 
 FA_RULE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }

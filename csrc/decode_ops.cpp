@@ -50,8 +50,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_kvcache_fwd(const at::Tensor& query, con
                                                     int64_t new_len, const std::optional<at::Tensor>& block_table,
                                                     const std::optional<at::Tensor>& alibi_slopes,
                                                     const std::optional<at::Tensor>& sinks, double scale,
-                                                    int64_t window_left, int64_t window_right, double softcap,
-                                                    int64_t num_splits) {
+                                                    at::ArrayRef<double> variant_scalars, int64_t num_splits) {
     constexpr const char* op = "fastattn::cuda_kvcache_fwd";
     CHECK_DEVICE(op, query);
     CHECK_SAME_DEVICE(op, key_cache, query);
@@ -97,8 +96,10 @@ std::tuple<at::Tensor, at::Tensor> cuda_kvcache_fwd(const at::Tensor& query, con
         alibi_slopes.has_value() ? std::optional<at::Tensor>(alibi_slopes->to(at::kFloat).contiguous()) : std::nullopt;
     const std::optional<at::Tensor> sink =
         sinks.has_value() ? std::optional<at::Tensor>(sinks->to(at::kFloat).contiguous()) : std::nullopt;
-    const rules::Variant variant =
-        variant_params(op, query, alibi, sink, window_left, window_right, 0, 0, softcap);
+    const rules::Variant variant = variant_params(op, query, alibi, sink, variant_scalars);
+    TORCH_CHECK(variant.q_offset == 0 && variant.chunk == 0, op,
+                ": argument 'variant' must have q_offset 0 (each sequence is aligned bottom-right) and chunk 0, got ",
+                variant.q_offset, " and ", variant.chunk);
 
     DecodeParams p{};
     at::Tensor table;
@@ -164,8 +165,8 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
     // The schema of fastattn::cpu_kvcache_fwd (csrc/cpu/decode_cpu.cpp).
     m.def(
         "cuda_kvcache_fwd(Tensor query, Tensor key_cache, Tensor value_cache, Tensor cache_seqlens, int new_len, "
-        "Tensor? block_table, Tensor? alibi_slopes, Tensor? sinks, float scale, int window_left, int window_right, "
-        "float softcap, int num_splits) -> (Tensor out, Tensor lse)");
+        "Tensor? block_table, Tensor? alibi_slopes, Tensor? sinks, float scale, float[] variant, int num_splits) -> "
+        "(Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("cuda_kvcache_fwd", &fastattn::cuda_kvcache_fwd); }

@@ -25,8 +25,9 @@ module, ``csrc/attn_rules.h``) and a feature name: see ``DESIGN.md``, "Adding a 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ from torch import Tensor
 from . import variants
 from .masks import Mask, TileSummary, tensor_tile_summary
 
-__all__ = ["AttnParams", "SEQ_LAYOUTS", "FEATURES"]
+__all__ = ["AttnParams", "SEQ_LAYOUTS", "FEATURES", "VariantScalars"]
 
 # Everything a call may use beyond plain dense attention (bool/float mask tensors, dropout, GQA, a value
 # head dim different from the query's, the float mask's gradient, the variants, the sequence layouts), in
@@ -67,6 +68,38 @@ FEATURES = {
 # paged ``(num_pages, Hkv, page_size, D)`` key/value cache; ``seqlen_k`` is the cache's capacity per sequence, the
 # per-sequence lengths live in ``cache_seqlens`` (not in the params), and alignment is bottom-right per sequence.
 SEQ_LAYOUTS = ("dense", "packed", "kvcache", "paged")
+
+
+class VariantScalars(NamedTuple):
+    """The variant's scalars as every op takes them: one ``float[] variant`` argument (``pack``), read back by
+    ``unpack`` here (the Python ops) and by ``unpack_variant`` in ``csrc/attn_rules.h`` (the C++ ops), in this
+    field order. The band has causal folded in (``AttnParams.bounds``, -1 unbounded); 0 is "none" for ``chunk``
+    and ``softcap``. Integers travel exactly (doubles, below 2**53). A new scalar rule is a field here, named as
+    its ``AttnParams`` field, and its read in ``unpack_variant``: no op schema, fake or reference op changes. The
+    tensor variants (ALiBi slopes, sinks) are op arguments of their own."""
+
+    window_left: int = -1
+    window_right: int = -1
+    q_offset: int = 0
+    chunk: int = 0
+    softcap: float = 0.0
+
+    def pack(self) -> list[float]:
+        return [float(x) for x in self]
+
+    @classmethod
+    def unpack(cls, variant: Sequence[float]) -> VariantScalars:
+        """The scalars of an op's ``variant`` argument, each in its field's type (int or float)."""
+        if len(variant) != len(cls._fields):
+            names = ", ".join(cls._fields)
+            raise ValueError(f"variant: expected {len(cls._fields)} numbers ({names}), got {len(variant)}")
+        return cls(*(type(d)(x) for d, x in zip(cls._field_defaults.values(), variant)))
+
+    def params_kwargs(self) -> dict:
+        """The keywords of ``AttnParams.for_tensors`` that these scalars give."""
+        kw = self._asdict()
+        kw["window"] = (kw.pop("window_left"), kw.pop("window_right"))
+        return kw
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,6 +198,12 @@ class AttnParams:
         if self.causal:
             right = 0 if right < 0 else min(right, 0)
         return left, right
+
+    @property
+    def variant_scalars(self) -> VariantScalars:
+        """The ops' ``variant`` argument, before packing: the band with causal folded in and the other fields."""
+        left, right = self.bounds
+        return VariantScalars(left, right, *(getattr(self, name) for name in VariantScalars._fields[2:]))
 
     @property
     def has_band(self) -> bool:

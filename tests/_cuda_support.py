@@ -61,8 +61,8 @@ def fwd_args(q, k, v, mask=None, summary=(), philox=None, scale=1.0, dropout_p=0
              chunk=0, softcap=0.0, alibi=None, sinks=None, blocks=None) -> tuple:  # fmt: skip
     """The arguments of ``fastattn::cuda_attn_fwd`` (the registry's order), with defaults for a plain call."""
     blocks = list(blocks or (cuda_backend.BLOCK_M, cuda_backend.block_n(q.shape[-1])))
-    return (q, k, v, mask, alibi, sinks, list(summary), philox, scale, dropout_p, left, right, q_offset, chunk,
-            softcap, blocks)  # fmt: skip
+    variant = [float(x) for x in (left, right, q_offset, chunk, softcap)]
+    return (q, k, v, mask, alibi, sinks, list(summary), philox, scale, dropout_p, variant, blocks)
 
 
 def bwd_args(grad_out, q, k, v, out, lse, mask=None, summary=(), philox=None, scale=1.0, dropout_p=0.0, left=-1,
@@ -70,5 +70,6 @@ def bwd_args(grad_out, q, k, v, out, lse, mask=None, summary=(), philox=None, sc
              blocks=None) -> tuple:  # fmt: skip
     """The arguments of ``fastattn::cuda_attn_bwd`` (the registry's order), with defaults for a plain call."""
     blocks = list(blocks or (cuda_backend.BLOCK_M_DQ, cuda_backend.BLOCK_N, cuda_backend.BLOCK_M_KV))
-    return (grad_out, q, k, v, out, lse, mask, alibi, list(summary), philox, scale, dropout_p, left, right, q_offset,
-            chunk, softcap, blocks, need_mask_grad)  # fmt: skip
+    variant = [float(x) for x in (left, right, q_offset, chunk, softcap)]
+    return (grad_out, q, k, v, out, lse, mask, alibi, list(summary), philox, scale, dropout_p, variant, blocks,
+            need_mask_grad)  # fmt: skip

@@ -166,7 +166,7 @@ def test_opcheck_reference_ops():
     alibi, sinks = torch.rand(1, 4), torch.randn(4)
     cases = ((None, None, None, None, 0.0, 0, 0.0), (mask, alibi, sinks, philox, 0.2, 5, 3.0))
     for mask_arg, alibi_arg, sinks_arg, philox_arg, p, chunk, softcap in cases:
-        scalars = (0.25, p, 3, 0, 2, chunk, softcap, [])
+        scalars = (0.25, p, [3.0, 0.0, 2.0, float(chunk), softcap], [])
         fwd_args = (q, k, v, mask_arg, alibi_arg, sinks_arg, [], philox_arg, *scalars)
         torch.library.opcheck(torch.ops.fastattn.reference_fwd.default, fwd_args)
         out, lse = torch.ops.fastattn.reference_fwd(*fwd_args)

@@ -291,7 +291,7 @@ def test_instruction_set_chosen_at_run_time(capability):
 def test_opcheck():
     q, k, v = (torch.randn(1, 2, 70, 32) for _ in range(3))
     mask = torch.rand(1, 1, 70, 70) < 0.7
-    scalars = (32**-0.5, 0.0, -1, 0, 0, 0, 0.0, [64, 64])
+    scalars = (32**-0.5, 0.0, [-1.0, 0.0, 0.0, 0.0, 0.0], [64, 64])
     args = (q, k, v, mask, None, None, [], None, *scalars)
     torch.library.opcheck(torch.ops.fastattn.cpu_attn_fwd.default, args)
     out, lse = torch.ops.fastattn.cpu_attn_fwd(*args)
@@ -334,9 +334,10 @@ def test_choice_and_refusals(monkeypatch):
 def test_bad_op_arguments_name_what_was_expected():
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
 
-    def fwd(mask=None, summary=(), blocks=(64, 64), alibi=None, sinks=None, chunk=0, softcap=0.0):
+    def fwd(mask=None, summary=(), blocks=(64, 64), alibi=None, sinks=None, chunk=0, softcap=0.0, variant=None):
+        variant = [-1.0, -1.0, 0.0, float(chunk), float(softcap)] if variant is None else variant
         return torch.ops.fastattn.cpu_attn_fwd(
-            q, k, v, mask, alibi, sinks, list(summary), None, 1.0, 0.0, -1, -1, 0, chunk, softcap, list(blocks)
+            q, k, v, mask, alibi, sinks, list(summary), None, 1.0, 0.0, variant, list(blocks)
         )
 
     with pytest.raises(RuntimeError, match="mask: expected a 4-D shape broadcastable to"):
@@ -349,5 +350,13 @@ def test_bad_op_arguments_name_what_was_expected():
         fwd(alibi=torch.ones(1, 3))
     with pytest.raises(RuntimeError, match=r"sinks: expected a contiguous CPU float32 tensor of \(2,\)"):
         fwd(sinks=torch.ones(2, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="chunk: expected an integer >= 0"):
+    with pytest.raises(RuntimeError, match=r"variant: chunk must be >= 0 \(0: none\), got -2"):
         fwd(chunk=-2)
+    with pytest.raises(RuntimeError, match=r"variant: chunk must be a finite integer, got 1.5"):
+        fwd(chunk=1.5)
+    with pytest.raises(RuntimeError, match=r"variant: softcap must be >= 0 \(0: none\), got -1"):
+        fwd(softcap=-1.0)
+    with pytest.raises(RuntimeError, match=r"variant: window_left and window_right must be >= -1"):
+        fwd(variant=[-2.0, -1.0, 0.0, 0.0, 0.0])
+    with pytest.raises(RuntimeError, match=r"variant: expected 5 numbers \(window_left, .*\), got 4"):
+        fwd(variant=[-1.0, -1.0, 0.0, 0.0])

@@ -151,7 +151,7 @@ def test_bad_philox_names_what_was_expected():
     q = torch.randn(1, 1, 8, 16)
 
     def fwd(philox, p):
-        args = (q, q, q, None, None, None, [], philox, 1.0, p, -1, -1, 0, 0, 0.0, [64, 64])
+        args = (q, q, q, None, None, None, [], philox, 1.0, p, [-1.0, -1.0, 0.0, 0.0, 0.0], [64, 64])
         return torch.ops.fastattn.cpu_attn_fwd(*args)
 
     with pytest.raises(RuntimeError, match=r"philox: expected the int64 \[seed, offset\] tensor when dropout_p > 0"):
@@ -165,7 +165,7 @@ def test_bad_philox_names_what_was_expected():
 def test_opcheck_with_dropout():
     q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))
     philox = torch.tensor([5, 6], dtype=torch.int64)
-    scalars = (32**-0.5, 0.2, -1, 0, 0, 0, 0.0, [64, 64])
+    scalars = (32**-0.5, 0.2, [-1.0, 0.0, 0.0, 0.0, 0.0], [64, 64])
     args = (q, k, v, None, None, None, [], philox, *scalars)
     torch.library.opcheck(torch.ops.fastattn.cpu_attn_fwd.default, args)
     out, lse = torch.ops.fastattn.cpu_attn_fwd(*args)

@@ -335,7 +335,8 @@ def test_kvcache_backend_refusal_names_feature():
 def test_kvcache_opcheck_reference():
     case = Case(page_size=16, new=2, variant="all")
     query, kc, vc, seqlens, key, value, block_table, kw = build(case)
-    args = (query, kc, vc, seqlens, key, value, block_table, kw["alibi_slopes"], kw["sinks"], 0.3, -1, 0, 2.0, 0)
+    variant = [-1.0, 0.0, 0.0, 0.0, 2.0]  # window (-1, 0), q_offset 0, no chunk, softcap 2
+    args = (query, kc, vc, seqlens, key, value, block_table, kw["alibi_slopes"], kw["sinks"], 0.3, variant, 0)
     torch.library.opcheck(kvcache_fwd_reference, args)
 
 
@@ -347,7 +348,8 @@ def test_kvcache_opcheck_cuda(monkeypatch):
     case = Case(page_size=16, new=2, variant="all", dtype=torch.bfloat16)
     query, kc, vc, seqlens, key, value, block_table, kw = build(case)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    args = (query, kc, vc, seqlens, key, value, block_table, kw["alibi_slopes"], kw["sinks"], 0.3, -1, 0, 2.0, 2)
+    variant = [-1.0, 0.0, 0.0, 0.0, 2.0]  # window (-1, 0), q_offset 0, no chunk, softcap 2
+    args = (query, kc, vc, seqlens, key, value, block_table, kw["alibi_slopes"], kw["sinks"], 0.3, variant, 2)
     torch.library.opcheck(kvcache_fwd_cuda, tuple(t.to(device) if isinstance(t, Tensor) else t for t in args))
 
 

@@ -436,11 +436,10 @@ def _opcheck_args(mask_kind: str):
     out, lse = oracle.attention_forward(q, k, v, params)
     grad_out = torch.randn(out.shape, generator=gen)
     blocks = list(bwd.block_sizes(16, q.dtype, q.device, 24))
-    left, right = params.bounds
     return (
         grad_out, q, k, v, out, lse, params.mask, None,
         [params.tile_summary(blocks[0], blocks[1]).state, params.tile_summary(blocks[2], blocks[3]).state], None,
-        params.scale, 0.0, left, right, params.q_offset, 0, 0.0, blocks, mask_kind == "float",
+        params.scale, 0.0, params.variant_scalars.pack(), blocks, mask_kind == "float",
     )  # fmt: skip
 
 

@@ -422,7 +422,7 @@ def _op_args(mask_kind: str, dropout_p: float = 0.0):
         s = _params(37, 45, mask=mask).tile_summary(bm, bn)
         summary = [s.state, s.kv_count, s.kv_index]
     philox = philox_seed_offset("cpu") if dropout_p else None
-    return (q, k, v, mask, None, None, summary, philox, 0.2, dropout_p, 7, 0, 3, 0, 0.0, [bm, bn])
+    return (q, k, v, mask, None, None, summary, philox, 0.2, dropout_p, [7.0, 0.0, 3.0, 0.0, 0.0], [bm, bn])
 
 
 @pytest.mark.parametrize("mask_kind, p", [("none", 0.0), ("bool", 0.2)])

@@ -10,7 +10,9 @@ count of visited tiles. The CUDA kernels' variant cases are in ``tests/test_cuda
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -197,6 +199,31 @@ def test_every_backend_op_takes_the_registry_arguments():
             assert tuple(a.name for a in schema.arguments) == expected, (name, direction)
 
 
+def test_packed_variant_has_one_field_order_in_python_and_cpp():
+    """The ops' ``variant`` argument: ``VariantScalars`` packs it, and the C++ reader (``csrc/attn_rules.h``,
+    ``unpack_variant``) names the same fields in the same order; each field but the band is an ``AttnParams``
+    field of the same name, so packing from a call's params needs no per-field code."""
+    from fastattn.backends import cpu as cpu_backend
+    from fastattn.params import VariantScalars
+
+    fields = VariantScalars._fields
+    assert fields[:2] == ("window_left", "window_right")
+    assert set(fields[2:]) <= {f.name for f in dataclasses.fields(fastattn.AttnParams)}
+    params = fastattn.AttnParams.for_tensors(*testing.random_qkv(1, 2, 2, 5, 7, 8), 0.5, **VariantScalars(
+        3, 1, 2, 4, 1.5).params_kwargs())  # fmt: skip
+    assert params.variant_scalars == VariantScalars(3, 1, 2, 4, 1.5)
+    assert VariantScalars.unpack(params.variant_scalars.pack()) == params.variant_scalars
+    with pytest.raises(ValueError, match=r"variant: expected 5 numbers \(window_left, .*\), got 2"):
+        VariantScalars.unpack([1.0, 2.0])
+    if registry.get("cpu").unavailable_reason() is not None:
+        pytest.skip("the C++ reader is checked through the CPU op, which is not built here")
+    cpu_backend.load()
+    q, k, v = testing.random_qkv(1, 2, 2, 5, 7, 8)
+    with pytest.raises(RuntimeError, match=r"expected 5 numbers \((.*)\), got 1") as err:
+        torch.ops.fastattn.cpu_attn_fwd(q, k, v, None, None, None, [], None, 0.5, 0.0, [0.0], [64, 64])
+    assert tuple(re.search(r"numbers \((.*)\)", str(err.value)).group(1).split(", ")) == fields
+
+
 # ---------------------------------------------------------------------------------------------- Triton
 
 TRITON_FACTORS = ([torch.float32, torch.float16, torch.bfloat16], [16, 40, 64])
@@ -268,7 +295,7 @@ def test_triton_opcheck_with_variants():
     bm, bn = fwd.fwd_tiles(16, 16, torch.float32, None)
     params = fastattn.AttnParams.for_tensors(q, k, v, 0.25, mask=mask)
     s = params.tile_summary(bm, bn)
-    scalars = (0.25, 0.0, 5, 0, 3, 7, 2.0)
+    scalars = (0.25, 0.0, [5.0, 0.0, 3.0, 7.0, 2.0])
     fwd_args = (q, k, v, mask, alibi, sinks, [s.state, s.kv_count, s.kv_index], None, *scalars, [bm, bn])
     torch.library.opcheck(torch.ops.fastattn.triton_attn_fwd.default, fwd_args)
     out, lse = torch.ops.fastattn.triton_attn_fwd(*fwd_args)
@@ -333,7 +360,7 @@ def test_cpu_opcheck_and_compile_with_variants():
     q, k, v = testing.random_qkv(1, 4, 2, 20, 24, 16)
     mask = torch.randn(1, 4, 20, 24)
     alibi, sinks = testing.alibi_slopes(4).view(1, 4), torch.randn(4)
-    scalars = (0.25, 0.0, 5, 0, 3, 7, 2.0)
+    scalars = (0.25, 0.0, [5.0, 0.0, 3.0, 7.0, 2.0])
     fwd_args = (q, k, v, mask, alibi, sinks, [], None, *scalars, [64, 64])
     torch.library.opcheck(torch.ops.fastattn.cpu_attn_fwd.default, fwd_args)
     out, lse = torch.ops.fastattn.cpu_attn_fwd(*fwd_args)

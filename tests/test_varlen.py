@@ -173,7 +173,7 @@ def test_opcheck_reference_ops_packed():
     philox = torch.tensor([123, 456], dtype=torch.int64)
     layout = (cu_q, cu_k, max_q, max_k)
     for alibi, sinks, ph, p in ((None, None, None, 0.0), (torch.rand(len(cu_q) - 1, 4), torch.randn(4), philox, 0.2)):
-        scalars = (0.25, p, 3, 0, 0, 0, 2.0, [])
+        scalars = (0.25, p, [3.0, 0.0, 0.0, 0.0, 2.0], [])
         fwd = (q4, k4, v4, None, alibi, sinks, [], ph, *scalars, *layout)
         torch.library.opcheck(torch.ops.fastattn.reference_fwd.default, fwd)
         out, lse = torch.ops.fastattn.reference_fwd(*fwd)

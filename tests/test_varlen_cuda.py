@@ -109,7 +109,7 @@ def test_opcheck_packed_ops():
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     layout = (cu_q, cu_k, max_q, max_k)
     philox = torch.tensor([123, 456], dtype=torch.int64)
-    scalars = (0.25, 0.2, 3, 0, 0, 0, 2.0)
+    scalars = (0.25, 0.2, [3.0, 0.0, 0.0, 0.0, 2.0])
     blocks = [cuda_backend.BLOCK_M, cuda_backend.block_n(32)]
     args = (q4, k4, v4, None, torch.rand(len(lq), 4), torch.randn(4), [], philox, *scalars, blocks, *layout)
     torch.library.opcheck(torch.ops.fastattn.cuda_attn_fwd.default, args)
@@ -134,6 +134,6 @@ def test_bad_layout_arguments_name_the_argument(change, message):
     q, k, v, cu_q, cu_k, max_q, max_k = testing.random_packed([3, 2], [4, 1], 2, 2, 32, dtype=torch.float16)
     layout = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "max_seqlen_q": max_q, "max_seqlen_k": max_k, **change}
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    args = (q4, k4, v4, None, None, None, [], None, 0.25, 0.0, -1, -1, 0, 0, 0.0, [64, 64])
+    args = (q4, k4, v4, None, None, None, [], None, 0.25, 0.0, [-1.0, -1.0, 0.0, 0.0, 0.0], [64, 64])
     with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         torch.ops.fastattn.cuda_attn_fwd(*args, *layout.values())

@@ -120,7 +120,7 @@ def test_opcheck_packed_ops():
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     layout = (cu_q, cu_k, max_q, max_k)
     philox = torch.tensor([123, 456], dtype=torch.int64)
-    scalars = (0.25, 0.2, 3, 0, 0, 0, 2.0, list(fwd.INTERPRET_TILE))
+    scalars = (0.25, 0.2, [3.0, 0.0, 0.0, 0.0, 2.0], list(fwd.INTERPRET_TILE))
     args = (q4, k4, v4, None, torch.rand(len(lq), 4), torch.randn(4), [], philox, *scalars, *layout)
     torch.library.opcheck(torch.ops.fastattn.triton_attn_fwd.default, args)
     out, lse = torch.ops.fastattn.triton_attn_fwd(*args)

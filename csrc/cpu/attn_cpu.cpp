@@ -122,21 +122,25 @@ const float* float_vector(const std::optional<at::Tensor>& t, int64_t rows_max, 
   return x.data_ptr<float>();
 }
 
+using fastattn::rules::Variant;
+
+// The scalars of the ops' variant argument (fastattn/params.py: VariantScalars), checked; no tensors yet.
+Variant read_variant(at::ArrayRef<double> variant_scalars) {
+  Variant v{-1, -1, 0, 0, 0.f, nullptr, 0, nullptr};
+  const std::string error = fastattn::rules::unpack_variant(variant_scalars.data(), variant_scalars.size(), v);
+  TORCH_CHECK(error.empty(), "fastattn cpu op: variant: ", error);
+  return v;
+}
+
 void fill_common(AttnParams& p, const Kernels* kern, const Shapes& s, const at::Tensor& q, const at::Tensor& k,
                  const at::Tensor& v, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
-                 at::TensorList summary, at::IntArrayRef blocks,
-                 double scale, int64_t window_left, int64_t window_right, int64_t q_offset, int64_t chunk,
-                 double softcap) {
+                 at::TensorList summary, at::IntArrayRef blocks, double scale, const Variant& variant) {
   TORCH_CHECK(blocks.size() == 2, "fastattn cpu op: blocks: expected [block_q, block_k], got ", blocks.size(),
               " values");
   const int64_t block_q = blocks[0], block_k = blocks[1];
   TORCH_CHECK(block_q >= 2 && block_q % 2 == 0 && block_k >= 2 && block_k % 2 == 0,
               "fastattn cpu op: block_q, block_k: expected even sizes >= 2, got ", block_q, ", ", block_k);
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, "fastattn cpu op: window: expected integers >= -1, got (",
-              window_left, ", ", window_right, ")");
-  TORCH_CHECK(chunk >= 0, "fastattn cpu op: chunk: expected an integer >= 0 (0: none), got ", chunk);
-  TORCH_CHECK(softcap >= 0.0, "fastattn cpu op: softcap: expected a number >= 0 (0: none), got ", softcap);
   TORCH_CHECK(summary.size() <= 1, "fastattn cpu op: summary: expected [] or [tile_state], got ", summary.size(),
               " tensors");
   const std::optional<at::Tensor> tile_state =
@@ -149,9 +153,7 @@ void fill_common(AttnParams& p, const Kernels* kern, const Shapes& s, const at::
   p.BQ = block_q, p.BK = block_k;
   p.scale = static_cast<float>(scale);
   int64_t alibi_rows = 1;
-  p.variant.left = window_left, p.variant.right = window_right, p.variant.q_offset = q_offset;
-  p.variant.chunk = chunk;
-  p.variant.softcap = static_cast<float>(softcap);
+  p.variant = variant;
   p.variant.alibi = float_vector(alibi_slopes, s.B, s.Hq, "alibi_slopes", &alibi_rows);
   p.variant.alibi_stride_b = alibi_rows > 1 ? s.Hq : 0;
   p.variant.sinks = float_vector(sinks, 0, s.Hq, "sinks", nullptr);
@@ -228,8 +230,7 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd(const at::Tensor& q, const at::Tens
                                              const std::optional<at::Tensor>& alibi_slopes,
                                              const std::optional<at::Tensor>& sinks, at::TensorList summary,
                                              const std::optional<at::Tensor>& philox, double scale, double dropout_p,
-                                             int64_t window_left, int64_t window_right, int64_t q_offset,
-                                             int64_t chunk, double softcap, at::IntArrayRef blocks,
+                                             const Variant& variant, at::IntArrayRef blocks,
                                              const SeqDropout& seq_dropout) {
   const Shapes s = check_qkv(q, k, v);
   at::Tensor out = at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options());
@@ -238,8 +239,7 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd(const at::Tensor& q, const at::Tens
   const Isa isa = select_isa();
   const Kernels* kern = kernels_for(isa);
   AttnParams p{};
-  fill_common(p, kern, s, q, k, v, mask, alibi_slopes, sinks, summary, blocks, scale, window_left, window_right,
-              q_offset, chunk, softcap);
+  fill_common(p, kern, s, q, k, v, mask, alibi_slopes, sinks, summary, blocks, scale, variant);
   if (s.Lk == 0 || s.Dv == 0) {  // nothing to attend: zeros, lse -inf (or the sink's logit)
     out.zero_();
     if (sinks.has_value())
@@ -265,8 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
     at::TensorList summary, const std::optional<at::Tensor>& philox, double scale, double dropout_p,
-    int64_t window_left, int64_t window_right, int64_t q_offset, int64_t chunk, double softcap,
-    at::IntArrayRef blocks, bool need_mask_grad, const SeqDropout& seq_dropout) {
+    const Variant& variant, at::IntArrayRef blocks, bool need_mask_grad, const SeqDropout& seq_dropout) {
   const Shapes s = check_qkv(q, k, v);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == s.B && out.size(1) == s.Hq &&
                   out.size(2) == s.Lq && out.size(3) == s.Dv,
@@ -291,8 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bwd(
   }
   const Kernels* kern = dispatch(select_isa(), 1);
   AttnParams p{};
-  fill_common(p, kern, s, q, k, v, mask, alibi_slopes, std::nullopt, summary, blocks, scale, window_left,
-              window_right, q_offset, chunk, softcap);
+  fill_common(p, kern, s, q, k, v, mask, alibi_slopes, std::nullopt, summary, blocks, scale, variant);
   fill_dropout(p, philox, dropout_p, seq_dropout);
   const at::Tensor lse_c = lse.contiguous();
   const int64_t nK = ceil_div(s.Lk, p.BK);
@@ -399,8 +397,7 @@ std::tuple<at::Tensor, at::Tensor> packed_fwd(const at::Tensor& q, const at::Ten
                                               const Packed& pk, const std::optional<at::Tensor>& alibi_slopes,
                                               const std::optional<at::Tensor>& sinks,
                                               const std::optional<at::Tensor>& philox, double scale, double dropout_p,
-                                              int64_t window_left, int64_t window_right, int64_t chunk,
-                                              double softcap, at::IntArrayRef blocks) {
+                                              const Variant& variant, at::IntArrayRef blocks) {
   const int64_t Hq = q.size(1), total_q = q.size(2), Dv = v.size(3);
   at::Tensor out = packed_empty(q, Hq, total_q, Dv);
   at::Tensor lse = at::empty({1, Hq, total_q}, q.options().dtype(at::kFloat));
@@ -417,10 +414,12 @@ std::tuple<at::Tensor, at::Tensor> packed_fwd(const at::Tensor& q, const at::Ten
     }
   for_each_item(pk, Hkv, [&](size_t b, int64_t g) {
     const int64_t lq = pk.lq(b), lk = pk.lk(b), h0 = g * group;
+    Variant seq_variant = variant;  // each sequence aligned bottom-right
+    seq_variant.q_offset = lk - lq;
     auto [o, l] = dense_fwd(q.narrow(2, pk.q[b], lq).narrow(1, h0, group), k.narrow(2, pk.k[b], lk).narrow(1, g, 1),
                             v.narrow(2, pk.k[b], lk).narrow(1, g, 1), std::nullopt,
                             alibi_heads(alibi_slopes, b, h0, group), heads_of(sinks, h0, group), {}, philox, scale,
-                            dropout_p, window_left, window_right, lk - lq, chunk, softcap, blocks,
+                            dropout_p, seq_variant, blocks,
                             SeqDropout{static_cast<int64_t>(b) * Hq + h0, pk.max_q, pk.max_k});
     out.narrow(2, pk.q[b], lq).narrow(1, h0, group).copy_(o);
     lse.narrow(2, pk.q[b], lq).narrow(1, h0, group).copy_(l);
@@ -431,8 +430,8 @@ std::tuple<at::Tensor, at::Tensor> packed_fwd(const at::Tensor& q, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> packed_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const Packed& pk, const std::optional<at::Tensor>& alibi_slopes,
-    const std::optional<at::Tensor>& philox, double scale, double dropout_p, int64_t window_left,
-    int64_t window_right, int64_t chunk, double softcap, at::IntArrayRef blocks) {
+    const std::optional<at::Tensor>& philox, double scale, double dropout_p, const Variant& variant,
+    at::IntArrayRef blocks) {
   at::Tensor dq = packed_empty(q, q.size(1), q.size(2), q.size(3));
   at::Tensor dk = packed_empty(k, k.size(1), k.size(2), k.size(3));
   at::Tensor dv = packed_empty(v, v.size(1), v.size(2), v.size(3));
@@ -448,10 +447,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> packed_bwd(
     const int64_t lq = pk.lq(b), lk = pk.lk(b), h0 = g * group;
     auto qrows = [&](const at::Tensor& t) { return t.narrow(2, pk.q[b], lq).narrow(1, h0, group); };
     auto krows = [&](const at::Tensor& t) { return t.narrow(2, pk.k[b], lk).narrow(1, g, 1); };
+    Variant seq_variant = variant;  // each sequence aligned bottom-right
+    seq_variant.q_offset = lk - lq;
     auto [gq, gk, gv, unused] =
         dense_bwd(qrows(grad_out), qrows(q), krows(k), krows(v), qrows(out), qrows(lse.unsqueeze(3)).squeeze(3),
-                  std::nullopt, alibi_heads(alibi_slopes, b, h0, group), {}, philox, scale, dropout_p, window_left,
-                  window_right, lk - lq, chunk, softcap, blocks, false,
+                  std::nullopt, alibi_heads(alibi_slopes, b, h0, group), {}, philox, scale, dropout_p, seq_variant,
+                  blocks, false,
                   SeqDropout{static_cast<int64_t>(b) * Hq + h0, pk.max_q, pk.max_k});
     qrows(dq).copy_(gq), krows(dk).copy_(gk), krows(dv).copy_(gv);
   });
@@ -465,21 +466,20 @@ std::tuple<at::Tensor, at::Tensor> cpu_attn_fwd(const at::Tensor& q, const at::T
                                                 const std::optional<at::Tensor>& alibi_slopes,
                                                 const std::optional<at::Tensor>& sinks, at::TensorList summary,
                                                 const std::optional<at::Tensor>& philox, double scale,
-                                                double dropout_p, int64_t window_left, int64_t window_right,
-                                                int64_t q_offset, int64_t chunk, double softcap,
+                                                double dropout_p, at::ArrayRef<double> variant_scalars,
                                                 at::IntArrayRef blocks,
                                                 const std::optional<at::Tensor>& cu_seqlens_q,
                                                 const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                                 int64_t max_seqlen_k) {
+  const Variant variant = read_variant(variant_scalars);
   if (!cu_seqlens_q.has_value()) {
     TORCH_CHECK(!cu_seqlens_k.has_value(), "fastattn cpu op: cu_seqlens_q: expected offsets with cu_seqlens_k");
-    return dense_fwd(q, k, v, mask, alibi_slopes, sinks, summary, philox, scale, dropout_p, window_left,
-                     window_right, q_offset, chunk, softcap, blocks, SeqDropout());
+    return dense_fwd(q, k, v, mask, alibi_slopes, sinks, summary, philox, scale, dropout_p, variant, blocks,
+                     SeqDropout());
   }
   const Shapes s = check_qkv(q, k, v);
   const Packed pk = read_packed(s, mask, summary, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  return packed_fwd(q, k, v, pk, alibi_slopes, sinks, philox, scale, dropout_p, window_left, window_right, chunk,
-                    softcap, blocks);
+  return packed_fwd(q, k, v, pk, alibi_slopes, sinks, philox, scale, dropout_p, variant, blocks);
 }
 
 // The registry's backward op (OP_BWD_ARGS), dense or packed as the forward.
@@ -487,13 +487,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
     at::TensorList summary, const std::optional<at::Tensor>& philox, double scale, double dropout_p,
-    int64_t window_left, int64_t window_right, int64_t q_offset, int64_t chunk, double softcap,
-    at::IntArrayRef blocks, bool need_mask_grad, const std::optional<at::Tensor>& cu_seqlens_q,
+    at::ArrayRef<double> variant_scalars, at::IntArrayRef blocks, bool need_mask_grad,
+    const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  const Variant variant = read_variant(variant_scalars);
   if (!cu_seqlens_q.has_value()) {
     TORCH_CHECK(!cu_seqlens_k.has_value(), "fastattn cpu op: cu_seqlens_q: expected offsets with cu_seqlens_k");
-    return dense_bwd(grad_out, q, k, v, out, lse, mask, alibi_slopes, summary, philox, scale, dropout_p, window_left,
-                     window_right, q_offset, chunk, softcap, blocks, need_mask_grad, SeqDropout());
+    return dense_bwd(grad_out, q, k, v, out, lse, mask, alibi_slopes, summary, philox, scale, dropout_p, variant,
+                     blocks, need_mask_grad, SeqDropout());
   }
   const Shapes s = check_qkv(q, k, v);
   TORCH_CHECK(!need_mask_grad, "fastattn cpu op: need_mask_grad: packed sequences take no mask tensor");
@@ -502,8 +503,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_attn_bwd(
               "fastattn cpu op: grad_out, out, lse: expected (1, ", s.Hq, ", ", s.Lq, ", ", s.Dv, ") and float32 (1, ",
               s.Hq, ", ", s.Lq, "), got ", describe(grad_out), ", ", describe(out), ", ", describe(lse));
   const Packed pk = read_packed(s, mask, summary, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  return packed_bwd(grad_out, q, k, v, out, lse, pk, alibi_slopes, philox, scale, dropout_p, window_left,
-                    window_right, chunk, softcap, blocks);
+  return packed_bwd(grad_out, q, k, v, out, lse, pk, alibi_slopes, philox, scale, dropout_p, variant, blocks);
 }
 
 // The keep-mask the kernels apply, (B, Hq, Lq, Lk) uint8 (tests, and replaying a forward elsewhere).
@@ -555,15 +555,14 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   // The registry's op arguments (fastattn/backends/registry.py: OP_FWD_ARGS, OP_BWD_ARGS), as every backend's.
   m.def(
       "cpu_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, Tensor? sinks, "
-      "Tensor[] summary, Tensor? philox, float scale, float dropout_p, int window_left, int window_right, "
-      "int q_offset, int chunk, float softcap, int[] blocks, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
-      "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor out, Tensor lse)");
+      "Tensor[] summary, Tensor? philox, float scale, float dropout_p, float[] variant, int[] blocks, "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) -> "
+      "(Tensor out, Tensor lse)");
   m.def(
       "cpu_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-      "Tensor? alibi_slopes, Tensor[] summary, Tensor? philox, float scale, float dropout_p, int window_left, "
-      "int window_right, int q_offset, int chunk, float softcap, int[] blocks, bool need_mask_grad, "
-      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) -> "
-      "(Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+      "Tensor? alibi_slopes, Tensor[] summary, Tensor? philox, float scale, float dropout_p, float[] variant, "
+      "int[] blocks, bool need_mask_grad, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+      "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   m.def(
       "cpu_dropout_keep_mask(Tensor philox, int batch, int heads_q, int seqlen_q, int seqlen_k, float dropout_p) -> "
       "Tensor");

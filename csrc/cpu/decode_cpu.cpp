@@ -43,8 +43,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_kvcache_fwd(const at::Tensor& query, cons
                                                    int64_t new_len, const std::optional<at::Tensor>& block_table,
                                                    const std::optional<at::Tensor>& alibi_slopes,
                                                    const std::optional<at::Tensor>& sinks, double scale,
-                                                   int64_t window_left, int64_t window_right, double softcap,
-                                                   int64_t num_splits) {
+                                                   at::ArrayRef<double> variant, int64_t num_splits) {
   TORCH_CHECK(query.dim() == 4 && key_cache.dim() == 4 && value_cache.dim() == 4,
               "cpu_kvcache_fwd: expected 4-D query and caches");
   const auto dtype = query.scalar_type();
@@ -84,11 +83,11 @@ std::tuple<at::Tensor, at::Tensor> cpu_kvcache_fwd(const at::Tensor& query, cons
   p.dtype = dtype == at::kBFloat16 ? kDecodeBF16 : dtype == at::kHalf ? kDecodeF16 : kDecodeF32;
   p.scale = static_cast<float>(scale);
   at::Tensor alibi, sink;
-  p.variant.left = window_left;
-  p.variant.right = window_right;
-  p.variant.q_offset = 0;
-  p.variant.chunk = 0;
-  p.variant.softcap = static_cast<float>(softcap);
+  const std::string error = fastattn::rules::unpack_variant(variant.data(), variant.size(), p.variant);
+  TORCH_CHECK(error.empty(), "cpu_kvcache_fwd: variant: ", error);
+  TORCH_CHECK(p.variant.q_offset == 0 && p.variant.chunk == 0,
+              "cpu_kvcache_fwd: variant: expected q_offset 0 (each sequence is aligned bottom-right) and chunk 0, got ",
+              p.variant.q_offset, " and ", p.variant.chunk);
   if (alibi_slopes.has_value()) {
     alibi = alibi_slopes->to(at::kFloat).contiguous();
     p.variant.alibi = alibi.data_ptr<float>();
@@ -126,8 +125,8 @@ std::string cpu_kvcache_info() { return std::string("isa=") + select_decode_kern
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   m.def(
       "cpu_kvcache_fwd(Tensor query, Tensor key_cache, Tensor value_cache, Tensor cache_seqlens, int new_len, "
-      "Tensor? block_table, Tensor? alibi_slopes, Tensor? sinks, float scale, int window_left, int window_right, "
-      "float softcap, int num_splits) -> (Tensor out, Tensor lse)");
+      "Tensor? block_table, Tensor? alibi_slopes, Tensor? sinks, float scale, float[] variant, int num_splits) -> "
+      "(Tensor out, Tensor lse)");
   m.def("cpu_kvcache_info() -> str", &fastattn_cpu::cpu_kvcache_info);
 }
 

@@ -4,11 +4,12 @@ Each op appends ``key``/``value`` into the caches in place (``fastattn.kvcache.a
 the mutation of ``key_cache`` and ``value_cache``, so ``torch.compile`` functionalises it) and then attends::
 
     kvcache_fwd_<backend>(query, key_cache, value_cache, cache_seqlens, key?, value?, block_table?,
-                          alibi_slopes?, sinks?, scale, window_left, window_right, softcap, num_splits)
+                          alibi_slopes?, sinks?, scale, variant, num_splits)
         -> (out (B, Hq, Lq, Dv), lse (B, Hq, Lq))
 
-``window_left``/``window_right`` are the band with causal folded in (``AttnParams.bounds``), measured from each
-query's bottom-right position; ``num_splits`` 0 lets the kernel choose. The reference op gathers each
+``variant`` is the packed ``VariantScalars`` of the attention ops (``backends/registry.py``): the band with causal
+folded in (``AttnParams.bounds``), measured from each query's bottom-right position, and the softcap; its
+``q_offset`` and ``chunk`` are 0. ``num_splits`` 0 lets the kernel choose. The reference op gathers each
 sequence's keys and runs the oracle on them (float64 inputs give the float64 ground truth).
 """
 
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from .. import reference as oracle
 from ..kvcache import append_, choose_splits, gather
-from ..params import AttnParams
+from ..params import AttnParams, VariantScalars
 
 __all__ = [
     "KVCACHE_OP_ARGS",
@@ -37,19 +38,18 @@ __all__ = [
 
 KVCACHE_OP_ARGS = (
     "query", "key_cache", "value_cache", "cache_seqlens", "key", "value", "block_table", "alibi_slopes", "sinks",
-    "scale", "window_left", "window_right", "softcap", "num_splits",
+    "scale", "variant", "num_splits",
 )  # fmt: skip
 
 
 def op_args(params: AttnParams, num_splits: int) -> tuple:
-    """``(alibi_slopes, sinks, scale, window_left, window_right, softcap, num_splits)`` of ``params``."""
-    left, right = params.bounds
+    """``(alibi_slopes, sinks, scale, variant, num_splits)`` of ``params``."""
     sinks = None if params.sinks is None else params.sinks.detach()
-    return params.alibi, sinks, float(params.scale), int(left), int(right), float(params.softcap), int(num_splits)
+    return params.alibi, sinks, float(params.scale), params.variant_scalars.pack(), int(num_splits)
 
 
 def fake_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, block_table, alibi_slopes, sinks, scale,
-                 window_left, window_right, softcap, num_splits):  # fmt: skip
+                 variant, num_splits):  # fmt: skip
     """The fake of every backend's op: ``out`` in query's dtype, the lse float32 (float64 for float64)."""
     out = query.new_empty(*query.shape[:3], value_cache.shape[3])
     lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -68,9 +68,7 @@ def kvcache_fwd_reference(
     alibi_slopes: Optional[Tensor],
     sinks: Optional[Tensor],
     scale: float,
-    window_left: int,
-    window_right: int,
-    softcap: float,
+    variant: list[float],
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     append_(key_cache, value_cache, cache_seqlens, key, value, block_table)
@@ -82,16 +80,16 @@ def kvcache_fwd_reference(
         k = gather(key_cache, b, total, block_table).unsqueeze(0)
         v = gather(value_cache, b, total, block_table).unsqueeze(0)
         alibi = None if alibi_slopes is None else alibi_slopes[b : b + 1] if alibi_slopes.shape[0] > 1 else alibi_slopes
+        aligned = VariantScalars.unpack(variant)._replace(q_offset=total - seqlen_q)  # bottom-right
         params = AttnParams.for_tensors(
-            query[b : b + 1], k, v, scale, window=(window_left, window_right), q_offset=total - seqlen_q,
-            softcap=softcap, alibi=alibi, sinks=sinks,
+            query[b : b + 1], k, v, scale, alibi=alibi, sinks=sinks, **aligned.params_kwargs()
         )  # fmt: skip
         out, lse = oracle.attention_forward(query[b : b + 1], k, v, params)
         outs.append(out)
         lses.append(lse)
     if batch == 0:
         return fake_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, block_table, alibi_slopes,
-                            sinks, scale, window_left, window_right, softcap, num_splits)  # fmt: skip
+                            sinks, scale, variant, num_splits)  # fmt: skip
     return torch.cat(outs).contiguous(), torch.cat(lses).contiguous()
 
 
@@ -134,9 +132,7 @@ def kvcache_fwd_cpu(
     alibi_slopes: Optional[Tensor],
     sinks: Optional[Tensor],
     scale: float,
-    window_left: int,
-    window_right: int,
-    softcap: float,
+    variant: list[float],
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     """The native CPU kernel (``csrc/cpu/decode_cpu_kernel.h``) after the append; splits fill the threads."""
@@ -145,7 +141,7 @@ def kvcache_fwd_cpu(
     new = 0 if key is None else key.shape[2]
     return torch.ops.fastattn.cpu_kvcache_fwd(
         query, key_cache, value_cache, cache_seqlens.contiguous(), new, block_table, alibi_slopes, sinks, scale,
-        window_left, window_right, softcap, splits,
+        variant, splits,
     )  # fmt: skip
 
 
@@ -164,9 +160,7 @@ def kvcache_fwd_triton(
     alibi_slopes: Optional[Tensor],
     sinks: Optional[Tensor],
     scale: float,
-    window_left: int,
-    window_right: int,
-    softcap: float,
+    variant: list[float],
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     """The Triton split-KV kernel (``backends/triton/decode.py``) after the append."""
@@ -174,9 +168,10 @@ def kvcache_fwd_triton(
 
     append_(key_cache, value_cache, cache_seqlens, key, value, block_table)
     new = 0 if key is None else key.shape[2]
+    vs = VariantScalars.unpack(variant)
     return kvcache_decode(
-        query, key_cache, value_cache, cache_seqlens, new, block_table, alibi_slopes, sinks, scale, window_left,
-        window_right, softcap, num_splits,
+        query, key_cache, value_cache, cache_seqlens, new, block_table, alibi_slopes, sinks, scale, vs.window_left,
+        vs.window_right, vs.softcap, num_splits,
     )  # fmt: skip
 
 

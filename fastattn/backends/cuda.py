@@ -189,9 +189,7 @@ def kvcache_fwd_cuda(
     alibi_slopes: Optional[Tensor],
     sinks: Optional[Tensor],
     scale: float,
-    window_left: int,
-    window_right: int,
-    softcap: float,
+    variant: list[float],
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     """The CUDA split-KV kernel (``csrc/cuda/decode.cu``, op ``fastattn::cuda_kvcache_fwd``) after the append;
@@ -205,7 +203,7 @@ def kvcache_fwd_cuda(
     new = 0 if key is None else key.shape[2]
     return torch.ops.fastattn.cuda_kvcache_fwd(
         query, key_cache, value_cache, cache_seqlens.contiguous(), new, block_table, alibi_slopes, sinks, scale,
-        window_left, window_right, softcap, splits,
+        variant, splits,
     )  # fmt: skip
 
 

@@ -15,17 +15,17 @@ import torch
 from torch import Tensor
 
 from .. import reference as oracle
-from ..params import AttnParams
+from ..params import AttnParams, VariantScalars
 from ._philox import keep_mask
 from .registry import Backend, Capabilities, fake_backward, fake_forward, op_layout, op_scalars, register
 
 
-def _params(q, k, v, mask, alibi_slopes, sinks, scale, dropout_p, window_left, window_right, q_offset, chunk,
-            softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> AttnParams:  # fmt: skip
+def _params(q, k, v, mask, alibi_slopes, sinks, scale, dropout_p, variant, cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k) -> AttnParams:  # fmt: skip
     return AttnParams.for_tensors(
         q, k, v, scale, mask=mask, alibi=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
-        window=(window_left, window_right), q_offset=q_offset, chunk=chunk, softcap=softcap,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        **VariantScalars.unpack(variant).params_kwargs(), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
 
 
@@ -47,19 +47,15 @@ def reference_fwd(
     philox: Optional[Tensor],
     scale: float,
     dropout_p: float,
-    window_left: int,
-    window_right: int,
-    q_offset: int,
-    chunk: int,
-    softcap: float,
+    variant: list[float],
     blocks: list[int],
     cu_seqlens_q: Optional[Tensor] = None,
     cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    params = _params(q, k, v, mask, alibi_slopes, sinks, scale, dropout_p, window_left, window_right, q_offset,
-                     chunk, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)  # fmt: skip
+    params = _params(q, k, v, mask, alibi_slopes, sinks, scale, dropout_p, variant, cu_seqlens_q, cu_seqlens_k,
+                     max_seqlen_q, max_seqlen_k)  # fmt: skip
     if params.is_packed:
         return oracle.packed_forward(q, k, v, params, philox)
     return oracle.attention_forward(q, k, v, params, _keep(philox, q, k, dropout_p))
@@ -82,11 +78,7 @@ def reference_bwd(
     philox: Optional[Tensor],
     scale: float,
     dropout_p: float,
-    window_left: int,
-    window_right: int,
-    q_offset: int,
-    chunk: int,
-    softcap: float,
+    variant: list[float],
     blocks: list[int],
     need_mask_grad: bool,
     cu_seqlens_q: Optional[Tensor] = None,
@@ -94,8 +86,8 @@ def reference_bwd(
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    params = _params(q, k, v, mask, alibi_slopes, None, scale, dropout_p, window_left, window_right, q_offset,
-                     chunk, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)  # fmt: skip
+    params = _params(q, k, v, mask, alibi_slopes, None, scale, dropout_p, variant, cu_seqlens_q, cu_seqlens_k,
+                     max_seqlen_q, max_seqlen_k)  # fmt: skip
     if params.is_packed:
         dq, dk, dv = oracle.packed_backward(grad_out, q, k, v, out, lse, params, philox)
         return dq, dk, dv, q.new_empty(0)

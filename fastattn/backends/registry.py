@@ -31,9 +31,12 @@ loads), and the warning is issued at trace time through Dynamo's ``comptime`` ho
 Ops: every backend's forward op takes ``OP_FWD_ARGS`` in that order and its backward op ``OP_BWD_ARGS``;
 one fake per direction (``fake_forward``, ``fake_backward``) serves all of them. ``summary`` is the list of
 tile-summary tensors the backend asked ``AttnParams.tile_summary`` for (its kernels' blocks, in
-``blocks``), which differ per backend; the reference's is empty. The last four arguments describe the
-sequence layout (``op_layout``): ``cu_seqlens_q``/``cu_seqlens_k`` are None for a dense batch, and for packed
-sequences the ``(B + 1,)`` offsets with ``max_seqlen_q``/``max_seqlen_k``; they default to the dense layout.
+``blocks``), which differ per backend; the reference's is empty. ``variant`` is the call's scalar variant
+(band, q_offset, chunk, softcap) packed into one ``float[]`` (``params.VariantScalars``), so that a new scalar
+rule changes no schema, fake or reference op; the tensor variants are ``alibi_slopes`` and ``sinks``. The last
+four arguments describe the sequence layout (``op_layout``): ``cu_seqlens_q``/``cu_seqlens_k`` are None for a
+dense batch, and for packed sequences the ``(B + 1,)`` offsets with ``max_seqlen_q``/``max_seqlen_k``; they
+default to the dense layout.
 
 Packed outputs: ``q``, ``k``, ``v`` are the ``(1, H, total, D)`` views of the caller's ``(total, H, D)``
 tensors, and every backend returns ``out``, ``dq``, ``dk``, ``dv`` in that token-major memory layout
@@ -339,13 +342,11 @@ def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
 OP_LAYOUT_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 OP_FWD_ARGS = (
     "q", "k", "v", "mask", "alibi_slopes", "sinks", "summary", "philox",
-    "scale", "dropout_p", "window_left", "window_right", "q_offset", "chunk", "softcap", "blocks",
-    *OP_LAYOUT_ARGS,
+    "scale", "dropout_p", "variant", "blocks", *OP_LAYOUT_ARGS,
 )  # fmt: skip
 OP_BWD_ARGS = (
     "grad_out", "q", "k", "v", "out", "lse", "mask", "alibi_slopes", "summary", "philox",
-    "scale", "dropout_p", "window_left", "window_right", "q_offset", "chunk", "softcap", "blocks", "need_mask_grad",
-    *OP_LAYOUT_ARGS,
+    "scale", "dropout_p", "variant", "blocks", "need_mask_grad", *OP_LAYOUT_ARGS,
 )  # fmt: skip
 
 
@@ -365,23 +366,13 @@ def packed_empty(like: Tensor, heads: int, total: int, dim: int, dtype: Optional
     return like.new_empty(total, heads, dim, dtype=dtype or like.dtype).permute(1, 0, 2).unsqueeze(0)
 
 
-def op_scalars(params: AttnParams) -> tuple[float, float, int, int, int, int, float]:
-    """``(scale, dropout_p, window_left, window_right, q_offset, chunk, softcap)``: the ops' scalar arguments."""
-    left, right = params.bounds
-    return (
-        float(params.scale),
-        float(params.dropout_p),
-        int(left),
-        int(right),
-        int(params.q_offset),
-        int(params.chunk),
-        float(params.softcap),
-    )
+def op_scalars(params: AttnParams) -> tuple[float, float, list[float]]:
+    """``(scale, dropout_p, variant)``: the ops' scalar arguments, ``variant`` the packed ``VariantScalars``."""
+    return float(params.scale), float(params.dropout_p), params.variant_scalars.pack()
 
 
-def fake_forward(q, k, v, mask, alibi_slopes, sinks, summary, philox, scale, dropout_p, window_left, window_right,
-                 q_offset, chunk, softcap, blocks, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                 max_seqlen_k=0):  # fmt: skip
+def fake_forward(q, k, v, mask, alibi_slopes, sinks, summary, philox, scale, dropout_p, variant, blocks,
+                 cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):  # fmt: skip
     """The fake of every backend's forward op: ``out (B, Hq, Lq, Dv)`` in q's dtype, ``lse (B, Hq, Lq)``.
 
     The lse is float32, float64 for float64 inputs (only the reference takes those). Packed (``cu_seqlens_q``
@@ -395,9 +386,8 @@ def fake_forward(q, k, v, mask, alibi_slopes, sinks, summary, philox, scale, dro
     return out, q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
-def fake_backward(grad_out, q, k, v, out, lse, mask, alibi_slopes, summary, philox, scale, dropout_p, window_left,
-                  window_right, q_offset, chunk, softcap, blocks, need_mask_grad, cu_seqlens_q=None,
-                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):  # fmt: skip
+def fake_backward(grad_out, q, k, v, out, lse, mask, alibi_slopes, summary, philox, scale, dropout_p, variant, blocks,
+                  need_mask_grad, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):  # fmt: skip
     """The fake of every backend's backward op: gradients shaped like their inputs (contiguous, as the
     kernels write them; token-major when packed, as ``packed_empty``), and ``dmask`` ``(B, Hq, Lq, Lk)`` in the
     mask argument's dtype or an empty tensor."""

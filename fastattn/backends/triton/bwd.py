@@ -82,7 +82,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...masks import TileSummary
-from ...params import AttnParams
+from ...params import AttnParams, VariantScalars
 from .._varlen import num_programs, tile_schedule
 from ..registry import fake_backward, op_layout, op_scalars, packed_empty
 from ._common import (
@@ -921,11 +921,7 @@ def triton_attn_bwd(
     philox: Optional[Tensor],
     scale: float,
     dropout_p: float,
-    window_left: int,
-    window_right: int,
-    q_offset: int,
-    chunk: int,
-    softcap: float,
+    variant: list[float],
     blocks: list[int],
     need_mask_grad: bool,
     cu_seqlens_q: Optional[Tensor] = None,
@@ -940,10 +936,12 @@ def triton_attn_bwd(
     ``block_sizes(...)``), empty for packed sequences; ``philox``: the call's dropout seed or None.
     """
     state_kv, state_q = summary if summary else (None, None)
+    vs = VariantScalars.unpack(variant)
     dq, dk, dv, dmask, _ = _launch(
         grad_out, q, k, v, out, lse, mask, state_kv, state_q, philox,
-        scale, window_left, window_right, q_offset, dropout_p, need_mask_grad, blocks,
-        alibi_slopes=alibi_slopes, chunk=chunk, softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        scale, vs.window_left, vs.window_right, vs.q_offset, dropout_p, need_mask_grad, blocks,
+        alibi_slopes=alibi_slopes, chunk=vs.chunk, softcap=vs.softcap, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
     return dq, dk, dv, dmask

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...params import AttnParams
+from ...params import AttnParams, VariantScalars
 from .._varlen import num_programs, tile_schedule
 from ..registry import fake_forward, op_layout, op_scalars, packed_empty
 from ._common import (
@@ -774,11 +774,7 @@ def triton_attn_fwd(
     philox: Optional[Tensor],
     scale: float,
     dropout_p: float,
-    window_left: int,
-    window_right: int,
-    q_offset: int,
-    chunk: int,
-    softcap: float,
+    variant: list[float],
     blocks: list[int],
     cu_seqlens_q: Optional[Tensor] = None,
     cu_seqlens_k: Optional[Tensor] = None,
@@ -788,9 +784,10 @@ def triton_attn_fwd(
     """The registry's forward op (``OP_FWD_ARGS``): ``summary`` is the mask's ``[state, kv_count, kv_index]``
     for ``blocks = [BLOCK_M, BLOCK_N]`` (empty without a mask tensor, and for packed sequences)."""
     state, count, index = summary if summary else (None, None, None)
+    vs = VariantScalars.unpack(variant)
     return attn_fwd(
-        q, k, v, mask, state, count, index, philox, scale, window_left, window_right, q_offset, dropout_p,
-        blocks[0], blocks[1], alibi_slopes=alibi_slopes, sinks=sinks, chunk=chunk, softcap=softcap,
+        q, k, v, mask, state, count, index, philox, scale, vs.window_left, vs.window_right, vs.q_offset, dropout_p,
+        blocks[0], blocks[1], alibi_slopes=alibi_slopes, sinks=sinks, chunk=vs.chunk, softcap=vs.softcap,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
 
