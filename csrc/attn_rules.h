@@ -265,10 +265,16 @@ struct ScoreScale {
     bool softcap;
 };
 
-FA_RULE ScoreScale score_scale(float scale, float softcap, float unit) {
-    if (softcap > 0.f) return ScoreScale{scale / softcap, softcap * unit, true};
+// v by value: taken by reference to the CUDA backward's local variant, it cost the sm_90 dK/dV kernel at head dim
+// 256 32 more spill bytes (nvcc 13.0); inlined, the copy is free.
+FA_RULE ScoreScale score_scale(float scale, Variant v, float unit) {
+    if (v.softcap > 0.f) return ScoreScale{scale / v.softcap, v.softcap * unit, true};
     return ScoreScale{scale * unit, 1.f, false};
 }
+
+// Whether v forms scores other than scale * q.k (a softcap, ALiBi): the kernels' kMod instantiation, which
+// goes through scaled_score, alibi_bias and score_grad; the plain one multiplies by the scale alone.
+FA_RULE bool modifies_scores(const Variant& v) { return v.softcap > 0.f || v.alibi != nullptr; }
 
 // The score of a raw dot product (before ALiBi and the mask), and the softcap's tanh in t (for softcap_grad;
 // left unset without a softcap).
@@ -295,6 +301,13 @@ FA_RULE float alibi_bias(float slope, int64_t pos, int64_t j) {
 template <class F>
 FA_RULE F softcap_grad(F ds, F t) {
     return ds * (F(1.f) - t * t);
+}
+
+// The gradient of the raw score's scaled value from that of the score scaled_score formed (t: its tanh):
+// the backward's one hook for the rules of scaled_score (ALiBi and the mask add terms of derivative 1).
+template <class F>
+FA_RULE F score_grad(F ds, F t, const ScoreScale& m) {
+    return m.softcap ? softcap_grad(ds, t) : ds;
 }
 
 // Query head h's sink logit in the kernel's unit (only when v.sinks is set).

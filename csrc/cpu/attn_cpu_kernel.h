@@ -685,7 +685,7 @@ void attn_fwd(const AttnParams& p) {
   const fastattn::rules::Variant& var = p.variant;
   // Scores in natural units (the CPU kernel's exp). The GEMM multiplies by sc.pre (the scale, or scale /
   // softcap); a softcap or ALiBi then takes one more pass per row, from sc_post (the softcap's outer factor).
-  const fastattn::rules::ScoreScale sc = fastattn::rules::score_scale(p.scale, var.softcap, 1.f);
+  const fastattn::rules::ScoreScale sc = fastattn::rules::score_scale(p.scale, var, 1.f);
   const fastattn::rules::ScoreScale sc_post{1.f, sc.post, sc.softcap};
   const bool has_alibi = var.alibi != nullptr;
   const bool score_mod = sc.softcap || has_alibi;
@@ -1026,7 +1026,7 @@ void attn_bwd(const AttnParams& p) {
   const float keep_value = drop ? 1.f / (1.f - p.dropout_p) : 1.f;
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const fastattn::rules::Variant& var = p.variant;
-  const fastattn::rules::ScoreScale sc = fastattn::rules::score_scale(p.scale, var.softcap, 1.f);
+  const fastattn::rules::ScoreScale sc = fastattn::rules::score_scale(p.scale, var, 1.f);
   const bool score_mod = var.softcap > 0.f || var.alibi != nullptr;
   const float lse_off = sc.softcap ? sc.post * kLog2e : 0.f;
 

@@ -407,8 +407,9 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
   std::fill(acc, acc + R * Dvp, 0.f);
   std::fill(m, m + R, kDecodeNegInf);
   std::fill(l, l + R, 0.f);
-  const rules::ScoreScale ss = rules::score_scale(p.scale, p.variant.softcap, 1.f);
+  const rules::ScoreScale ss = rules::score_scale(p.scale, p.variant, 1.f);
   const bool alibi = p.variant.alibi != nullptr;
+  const bool scores_modified = rules::modifies_scores(p.variant);
 
   // Row pointers of a block's keys and values (through the block table), computed one block ahead so that the
   // next block's rows are prefetched while this one computes (Prefetch: q.K its K rows, P.V its V rows): the loads
@@ -481,7 +482,7 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h, int64_t s, std::ve
       const float* rrow = raw + r * kBlock;
       const int64_t pos = range.total - p.Lq + r % p.Lq;
       float mx = m[r];
-      if (!ss.softcap && !alibi && k0 >= lo[r] && k0 + n - 1 <= hi[r]) {  // the whole block attended: vectors
+      if (!scores_modified && k0 >= lo[r] && k0 + n - 1 <= hi[r]) {  // the whole block attended: vectors
         const DVec pre(ss.pre);
         DVec vmax(kDecodeNegInf);
         int64_t jj = 0;

@@ -403,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
         const int64_t bh = int64_t(b) * p.heads_q + h;  // the dropout contract's (batch, head) row
         const int64_t lse_row = b * p.lse_stride[0] + h * p.lse_stride[1] + seq.q_start;
         const int64_t mask_bh = b * p.mask_stride[0] + h * p.mask_stride[1];
-        const rules::ScoreScale sc = rules::score_scale(p.scale, var.softcap, kLog2e);
+        const rules::ScoreScale sc = rules::score_scale(p.scale, var, kLog2e);
         const float slope2 = kMod ? rules::alibi_slope(var, b, h, kLog2e) : 0.f;
 
         for (int it = 0; it < n_iter; ++it) {
@@ -484,8 +484,8 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kDkdvMinBlocks) attn_bwd_dk
                             }
                             s[ni][2 * r + c] = pz;
                             const float ds = prob * (dpz - sD[iq]);
-                            // The score's gradient before the softcap: times 1 - tanh² (attn_rules.h).
-                            dp[ni][2 * r + c] = (kMod && sc.softcap) ? rules::softcap_grad(ds, th) : ds;
+                            // The gradient before scaled_score (attn_rules.h; the softcap's 1 - tanh²).
+                            dp[ni][2 * r + c] = kMod ? rules::score_grad(ds, th, sc) : ds;
                         }
                 }
                 // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end), over this warp's columns.
@@ -605,7 +605,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
         for (int e = 0; e < 4; ++e) dq[dn][e] = 0.f;
     const float scale_log2 = p.scale * kLog2e;
     const bool dropout = p.dropout.philox != nullptr;
-    const rules::ScoreScale sc = rules::score_scale(p.scale, var.softcap, kLog2e);
+    const rules::ScoreScale sc = rules::score_scale(p.scale, var, kLog2e);
     const float slope2 = kMod ? rules::alibi_slope(var, b, h, kLog2e) : 0.f;
 
     for (int it = 0; it < n_iter; ++it) {
@@ -681,8 +681,8 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(const AttnBwdP
                         if (dropout) dpz = dropped(dpz, dropout::kept(bits, sub / 8 + ni, 2 * r + c), p.dropout.scale);
                         const float ds = prob * (dpz - dl[r]);
                         if (write_ds && j < len_k) store_mask_grad(p.mask_elem, p.dmask, dmask_row + j, ds);
-                        // The score's gradient before the softcap: times 1 - tanh² (attn_rules.h).
-                        dp[ni][2 * r + c] = (kMod && sc.softcap) ? rules::softcap_grad(ds, th) : ds;
+                        // The gradient before scaled_score (attn_rules.h; the softcap's 1 - tanh²).
+                        dp[ni][2 * r + c] = kMod ? rules::score_grad(ds, th, sc) : ds;
                     }
             }
             // dQ += dS K (scaled at the end), over this warp's columns.
@@ -723,7 +723,7 @@ template <class T, int D>
 const char* launch_typed(const AttnBwdParams& p, void* stream) {
     using Cfg = Tile<D>;
     auto* pre = &attn_bwd_preprocess_kernel<T, D>;
-    const bool mod = p.variant.softcap > 0.f || p.variant.alibi != nullptr;
+    const bool mod = rules::modifies_scores(p.variant);
     auto* dkdv = mod || p.variant.chunk > 0 ? &attn_bwd_dkdv_kernel<T, D, true> : &attn_bwd_dkdv_kernel<T, D, false>;
     auto* dqk = p.dmask != nullptr
                     ? (mod ? &attn_bwd_dq_kernel<T, D, true, true> : &attn_bwd_dq_kernel<T, D, true, false>)

@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
     }
     const float scale_log2 = p.scale * kLog2e;
     // kMod: scores in the exp2 domain through the rules (softcap, then ALiBi's -slope * |pos - j|).
-    const rules::ScoreScale sc = rules::score_scale(p.scale, var.softcap, kLog2e);
+    const rules::ScoreScale sc = rules::score_scale(p.scale, var, kLog2e);
     const float slope2 = kMod ? rules::alibi_slope(var, b, h, kLog2e) : 0.f;
 
     for (int it = 0; it < n_iter; ++it) {
@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::min_blocks_per_sm(kMod)) at
 
 template <class T, int D>
 const char* launch_typed(const AttnFwdParams& p, void* stream) {
-    const bool mod = p.variant.softcap > 0.f || p.variant.alibi != nullptr;
+    const bool mod = rules::modifies_scores(p.variant);
     const bool packed = p.layout.cu_seqlens_q != nullptr;
     const int smem = Tile<D>::smem_bytes(packed);
     auto* kernel = packed ? (mod ? &attn_fwd_kernel<T, D, true, true> : &attn_fwd_kernel<T, D, false, true>)

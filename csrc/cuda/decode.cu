@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     const int64_t k_start = key_lo + split * part;
     const int64_t k_end = rules::min64(k_start + part, key_hi + 1);
 
-    const rules::ScoreScale ss = rules::score_scale(p.scale, p.variant.softcap, rules::kLog2e);
+    const rules::ScoreScale ss = rules::score_scale(p.scale, p.variant, rules::kLog2e);
     float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kChunks];
 #pragma unroll
     for (int k = 0; k < kRowsPerWarp; ++k) {
