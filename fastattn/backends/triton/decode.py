@@ -29,9 +29,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ...kvcache import merge_splits
+from ...params import VariantScalars
 from .._kvcache import gpu_workers, splits_for
-from ._common import score_mod
-from .fwd import LOG2E, _arch
+from ._common import LOG2E, SCORE_ALIBI, SCORE_ALL, SCORE_TYPES, score_args, score_mod
+from .fwd import _arch
 
 __all__ = ["kvcache_decode", "decode_config", "_decode_kernel"]
 
@@ -44,14 +45,13 @@ def _decode_kernel(
     sv_p, sv_h, sv_s, sv_d,
     bt_stride, alibi_stride_b,
     heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, page_size, new_len, num_splits,
-    qk_scale, softcap2, left, right,
+    qk_scale, score, left, right,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
+    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SCORE: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, kv head, split): partial ``OUT (S, B, Hq, Lq, Dv)`` fp32 normalised, ``LSE (S, B, Hq, Lq)``.
 
-    Scores in the exp2 domain as the attention kernels' (``_common.score_mod``: ``qk_scale``, ``softcap2``).
+    Scores in the exp2 domain as the attention kernels' (``_common.score_mod``: ``qk_scale``, ``score``, ``SCORE``).
     """
     s = tl.program_id(0)
     bh = tl.program_id(1)
@@ -89,7 +89,7 @@ def _decode_kernel(
     k_end = tl.minimum(k_start + part, key_hi)
 
     slope2 = tl.zeros([BLOCK_R], dtype=tl.float32)
-    if HAS_ALIBI:  # each row's slope, in the exp2 domain (the launcher's table)
+    if SCORE[SCORE_ALIBI]:  # each row's slope, in the exp2 domain (the launcher's table)
         slope2 = tl.load(ALIBI + b * alibi_stride_b + hq, mask=row_ok, other=0.0)
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -106,9 +106,7 @@ def _decode_kernel(
         k_ptr = KC + page[:, None] * sk_p + h * sk_h + slot[:, None] * sk_s + d[None, :] * sk_d
         k = tl.load(k_ptr, mask=key_ok[:, None] & (d[None, :] < head_dim), other=0.0)
         # (BLOCK_R, BLOCK_N) fp32; rows at their key positions `pos`, so q_offset 0
-        qk, _ = score_mod(
-            tl.dot(q, tl.trans(k)), pos, j, 0, qk_scale, softcap2, slope2[:, None], SOFTCAP, HAS_ALIBI, False
-        )
+        qk, _ = score_mod(tl.dot(q, tl.trans(k)), pos, j, 0, qk_scale, score, slope2[:, None], SCORE, False)
         ok = key_ok[None, :] & row_ok[:, None] & (j[None, :] >= row_lo[:, None]) & (j[None, :] <= row_hi[:, None])
         qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -161,18 +159,19 @@ def kvcache_decode(
     alibi_slopes: Optional[Tensor],
     sinks: Optional[Tensor],
     scale: float,
-    window_left: int,
-    window_right: int,
-    softcap: float,
+    variant: VariantScalars,
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
-    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)`` over the caches as they are (the append is done)."""
+    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)`` over the caches as they are (the append is done);
+    ``variant``: the band (from each query's bottom-right position) and the score rules' scalars."""
     batch, heads_q, seqlen_q, head_dim = query.shape
     heads_kv, page_size, head_dim_v = key_cache.shape[1], key_cache.shape[2], value_cache.shape[3]
     splits = splits_for(num_splits, query, key_cache, block_table, gpu_workers(query.device))
     cfg = decode_config((heads_q // heads_kv) * seqlen_q, head_dim, head_dim_v, query.dtype, _arch(query.device))
     part_out = torch.empty(splits, batch, heads_q, seqlen_q, head_dim_v, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(splits, batch, heads_q, seqlen_q, device=query.device, dtype=torch.float32)
+    qk_scale, score, score_flags = score_args(scale, variant, alibi_slopes is not None)
+    left, right = variant.window_left, variant.window_right
     alibi = None if alibi_slopes is None else (alibi_slopes.float() * LOG2E).contiguous()  # exp2 domain
     table = block_table if block_table is not None else cache_seqlens  # any int32 tensor: never read unless paged
     grid = (splits, batch * heads_kv, triton.cdiv((heads_q // heads_kv) * seqlen_q, cfg["BLOCK_R"]))
@@ -183,10 +182,8 @@ def kvcache_decode(
         table.stride(0) if block_table is not None else 0,
         heads_q if alibi is not None and alibi.shape[0] > 1 else 0,
         heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, page_size, int(new_len), splits,
-        float(scale) / softcap if softcap > 0 else float(scale) * LOG2E, float(softcap) * LOG2E, int(window_left),
-        int(window_right),
-        PAGED=block_table is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi is not None, **cfg,
+        qk_scale, score, left, right,
+        PAGED=block_table is not None, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, SCORE=score_flags, **cfg,
     )  # fmt: skip
     out, lse = merge_splits(part_out, part_lse, sinks)
     return out.to(query.dtype), lse
@@ -195,11 +192,11 @@ def kvcache_decode(
 # ---------------------------------------------------------------------------------------------- compile-check
 
 # The builds ``fastattn compile-check`` audits per arch, dtype and head dim: the plainest launch (contiguous cache,
-# no band) and the heaviest (paged, both band bounds, softcap, ALiBi), each at the smallest row tile (a GQA group
+# no band) and the heaviest (paged, both band bounds, every score rule), each at the smallest row tile (a GQA group
 # of 4 decoding one token) and the largest the tests use (a group of 8 with 16 queries).
 COMPILE_MASKS = {
-    "contiguous": dict(PAGED=False, HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False),
-    "paged+window+variants": dict(PAGED=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True),
+    "contiguous": dict(PAGED=False, HAS_LEFT=False, HAS_RIGHT=False, SCORE=tuple(False for _ in SCORE_ALL)),
+    "paged+window+variants": dict(PAGED=True, HAS_LEFT=True, HAS_RIGHT=True, SCORE=SCORE_ALL),
 }
 COMPILE_ROWS = (4, 128)
 
@@ -235,8 +232,10 @@ def compile_signature(mask: str, dtype: str, head_dim: int, block_r: int, block_
         elif name in pointers:
             sig[name] = pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "score":
+            sig[name] = SCORE_TYPES
         else:
-            sig[name] = "fp32" if name in ("qk_scale", "softcap2") else "i32"
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
             if name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return _decode_kernel, sig, constexprs, attrs
