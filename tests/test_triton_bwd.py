@@ -516,10 +516,11 @@ def test_memory_no_lq_by_lk_without_bias_grad():
 @pytest.mark.parametrize("arch,dtype", [(90, "bf16"), (80, "fp16"), (80, "fp32")])
 def test_kernels_compile_for_gpu(arch, dtype):
     """The real compiler (no GPU needed) builds both kernels at head dim 128, every mask variant of
-    ``fastattn compile-check --all``: no spills, tensor cores (``make test`` checks the default pair)."""
+    ``fastattn compile-check --all`` and its packed builds: no spills, tensor cores (``make test`` checks the
+    default pair)."""
     from fastattn.backends.triton import compile_check as cc
 
     vs = [v for v in cc.variants([arch], True, head_dims=(128,), dtypes=(dtype,)) if v.kernel in cc.BWD_KERNELS]
-    assert len(vs) == 2 * len(cc.ALL_MASKS)
+    assert len(vs) == 2 * (len(cc.ALL_MASKS) + len(cc.PACKED_MASKS))
     results = [cc.assess(r) for r in cc._run_all(vs, jobs=2)]
     assert all(r.ok for r in results), [(r.variant.label, r.problems) for r in results if not r.ok]
