@@ -29,9 +29,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ...kvcache import merge_splits
-from ...params import VariantScalars
 from .._kvcache import gpu_workers, splits_for
-from ._common import LOG2E, SCORE_ALIBI, SCORE_ALL, SCORE_TYPES, score_args, score_mod
+from . import _common  # noqa: F401  (the interpreter's range() fix precedes any launch)
 from .fwd import _arch
 
 __all__ = ["kvcache_decode", "decode_config", "_decode_kernel"]
@@ -45,14 +44,12 @@ def _decode_kernel(
     sv_p, sv_h, sv_s, sv_d,
     bt_stride, alibi_stride_b,
     heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, page_size, new_len, num_splits,
-    qk_scale, score, left, right,
+    scale, softcap, left, right,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SCORE: tl.constexpr,
+    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, kv head, split): partial ``OUT (S, B, Hq, Lq, Dv)`` fp32 normalised, ``LSE (S, B, Hq, Lq)``.
-
-    Scores in the exp2 domain as the attention kernels' (``_common.score_mod``: ``qk_scale``, ``score``, ``SCORE``).
-    """
+    """One (sequence, kv head, split): partial ``OUT (S, B, Hq, Lq, Dv)`` fp32 normalised, ``LSE (S, B, Hq, Lq)``."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
     tile = tl.program_id(2)  # the group's rows beyond BLOCK_R (many queries per step) take more programs
@@ -88,9 +85,9 @@ def _decode_kernel(
     k_start = key_lo + s * part
     k_end = tl.minimum(k_start + part, key_hi)
 
-    slope2 = tl.zeros([BLOCK_R], dtype=tl.float32)
-    if SCORE[SCORE_ALIBI]:  # each row's slope, in the exp2 domain (the launcher's table)
-        slope2 = tl.load(ALIBI + b * alibi_stride_b + hq, mask=row_ok, other=0.0)
+    slope = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * alibi_stride_b + hq, mask=row_ok, other=0.0)
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -105,14 +102,17 @@ def _decode_kernel(
         slot = j % page_size
         k_ptr = KC + page[:, None] * sk_p + h * sk_h + slot[:, None] * sk_s + d[None, :] * sk_d
         k = tl.load(k_ptr, mask=key_ok[:, None] & (d[None, :] < head_dim), other=0.0)
-        # (BLOCK_R, BLOCK_N) fp32; rows at their key positions `pos`, so q_offset 0
-        qk, _ = score_mod(tl.dot(q, tl.trans(k)), pos, j, 0, qk_scale, score, slope2[:, None], SCORE, False)
+        qk = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_N) fp32
+        if SOFTCAP:
+            qk = softcap * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap) + 1.0))
+        if HAS_ALIBI:
+            qk -= slope[:, None] * tl.abs(pos[:, None] - j[None, :]).to(tl.float32)
         ok = key_ok[None, :] & row_ok[:, None] & (j[None, :] >= row_lo[:, None]) & (j[None, :] <= row_hi[:, None])
         qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptr = VC + page[:, None] * sv_p + h * sv_h + slot[:, None] * sv_s + dv[None, :] * sv_d
         v = tl.load(v_ptr, mask=key_ok[:, None] & (dv[None, :] < head_dim_v), other=0.0)
@@ -121,7 +121,7 @@ def _decode_kernel(
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     batch = tl.num_programs(1) // heads_kv
     row_base = ((s * batch + b) * heads_q + hq).to(tl.int64) * seqlen_q + i  # (S, B, Hq, Lq) index
     tl.store(OUT + row_base[:, None] * head_dim_v + dv[None, :], out, mask=row_ok[:, None] & (dv[None, :] < head_dim_v))
@@ -159,20 +159,19 @@ def kvcache_decode(
     alibi_slopes: Optional[Tensor],
     sinks: Optional[Tensor],
     scale: float,
-    variant: VariantScalars,
+    window_left: int,
+    window_right: int,
+    softcap: float,
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
-    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)`` over the caches as they are (the append is done);
-    ``variant``: the band (from each query's bottom-right position) and the score rules' scalars."""
+    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)`` over the caches as they are (the append is done)."""
     batch, heads_q, seqlen_q, head_dim = query.shape
     heads_kv, page_size, head_dim_v = key_cache.shape[1], key_cache.shape[2], value_cache.shape[3]
     splits = splits_for(num_splits, query, key_cache, block_table, gpu_workers(query.device))
     cfg = decode_config((heads_q // heads_kv) * seqlen_q, head_dim, head_dim_v, query.dtype, _arch(query.device))
     part_out = torch.empty(splits, batch, heads_q, seqlen_q, head_dim_v, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(splits, batch, heads_q, seqlen_q, device=query.device, dtype=torch.float32)
-    qk_scale, score, score_flags = score_args(scale, variant, alibi_slopes is not None)
-    left, right = variant.window_left, variant.window_right
-    alibi = None if alibi_slopes is None else (alibi_slopes.float() * LOG2E).contiguous()  # exp2 domain
+    alibi = None if alibi_slopes is None else alibi_slopes.float().contiguous()
     table = block_table if block_table is not None else cache_seqlens  # any int32 tensor: never read unless paged
     grid = (splits, batch * heads_kv, triton.cdiv((heads_q // heads_kv) * seqlen_q, cfg["BLOCK_R"]))
     _decode_kernel[grid](
@@ -182,8 +181,9 @@ def kvcache_decode(
         table.stride(0) if block_table is not None else 0,
         heads_q if alibi is not None and alibi.shape[0] > 1 else 0,
         heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, page_size, int(new_len), splits,
-        qk_scale, score, left, right,
-        PAGED=block_table is not None, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, SCORE=score_flags, **cfg,
+        float(scale), float(softcap) if softcap > 0 else 1.0, int(window_left), int(window_right),
+        PAGED=block_table is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi is not None, **cfg,
     )  # fmt: skip
     out, lse = merge_splits(part_out, part_lse, sinks)
     return out.to(query.dtype), lse
@@ -192,11 +192,11 @@ def kvcache_decode(
 # ---------------------------------------------------------------------------------------------- compile-check
 
 # The builds ``fastattn compile-check`` audits per arch, dtype and head dim: the plainest launch (contiguous cache,
-# no band) and the heaviest (paged, both band bounds, every score rule), each at the smallest row tile (a GQA group
+# no band) and the heaviest (paged, both band bounds, softcap, ALiBi), each at the smallest row tile (a GQA group
 # of 4 decoding one token) and the largest the tests use (a group of 8 with 16 queries).
 COMPILE_MASKS = {
-    "contiguous": dict(PAGED=False, HAS_LEFT=False, HAS_RIGHT=False, SCORE=tuple(False for _ in SCORE_ALL)),
-    "paged+window+variants": dict(PAGED=True, HAS_LEFT=True, HAS_RIGHT=True, SCORE=SCORE_ALL),
+    "contiguous": dict(PAGED=False, HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False),
+    "paged+window+variants": dict(PAGED=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True),
 }
 COMPILE_ROWS = (4, 128)
 
@@ -232,10 +232,8 @@ def compile_signature(mask: str, dtype: str, head_dim: int, block_r: int, block_
         elif name in pointers:
             sig[name] = pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "score":
-            sig[name] = SCORE_TYPES
         else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
+            sig[name] = "fp32" if name in ("scale", "softcap") else "i32"
             if name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return _decode_kernel, sig, constexprs, attrs
