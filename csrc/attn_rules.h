@@ -63,9 +63,12 @@ enum VariantScalar : int { kWindowLeft, kWindowRight, kQOffset, kChunk, kSoftcap
 inline std::string unpack_variant(const double* s, size_t n, Variant& v) {
     static const char* const names[kVariantScalars] = {"window_left", "window_right", "q_offset", "chunk",
                                                        "softcap"};
-    if (n != kVariantScalars)
-        return "expected " + std::to_string(int(kVariantScalars)) +
-               " numbers (window_left, window_right, q_offset, chunk, softcap), got " + std::to_string(n);
+    if (n != kVariantScalars) {
+        std::string listed = names[0];
+        for (int i = 1; i < kVariantScalars; ++i) listed = listed + ", " + names[i];
+        return "expected " + std::to_string(int(kVariantScalars)) + " numbers (" + listed + "), got " +
+               std::to_string(n);
+    }
     for (int i = 0; i < kVariantScalars; ++i) {
         const bool integral = i != kSoftcap;
         if (!std::isfinite(s[i]) || (integral && (s[i] != std::floor(s[i]) || std::fabs(s[i]) >= 0x1p53)))

@@ -74,13 +74,14 @@ def kvcache_fwd_reference(
     append_(key_cache, value_cache, cache_seqlens, key, value, block_table)
     batch, heads_q, seqlen_q, _ = query.shape
     new = 0 if key is None else key.shape[2]
+    scalars = VariantScalars.unpack(variant)
     outs, lses = [], []
     for b, cached in enumerate(cache_seqlens.tolist()):
         total = cached + new
         k = gather(key_cache, b, total, block_table).unsqueeze(0)
         v = gather(value_cache, b, total, block_table).unsqueeze(0)
         alibi = None if alibi_slopes is None else alibi_slopes[b : b + 1] if alibi_slopes.shape[0] > 1 else alibi_slopes
-        aligned = VariantScalars.unpack(variant)._replace(q_offset=total - seqlen_q)  # bottom-right
+        aligned = scalars._replace(q_offset=total - seqlen_q)  # bottom-right
         params = AttnParams.for_tensors(
             query[b : b + 1], k, v, scale, alibi=alibi, sinks=sinks, **aligned.params_kwargs()
         )  # fmt: skip

@@ -121,7 +121,8 @@ class Capabilities:
                 reasons.append(f"{name} {dim} is not supported (one of {', '.join(map(str, self.head_dims))})")
             elif self.max_head_dim is not None and dim > self.max_head_dim:
                 reasons.append(f"{name} {dim} is above the supported {self.max_head_dim}")
-        missing = [f for f in FEATURES if f in params.features - self.features]
+        lacking = params.features - self.features
+        missing = [f for f in FEATURES if f in lacking]
         if missing:
             reasons.append("it has no " + ", no ".join(FEATURES[f] for f in missing))
         return "; ".join(reasons) or None
