@@ -32,6 +32,7 @@ from fastattn.backends.triton import fwd  # noqa: E402  (importing the package r
 from fastattn.backends.triton._common import key_tile_range, query_tile_range  # noqa: E402
 from fastattn.backends.triton.dropout import dropout_keep_mask  # noqa: E402
 from fastattn.masks import EMPTY, FULL  # noqa: E402
+from fastattn.params import VariantScalars  # noqa: E402
 from fastattn.testing import assert_close  # noqa: E402
 
 if not torch.cuda.is_available() and type(fwd._attn_fwd_kernel).__name__ != "InterpretedFunction":
@@ -147,10 +148,9 @@ def _run_launcher(q, k, v, params, philox=None, visited=None):
         state, count, index = s.state, s.kv_count, s.kv_index
     out = torch.full((*q.shape[:-1], v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
     lse = torch.full(q.shape[:-1], float("nan"), dtype=torch.float32, device=q.device)
-    left, right = params.bounds
     fwd.attn_fwd(
-        q, k, v, params.mask, state, count, index, philox, params.scale, left, right, params.q_offset,
-        params.dropout_p, block_m, block_n, visited=visited, out=out, lse=lse,
+        q, k, v, params.mask, state, count, index, philox, params.scale, params.variant_scalars, params.dropout_p,
+        block_m, block_n, visited=visited, out=out, lse=lse,
     )  # fmt: skip
     return out, lse
 
@@ -382,9 +382,9 @@ def test_bad_summary_is_refused():
     params, q4, k4, v4 = validate(q, k, v, mask)
     s = params.tile_summary(16, 16)  # not the kernel's block
     with pytest.raises(ValueError, match="tile_state"):
-        fwd.attn_fwd(q4, k4, v4, params.mask, s.state, s.kv_count, s.kv_index, None, 1.0, -1, -1, 0, 0.0, 32, 32)
+        fwd.attn_fwd(q4, k4, v4, params.mask, s.state, s.kv_count, s.kv_index, None, 1.0, VariantScalars(), 0.0, 32, 32)
     with pytest.raises(ValueError, match="philox"):
-        fwd.attn_fwd(q4, k4, v4, None, None, None, None, None, 1.0, -1, -1, 0, 0.5, 32, 32)
+        fwd.attn_fwd(q4, k4, v4, None, None, None, None, None, 1.0, VariantScalars(), 0.5, 32, 32)
 
 
 def test_backend_reasons():

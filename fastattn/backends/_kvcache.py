@@ -169,10 +169,9 @@ def kvcache_fwd_triton(
 
     append_(key_cache, value_cache, cache_seqlens, key, value, block_table)
     new = 0 if key is None else key.shape[2]
-    vs = VariantScalars.unpack(variant)
     return kvcache_decode(
-        query, key_cache, value_cache, cache_seqlens, new, block_table, alibi_slopes, sinks, scale, vs.window_left,
-        vs.window_right, vs.softcap, num_splits,
+        query, key_cache, value_cache, cache_seqlens, new, block_table, alibi_slopes, sinks, scale,
+        VariantScalars.unpack(variant), num_splits,
     )  # fmt: skip
 
 

@@ -33,6 +33,19 @@ TILE_EMPTY: tl.constexpr = tl.constexpr(0)
 TILE_PARTIAL: tl.constexpr = tl.constexpr(1)
 TILE_FULL: tl.constexpr = tl.constexpr(2)
 
+LOG2E = 1.4426950408889634
+
+# The score rules as every kernel takes them (``score_args``): ``score``, a tuple of the rules' runtime scalars,
+# and ``SCORE``, a constexpr tuple of flags read through the indices below. The kernels pass both through to
+# ``score_mod`` and ``score_grad`` without naming a rule, and compile-check's heaviest build turns every flag on
+# (``SCORE_ALL``, ``SCORE_TYPES``): a new scalar score rule is a flag and a scalar here, its lines in those two
+# functions and its reading in ``score_args``.
+SCORE_SOFTCAP: tl.constexpr = tl.constexpr(0)  # score[0] = softcap · log2(e); qk_scale = scale / softcap
+SCORE_ALIBI: tl.constexpr = tl.constexpr(1)  # ALiBi: the kernels load each head's slope from its table
+SCORE_GRAD: tl.constexpr = tl.constexpr(2)  # a rule whose derivative is not 1: the backward calls score_grad
+SCORE_ALL = (True, True, True)
+SCORE_TYPES = ("fp32",)  # the types of ``score``'s scalars
+
 __all__ = [
     "MASK_NONE",
     "MASK_BOOL",
@@ -48,6 +61,8 @@ __all__ = [
     "allowed",
     "allowed_t",
     "score_mod",
+    "score_grad",
+    "score_args",
     "load_tensor_mask",
     "apply_tensor_mask",
     "summary_tile",
@@ -248,24 +263,35 @@ def allowed_t(
     return ok
 
 
-@triton.jit
-def score_mod(
-    qk, offs_m, offs_n, q_offset, qk_scale, softcap2, slope2,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, KEY_ROWS: tl.constexpr,
-):  # fmt: skip
-    """Scores in the exp2 domain from raw dot products ``qk`` (``(BLOCK_M, BLOCK_N)``, or keys as rows with
-    ``KEY_ROWS``), and the softcap's tanh (for ``1 - tanh²`` in the backward; ``qk`` itself without softcap).
+def score_args(
+    scale: float, variant, alibi: bool, log2_domain: bool = True
+) -> tuple[float, tuple[float, ...], tuple[bool, ...]]:
+    """``(qk_scale, score, SCORE)`` of a launch from its scale, ``params.VariantScalars`` and whether it has ALiBi
+    slopes: ``qk_scale`` multiplies the raw dot products (``scale · log2(e)``, or ``scale / softcap``).
 
-    ``qk_scale``: ``scale · log2(e)``, or ``scale / softcap`` with ``SOFTCAP`` (then ``softcap2`` is
-    ``softcap · log2(e)``); ``slope2``: this head's ALiBi slope times ``log2(e)``.
+    ``log2_domain``: scores for ``exp2`` (the attention kernels), else for ``exp`` (the decode kernel: each factor
+    of ``log2(e)`` left out, and its ALiBi slopes taken as they are)."""
+    softcap, unit = float(variant.softcap), (LOG2E if log2_domain else 1.0)
+    qk_scale = float(scale) / softcap if softcap > 0.0 else float(scale) * unit
+    return qk_scale, (softcap * unit,), (softcap > 0.0, bool(alibi), softcap > 0.0)
+
+
+@triton.jit
+def score_mod(qk, offs_m, offs_n, q_offset, qk_scale, score, slope2, SCORE: tl.constexpr, KEY_ROWS: tl.constexpr):
+    """Scores in the exp2 domain from raw dot products ``qk`` (``(BLOCK_M, BLOCK_N)``, or keys as rows with
+    ``KEY_ROWS``), and what ``score_grad`` needs of them (the softcap's tanh; ``qk`` itself without softcap).
+
+    ``qk_scale``, ``score``, ``SCORE``: ``score_args``' (its ``log2_domain=False`` gives natural-domain scores);
+    ``slope2``: this head's ALiBi slope in the same domain (times ``log2(e)`` for exp2; a column of per-row slopes
+    also broadcasts).
     """
-    if SOFTCAP:
+    if SCORE[SCORE_SOFTCAP]:
         t = tanh(qk * qk_scale)
-        s = t * softcap2
+        s = t * score[0]
     else:
         t = qk
         s = qk * qk_scale
-    if ALIBI:  # distances in int32 (the dK/dV pass's offsets are int64: a tile of those costs registers)
+    if SCORE[SCORE_ALIBI]:  # distances in int32 (the dK/dV pass's offsets are int64: a tile of those costs registers)
         rows = offs_m.to(tl.int32) + q_offset
         if KEY_ROWS:
             dist = rows[None, :] - offs_n.to(tl.int32)[:, None]
@@ -273,6 +299,16 @@ def score_mod(
             dist = rows[:, None] - offs_n.to(tl.int32)[None, :]
         s = s - slope2 * tl.abs(dist).to(tl.float32)
     return s, t
+
+
+@triton.jit
+def score_grad(g, t, score, SCORE: tl.constexpr):
+    """``g``, a gradient (or probability) tile of the scores ``score_mod`` formed, times the rules' derivative
+    (``t``: ``score_mod``'s second result): the softcap's ``1 - tanh²``; ALiBi and the mask add terms of
+    derivative 1. Kernels call it only under ``SCORE[SCORE_GRAD]``."""
+    if SCORE[SCORE_SOFTCAP]:
+        g = g * (1.0 - t * t)
+    return g
 
 
 @triton.jit

@@ -86,6 +86,8 @@ from ...params import AttnParams, VariantScalars
 from .._varlen import num_programs, tile_schedule
 from ..registry import fake_backward, op_layout, op_scalars, packed_empty
 from ._common import (
+    SCORE_ALIBI,
+    SCORE_GRAD,
     TILE_FULL,
     TILE_PARTIAL,
     allowed,
@@ -95,6 +97,8 @@ from ._common import (
     load_tensor_mask,
     packed_entry,
     query_tile_range,
+    score_args,
+    score_grad,
     score_mod,
 )
 from .dropout import dropout_keep, dropout_keep_t
@@ -111,7 +115,6 @@ __all__ = [
     "INTERPRET_BLOCKS",
 ]
 
-_LOG2E = 1.4426950408889634
 # Under TRITON_INTERPRET=1 one fixed block: the interpreter's cost is per numpy op (the forward's too).
 INTERPRET_BLOCKS = (32, 32, 32, 32)
 INTERPRET_BLOCKS_LONG = (64, 64, 64, 64)
@@ -188,7 +191,7 @@ _BWD_VARIANT_CONFIGS: dict = {
     (90, False, 256): ((32, 32, 8, 1), (64, 16, 8, 2)),
     (90, True ,  16): ((32, 128, 8, 2), (128, 32, 8, 2)),
     (90, True ,  32): ((16, 128, 8, 2), (128, 32, 8, 2)),
-    (90, True ,  64): ((16, 128, 8, 1), (64, 32, 8, 2)),
+    (90, True ,  64): ((16, 64, 8, 1), (64, 32, 8, 2)),
     (90, True , 256): ((16, 16, 8, 1), (32, 32, 8, 2)),
 }
 # fmt: on
@@ -342,13 +345,21 @@ def _no_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int) ->
     )
 
 
+def _families(params: AttnParams) -> tuple[bool, bool]:
+    """``(heavy, variants)`` of a call: ``fwd.is_heavy`` and ``fwd.has_variants`` of its launch."""
+    _, _, score_flags = score_args(params.scale, params.variant_scalars, params.alibi is not None)
+    return (
+        is_heavy(params.mask is not None, params.dropout_p, params.chunk, score_flags),
+        has_variants(params.chunk, score_flags),
+    )
+
+
 def fallback_reason(params: AttnParams) -> Optional[str]:
     """Why the Triton backward kernels do not run for these inputs (``bwd_config`` is None), or None."""
     arch = _arch(params.device)
     if arch is None:
         return None
-    heavy = is_heavy(params.mask is not None, params.dropout_p, params.chunk, params.softcap, params.alibi is not None)
-    variants = has_variants(params.chunk, params.softcap, params.alibi is not None)
+    heavy, variants = _families(params)
     fam = VARIANTS_FAMILY if variants else None
     if bwd_config(params.head_dim, params.head_dim_v, params.dtype, arch, heavy, fam, params.is_packed) is None:
         return _no_config(params.head_dim, params.head_dim_v, params.dtype, arch)
@@ -453,10 +464,10 @@ def _attn_bwd_dkdv_kernel(
     stride_cb, stride_ch, stride_cn,
     stride_ib, stride_ih, stride_in, stride_im,
     heads_q, heads_kv, group, seqlen_q, seqlen_k, num_seqs, total_q,
-    scale, qk_scale2, left, right, q_offset, chunk, softcap2, stride_ab, dropout_p, dropout_scale,
+    scale, qk_scale2, left, right, q_offset, chunk, score, stride_ab, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    SCORE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
@@ -530,7 +541,7 @@ def _attn_bwd_dkdv_kernel(
             it_lo = 0
             it_hi = tl.load(QCount + b * stride_cb + h * stride_ch + pid_n * stride_cn)
         slope2 = 0.0
-        if ALIBI:  # this query head's slope, in the exp2 domain
+        if SCORE[SCORE_ALIBI]:  # this query head's slope, in the exp2 domain
             slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
         for it in range(it_lo, it_hi):
             if PACKED:  # every tile of the range is visited; the band's bounds are applied to all of them
@@ -555,22 +566,22 @@ def _attn_bwd_dkdv_kernel(
                 delta = tl.load(Delta + bh * seqlen_q + offs_m, mask=m_in, other=0.0).to(ACC)
             s_t, t_t = score_mod(
                 tl.dot(k, q_t, out_dtype=ACC, input_precision=DOT_PRECISION), offs_m, offs_n, q_offset, qk_scale2,
-                softcap2, slope2, SOFTCAP, ALIBI, True,
+                score, slope2, SCORE, True,
             )  # fmt: skip
             p_t = _probs_tile(
                 s_t, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, tile_state != TILE_FULL,
                 seqlen_q, seqlen_k, left, right, q_offset, chunk, MASK_KIND, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, True,
             )  # fmt: skip
-            if SOFTCAP:
-                # dV first, then fold the cap's 1 - tanh² into Pᵀ (dSᵀ's pre-cap factor): Pᵀ, tanh and dPᵀ are
-                # never live together (one tile fewer in registers).
+            if SCORE[SCORE_GRAD]:
+                # dV first, then fold the rules' derivative (the softcap's 1 - tanh²) into Pᵀ, dSᵀ's factor: Pᵀ,
+                # tanh and dPᵀ are never live together (one tile fewer in registers).
                 if DROPOUT:
                     keep_t = dropout_keep_t(Philox, bh, offs_m, offs_n, drop_lq, drop_lk, dropout_p)
                     pz_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
                 else:
                     pz_t = p_t
                 dv += tl.dot(pz_t.to(do.dtype), do, out_dtype=ACC, input_precision=DOT_PRECISION)
-                p_t = p_t * (1.0 - t_t * t_t)
+                p_t = score_grad(p_t, t_t, score, SCORE)
                 dp_t = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision=DOT_PRECISION)
                 if DROPOUT:
                     dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
@@ -606,10 +617,10 @@ def _attn_bwd_dq_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_in,
     heads_q, group, seqlen_q, seqlen_k, n_k_tiles, num_seqs, total_q,
-    scale, qk_scale2, left, right, q_offset, chunk, softcap2, stride_ab, dropout_p, dropout_scale,
+    scale, qk_scale2, left, right, q_offset, chunk, score, stride_ab, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    SCORE: tl.constexpr, DROPOUT: tl.constexpr,
     WRITE_DS: tl.constexpr, WRITE_KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, PACKED: tl.constexpr,
@@ -685,7 +696,7 @@ def _attn_bwd_dq_kernel(
         it_lo = 0
         count = tl.load(KVCount + b * stride_cb + h * stride_ch + pid_m * stride_cm)
     slope2 = 0.0
-    if ALIBI:  # this head's slope, in the exp2 domain
+    if SCORE[SCORE_ALIBI]:  # this head's slope, in the exp2 domain
         slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
     for it in range(it_lo, count):
         if PACKED:  # every tile of the range is visited; the band's bounds are applied to all of them
@@ -701,14 +712,14 @@ def _attn_bwd_dq_kernel(
         v = tl.load(v_ptrs + start_n * stride_vn, mask=n_ok & dv_ok, other=0.0)
         s, t = score_mod(
             tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=DOT_PRECISION), offs_m, offs_n, q_offset,
-            qk_scale2, softcap2, slope2, SOFTCAP, ALIBI, False,
+            qk_scale2, score, slope2, SCORE, False,
         )  # fmt: skip
         p = _probs_tile(
             s, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, tile_state != TILE_FULL,
             seqlen_q, seqlen_k, left, right, q_offset, chunk, MASK_KIND, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, False,
         )  # fmt: skip
-        if SOFTCAP and not WRITE_DS:  # fold the cap's 1 - tanh² into P now: tanh is not live across dP
-            p = p * (1.0 - t * t)
+        if SCORE[SCORE_GRAD] and not WRITE_DS:  # fold the rules' derivative into P now: t is not live across dP
+            p = score_grad(p, t, score, SCORE)
         dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(Philox, drop_bh, offs_m, offs_n, drop_lq, drop_lk, dropout_p)
@@ -716,10 +727,10 @@ def _attn_bwd_dq_kernel(
             if WRITE_KEEP:
                 tl.store(KeepOut + dense_ptrs + start_n, keep.to(tl.int8), mask=m_ok & (offs_n[None, :] < seqlen_k))
         ds = p * (dp - delta[:, None])
-        if WRITE_DS:  # the float mask's gradient: the score's after the softcap and ALiBi
+        if WRITE_DS:  # the float mask's gradient: the score's after the score rules
             tl.store(DS + dense_ptrs + start_n, ds.to(DS.dtype.element_ty), mask=m_ok & (offs_n[None, :] < seqlen_k))
-            if SOFTCAP:  # then the gradient of the score before the cap: times 1 - tanh²
-                ds = ds * (1.0 - t * t)
+            if SCORE[SCORE_GRAD]:  # then the gradient of the score before them
+                ds = score_grad(ds, t, score, SCORE)
         dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC, input_precision=DOT_PRECISION)
     if WRITE_DS or WRITE_KEEP:
         # The rest of the list holds the empty key tiles: zero gradient (and the mask as drawn).
@@ -760,17 +771,13 @@ def _launch(
     state_q: Tensor,
     philox: Optional[Tensor],
     scale: float,
-    left: int,
-    right: int,
-    q_offset: int,
+    variant: VariantScalars,
     dropout_p: float,
     need_mask_grad: bool,
     blocks: list[int],
     write_keep: bool = False,
     *,
     alibi_slopes: Optional[Tensor] = None,
-    chunk: int = 0,
-    softcap: float = 0.0,
     cu_seqlens_q: Optional[Tensor] = None,
     cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: int = 0,
@@ -835,18 +842,18 @@ def _launch(
     philox_arg = philox if dropout else dummy
     alibi_arg = dummy if alibi_slopes is None else alibi_slopes.float().contiguous()
     stride_ab = 0 if alibi_slopes is None or alibi_slopes.shape[0] == 1 else heads_q
-    qk_scale2 = float(scale) / softcap if softcap > 0.0 else float(scale) * _LOG2E
+    left, right, chunk = variant.window_left, variant.window_right, variant.chunk
+    qk_scale2, score, score_flags = score_args(scale, variant, alibi_slopes is not None)
     scalars = (
-        float(scale), qk_scale2, int(left), int(right), int(q_offset), max(int(chunk), 1), float(softcap) * _LOG2E,
-        stride_ab, float(dropout_p), 1.0 / (1.0 - dropout_p),
+        float(scale), qk_scale2, left, right, variant.q_offset, max(chunk, 1), score, stride_ab, float(dropout_p),
+        1.0 / (1.0 - dropout_p),
     )  # fmt: skip
     meta = dict(
         MASK_KIND=kind,
         HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0,
         HAS_CHUNK=chunk > 0,
-        SOFTCAP=softcap > 0.0,
-        ALIBI=alibi_slopes is not None,
+        SCORE=score_flags,
         DROPOUT=dropout,
         HEAD_DIM=head_dim,
         HEAD_DIM_V=head_dim_v,
@@ -855,8 +862,8 @@ def _launch(
         DOT_PRECISION=_dot_precision(q.dtype, q.device),
         ACC=_acc_dtype(q.dtype),
     )
-    heavy = is_heavy(mask is not None, dropout_p, chunk, softcap, alibi_slopes is not None)
-    variants = has_variants(chunk, softcap, alibi_slopes is not None)
+    heavy = is_heavy(mask is not None, dropout_p, chunk, score_flags)
+    variants = has_variants(chunk, score_flags)
     fam = VARIANTS_FAMILY if variants else family(heavy, left, right)
     config = bwd_config(head_dim, head_dim_v, q.dtype, _arch(q.device), heavy, fam, packed)
     if config is None:
@@ -936,13 +943,10 @@ def triton_attn_bwd(
     ``block_sizes(...)``), empty for packed sequences; ``philox``: the call's dropout seed or None.
     """
     state_kv, state_q = summary if summary else (None, None)
-    vs = VariantScalars.unpack(variant)
     dq, dk, dv, dmask, _ = _launch(
-        grad_out, q, k, v, out, lse, mask, state_kv, state_q, philox,
-        scale, vs.window_left, vs.window_right, vs.q_offset, dropout_p, need_mask_grad, blocks,
-        alibi_slopes=alibi_slopes, chunk=vs.chunk, softcap=vs.softcap, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        grad_out, q, k, v, out, lse, mask, state_kv, state_q, philox, scale, VariantScalars.unpack(variant),
+        dropout_p, need_mask_grad, blocks, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
     return dq, dk, dv, dmask
 
@@ -956,8 +960,7 @@ def _prepare(q: Tensor, v: Tensor, params: AttnParams, philox: Optional[Tensor],
         raise ValueError(f"need_mask_grad: expected a floating attn_mask to differentiate, got {got}")
     if params.dropout_p > 0.0 and philox is None:
         raise ValueError("philox: expected the call's [seed, offset] int64 tensor when dropout_p > 0, got None")
-    heavy = is_heavy(params.mask is not None, params.dropout_p, params.chunk, params.softcap, params.alibi is not None)
-    variants = has_variants(params.chunk, params.softcap, params.alibi is not None)
+    heavy, variants = _families(params)
     fam = VARIANTS_FAMILY if variants else family(heavy, *params.bounds)
     blocks = list(
         block_sizes(
@@ -1019,10 +1022,9 @@ def attn_bwd_debug(
     default_blocks = _prepare(q, v, params, philox, need_mask_grad)
     blocks = list(blocks or default_blocks)
     state_kv, state_q = _states(params, blocks)
-    left, right = params.bounds
     dq, dk, dv, dmask, keep = _launch(
-        grad_out, q, k, v, out, lse, params.mask, state_kv, state_q, philox,
-        float(params.scale), left, right, params.q_offset, float(params.dropout_p), bool(need_mask_grad), blocks,
-        write_keep=params.dropout_p > 0.0, alibi_slopes=params.alibi, chunk=params.chunk, softcap=params.softcap,
+        grad_out, q, k, v, out, lse, params.mask, state_kv, state_q, philox, float(params.scale),
+        params.variant_scalars, float(params.dropout_p), bool(need_mask_grad), blocks,
+        write_keep=params.dropout_p > 0.0, alibi_slopes=params.alibi,
     )  # fmt: skip
     return dq, dk, dv, (dmask if need_mask_grad else None), keep

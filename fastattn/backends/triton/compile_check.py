@@ -186,6 +186,13 @@ def _has_variants(mask: str) -> bool:
     return mask.removesuffix(PACKED).endswith(VARIANTS)
 
 
+def _score_flags(variants: bool) -> tuple[bool, ...]:
+    """The kernels' ``SCORE`` flags of a build: every score rule on for a "+variants" build, else none."""
+    from ._common import SCORE_ALL
+
+    return SCORE_ALL if variants else tuple(False for _ in SCORE_ALL)
+
+
 # The tile grids ``--candidates`` compiles for ``benchmarks/tune.py``: (BLOCK_M, BLOCK_N, warps, stages).
 # The dK/dV pass keeps BLOCK_N keys resident and streams BLOCK_M query rows; the dQ pass the reverse.
 CANDIDATE_GRIDS = {
@@ -239,6 +246,7 @@ def _bwd_signature(v: Variant):
     """The backward kernels as a real launch specialises them: unit last-dim and mask-key strides
     (constexpr 1, what the JIT makes of a stride equal to 1), 16-aligned pointers and row strides."""
     from . import bwd
+    from ._common import SCORE_TYPES
 
     fn = getattr(bwd, v.kernel)
     mask_kind, has_left, has_right, dropout = MASK_VARIANTS[v.mask]
@@ -264,8 +272,7 @@ def _bwd_signature(v: Variant):
         "HAS_LEFT": has_left,
         "HAS_RIGHT": has_right,
         "HAS_CHUNK": variants,
-        "SOFTCAP": variants,
-        "ALIBI": variants,
+        "SCORE": _score_flags(variants),
         "DROPOUT": dropout,
         "WRITE_DS": False,
         "WRITE_KEEP": False,
@@ -285,8 +292,10 @@ def _bwd_signature(v: Variant):
         elif name in pointers:
             sig[name] = pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "score":
+            sig[name] = SCORE_TYPES
         else:
-            sig[name] = "fp32" if name in ("scale", "qk_scale2", "softcap2", "dropout_p", "dropout_scale") else "i32"
+            sig[name] = "fp32" if name in ("scale", "qk_scale2", "dropout_p", "dropout_scale") else "i32"
             if name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return fn, sig, constexprs, attrs
@@ -300,6 +309,7 @@ def _signature(v: Variant):
 
         return compile_signature(v.mask, v.dtype, v.head_dim, v.block_m, v.block_n)
     from . import fwd
+    from ._common import SCORE_TYPES
 
     fn = fwd._attn_fwd_kernel
     mask_kind, has_left, has_right, dropout = MASK_VARIANTS[v.mask]
@@ -335,8 +345,7 @@ def _signature(v: Variant):
         "HAS_LEFT": has_left,
         "HAS_RIGHT": has_right,
         "HAS_CHUNK": variants,
-        "SOFTCAP": variants,
-        "ALIBI": variants,
+        "SCORE": _score_flags(variants),
         "HAS_SINKS": variants,
         "DROPOUT": dropout,
         "COUNT_VISITED": False,
@@ -352,7 +361,9 @@ def _signature(v: Variant):
         elif name in consts:
             sig[name] = "constexpr"
             constexprs[name] = consts[name]
-        elif name in ("qk_scale", "softcap2", "dropout_p"):
+        elif name == "score":
+            sig[name] = SCORE_TYPES
+        elif name in ("qk_scale", "dropout_p"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"

@@ -29,8 +29,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ...kvcache import merge_splits
+from ...params import VariantScalars
 from .._kvcache import gpu_workers, splits_for
-from . import _common  # noqa: F401  (the interpreter's range() fix precedes any launch)
+from ._common import SCORE_ALIBI, SCORE_ALL, SCORE_TYPES, score_args, score_mod
 from .fwd import _arch
 
 __all__ = ["kvcache_decode", "decode_config", "_decode_kernel"]
@@ -44,12 +45,15 @@ def _decode_kernel(
     sv_p, sv_h, sv_s, sv_d,
     bt_stride, alibi_stride_b,
     heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, page_size, new_len, num_splits,
-    scale, softcap, left, right,
+    qk_scale, score, left, right,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
+    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SCORE: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, kv head, split): partial ``OUT (S, B, Hq, Lq, Dv)`` fp32 normalised, ``LSE (S, B, Hq, Lq)``."""
+    """One (sequence, kv head, split): partial ``OUT (S, B, Hq, Lq, Dv)`` fp32 normalised, ``LSE (S, B, Hq, Lq)``.
+
+    Scores through ``_common.score_mod`` (``qk_scale``, ``score``, ``SCORE``: ``score_args``) in the natural
+    domain, softmax with ``exp``: the attention kernels' exp2 domain cost this loop spills in a few builds.
+    """
     s = tl.program_id(0)
     bh = tl.program_id(1)
     tile = tl.program_id(2)  # the group's rows beyond BLOCK_R (many queries per step) take more programs
@@ -86,7 +90,7 @@ def _decode_kernel(
     k_end = tl.minimum(k_start + part, key_hi)
 
     slope = tl.zeros([BLOCK_R], dtype=tl.float32)
-    if HAS_ALIBI:
+    if SCORE[SCORE_ALIBI]:
         slope = tl.load(ALIBI + b * alibi_stride_b + hq, mask=row_ok, other=0.0)
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -102,11 +106,8 @@ def _decode_kernel(
         slot = j % page_size
         k_ptr = KC + page[:, None] * sk_p + h * sk_h + slot[:, None] * sk_s + d[None, :] * sk_d
         k = tl.load(k_ptr, mask=key_ok[:, None] & (d[None, :] < head_dim), other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_N) fp32
-        if SOFTCAP:
-            qk = softcap * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap) + 1.0))
-        if HAS_ALIBI:
-            qk -= slope[:, None] * tl.abs(pos[:, None] - j[None, :]).to(tl.float32)
+        # (BLOCK_R, BLOCK_N) fp32; rows at their key positions `pos`, so q_offset 0
+        qk, _ = score_mod(tl.dot(q, tl.trans(k)), pos, j, 0, qk_scale, score, slope[:, None], SCORE, False)
         ok = key_ok[None, :] & row_ok[:, None] & (j[None, :] >= row_lo[:, None]) & (j[None, :] <= row_hi[:, None])
         qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -145,7 +146,9 @@ def decode_config(rows: int, head_dim: int, head_dim_v: int, dtype: torch.dtype,
     block_n = 64 if big <= 128 and block_r <= 32 else 32
     if dtype == torch.float32 and big >= 128:  # fp32 K/V tiles are twice the registers
         block_n = 16 if big >= 256 else 32
-    warps = 8 if block_r >= 64 or big >= 256 else 4
+    # 16-bit rows of 64 at 16-32 per program sit at ptxas's 128-register target with 4 warps (sm_80: a spill with
+    # every score rule on): 8 warps halve each thread's share of the tiles.
+    warps = 8 if block_r >= 64 or big >= 256 or (big == 64 and dtype != torch.float32) else 4
     return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=2)
 
 
@@ -159,12 +162,11 @@ def kvcache_decode(
     alibi_slopes: Optional[Tensor],
     sinks: Optional[Tensor],
     scale: float,
-    window_left: int,
-    window_right: int,
-    softcap: float,
+    variant: VariantScalars,
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
-    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)`` over the caches as they are (the append is done)."""
+    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)`` over the caches as they are (the append is done);
+    ``variant``: the band (from each query's bottom-right position) and the score rules' scalars."""
     batch, heads_q, seqlen_q, head_dim = query.shape
     heads_kv, page_size, head_dim_v = key_cache.shape[1], key_cache.shape[2], value_cache.shape[3]
     splits = splits_for(num_splits, query, key_cache, block_table, gpu_workers(query.device))
@@ -172,6 +174,8 @@ def kvcache_decode(
     part_out = torch.empty(splits, batch, heads_q, seqlen_q, head_dim_v, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(splits, batch, heads_q, seqlen_q, device=query.device, dtype=torch.float32)
     alibi = None if alibi_slopes is None else alibi_slopes.float().contiguous()
+    qk_scale, score, score_flags = score_args(scale, variant, alibi is not None, log2_domain=False)
+    left, right = variant.window_left, variant.window_right
     table = block_table if block_table is not None else cache_seqlens  # any int32 tensor: never read unless paged
     grid = (splits, batch * heads_kv, triton.cdiv((heads_q // heads_kv) * seqlen_q, cfg["BLOCK_R"]))
     _decode_kernel[grid](
@@ -181,9 +185,8 @@ def kvcache_decode(
         table.stride(0) if block_table is not None else 0,
         heads_q if alibi is not None and alibi.shape[0] > 1 else 0,
         heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, page_size, int(new_len), splits,
-        float(scale), float(softcap) if softcap > 0 else 1.0, int(window_left), int(window_right),
-        PAGED=block_table is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi is not None, **cfg,
+        qk_scale, score, left, right,
+        PAGED=block_table is not None, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, SCORE=score_flags, **cfg,
     )  # fmt: skip
     out, lse = merge_splits(part_out, part_lse, sinks)
     return out.to(query.dtype), lse
@@ -192,11 +195,11 @@ def kvcache_decode(
 # ---------------------------------------------------------------------------------------------- compile-check
 
 # The builds ``fastattn compile-check`` audits per arch, dtype and head dim: the plainest launch (contiguous cache,
-# no band) and the heaviest (paged, both band bounds, softcap, ALiBi), each at the smallest row tile (a GQA group
+# no band) and the heaviest (paged, both band bounds, every score rule), each at the smallest row tile (a GQA group
 # of 4 decoding one token) and the largest the tests use (a group of 8 with 16 queries).
 COMPILE_MASKS = {
-    "contiguous": dict(PAGED=False, HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False),
-    "paged+window+variants": dict(PAGED=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True),
+    "contiguous": dict(PAGED=False, HAS_LEFT=False, HAS_RIGHT=False, SCORE=tuple(False for _ in SCORE_ALL)),
+    "paged+window+variants": dict(PAGED=True, HAS_LEFT=True, HAS_RIGHT=True, SCORE=SCORE_ALL),
 }
 COMPILE_ROWS = (4, 128)
 
@@ -232,8 +235,10 @@ def compile_signature(mask: str, dtype: str, head_dim: int, block_r: int, block_
         elif name in pointers:
             sig[name] = pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "score":
+            sig[name] = SCORE_TYPES
         else:
-            sig[name] = "fp32" if name in ("scale", "softcap") else "i32"
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
             if name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return _decode_kernel, sig, constexprs, attrs

@@ -54,11 +54,13 @@ from ...params import AttnParams, VariantScalars
 from .._varlen import num_programs, tile_schedule
 from ..registry import fake_forward, op_layout, op_scalars, packed_empty
 from ._common import (
+    SCORE_ALIBI,
     allowed,
     apply_tensor_mask,
     key_tile_range,
     load_tensor_mask,
     packed_entry,
+    score_args,
     score_mod,
     summary_tile,
 )
@@ -67,7 +69,6 @@ from .tuning import family, lookup
 
 __all__ = ["attn_fwd", "triton_attn_fwd", "forward", "fwd_blocks", "fwd_tiles", "fwd_configs", "INTERPRET_TILE"]
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Under TRITON_INTERPRET=1 one fixed tile: the interpreter's cost is per numpy op, so few large-ish tiles.
 INTERPRET_TILE = (32, 32)
@@ -77,18 +78,19 @@ def _pow2_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def has_variants(chunk: int, softcap: float, alibi: bool) -> bool:
-    """Whether a launch runs a variant that adds live state where scores are formed (the sinks do not): it then
-    takes the heavy tiles, with ``_FWD_VARIANT_*`` / ``bwd._BWD_VARIANT_CONFIGS`` where those spill."""
-    return chunk > 0 or softcap > 0.0 or alibi
+def has_variants(chunk: int, score: tuple = ()) -> bool:
+    """Whether a launch runs a variant that adds live state where scores are formed (a chunk, any score rule:
+    ``SCORE`` of ``_common.score_args``; the sinks do not): it then takes the heavy tiles, with
+    ``_FWD_VARIANT_*`` / ``bwd._BWD_VARIANT_CONFIGS`` where those spill."""
+    return chunk > 0 or any(score)
 
 
-def is_heavy(has_mask: bool, dropout_p: float, chunk: int = 0, softcap: float = 0.0, alibi: bool = False) -> bool:
+def is_heavy(has_mask: bool, dropout_p: float, chunk: int = 0, score: tuple = ()) -> bool:
     """Whether a launch takes the "heavy" tiles: a mask tensor, dropout, or a variant that adds live state
-    where scores are formed (softcap, ALiBi, chunk; the sinks touch only the epilogue). ``fastattn
-    compile-check`` compiles the heaviest of them all (every variant with a float mask, a window and
-    dropout) on the heavy tiles: the plain tiles spilled with the variants in several backward configs."""
-    return has_mask or dropout_p > 0.0 or has_variants(chunk, softcap, alibi)
+    where scores are formed (``has_variants``; the sinks touch only the epilogue). ``fastattn compile-check``
+    compiles the heaviest of them all (every variant with a float mask, a window and dropout) on the heavy
+    tiles: the plain tiles spilled with the variants in several backward configs."""
+    return has_mask or dropout_p > 0.0 or has_variants(chunk, score)
 
 
 def _arch_key(arch: int) -> int:
@@ -280,7 +282,7 @@ def _attn_fwd_tile(
     right,
     q_offset,
     chunk,
-    softcap2,
+    score,
     slope2,
     dropout_p,
     need_mask,
@@ -294,12 +296,11 @@ def _attn_fwd_tile(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     HAS_CHUNK: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr,
+    SCORE: tl.constexpr,
     DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One key tile: scores (``score_mod``: scale, softcap, ALiBi), masks (when ``MASKED``), online-softmax
+    """One key tile: scores (``score_mod``: the scale and the score rules), masks (when ``MASKED``), online-softmax
     update, ``acc += P V``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # K loaded transposed: (BLOCK_D, BLOCK_N).
@@ -316,8 +317,8 @@ def _attn_fwd_tile(
         else:
             k = tl.load(k_ptrs)
     qk, _ = score_mod(
-        tl.dot(q, k, input_precision=DOT_PRECISION), offs_m, offs_n, q_offset, qk_scale, softcap2, slope2,
-        SOFTCAP, ALIBI, False,
+        tl.dot(q, k, input_precision=DOT_PRECISION), offs_m, offs_n, q_offset, qk_scale, score, slope2, SCORE,
+        False,
     )  # fmt: skip
     if MASKED:
         ok = allowed(offs_m, offs_n, seqlen_k, left, right, q_offset, chunk, HAS_LEFT, HAS_RIGHT, HAS_CHUNK)
@@ -400,7 +401,7 @@ def _attn_fwd_kernel(
     right,
     q_offset,
     chunk,
-    softcap2,
+    score,
     stride_ab,
     dropout_p,
     seq_bucket,
@@ -416,8 +417,7 @@ def _attn_fwd_kernel(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     HAS_CHUNK: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr,
+    SCORE: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     DROPOUT: tl.constexpr,
     COUNT_VISITED: tl.constexpr,
@@ -469,7 +469,7 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     slope2 = 0.0
-    if ALIBI:  # this head's slope, in the exp2 domain
+    if SCORE[SCORE_ALIBI]:  # this head's slope, in the exp2 domain
         slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
 
     if MASK_KIND == 0:
@@ -481,25 +481,25 @@ def _attn_fwd_kernel(
             acc, l_i, m_i = _attn_fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
                 Philox, drop_bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, drop_lq, drop_lk,
-                qk_scale, left, right, q_offset, chunk, softcap2, slope2, dropout_p, True,
+                qk_scale, left, right, q_offset, chunk, score, slope2, dropout_p, True,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                HAS_CHUNK, SOFTCAP, ALIBI, DROPOUT, DOT_PRECISION,
+                HAS_CHUNK, SCORE, DROPOUT, DOT_PRECISION,
             )  # fmt: skip
         for tile_n in range(full_lo, full_hi):  # inside the band for every row: no mask arithmetic
             acc, l_i, m_i = _attn_fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
                 Philox, drop_bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, drop_lq, drop_lk,
-                qk_scale, left, right, q_offset, chunk, softcap2, slope2, dropout_p, True,
+                qk_scale, left, right, q_offset, chunk, score, slope2, dropout_p, True,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                HAS_CHUNK, SOFTCAP, ALIBI, DROPOUT, DOT_PRECISION,
+                HAS_CHUNK, SCORE, DROPOUT, DOT_PRECISION,
             )  # fmt: skip
         for tile_n in range(full_hi, hi):  # diagonal / right edge / the last partial tile
             acc, l_i, m_i = _attn_fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
                 Philox, drop_bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, drop_lq, drop_lk,
-                qk_scale, left, right, q_offset, chunk, softcap2, slope2, dropout_p, True,
+                qk_scale, left, right, q_offset, chunk, score, slope2, dropout_p, True,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                HAS_CHUNK, SOFTCAP, ALIBI, DROPOUT, DOT_PRECISION,
+                HAS_CHUNK, SCORE, DROPOUT, DOT_PRECISION,
             )  # fmt: skip
         n_visited = hi - lo
     else:
@@ -513,9 +513,9 @@ def _attn_fwd_kernel(
             acc, l_i, m_i = _attn_fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
                 Philox, drop_bh, tile_n * BLOCK_N, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, drop_lq, drop_lk,
-                qk_scale, left, right, q_offset, chunk, softcap2, slope2, dropout_p, state != 2,
+                qk_scale, left, right, q_offset, chunk, score, slope2, dropout_p, state != 2,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                HAS_CHUNK, SOFTCAP, ALIBI, DROPOUT, DOT_PRECISION,
+                HAS_CHUNK, SCORE, DROPOUT, DOT_PRECISION,
             )  # fmt: skip
 
     if HAS_SINKS:  # the sink's logit joins every row's denominator once, with no value
@@ -567,8 +567,7 @@ def _autotuned(
                 "HAS_LEFT",
                 "HAS_RIGHT",
                 "HAS_CHUNK",
-                "SOFTCAP",
-                "ALIBI",
+                "SCORE",
                 "HAS_SINKS",
                 "DROPOUT",
                 "PACKED",
@@ -608,9 +607,7 @@ def attn_fwd(
     kv_index: Optional[Tensor],
     philox: Optional[Tensor],
     scale: float,
-    window_left: int,
-    window_right: int,
-    q_offset: int,
+    variant: VariantScalars,
     dropout_p: float,
     block_m: int,
     block_n: int,
@@ -620,8 +617,6 @@ def attn_fwd(
     *,
     alibi_slopes: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
-    chunk: int = 0,
-    softcap: float = 0.0,
     cu_seqlens_q: Optional[Tensor] = None,
     cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: int = 0,
@@ -632,12 +627,13 @@ def attn_fwd(
     ``q`` ``(B, Hq, Lq, D)``, ``k`` ``(B, Hkv, Lk, D)``, ``v`` ``(B, Hkv, Lk, Dv)``, any strides;
     ``mask`` is ``AttnParams.mask`` (the ``(B, Hq, Lq, Lk)`` broadcast view) or None; with a mask,
     ``tile_state``/``kv_count``/``kv_index`` are its ``TileSummary`` for ``(block_m, block_n)``.
-    ``window_left``/``window_right`` are ``AttnParams.bounds`` (causal folded in, -1 unbounded).
+    ``variant``: the call's band (``AttnParams.bounds``: causal folded in, -1 unbounded), q_offset, chunk and
+    score rules' scalars.
     ``philox`` is the call's dropout seed when ``dropout_p > 0``. ``visited``
     (int32 ``(B, Hq, n_q_tiles)``, optional) receives the number of key tiles each program loaded.
     ``out``/``lse`` (optional, e.g. NaN-poisoned by tests) are written in place: ``out`` with any
-    strides, ``lse`` contiguous fp32. The variants (``fastattn.variants``): ``alibi_slopes`` float32
-    ``(1|B, Hq)``, ``sinks`` ``(Hq,)``, ``chunk`` (0: none), ``softcap`` (0.0: none).
+    strides, ``lse`` contiguous fp32. The tensor variants (``fastattn.variants``): ``alibi_slopes`` float32
+    ``(1|B, Hq)``, ``sinks`` ``(Hq,)``.
 
     Packed sequences (``cu_seqlens_q``/``cu_seqlens_k`` given, ``(B + 1,)``): ``q``, ``k``, ``v`` are the
     ``(1, H, total, D)`` views of the packed tensors, ``out``/``lse`` are ``(1, Hq, total_q, Dv)`` (token-major,
@@ -712,8 +708,8 @@ def attn_fwd(
     visited_arg = visited if visited is not None else dummy
     if visited is not None and tuple(visited.shape) != (batch, heads_q, n_q_tiles):
         raise ValueError(f"visited: expected shape {(batch, heads_q, n_q_tiles)}, got {tuple(visited.shape)}")
-    left, right = int(window_left), int(window_right)
-    qk_scale = float(scale) / softcap if softcap > 0.0 else float(scale) * LOG2E
+    left, right, q_offset, chunk = variant.window_left, variant.window_right, variant.q_offset, variant.chunk
+    qk_scale, score, score_flags = score_args(scale, variant, alibi_slopes is not None)
     alibi_arg = dummy if alibi_slopes is None else alibi_slopes.float().contiguous()
     stride_ab = 0 if alibi_slopes is None or alibi_slopes.shape[0] == 1 else heads_q
     sinks_arg = dummy if sinks is None else sinks.float().contiguous()
@@ -723,7 +719,7 @@ def attn_fwd(
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *mstrides, *sstrides, *cstrides,
         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, qk_scale,
-        left, right, int(q_offset), max(int(chunk), 1), float(softcap) * LOG2E, stride_ab, float(dropout_p),
+        left, right, q_offset, max(chunk, 1), score, stride_ab, float(dropout_p),
         _seq_bucket(seqlen_q, seqlen_k), num_seqs, total_q,
     )  # fmt: skip
     meta = dict(
@@ -737,8 +733,7 @@ def attn_fwd(
         HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0,
         HAS_CHUNK=chunk > 0,
-        SOFTCAP=softcap > 0.0,
-        ALIBI=alibi_slopes is not None,
+        SCORE=score_flags,
         HAS_SINKS=sinks is not None,
         DROPOUT=dropout,
         COUNT_VISITED=visited is not None,
@@ -750,8 +745,8 @@ def attn_fwd(
     if arch is None:
         _attn_fwd_kernel[grid](*args, **meta, num_warps=4, num_stages=1)
         return out, lse
-    heavy = is_heavy(mask is not None, dropout_p, chunk, softcap, alibi_slopes is not None)
-    variants = has_variants(chunk, softcap, alibi_slopes is not None)
+    heavy = is_heavy(mask is not None, dropout_p, chunk, score_flags)
+    variants = has_variants(chunk, score_flags)
     padded = max(meta["BLOCK_D"], meta["BLOCK_DV"])
     tuned = _tuned_fwd(arch, q.dtype, padded, heavy, left, right, variants, packed)
     with torch.cuda.device(q.device):
@@ -784,10 +779,9 @@ def triton_attn_fwd(
     """The registry's forward op (``OP_FWD_ARGS``): ``summary`` is the mask's ``[state, kv_count, kv_index]``
     for ``blocks = [BLOCK_M, BLOCK_N]`` (empty without a mask tensor, and for packed sequences)."""
     state, count, index = summary if summary else (None, None, None)
-    vs = VariantScalars.unpack(variant)
     return attn_fwd(
-        q, k, v, mask, state, count, index, philox, scale, vs.window_left, vs.window_right, vs.q_offset, dropout_p,
-        blocks[0], blocks[1], alibi_slopes=alibi_slopes, sinks=sinks, chunk=vs.chunk, softcap=vs.softcap,
+        q, k, v, mask, state, count, index, philox, scale, VariantScalars.unpack(variant), dropout_p, blocks[0],
+        blocks[1], alibi_slopes=alibi_slopes, sinks=sinks,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
 
@@ -803,8 +797,9 @@ def forward(
     Picks the block for this device, builds (or reuses, cached on ``params``) the tile summary for it, and
     calls the op; ``philox`` is the call's dropout seed (None without dropout).
     """
-    heavy = is_heavy(params.mask is not None, params.dropout_p, params.chunk, params.softcap, params.alibi is not None)
-    variants = has_variants(params.chunk, params.softcap, params.alibi is not None)
+    _, _, score_flags = score_args(params.scale, params.variant_scalars, params.alibi is not None)
+    heavy = is_heavy(params.mask is not None, params.dropout_p, params.chunk, score_flags)
+    variants = has_variants(params.chunk, score_flags)
     left, right = params.bounds
     block_m, block_n = fwd_blocks(
         q.shape[-1], v.shape[-1], q.dtype, _arch(q.device), heavy, left, right, variants, params.is_packed
@@ -827,10 +822,9 @@ def forward(
         state, count, index = summary if summary else (None, None, None)
         cu_q, cu_k, max_q, max_k = layout
         out, lse = attn_fwd(
-            q, k, v, params.mask, state, count, index, philox, params.scale, left, right, params.q_offset,
+            q, k, v, params.mask, state, count, index, philox, params.scale, params.variant_scalars,
             params.dropout_p, block_m, block_n, visited=visited, alibi_slopes=params.alibi, sinks=params.sinks,
-            chunk=params.chunk, softcap=params.softcap, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
-            max_seqlen_k=max_k,
+            cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
         )  # fmt: skip
         return out, lse, visited
     return triton_attn_fwd(*call)
