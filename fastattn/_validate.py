@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .masks import Mask
 from .params import AttnParams
+from .variants import check_score_rules
 
 __all__ = ["validate", "validate_packed"]
 
@@ -213,17 +214,6 @@ def _check_mask(
     return base.expand(batch, heads_q, seqlen_q, seqlen_k), base, mask_obj
 
 
-def _check_softcap(softcap: Any) -> float:
-    """0.0 for None (no softcap)."""
-    if softcap is None:
-        return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap: expected a positive float or None, got {type(softcap).__name__} {softcap!r}")
-    if not (math.isfinite(float(softcap)) and float(softcap) > 0.0):
-        raise ValueError(f"softcap: expected a finite number > 0 (or None), got {softcap}")
-    return float(softcap)
-
-
 def _check_chunk(chunk: Any) -> int:
     """0 for None (no chunking)."""
     if chunk is None:
@@ -290,12 +280,13 @@ def validate(
     window: Any = None,
     q_offset: Any = 0,
     *,
-    softcap: Any = None,
     alibi_slopes: Any = None,
     sinks: Any = None,
     chunk: Any = None,
+    **score_rules: Any,
 ) -> tuple[AttnParams, Tensor, Tensor, Tensor]:
-    """Checks the inputs and returns ``(params, q, k, v)`` with q, k, v as 4-D views."""
+    """Checks the inputs and returns ``(params, q, k, v)`` with q, k, v as 4-D views; ``score_rules``: the
+    scalar score rules' keywords (``variants.SCORE_RULES``)."""
     _check_tensors(query, key, value)
     enable_gqa = _check_bool("enable_gqa", enable_gqa)
     three_d = query.dim() == 3
@@ -328,12 +319,12 @@ def validate(
         window=win,
         q_offset=offset,
         chunk=_check_chunk(chunk),
-        softcap=_check_softcap(softcap),
         alibi=_check_alibi(alibi_slopes, q, three_d),
         sinks=_check_sinks(sinks, q),
         mask=mask,
         mask_base=base,
         mask_obj=mask_obj,
+        **check_score_rules(score_rules),
     )
     return params, q, k, v
 
@@ -469,12 +460,13 @@ def validate_packed(
     enable_gqa: Any = False,
     window: Any = None,
     *,
-    softcap: Any = None,
     alibi_slopes: Any = None,
     sinks: Any = None,
     chunk: Any = None,
+    **score_rules: Any,
 ) -> tuple[AttnParams, Tensor, Tensor, Tensor]:
-    """Checks ``varlen_attention``'s inputs; returns ``(params, q, k, v)`` with q, k, v as ``(1, H, total, D)`` views.
+    """Checks ``varlen_attention``'s inputs (``score_rules`` as ``validate``'s); returns ``(params, q, k, v)``
+    with q, k, v as ``(1, H, total, D)`` views.
 
     The values of ``cu_seqlens_*`` are checked eagerly (once per tensor); while ``torch.compile`` traces they
     cannot be read without breaking the graph, and are trusted, as FlashAttention's varlen functions do.
@@ -514,7 +506,6 @@ def validate_packed(
         causal=_check_bool("is_causal", is_causal),
         window=_check_window(window),
         chunk=_check_chunk(chunk),
-        softcap=_check_softcap(softcap),
         alibi=_check_alibi(alibi_slopes, q, False, batch=batch),
         sinks=_check_sinks(sinks, q),
         layout="packed",
@@ -522,5 +513,6 @@ def validate_packed(
         cu_seqlens_k=cu_seqlens_k,
         total_q=query.shape[0],
         total_k=key.shape[0],
+        **check_score_rules(score_rules),
     )
     return params, q, k, v

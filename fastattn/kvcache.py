@@ -27,9 +27,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from ._validate import _check_alibi, _check_bool, _check_scale, _check_sinks, _check_softcap, _check_window, _shape
+from ._validate import _check_alibi, _check_bool, _check_scale, _check_sinks, _check_window, _shape
 from .backends.registry import choose
 from .params import AttnParams
+from .variants import check_score_rules
 
 __all__ = ["kvcache_attention", "validate_kvcache", "append_", "gather", "merge_splits", "choose_splits"]
 
@@ -195,10 +196,10 @@ def validate_kvcache(
         scale=_check_scale(scale, head_dim),
         causal=_check_bool("is_causal", is_causal),
         window=_check_window(window),
-        softcap=_check_softcap(softcap),
         alibi=_check_alibi(alibi_slopes, query, False),
         sinks=_check_sinks(sinks, query),
         layout="paged" if paged else "kvcache",
+        **check_score_rules({"softcap": softcap}),
     )
     if not torch.compiler.is_compiling():
         _check_values(cache_seqlens, block_table, new, capacity, page, slots)

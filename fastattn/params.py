@@ -256,6 +256,11 @@ class AttnParams:
         return frozenset(used)
 
     @property
+    def score_rules(self) -> dict[str, float]:
+        """The scalar score rules by name (``variants.SCORE_RULES``; 0.0: off), as ``variants.score_mod`` takes them."""
+        return {name: getattr(self, name) for name in variants.SCORE_RULES}
+
+    @property
     def has_score_mod(self) -> bool:
         """Softcap or ALiBi: every score is modified (no tile is free of arithmetic, but none is emptied)."""
         return self.softcap > 0.0 or self.alibi is not None

@@ -1,13 +1,13 @@
 """The oracle: naive attention written plainly, the ground truth of every test.
 
-Explicit scores, scale, softcap, ALiBi, mask, softmax (with the sink logit in its denominator) and ``@ V``;
+Explicit scores, scale, the score rules, ALiBi, mask, softmax (with the sink logit in its denominator) and ``@ V``;
 never torch's own SDPA. It materialises the ``Lq × Lk`` scores on purpose: it is meant to be obviously
 right, not fast. Call it with float64 inputs (or ``compute_dtype=torch.float64``) for ground truth, or with
 low-precision inputs and ``compute_dtype`` equal to their dtype to measure "plain PyTorch's own error" for
 tolerances. Every rule comes from ``fastattn.variants``.
 
 ``attention_backward`` states the gradients the fused kernels must produce, written out
-(``dS = P ∘ (dP − delta)``, ``delta = rowsum(dO ∘ O)``, the softcap's ``1 - tanh²``, the sink's
+(``dS = P ∘ (dP − delta)``, ``delta = rowsum(dO ∘ O)``, the score rules' derivative, the sink's
 ``-sum exp(sink - lse) delta``) rather than left to autograd, so it doubles as the executable statement of
 every backward kernel; ``attention`` is differentiable through plain autograd, the independent check.
 
@@ -52,13 +52,13 @@ def allowed_and_bias(params: AttnParams, device, dtype: torch.dtype) -> tuple[Te
 
 
 def _scores(q: Tensor, k: Tensor, params: AttnParams, compute_dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
-    """Scores ``(B, Hq, Lq, Lk)`` after scale, softcap, ALiBi and the float mask, ``-inf`` where a pair does
-    not attend; and the softcap's tanh (or None)."""
+    """Scores ``(B, Hq, Lq, Lk)`` after scale, the score rules, ALiBi and the float mask, ``-inf`` where a pair
+    does not attend; and what ``variants.score_grad`` needs (or None)."""
     group = q.shape[1] // k.shape[1]
     # (B, Hkv, Lk, D) → (B, Hq, Lk, D): query head h reads key head h // group.
     k = k.to(compute_dtype).repeat_interleave(group, dim=1)
     scores = (q.to(compute_dtype) @ k.transpose(-1, -2)) * params.scale
-    scores, t = variants.score_mod(scores, params.softcap, params.alibi, params.q_offset)
+    scores, t = variants.score_mod(scores, params.alibi, params.q_offset, **params.score_rules)
     allowed, bias = allowed_and_bias(params, q.device, compute_dtype)
     if bias is not None:
         scores = scores + bias
@@ -133,7 +133,7 @@ def attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
     """4-D oracle backward: ``(dq, dk, dv, dscores, dsinks or None)``.
 
-    ``dscores`` ``(B, Hq, Lq, Lk)`` is the gradient of the scores after scale, softcap and ALiBi, which is
+    ``dscores`` ``(B, Hq, Lq, Lk)`` is the gradient of the scores after scale, the score rules and ALiBi, which is
     also the gradient of an additive mask before it is reduced over its broadcast dims. K/V gradients are
     summed over each GQA group.
 
@@ -159,7 +159,7 @@ def attention_backward(
         out = (_dropped(probs, keep_mask, params.dropout_p) @ vv).to(q.dtype)
     delta = (do * out.to(compute_dtype)).sum(-1, keepdim=True)
     ds = probs * (dp - delta)
-    ds_pre = variants.softcap_grad(ds, t)
+    ds_pre = variants.score_grad(ds, t, **params.score_rules)
     dq = (ds_pre @ kk) * params.scale
     dk = (ds_pre.transpose(-1, -2) @ q.to(compute_dtype)) * params.scale
     # (B, Hq, Lk, D) → (B, Hkv, group, Lk, D) → sum over the group.
@@ -182,7 +182,6 @@ def attention(
     *,
     window: Optional[tuple[int, int]] = None,
     q_offset: int = 0,
-    softcap: Optional[float] = None,
     alibi_slopes: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
     chunk: Optional[int] = None,
@@ -190,8 +189,10 @@ def attention(
     dropout_p: float = 0.0,
     return_lse: bool = False,
     compute_dtype: Optional[torch.dtype] = None,
+    **score_rules: Optional[float],
 ):
     """The oracle with the entry point's arguments; differentiable through plain autograd (sinks included).
+    ``score_rules``: the scalar score rules, as the entry point's keywords (``fastattn.variants.SCORE_RULES``).
 
     ``keep_mask`` (boolean, broadcastable to ``(B, Hq, Lq, Lk)``) applies dropout explicitly so that other
     backends' dropout can be checked against it; ``dropout_p`` is then its rate (without ``keep_mask``,
@@ -200,7 +201,7 @@ def attention(
     """
     params, q, k, v = validate(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, q_offset,
-        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, chunk=chunk,
+        alibi_slopes=alibi_slopes, sinks=sinks, chunk=chunk, **score_rules,
     )  # fmt: skip
     compute_dtype = compute_dtype or _default_compute_dtype(q.dtype)
     if keep_mask is not None:
@@ -312,7 +313,6 @@ def varlen_attention(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     window: Optional[tuple[int, int]] = None,
-    softcap: Optional[float] = None,
     alibi_slopes: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
     chunk: Optional[int] = None,
@@ -320,6 +320,7 @@ def varlen_attention(
     dropout_p: float = 0.0,
     return_lse: bool = False,
     compute_dtype: Optional[torch.dtype] = None,
+    **score_rules: Optional[float],
 ):
     """The packed oracle with ``fastattn.varlen_attention``'s arguments: ``attention`` on each sequence alone.
 
@@ -330,7 +331,7 @@ def varlen_attention(
     """
     params, q, k, v = validate_packed(
         query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
-        enable_gqa, window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, chunk=chunk,
+        enable_gqa, window, alibi_slopes=alibi_slopes, sinks=sinks, chunk=chunk, **score_rules,
     )  # fmt: skip
     compute_dtype = compute_dtype or _default_compute_dtype(q.dtype)
     outs, lses = [], []
@@ -341,9 +342,9 @@ def varlen_attention(
         keep = None if keep_mask is None else keep_mask[b : b + 1, :, :lq, :lk]
         out_b, lse_b = attention(
             q[:, :, sq : sq + lq], k[:, :, sk : sk + lk], v[:, :, sk : sk + lk], is_causal=params.causal,
-            scale=params.scale, enable_gqa=enable_gqa, window=window, q_offset=lk - lq, softcap=softcap,
-            alibi_slopes=alibi, sinks=sinks, chunk=chunk, keep_mask=keep, dropout_p=dropout_p, return_lse=True,
-            compute_dtype=compute_dtype,
+            scale=params.scale, enable_gqa=enable_gqa, window=window, q_offset=lk - lq, alibi_slopes=alibi,
+            sinks=sinks, chunk=chunk, keep_mask=keep, dropout_p=dropout_p, return_lse=True,
+            compute_dtype=compute_dtype, **score_rules,
         )  # fmt: skip
         outs.append(out_b)
         lses.append(lse_b.expand(1, params.heads_q, lq))

@@ -35,7 +35,7 @@ and the softmax of a row runs over its allowed keys plus, with ``sinks``, one ex
 carries no value (gpt-oss): ``lse = log(sum_j exp(s_j) + exp(sinks[h]))``, ``out = sum_j exp(s_j - lse) v_j``.
 A row with nothing allowed gives zeros (and ``lse = sinks[h]``, or ``-inf`` without sinks).
 
-Gradients: ``ds_pre = ds * (1 - tanh^2)`` under softcap (``softcap_grad``), where ``ds`` (the gradient of the
+Gradients: ``ds_pre = ds * (1 - tanh^2)`` under softcap (``score_grad``), where ``ds`` (the gradient of the
 score after softcap and ALiBi, also the float mask's gradient) is ``P * (dP - delta)`` as always; the sink's
 is ``dsinks[h] = -sum_{b,i} exp(sinks[h] - lse[b,h,i]) * delta[b,h,i]`` with ``delta = rowsum(dO * O)``
 (``sink_grad``): the sink only enters through ``lse``, and ``d out_i / d sink = -P_sink,i * out_i``.
@@ -44,7 +44,9 @@ is ``dsinks[h] = -sum_{b,i} exp(sinks[h] - lse[b,h,i]) * delta[b,h,i]`` with ``d
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+import numbers
+from collections.abc import Mapping
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -54,8 +56,10 @@ __all__ = [
     "row_bounds",
     "allowed",
     "tile_states",
+    "SCORE_RULES",
+    "check_score_rules",
     "score_mod",
-    "softcap_grad",
+    "score_grad",
     "sink_grad",
     "merge_sinks",
 ]
@@ -140,13 +144,39 @@ def tile_states(
     return state.view(1, 1, n_q, n_k)
 
 
-def score_mod(
-    scores: Tensor, softcap: float, alibi: Optional[Tensor], q_offset: int
-) -> tuple[Tensor, Optional[Tensor]]:
-    """``(scores after softcap and ALiBi, tanh of the softcap or None)`` for scaled scores ``(B, Hq, Lq, Lk)``.
+# The scalar score rules: each one a keyword of the entry points and the oracle, a float field of ``AttnParams``
+# (0.0: off) and a keyword of ``score_mod`` and ``score_grad``; ``check_score_rules`` reads them from a call.
+SCORE_RULES = ("softcap",)
 
-    ``alibi``: ``(B|1, Hq)`` slopes; the bias is ``-slope * |i + q_offset - j|``. The tanh is what
-    ``softcap_grad`` needs.
+
+def _check_positive(name: str, value: Any) -> float:
+    """0.0 for None (the rule is off), else a finite float > 0."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a positive float or None, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(float(value)) and float(value) > 0.0):
+        raise ValueError(f"{name}: expected a finite number > 0 (or None), got {value}")
+    return float(value)
+
+
+def check_score_rules(rules: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar score rules of a call (keyword → value, None for off) checked: every ``SCORE_RULES`` name
+    with its float (0.0 for off); a keyword that names no rule is a TypeError."""
+    unknown = sorted(set(rules) - set(SCORE_RULES))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r} (the score rules are {', '.join(SCORE_RULES)})")
+    return {name: _check_positive(name, rules.get(name)) for name in SCORE_RULES}
+
+
+def score_mod(
+    scores: Tensor, alibi: Optional[Tensor], q_offset: int, *, softcap: float = 0.0
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``(scores after the score rules and ALiBi, what score_grad needs or None)`` for scaled scores
+    ``(B, Hq, Lq, Lk)``; the rules as ``SCORE_RULES`` keywords (0.0: off).
+
+    ``alibi``: ``(B|1, Hq)`` slopes; the bias is ``-slope * |i + q_offset - j|``. ``softcap``: the tanh is
+    what ``score_grad`` needs.
     """
     t = None
     if softcap > 0.0:
@@ -161,9 +191,12 @@ def score_mod(
     return scores, t
 
 
-def softcap_grad(ds: Tensor, t: Optional[Tensor]) -> Tensor:
-    """The gradient of the scores before the softcap from the one after it: ``ds * (1 - tanh^2)``."""
-    return ds if t is None else ds * (1.0 - t * t)
+def score_grad(ds: Tensor, t: Optional[Tensor], *, softcap: float = 0.0) -> Tensor:
+    """The gradient of the scores before the score rules from the one after them (``t``: ``score_mod``'s
+    second result; ALiBi and the mask have derivative 1): the softcap's ``ds * (1 - tanh^2)``."""
+    if softcap > 0.0:
+        ds = ds * (1.0 - t * t)
+    return ds
 
 
 def sink_grad(sinks: Tensor, lse: Tensor, grad_out: Tensor, out: Tensor) -> Tensor:

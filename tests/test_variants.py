@@ -224,6 +224,31 @@ def test_packed_variant_has_one_field_order_in_python_and_cpp():
     assert tuple(re.search(r"numbers \((.*)\)", str(err.value)).group(1).split(", ")) == fields
 
 
+def test_score_rules_are_one_keyword_set_from_the_oracle_to_the_ops():
+    """``variants.SCORE_RULES`` is the scalar score rules' one list: each is an ``AttnParams`` and ``VariantScalars``
+    field, the oracle and the validators take them as keywords by name (``check_score_rules``), a keyword naming
+    no rule is refused by name, and a bad value names its rule."""
+    from fastattn import variants
+    from fastattn.params import VariantScalars
+
+    assert variants.SCORE_RULES
+    for name in variants.SCORE_RULES:
+        assert name in {f.name for f in dataclasses.fields(fastattn.AttnParams)} and name in VariantScalars._fields
+    q, k, v = (t.double() for t in testing.random_qkv(1, 2, 2, 5, 7, 8))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'softcapp'"):
+        reference.attention(q, k, v, softcapp=3.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'softcapp'"):
+        validate(q, k, v, softcapp=3.0)
+    with pytest.raises(ValueError, match=r"softcap: expected a finite number > 0 \(or None\), got -1.0"):
+        reference.attention(q, k, v, softcap=-1.0)
+    params = validate(q, k, v, softcap=2.5)[0]
+    assert params.score_rules == {"softcap": 2.5} and validate(q, k, v)[0].score_rules == {"softcap": 0.0}
+    # The oracle's keyword reaches the rule: softcap · tanh(s / softcap) on the scaled scores, written out here.
+    s = (q @ k.transpose(-1, -2)) * 8**-0.5
+    want = torch.softmax(2.5 * torch.tanh(s / 2.5), -1) @ v
+    torch.testing.assert_close(reference.attention(q, k, v, softcap=2.5), want, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------- Triton
 
 TRITON_FACTORS = ([torch.float32, torch.float16, torch.bfloat16], [16, 40, 64])

@@ -624,7 +624,7 @@ def _variant_weights(
     scores = (q * math.sqrt(1.0 / float(q.shape[-1]))) @ k.transpose(-2, -1)
     # (H,) → (1, H): score_mod's (B|1, H) slopes
     alibi = None if alibi_slopes is None else alibi_slopes.view(1, -1)
-    scores, _ = variants.score_mod(scores, softcap or 0.0, alibi, 0)
+    scores, _ = variants.score_mod(scores, alibi, 0, softcap=softcap or 0.0)
     for m in (am, kpm):
         if m is not None:
             scores = scores.masked_fill(m, float("-inf")) if m.dtype == torch.bool else scores + m
