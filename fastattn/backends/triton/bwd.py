@@ -175,17 +175,20 @@ def bwd_config(
 
 # The family of a launch with a variant (softcap, ALiBi, chunk: ``fwd.has_variants``): heavy tiles, no tuned
 # entries, and these where the heavy ones spill with every variant on (``fastattn compile-check``'s
-# "+variants" builds: Triton 3.8, and for sm_90 also 3.6, the GPU image's, in ``make gpu-preflight``).
+# "+variants" builds under Triton 3.8 and 3.6: sm_90 checked with 3.6, the GPU image's, in ``make gpu-preflight``;
+# sm_75/80/86 with 3.6 by hand on 2026-12-05, which moved the d16/d32 sm_75, d32/d64 sm_80 and d64 sm_86 entries).
 # (arch: 90, 86 for sm_86/89, 80, 75; fp32; padded head dim).
 VARIANTS_FAMILY = "variants"
 # fmt: off
 _BWD_VARIANT_CONFIGS: dict = {
-    (75, False,  16): ((32, 64, 8, 1), (64, 32, 8, 1)),
-    (75, False,  32): ((16, 64, 8, 1), (64, 32, 8, 1)),
-    (80, False,  64): ((16, 128, 8, 1), (128, 32, 8, 2)),
+    (75, False,  16): ((16, 64, 8, 1), (64, 32, 8, 1)),
+    (75, False,  32): ((32, 32, 8, 1), (64, 32, 8, 1)),
+    (80, False,  32): ((16, 128, 8, 1), (128, 32, 8, 2)),
+    (80, False,  64): ((16, 64, 8, 1), (128, 32, 8, 2)),
     (80, False, 128): ((16, 32, 4, 2), (64, 32, 8, 2)),
     (80, True ,  16): ((32, 128, 8, 1), (128, 64, 8, 1)),
     (80, True , 128): ((16, 32, 8, 2), (64, 32, 8, 2)),
+    (86, False,  64): ((16, 128, 8, 1), (128, 32, 8, 2)),
     (86, True ,  64): ((16, 64, 8, 1), (32, 64, 4, 1)),
     (90, False,  64): ((16, 128, 8, 2), (128, 32, 8, 2)),
     (90, False, 256): ((32, 32, 8, 1), (64, 16, 8, 2)),
@@ -219,6 +222,7 @@ _BWD_PACKED_CONFIGS: dict = {
     (86, False,  32, True ): ((16, 128, 8, 1), (128, 32, 8, 2)),  # dense 32x128: 288 B
     (86, False,  64, False): ((16, 128, 8, 1), (128, 64, 8, 2)),  # dense 32x128: 8 B
     (86, False, 256, False): ((16, 32, 8, 2), (32, 32, 4, 2)),    # dense 16x64: 32 B
+    (86, False,  64, True ): ((16, 32, 8, 1), (128, 32, 8, 2)),   # variants' 16x128: 56 B (16x64: 8 B; 3.6: x2: 16 B)
     (86, True ,  16, True ): ((16, 128, 8, 1), (128, 64, 8, 2)),  # dense 32x128: 256 B
     (86, True ,  32, True ): ((16, 32, 8, 1), (128, 32, 8, 2)),   # dense 16x128: 8 B (16x64: 16 B, 3.6)
     (86, True ,  64, False): ((16, 64, 8, 1), (128, 32, 8, 2)),   # dense 16x128: 16 B (16x64 x2: 40 B, 3.6)

@@ -139,16 +139,20 @@ def decode_config(rows: int, head_dim: int, head_dim_v: int, dtype: torch.dtype,
     big = max(block_d, block_dv)
     if arch is not None and arch < 80:
         # sm_75: Triton emits FMA code that holds the operands' rows in registers: the smallest tiles.
-        return dict(BLOCK_R=16, BLOCK_N=16, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=4, num_stages=1)
+        # fp32 rows from 80 wide spilled 8 bytes at 4 warps under Triton 3.6: 8 halve each thread's share.
+        warps = 8 if dtype == torch.float32 and big >= 128 else 4
+        return dict(BLOCK_R=16, BLOCK_N=16, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=1)
     # 64 rows fit beside head dims up to 128 in 16-bit types; wider rows or fp32 tiles take 32 per program.
     most = 32 if big >= 256 or dtype == torch.float32 else 64
     block_r = min(most, max(16, triton.next_power_of_2(rows)))
     block_n = 64 if big <= 128 and block_r <= 32 else 32
     if dtype == torch.float32 and big >= 128:  # fp32 K/V tiles are twice the registers
         block_n = 16 if big >= 256 else 32
-    # 16-bit rows of 64 at 16-32 per program sit at ptxas's 128-register target with 4 warps (sm_80: a spill with
-    # every score rule on): 8 warps halve each thread's share of the tiles.
-    warps = 8 if block_r >= 64 or big >= 256 or (big == 64 and dtype != torch.float32) else 4
+    # Rows of 64 spilled with every score rule on at 4 warps (sm_80: 16-bit at 16-32 rows, at ptxas's 128-register
+    # target under Triton 3.8; fp32 at 16 rows, 168 registers, under 3.6): 8 warps halve each thread's share. fp32
+    # at 32 rows keeps 4 (8 spilled 24 bytes on sm_90 at the 128-register target).
+    narrow = big == 64 and (dtype != torch.float32 or block_r <= 16)
+    warps = 8 if block_r >= 64 or big >= 256 or narrow else 4
     return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=2)
 
 

@@ -214,8 +214,9 @@ def fwd_configs(
 
 
 # Launches with a variant (``has_variants``) take the heavy tiles and stages, except where those spilled with
-# every variant on (``fastattn compile-check``'s "+variants" builds, Triton 3.8): (arch, fp32, padded head dim).
-_FWD_VARIANT_TILES = {(90, False, 256): (64, 16)}
+# every variant on (``fastattn compile-check``'s "+variants" builds, Triton 3.8; sm_86's d64 entry: 64x64 spilled
+# 8 bytes under Triton 3.6 at 2 and 3 stages): (arch, fp32, padded head dim).
+_FWD_VARIANT_TILES = {(90, False, 256): (64, 16), (86, False, 64): (64, 32)}
 _FWD_VARIANT_STAGES = {(80, True, 16): 2, (86, False, 32): 2}
 
 # Packed launches (``PACKED``: the sequence's bounds read from the offsets and the schedule, live through the
@@ -232,6 +233,7 @@ _FWD_PACKED_TILES = {
 }
 _FWD_PACKED_STAGES = {
     (80, True, 16, False): 2,  # 3 stages: 8 bytes
+    (80, False, 128, False): 2,  # 3 stages: 8 bytes under Triton 3.6
     (86, False, 128, False): 2,  # 3 stages: 8 bytes at head dims 80-128
     (80, True, 256, True): 1,  # 2 stages: 16 bytes under Triton 3.6
     (86, True, 256, True): 1,  # the same ptxas allocation as sm_80's
