@@ -102,7 +102,7 @@ from ._common import (
     score_mod,
 )
 from .dropout import dropout_keep, dropout_keep_t
-from .fwd import _arch, _arch_key, _last_dim_contiguous, _pow2_dim, has_variants, is_heavy
+from .fwd import _arch, _arch_key, _last_dim_contiguous, _pow2_dim, call_families, has_variants, is_heavy
 from .tuning import family, lookup
 
 __all__ = [
@@ -349,21 +349,12 @@ def _no_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int) ->
     )
 
 
-def _families(params: AttnParams) -> tuple[bool, bool]:
-    """``(heavy, variants)`` of a call: ``fwd.is_heavy`` and ``fwd.has_variants`` of its launch."""
-    _, _, score_flags = score_args(params.scale, params.variant_scalars, params.alibi is not None)
-    return (
-        is_heavy(params.mask is not None, params.dropout_p, params.chunk, score_flags),
-        has_variants(params.chunk, score_flags),
-    )
-
-
 def fallback_reason(params: AttnParams) -> Optional[str]:
     """Why the Triton backward kernels do not run for these inputs (``bwd_config`` is None), or None."""
     arch = _arch(params.device)
     if arch is None:
         return None
-    heavy, variants = _families(params)
+    heavy, variants = call_families(params)
     fam = VARIANTS_FAMILY if variants else None
     if bwd_config(params.head_dim, params.head_dim_v, params.dtype, arch, heavy, fam, params.is_packed) is None:
         return _no_config(params.head_dim, params.head_dim_v, params.dtype, arch)
@@ -964,7 +955,7 @@ def _prepare(q: Tensor, v: Tensor, params: AttnParams, philox: Optional[Tensor],
         raise ValueError(f"need_mask_grad: expected a floating attn_mask to differentiate, got {got}")
     if params.dropout_p > 0.0 and philox is None:
         raise ValueError("philox: expected the call's [seed, offset] int64 tensor when dropout_p > 0, got None")
-    heavy, variants = _families(params)
+    heavy, variants = call_families(params)
     fam = VARIANTS_FAMILY if variants else family(heavy, *params.bounds)
     blocks = list(
         block_sizes(

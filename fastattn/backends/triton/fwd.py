@@ -93,6 +93,15 @@ def is_heavy(has_mask: bool, dropout_p: float, chunk: int = 0, score: tuple = ()
     return has_mask or dropout_p > 0.0 or has_variants(chunk, score)
 
 
+def call_families(params: AttnParams) -> tuple[bool, bool]:
+    """``(is_heavy, has_variants)`` of a call's launches, forward and backward alike."""
+    _, _, score_flags = score_args(params.scale, params.variant_scalars, params.alibi is not None)
+    return (
+        is_heavy(params.mask is not None, params.dropout_p, params.chunk, score_flags),
+        has_variants(params.chunk, score_flags),
+    )
+
+
 def _arch_key(arch: int) -> int:
     """The variant tables' arch: 90, 86 (stands for sm_86/sm_89), 80 or 75."""
     return 90 if arch >= 90 else (86 if arch > 80 else (80 if arch >= 80 else 75))
@@ -799,9 +808,7 @@ def forward(
     Picks the block for this device, builds (or reuses, cached on ``params``) the tile summary for it, and
     calls the op; ``philox`` is the call's dropout seed (None without dropout).
     """
-    _, _, score_flags = score_args(params.scale, params.variant_scalars, params.alibi is not None)
-    heavy = is_heavy(params.mask is not None, params.dropout_p, params.chunk, score_flags)
-    variants = has_variants(params.chunk, score_flags)
+    heavy, variants = call_families(params)
     left, right = params.bounds
     block_m, block_n = fwd_blocks(
         q.shape[-1], v.shape[-1], q.dtype, _arch(q.device), heavy, left, right, variants, params.is_packed
