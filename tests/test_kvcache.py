@@ -15,6 +15,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import platform
+import re
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -264,6 +268,41 @@ def test_kvcache_cpu_bf16_without_dot_instructions(index, monkeypatch):
     _runnable("cpu", monkeypatch)
     monkeypatch.setenv("FASTATTN_CPU_HIDE_FEATURES", "avx512_bf16")
     check(CPU_TILE_CASES[index], "cpu", num_splits=2, seed=60 + index)
+
+
+def test_kvcache_cpu_kernel_keeps_its_prefetches(monkeypatch):
+    """Every instruction-set build of the CPU decode kernel contains prefetch instructions. GCC deletes a call to
+    a function whose only effect is a prefetch unless it is inlined first, silently: the kernel once lost every
+    prefetch that way, and with them 40% of its bandwidth on long caches (benchmarks/decode.py)."""
+    objdump = shutil.which("objdump")
+    if objdump is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("needs binutils' objdump on x86-64")
+    _runnable("cpu", monkeypatch)
+    from fastattn import _ext
+
+    listing = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", "-C", _ext.load("cpu")], capture_output=True, text=True, check=True
+    ).stdout
+    bodies: dict[str, list[str]] = {}
+    name = ""
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = header.group(1)
+            bodies.setdefault(name, [])
+        elif name:
+            bodies[name].append(line)
+    checked = []
+    for isa in ("AVX512", "AVX2", "DEFAULT"):
+        tasks = [n for n in bodies if f"fastattn_cpu::{isa}::" in n and "decode_task<" in n and "[clone" not in n]
+        if not tasks and isa != "DEFAULT":
+            continue  # that build is a stub with this compiler or machine
+        assert tasks, f"no decode_task in the {isa} build of {_ext.load('cpu')}"
+        for n in tasks:
+            count = sum("prefetch" in line for line in bodies[n])
+            assert count > 0, f"{n}: no prefetch instruction in the built kernel"
+        checked.append(isa)
+    assert "DEFAULT" in checked
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

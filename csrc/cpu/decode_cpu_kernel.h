@@ -79,14 +79,19 @@ inline void to_f32(const T* src, int64_t stride, float* dst, int64_t n, int64_t 
 
 // The next block's rows that a pass prefetches as it walks the current block: key j's `bytes` when j < n (to L2,
 // T1). Each pass prefetches the rows of the next block it will read itself (q.K its K rows, P.V its V rows), so
-// that the memory is kept busy through both passes rather than flooded during the first. Measured on long bf16
-// caches at two threads, both orders interleaved in one process: 23-30 against 18-22 GB/s in one run, equal
-// (15-18 GB/s) in two runs a quarter of an hour later, when this VM's memory was slower; never slower.
+// that the memory is kept busy through both passes rather than flooded during the first. The hardware prefetchers
+// do not run far enough ahead of a kernel that computes between its loads: on long caches at two threads these
+// prefetches take bf16 and fp32 from 16-18 to 27-31 GB/s (T0 or NTA instead of T1: 17-22).
+//
+// always_inline is what keeps them: a function whose only effect is __builtin_prefetch is "const" to GCC's
+// pure-const analysis, so a call to it that is not inlined first is deleted as dead code. Without the attribute
+// GCC 12 deleted every call of this one and the kernel had no prefetch at all; tests/test_kvcache.py checks the
+// built library's decode code for prefetch instructions.
 template <typename E>
 struct Prefetch {
   const E* const* rows = nullptr;
   int64_t n = 0, bytes = 0;
-  inline void at(int64_t j) const {
+  __attribute__((always_inline)) inline void at(int64_t j) const {
     if (j >= n) return;
     const char* row = reinterpret_cast<const char*>(rows[j]);
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2);

@@ -81,9 +81,10 @@ inline void store_row(const float* s, BFloat16* d, int64_t n) {
 
 inline float lrelu(float z, float slope) { return z > 0.f ? z : z * slope; }
 
-// Gathered rows are random reads from node tables of megabytes: ask for them ahead of use.
+// Gathered rows are random reads from node tables of megabytes: ask for them ahead of use. always_inline: GCC
+// deletes a call to a function whose only effect is a prefetch unless it is inlined first (decode_cpu_kernel.h).
 template <typename T>
-inline void prefetch_row(const T* base, int64_t index, int64_t n) {
+__attribute__((always_inline)) inline void prefetch_row(const T* base, int64_t index, int64_t n) {
   const char* p = reinterpret_cast<const char*>(base + index * n);
   for (int64_t off = 0; off < n * int64_t(sizeof(T)); off += 64) __builtin_prefetch(p + off);
 }
