@@ -247,9 +247,9 @@ CPU_TILE_CASES = [
          page_size=48),
     Case(batch=2, lengths=(70, 1), new=1, heads_q=6, heads_kv=1, head_dim=48, head_dim_v=112, page_size=16,
          dtype=torch.float16, variant="softcap"),
-    # bf16 with head dims a multiple of 32: the VDPBF16PS path on CPUs with AVX512_BF16 (rows in fours and
-    # singly, an odd number of keys in the last block, 32-wide value chunks after 64-wide ones, paged or not)
-    Case(batch=2, lengths=(133, 6), new=2, seqlen_q=2, heads_q=6, heads_kv=2, head_dim=96, head_dim_v=160,
+    # bf16 with head dims a multiple of 32: the VDPBF16PS path on CPUs with AVX512_BF16 (rows in pairs and
+    # singly, an odd number of keys in the last block, value chunks of 128, 64 and 32 columns, paged or not)
+    Case(batch=2, lengths=(133, 6), new=2, seqlen_q=3, heads_q=6, heads_kv=2, head_dim=96, head_dim_v=224,
          page_size=16, dtype=torch.bfloat16, variant="alibi"),
     Case(batch=1, lengths=(301,), new=1, heads_q=8, heads_kv=2, head_dim=128, dtype=torch.bfloat16, variant="all"),
 ]  # fmt: skip

@@ -8,9 +8,11 @@
 // Keys go by blocks of kBlock: the block's K rows are converted to fp32 and scored against every row
 // (scaled_score, ALiBi, the band of csrc/attn_rules.h, per row), an online softmax keeps each row's max and
 // sum, and the block's V rows are accumulated into the rows' fp32 outputs keys outer, each V row read once in
-// order into a register tile of 4 rows by 4 vectors of Dv (AVX2: 2). A task ends with its normalised output and
-// its lse (-inf if it attended nothing) in scratch; a second pass merges the splits of each row exactly through
-// their lse, adds the sink's logit to the denominator once, and writes out (input dtype) and lse (fp32).
+// order into a register tile of 4 rows by 4 vectors of Dv (AVX2: 2; bf16 through VDPBF16PS: 2 rows by 128
+// values). The next block's rows are prefetched while the current one computes (Prefetch). A task ends with its
+// normalised output and its lse (-inf if it attended nothing) in scratch; a second pass merges the splits of each
+// row exactly through their lse, adds the sink's logit to the denominator once, and writes out (input dtype) and
+// lse (fp32).
 //
 // Cost: FLOPs 4 * B * Hq * Lq * total * D (about 8 per cached element read when group * Lq = 4), minimum bytes:
 // K and V of every attended key once (2 * D * sizeof(T) per key and kv head), plus q and out. The bound it should
@@ -325,23 +327,29 @@ FASTATTN_BF16_TARGET inline void accumulate_rows_bf16(float* acc, int64_t ld, co
     for (int h = 0; h < 2 * CH; ++h) _mm512_storeu_ps(acc + r * ld + c + 16 * h, a[r][h]);
 }
 
+// Every column of NR rows, 128 at a time (a whole V row of D = 128 per pass), then 64, then 32.
 template <int NR>
 FASTATTN_BF16_TARGET inline void accumulate_cols_bf16(float* acc, int64_t ld, const uint16_t* pb, int64_t pld,
                                                       const uint16_t* const* rows, const uint16_t* zero, int64_t n,
                                                       int64_t dv, Prefetch<uint16_t> pf) {
   int64_t c = 0;
+  for (; c + 128 <= dv; c += 128, pf = {}) accumulate_rows_bf16<NR, 4>(acc, ld, pb, pld, rows, zero, n, c, pf);
   for (; c + 64 <= dv; c += 64, pf = {}) accumulate_rows_bf16<NR, 2>(acc, ld, pb, pld, rows, zero, n, c, pf);
   if (c < dv) accumulate_rows_bf16<NR, 1>(acc, ld, pb, pld, rows, zero, n, c, pf);
 }
 
+// Rows in pairs, each pass reading whole V rows (2 rows x 4 chunks: 16 sums and 8 unpacked vectors in registers)
+// rather than 4 rows over half a row at a time: for a group of 4 rows each V chunk is unpacked twice instead of
+// once, but the first pass walks the block's V in address order, which the memory streams faster, and that wins
+// on long caches (bf16, two threads: 28-31 against 26-27 GB/s).
 FASTATTN_BF16_TARGET void accumulate_bf16(float* acc, int64_t ld, const float* p, uint16_t* pb, int64_t pld,
                                           const uint16_t* const* rows, const uint16_t* zero, int64_t n, int64_t dv,
                                           int64_t R, Prefetch<uint16_t> pf) {
   round_p_bf16(p, R, pld, n, pb);
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4, pf = {})
-    accumulate_cols_bf16<4>(acc + r * ld, ld, pb + r * pld, pld, rows, zero, n, dv, pf);
-  for (; r < R; ++r, pf = {}) accumulate_cols_bf16<1>(acc + r * ld, ld, pb + r * pld, pld, rows, zero, n, dv, pf);
+  for (; r + 2 <= R; r += 2, pf = {})
+    accumulate_cols_bf16<2>(acc + r * ld, ld, pb + r * pld, pld, rows, zero, n, dv, pf);
+  if (r < R) accumulate_cols_bf16<1>(acc + r * ld, ld, pb + r * pld, pld, rows, zero, n, dv, pf);
 }
 #undef FASTATTN_BF16_TARGET
 #endif
