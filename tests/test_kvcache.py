@@ -270,6 +270,28 @@ def test_kvcache_cpu_bf16_without_dot_instructions(index, monkeypatch):
     check(CPU_TILE_CASES[index], "cpu", num_splits=2, seed=60 + index)
 
 
+# Paged caches: the CPU kernel walks a group of heads together, page by page (decode_head_group picks the group
+# from the batch, the kv heads, the splits and the thread count), so a task owns several heads' state.
+CPU_HEAD_GROUP_CASES = [
+    Case(batch=3, lengths=(200, 70, 0), new=1, heads_q=16, heads_kv=8, head_dim=64, page_size=16),
+    Case(batch=1, lengths=(333,), new=2, seqlen_q=2, heads_q=8, heads_kv=4, head_dim=128, page_size=32,
+         dtype=torch.bfloat16, variant="all", window=(150, 0)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("index", range(len(CPU_HEAD_GROUP_CASES)))
+def test_kvcache_cpu_paged_head_groups(index, threads, monkeypatch):
+    _runnable("cpu", monkeypatch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for num_splits in (1, 2):
+            check(CPU_HEAD_GROUP_CASES[index], "cpu", num_splits=num_splits, seed=80 + index)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_kvcache_cpu_kernel_keeps_its_prefetches(monkeypatch):
     """Every instruction-set build of the CPU decode kernel contains prefetch instructions. GCC deletes a call to
     a function whose only effect is a prefetch unless it is inlined first, silently: the kernel once lost every
@@ -294,13 +316,17 @@ def test_kvcache_cpu_kernel_keeps_its_prefetches(monkeypatch):
             bodies[name].append(line)
     checked = []
     for isa in ("AVX512", "AVX2", "DEFAULT"):
-        tasks = [n for n in bodies if f"fastattn_cpu::{isa}::" in n and "decode_task<" in n and "[clone" not in n]
-        if not tasks and isa != "DEFAULT":
+        if not any(f"fastattn_cpu::{isa}::" in n and "decode_task<" in n for n in bodies) and isa != "DEFAULT":
             continue  # that build is a stub with this compiler or machine
-        assert tasks, f"no decode_task in the {isa} build of {_ext.load('cpu')}"
-        for n in tasks:
-            count = sum("prefetch" in line for line in bodies[n])
-            assert count > 0, f"{n}: no prefetch instruction in the built kernel"
+        for dtype in ("float", "c10::BFloat16", "c10::Half"):
+            # the q.K pass's prefetches sit in HeadBlock<T>'s call operator, or in decode_task<T> if inlined there
+            names = [
+                n for n in bodies
+                if f"fastattn_cpu::{isa}::" in n and (f"decode_task<{dtype}>" in n or f"HeadBlock<{dtype}>" in n)
+            ]  # fmt: skip
+            assert names, f"no decode_task<{dtype}> in the {isa} build of {_ext.load('cpu')}"
+            count = sum("prefetch" in line for n in names for line in bodies[n])
+            assert count > 0, f"{isa} decode_task<{dtype}>: no prefetch instruction in the built kernel"
         checked.append(isa)
     assert "DEFAULT" in checked
 
