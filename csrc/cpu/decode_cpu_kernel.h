@@ -172,7 +172,8 @@ inline void dot_rows(const float* qf, int64_t rows, int64_t ld, const Src& k, in
 // acc[r, c + e * W] += sum_j p[r, j] * v[j, c + e * W] for NR rows, NV vectors of columns, keys [0, n) outer: the
 // NR x NV sums stay in registers as independent FMA chains, and each key's NV vectors of V are read once, in order,
 // so a block's V streams like its K. (Columns outer, one vector of each of the block's rows per pass, measured 15%
-// slower single-threaded on long fp32 caches: 12.6 against 14.5 GB/s, and its P.V pass 1.5x the time from L3.)
+// slower single-threaded on long fp32 caches, 12.6 against 14.5 GB/s, before the prefetches were compiled in; its
+// P.V pass took 1.5x the time from L3.)
 template <int NR, int NV, class Src, class PF>
 inline void accumulate_keys(float* acc, int64_t ld, const float* p, int64_t pld, const Src& v, int64_t n, int64_t c,
                             const PF& pf) {
@@ -562,10 +563,9 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h0, int64_t nh, int64
     std::fill(st.l, st.l + R, 0.f);
   }
   if (dp) std::fill(zero, zero + Dvp, uint16_t(0));
-  const HeadBlock<T> head_block{p,   R,    Dp,   Dvp, direct, dp, lo.data(), hi.data(),
-                                kb,  vb,   sc,   raw, pb,     zero,
-                                rules::score_scale(p.scale, p.variant, 1.f),
-                                p.variant.alibi != nullptr,   rules::modifies_scores(p.variant), range.total};
+  const HeadBlock<T> head_block{p, R, Dp, Dvp, direct, dp, lo.data(), hi.data(), kb, vb, sc, raw, pb, zero,
+                                rules::score_scale(p.scale, p.variant, 1.f), p.variant.alibi != nullptr,
+                                rules::modifies_scores(p.variant), range.total};
 
   // A block's rows are found through the block table once per block as offsets that every head shares (one
   // division per block: the slots of consecutive keys step through the pages), computed one block ahead; a head's
