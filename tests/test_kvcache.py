@@ -270,8 +270,9 @@ def test_kvcache_cpu_bf16_without_dot_instructions(index, monkeypatch):
     check(CPU_TILE_CASES[index], "cpu", num_splits=2, seed=60 + index)
 
 
-# Paged caches: the CPU kernel walks a group of heads together, page by page (decode_head_group picks the group
-# from the batch, the kv heads, the splits and the thread count), so a task owns several heads' state.
+# Caches in pages of at most 64 keys: the CPU kernel walks a group of heads together, page by page
+# (decode_head_group picks the group from the batch, the kv heads, the splits and the thread count), so a task
+# owns several heads' state. Larger pages, covered by CASES, keep one head per task.
 CPU_HEAD_GROUP_CASES = [
     Case(batch=3, lengths=(200, 70, 0), new=1, heads_q=16, heads_kv=8, head_dim=64, page_size=16),
     Case(batch=1, lengths=(333,), new=2, seqlen_q=2, heads_q=8, heads_kv=4, head_dim=128, page_size=32,

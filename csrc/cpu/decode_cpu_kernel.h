@@ -1,7 +1,7 @@
 // Split-KV decoding over a contiguous or paged key/value cache on the CPU, compiled once per instruction set.
 //
-// Work: one task per (sequence b, key/value head h, split s), or per (b, group of heads, s) for a paged cache,
-// whose heads a task walks together page by page (decode_head_group). For each head it owns the R = group * Lq
+// Work: one task per (sequence b, key/value head h, split s), or per (b, group of heads, s) for a cache in small
+// pages, whose heads a task walks together page by page (decode_head_group). For each head it owns the R = group * Lq
 // query rows of h's GQA group (query head h * group + g, query i: row g * Lq + i), so each key and value row it
 // reads from the cache serves every query head of the group: the cache is read exactly once per call. Its keys are the
 // s-th of `splits` equal parts (multiples of kBlock) of the keys any of its rows attends; key position j lives
@@ -666,12 +666,14 @@ void merge_task(const DecodeParams& p, int64_t b, int64_t h) {
   }
 }
 
-// Heads per task: 1 for a contiguous cache; for a paged one the most that still leave a whole number of tasks per
-// thread, or at least 8 per thread (decode_task). Long caches (B = 1 and 8 bf16 at 32k keys, B = 8 fp32 at 16k),
-// two threads, shuffled block table, the two builds alternated three times: paged over contiguous time 0.90-1.11
-// against 1.00-1.25 with one head per task in pages of 64, 0.96-1.22 against 1.08-1.63 in pages of 16.
+// Heads per task: for a paged cache in pages of at most kBlock keys, the most that still leave a whole number of
+// tasks per thread, or at least 8 per thread (decode_task); else 1. Long caches (B = 1 and 8 bf16 at 32k keys,
+// B = 8 fp32 at 16k), two threads, shuffled block table, the two builds alternated three times: paged over
+// contiguous time 0.90-1.11 against 1.00-1.25 with one head per task in pages of 64, 0.96-1.22 against 1.08-1.63
+// in pages of 16. Larger pages keep one head per task: a head's slice of a page is then a stream of its own
+// (0.83-0.97 in pages of 256), and heads walked together would interleave as many streams as heads.
 inline int64_t decode_head_group(const DecodeParams& p, int64_t threads) {
-  if (p.block_table == nullptr) return 1;
+  if (p.block_table == nullptr || p.page_size > kBlock) return 1;
   for (int64_t nh = p.Hkv; nh > 1; --nh) {
     if (p.Hkv % nh) continue;
     const int64_t tasks = p.B * (p.Hkv / nh) * p.splits;
