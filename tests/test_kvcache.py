@@ -293,6 +293,35 @@ def test_kvcache_cpu_paged_head_groups(index, threads, monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "default"])
+def test_kvcache_cpu_each_isa_build(isa, monkeypatch):
+    """FASTATTN_CPU_ISA forces the decode kernel's build as it does the attention and graph kernels' (cpu_isa.h):
+    each build this CPU runs, against the oracle on the register-tile and head-group cases."""
+    from fastattn.backends import cpu as cpu_backend
+
+    _runnable("cpu", monkeypatch)
+    if isa not in cpu_backend.available_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build (it runs {cpu_backend.available_isas()})")
+    monkeypatch.setenv("FASTATTN_CPU_ISA", isa)
+    for n, case in enumerate(CPU_TILE_CASES + CPU_HEAD_GROUP_CASES):
+        check(case, "cpu", num_splits=2, seed=90 + n)
+    assert torch.ops.fastattn.cpu_kvcache_info().startswith(f"isa={isa}")
+
+
+def test_kvcache_cpu_bad_isa_raises_before_the_append(monkeypatch):
+    """An unknown FASTATTN_CPU_ISA is an error naming the variable, raised before the cache is written."""
+    _runnable("cpu", monkeypatch)
+    case = Case(page_size=16, new=2)
+    query, kc, vc, seqlens, key, value, block_table, kw = build(case, seed=3)
+    kc0, vc0 = kc.clone(), vc.clone()
+    monkeypatch.setenv("FASTATTN_CPU_ISA", "sse4")
+    with pytest.raises(RuntimeError, match=r"FASTATTN_CPU_ISA: expected one of avx512, avx2, default .*got 'sse4'"):
+        fastattn.kvcache_attention(
+            query, kc, vc, seqlens, key=key, value=value, block_table=block_table, backend="cpu", **kw
+        )
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0), "the cache changed although the call raised"
+
+
 def test_kvcache_cpu_kernel_keeps_its_prefetches(monkeypatch):
     """Every instruction-set build of the CPU decode kernel contains prefetch instructions. GCC deletes a call to
     a function whose only effect is a prefetch unless it is inlined first, silently: the kernel once lost every

@@ -1,4 +1,4 @@
-// Which instruction-set build of the CPU kernels runs: one rule for the attention and the graph kernels.
+// Which instruction-set build of the CPU kernels runs: one rule for the attention, decode and graph kernels.
 //
 //   FASTATTN_CPU_ISA=avx512|avx2|default   that build, checked: a known name, supported by this CPU and
 //                                          its OS, and compiled into the library; anything else is an

@@ -20,17 +20,19 @@
 namespace fastattn_cpu {
 namespace {
 
-const DecodeKernels* select_decode_kernels() {
-  static const DecodeKernels* chosen = [] {
-    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    const DecodeKernels* k = nullptr;
-    if (cap == "AVX512") k = decode_kernels_avx512();
-    if (k == nullptr && (cap == "AVX512" || cap == "AVX2")) k = decode_kernels_avx2();
-    if (k == nullptr) k = decode_kernels_default();
-    return k;
-  }();
-  return chosen;
+const DecodeKernels* decode_kernels_for(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return decode_kernels_avx512();
+    case Isa::kAvx2: return decode_kernels_avx2();
+    default: return decode_kernels_default();
+  }
 }
+
+bool decode_compiled(Isa isa) { return decode_kernels_for(isa) != nullptr; }
+
+// The attention and graph kernels' rule (cpu_isa.h), read at every call: FASTATTN_CPU_ISA, else the best build
+// the CPU supports, capped by torch's CPU capability.
+const DecodeKernels* select_decode_kernels() { return decode_kernels_for(resolve_isa(decode_compiled)); }
 
 // FASTATTN_POISON=1 (tests): outputs and scratch start as NaN, so an element never written shows.
 bool decode_poison() {
@@ -117,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_kvcache_fwd(const at::Tensor& query, cons
   return {out, lse};
 }
 
-std::string cpu_kvcache_info() { return std::string("isa=") + select_decode_kernels()->isa; }
+std::string cpu_kvcache_info() { return "isa=" + describe_isa(decode_compiled); }
 
 }  // namespace
 }  // namespace fastattn_cpu

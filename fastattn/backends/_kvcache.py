@@ -15,6 +15,7 @@ sequence's keys and runs the oracle on them (float64 inputs give the float64 gro
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -137,6 +138,8 @@ def kvcache_fwd_cpu(
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     """The native CPU kernel (``csrc/cpu/decode_cpu_kernel.h``) after the append; splits fill the threads."""
+    if os.environ.get("FASTATTN_CPU_ISA"):  # a bad value raises here, before the append writes the cache
+        torch.ops.fastattn.cpu_kvcache_info()
     append_(key_cache, value_cache, cache_seqlens, key, value, block_table)
     splits = splits_for(num_splits, query, key_cache, block_table, torch.get_num_threads())
     new = 0 if key is None else key.shape[2]
