@@ -382,9 +382,16 @@ inline Range split_range(const DecodeParams& p, int64_t b, int64_t s) {
   return {total, k0, k1};
 }
 
-// Keys [k0, k0 + n) of one head against its rows: scores, online softmax, P.V into acc. The head's state (its
-// queries qf/qb, acc, m, l, slopes) persists across blocks; sc, raw, pb, kb, vb are scratch shared by the heads.
-// kpf/vpf: the rows of the unit processed next (Prefetch), each carried by the pass that reads the same tensor.
+// One head's state in a task, kept across blocks: its rows' queries in fp32 (R, Dp) and in bf16 for the VDPBF16PS
+// path (R, Dp), unnormalised outputs (R, Dvp), running max, running sum and ALiBi slopes (R each).
+struct HeadState {
+  float *qf, *acc, *m, *l, *slope;
+  uint16_t* qb;
+};
+
+// Keys [k0, k0 + n) of one head against its rows: scores, online softmax, P.V into its acc. sc, raw, pb, kb, vb
+// are scratch shared by the heads. kpf/vpf: the rows of the unit processed next (Prefetch), each carried by the
+// pass that reads the same tensor.
 template <typename T>
 struct HeadBlock {
   const DecodeParams& p;
@@ -398,10 +405,12 @@ struct HeadBlock {
   bool alibi, scores_modified;
   int64_t total;
 
-  void operator()(float* qf, const uint16_t* qb, float* acc, float* m, float* l, const float* slope, int64_t k0,
-                  int64_t n, const T* const* krow, const T* const* vrow, const Prefetch<T>& kpf,
-                  const Prefetch<T>& vpf) const {
+  void operator()(const HeadState& st, int64_t k0, int64_t n, const T* const* krow, const T* const* vrow,
+                  const Prefetch<T>& kpf, const Prefetch<T>& vpf) const {
     constexpr int64_t W = DVec::size();
+    float *const qf = st.qf, *const acc = st.acc, *const m = st.m, *const l = st.l;
+    const float* slope = st.slope;
+    const uint16_t* qb = st.qb;
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
     if (dp) {
       // Eight keys per call: their scores, and the prefetch of the next unit's K rows at the same index.
@@ -503,8 +512,7 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h0, int64_t nh, int64
   const int64_t G = p.Hq / p.Hkv, R = G * p.Lq;
   constexpr int64_t W = DVec::size();
   const int64_t Dp = round_up(p.D, W), Dvp = round_up(p.Dv, W);
-  // Per head: its rows' queries in fp32 (R, Dp), unnormalised outputs (R, Dvp), running max, running sum and
-  // ALiBi slopes (R each), and its queries in bf16 for the VDPBF16PS path (R, Dp: half a float per value).
+  // Per head (HeadState): qf, acc, m, l, slope, then qb (half a float per value).
   const int64_t per_head = R * Dp + R * Dvp + 3 * R + (R * Dp + 1) / 2;
   buf.resize(nh * per_head + kBlock * Dp + kBlock * Dvp + 2 * R * kBlock + (R * kBlock + Dvp) / 2 + 1);
   float* kb = buf.data() + nh * per_head;  // (kBlock, Dp) the block's keys
@@ -513,13 +521,9 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h0, int64_t nh, int64
   float* raw = sc + R * kBlock;            // (R, kBlock) dot products
   uint16_t* pb = reinterpret_cast<uint16_t*>(raw + R * kBlock);  // (R, kBlock) probabilities in bf16
   uint16_t* zero = pb + R * kBlock;                              // (Dvp) a value row of zeros
-  struct State {
-    float *qf, *acc, *m, *l, *slope;
-    uint16_t* qb;
-  };
   auto state = [&](int64_t hh) {
     float* base = buf.data() + hh * per_head;
-    State st;
+    HeadState st;
     st.qf = base;
     st.acc = st.qf + R * Dp;
     st.m = st.acc + R * Dvp;
@@ -549,7 +553,7 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h0, int64_t nh, int64
     hi[r] = z;
   }
   for (int64_t hh = 0; hh < nh; ++hh) {
-    const State st = state(hh);
+    const HeadState st = state(hh);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t hq = (h0 + hh) * G + r / p.Lq, i = r % p.Lq;
       const T* qr = q + b * p.q_s[0] + hq * p.q_s[1] + i * p.q_s[2];
@@ -612,14 +616,13 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t h0, int64_t nh, int64
       const int64_t n_after = same_block ? n : n_next;
       if (n_after) rows(same_block ? h0 + hh + 1 : h0, same_block ? cur : cur ^ 1, n_after, unit ^ 1);
       const Prefetch<T> kpf{krow[unit ^ 1], n_after, kbytes}, vpf{vrow[unit ^ 1], n_after, vbytes};
-      const State st = state(hh);
-      head_block(st.qf, st.qb, st.acc, st.m, st.l, st.slope, k0, n, krow[unit], vrow[unit], kpf, vpf);
+      head_block(state(hh), k0, n, krow[unit], vrow[unit], kpf, vpf);
       unit ^= 1;
     }
   }
 
   for (int64_t hh = 0; hh < nh; ++hh) {
-    const State st = state(hh);
+    const HeadState st = state(hh);
     const int64_t task = (b * p.Hkv + h0 + hh) * p.splits + s;
     float* out = p.part_out + task * R * p.Dv;
     float* lse = p.part_lse + task * R;
