@@ -247,11 +247,14 @@ CPU_TILE_CASES = [
          page_size=48),
     Case(batch=2, lengths=(70, 1), new=1, heads_q=6, heads_kv=1, head_dim=48, head_dim_v=112, page_size=16,
          dtype=torch.float16, variant="softcap"),
-    # bf16 with head dims a multiple of 32: the VDPBF16PS path on CPUs with AVX512_BF16 (rows in pairs and
-    # singly, an odd number of keys in the last block, value chunks of 128, 64 and 32 columns, paged or not)
+    # bf16 with head dims a multiple of 32: the VDPBF16PS path on CPUs with AVX512_BF16 (q.K: rows in fours and
+    # singly, keys in fours and a tail of 1-3; P.V: rows in pairs and singly, an odd number of keys in the last
+    # block, value chunks of 128, 64 and 32 columns; paged or not; a group of 3 rows has no four at all)
     Case(batch=2, lengths=(133, 6), new=2, seqlen_q=3, heads_q=6, heads_kv=2, head_dim=96, head_dim_v=224,
          page_size=16, dtype=torch.bfloat16, variant="alibi"),
     Case(batch=1, lengths=(301,), new=1, heads_q=8, heads_kv=2, head_dim=128, dtype=torch.bfloat16, variant="all"),
+    Case(batch=2, lengths=(77, 130), new=1, heads_q=3, heads_kv=1, head_dim=64, dtype=torch.bfloat16,
+         variant="softcap"),
 ]  # fmt: skip
 
 
@@ -357,6 +360,12 @@ def test_kvcache_cpu_kernel_keeps_its_prefetches(monkeypatch):
             assert names, f"no decode_task<{dtype}> in the {isa} build of {_ext.load('cpu')}"
             count = sum("prefetch" in line for n in names for line in bodies[n])
             assert count > 0, f"{isa} decode_task<{dtype}>: no prefetch instruction in the built kernel"
+        # bf16 caches on AVX512_BF16 CPUs take their own functions for q.K (dot_*_bf16) and P.V (accumulate*_bf16)
+        for part in ("dot_", "accumulate"):
+            names = [n for n in bodies if f"fastattn_cpu::{isa}::" in n and f"::{part}" in n and "_bf16<" in n]
+            if names:
+                count = sum("prefetch" in line for n in names for line in bodies[n])
+                assert count > 0, f"{isa} {part}*_bf16: no prefetch instruction in {names}"
         checked.append(isa)
     assert "DEFAULT" in checked
 

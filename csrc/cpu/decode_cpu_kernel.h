@@ -225,58 +225,105 @@ inline void accumulate(float* acc, int64_t ld, const float* p, int64_t pld, cons
 // on AVX512 CPUs without it; they are called once per block of keys, so they are not inlined into the task.
 #define FASTATTN_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")))
 
-// Scores of NR rows of q (bf16, row stride qld, D = 32 * nc) against keys rows[0, n): out[r * ostride + j].
-// Two keys per step, so that each row has two independent accumulation chains; q stays in registers when
-// NC (the chunks of 32) is known at compile time.
-template <int NR, int NC>
-FASTATTN_BF16_TARGET inline void dot_rows_bf16(const uint16_t* q, int64_t qld, int64_t nc_rt,
-                                               const uint16_t* const* rows, int64_t n, float* out, int64_t ostride) {
+// The lane sums of 16 vectors at once: lane 4 * b + c of the result is the sum of v[4 * c + b]'s lanes. Two rounds
+// of 128-bit block shuffles, then two of in-block shuffles, each halving the number of vectors: 45 shuffles and adds
+// for the 16 sums, where hsum4 takes 13 for 4 and then stores its sums one by one.
+FASTATTN_BF16_TARGET inline __m512 hsum16(const __m512* v) {
+  __m512 s[8], t[4];
+  for (int i = 0; i < 8; ++i)  // blocks [v2i.q0 + v2i.q2, v2i.q1 + v2i.q3, v2i+1.q0 + v2i+1.q2, v2i+1.q1 + v2i+1.q3]
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // block b: four partial sums of v[4i + b]
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
+  // block b: two partial sums of v[b], two of v[4 + b] (u0); of v[8 + b] and v[12 + b] (u1)
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], 0x44), _mm512_shuffle_ps(t[0], t[1], 0xEE));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_ps(t[2], t[3], 0x44), _mm512_shuffle_ps(t[2], t[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x88), _mm512_shuffle_ps(u0, u1, 0xDD));
+}
+
+// Scores of 4 rows of q (bf16, row stride qld, D = 32 * nc) against keys rows[0, n): out[r * ostride + j]. Four
+// keys per step: their 16 sums (key c, row b: a[4c + b]) are independent accumulation chains, reduced together by
+// hsum16 into one vector whose 128-bit block r holds row r's four scores. q is read from L1 as it is used, so that
+// the 16 sums and the 4 keys' chunks fit the registers. pf: the next unit's K rows, prefetched one key per key
+// scored, so that the lines in flight are spread over the pass: the whole block's at once measured 12 against
+// 17 GB/s on one thread from memory. Against two keys per step with each row's sums reduced by hsum4: +7-13% on
+// caches that fit L3 (two threads: 39-43 against 44-47 GB/s), equal within noise on long caches, which the memory
+// bounds.
+template <int NC>
+FASTATTN_BF16_TARGET void dot_rows4_bf16(const uint16_t* q, int64_t qld, int64_t nc_rt, const uint16_t* const* rows,
+                                         int64_t n, float* out, int64_t ostride, const Prefetch<uint16_t>& pf) {
   const int64_t nc = NC > 0 ? NC : nc_rt;
-  constexpr int QR = NC > 0 ? NC : 1;
-  __m512i qv[NR][QR];
-  if (NC > 0)
-    for (int r = 0; r < NR; ++r)
-      for (int c = 0; c < QR; ++c) qv[r][c] = _mm512_loadu_si512(q + r * qld + 32 * c);
-  auto qload = [&](int r, int64_t c) { return NC > 0 ? qv[r][c] : _mm512_loadu_si512(q + r * qld + 32 * c); };
   int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    __m512 a0[NR], a1[NR];
-    for (int r = 0; r < NR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (; j + 4 <= n; j += 4) {
+    for (int c = 0; c < 4; ++c) pf.at(j + c);
+    __m512 a[16];
+    for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < nc; ++c) {
-      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(rows[j] + 32 * c);
-      const __m512bh k1 = (__m512bh)_mm512_loadu_si512(rows[j + 1] + 32 * c);
-      for (int r = 0; r < NR; ++r) {
-        const __m512bh x = (__m512bh)qload(r, c);
-        a0[r] = _mm512_dpbf16_ps(a0[r], x, k0);
-        a1[r] = _mm512_dpbf16_ps(a1[r], x, k1);
+      __m512bh k[4];
+      for (int kk = 0; kk < 4; ++kk) k[kk] = (__m512bh)_mm512_loadu_si512(rows[j + kk] + 32 * c);
+      for (int r = 0; r < 4; ++r) {
+        const __m512bh x = (__m512bh)_mm512_loadu_si512(q + r * qld + 32 * c);
+        for (int kk = 0; kk < 4; ++kk) a[4 * kk + r] = _mm512_dpbf16_ps(a[4 * kk + r], x, k[kk]);
       }
     }
-    if (NR == 4) {
-      hsum4(a0[0], a0[1], a0[2], a0[3], out + j, ostride);
-      hsum4(a1[0], a1[1], a1[2], a1[3], out + j + 1, ostride);
-    } else {
-      for (int r = 0; r < NR; ++r) {
-        out[r * ostride + j] = _mm512_reduce_add_ps(a0[r]);
-        out[r * ostride + j + 1] = _mm512_reduce_add_ps(a1[r]);
-      }
-    }
+    const __m512 w = hsum16(a);
+    _mm_storeu_ps(out + j, _mm512_extractf32x4_ps(w, 0));
+    _mm_storeu_ps(out + ostride + j, _mm512_extractf32x4_ps(w, 1));
+    _mm_storeu_ps(out + 2 * ostride + j, _mm512_extractf32x4_ps(w, 2));
+    _mm_storeu_ps(out + 3 * ostride + j, _mm512_extractf32x4_ps(w, 3));
   }
   for (; j < n; ++j) {
-    for (int r = 0; r < NR; ++r) {
+    pf.at(j);
+    for (int r = 0; r < 4; ++r) {
       __m512 a = _mm512_setzero_ps();
       for (int64_t c = 0; c < nc; ++c)
-        a = _mm512_dpbf16_ps(a, (__m512bh)qload(r, c), (__m512bh)_mm512_loadu_si512(rows[j] + 32 * c));
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + r * qld + 32 * c),
+                             (__m512bh)_mm512_loadu_si512(rows[j] + 32 * c));
       out[r * ostride + j] = _mm512_reduce_add_ps(a);
     }
   }
 }
 
+// Scores of one row of q against keys rows[0, n), two keys per step (two independent chains); q stays in
+// registers when NC (the chunks of 32) is known at compile time. The rows a group of 4 leaves over.
+template <int NC>
+FASTATTN_BF16_TARGET void dot_row_bf16(const uint16_t* q, int64_t nc_rt, const uint16_t* const* rows, int64_t n,
+                                       float* out, const Prefetch<uint16_t>& pf) {
+  const int64_t nc = NC > 0 ? NC : nc_rt;
+  constexpr int QR = NC > 0 ? NC : 1;
+  __m512i qv[QR];
+  if (NC > 0)
+    for (int c = 0; c < QR; ++c) qv[c] = _mm512_loadu_si512(q + 32 * c);
+  auto qload = [&](int64_t c) { return (__m512bh)(NC > 0 ? qv[c] : _mm512_loadu_si512(q + 32 * c)); };
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    pf.at(j);
+    pf.at(j + 1);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nc; ++c) {
+      a0 = _mm512_dpbf16_ps(a0, qload(c), (__m512bh)_mm512_loadu_si512(rows[j] + 32 * c));
+      a1 = _mm512_dpbf16_ps(a1, qload(c), (__m512bh)_mm512_loadu_si512(rows[j + 1] + 32 * c));
+    }
+    out[j] = _mm512_reduce_add_ps(a0);
+    out[j + 1] = _mm512_reduce_add_ps(a1);
+  }
+  if (j < n) {
+    pf.at(j);
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nc; ++c) a = _mm512_dpbf16_ps(a, qload(c), (__m512bh)_mm512_loadu_si512(rows[j] + 32 * c));
+    out[j] = _mm512_reduce_add_ps(a);
+  }
+}
+
+// Scores of R rows of q against keys rows[0, n); the first group of rows carries pf.
 template <int NC>
 FASTATTN_BF16_TARGET void dot_block_bf16(const uint16_t* q, int64_t R, int64_t qld, int64_t nc,
-                                         const uint16_t* const* rows, int64_t n, float* out, int64_t ostride) {
+                                         const uint16_t* const* rows, int64_t n, float* out, int64_t ostride,
+                                         Prefetch<uint16_t> pf) {
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4) dot_rows_bf16<4, NC>(q + r * qld, qld, nc, rows, n, out + r * ostride, ostride);
-  for (; r < R; ++r) dot_rows_bf16<1, NC>(q + r * qld, qld, nc, rows, n, out + r * ostride, ostride);
+  for (; r + 4 <= R; r += 4, pf = {}) dot_rows4_bf16<NC>(q + r * qld, qld, nc, rows, n, out + r * ostride, ostride, pf);
+  for (; r < R; ++r, pf = {}) dot_row_bf16<NC>(q + r * qld, nc, rows, n, out + r * ostride, pf);
 }
 
 // p (R rows of n fp32 probabilities, stride pld) rounded to bf16 (round to nearest even, as c10::BFloat16) into
@@ -413,16 +460,12 @@ struct HeadBlock {
     const uint16_t* qb = st.qb;
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
     if (dp) {
-      // Eight keys per call: their scores, and the prefetch of the next unit's K rows at the same index.
       const auto rows = reinterpret_cast<const uint16_t* const*>(krow);
-      for (int64_t j0 = 0; j0 < n; j0 += 8) {
-        for (int64_t jj = j0; jj < j0 + 8; ++jj) kpf.at(jj);
-        const int64_t m8 = std::min<int64_t>(8, n - j0);
-        if (p.D == 128)
-          dot_block_bf16<4>(qb, R, Dp, 4, rows + j0, m8, raw + j0, kBlock);
-        else
-          dot_block_bf16<0>(qb, R, Dp, p.D / 32, rows + j0, m8, raw + j0, kBlock);
-      }
+      const Prefetch<uint16_t> pf{reinterpret_cast<const uint16_t* const*>(kpf.rows), kpf.n, kpf.bytes};
+      if (p.D == 128)
+        dot_block_bf16<4>(qb, R, Dp, 4, rows, n, raw, kBlock, pf);
+      else
+        dot_block_bf16<0>(qb, R, Dp, p.D / 32, rows, n, raw, kBlock, pf);
     }
 #endif
     for (int64_t jj = 0; jj < (dp ? 0 : n); ++jj) {
