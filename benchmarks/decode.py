@@ -3,7 +3,7 @@
 A decode step reads the cache once, so its figure of merit is bytes of K and V read per call over the time,
 compared with the read bandwidth of the same machine measured in the same run (``torch.sum`` over a buffer far
 larger than the last-level cache, best of several). Contenders, timed interleaved (one call of each per round,
-median over rounds, so that a busy machine slows all alike):
+each round starting with the next contender, median over rounds, so that a busy machine slows all alike):
 
 * ``fastattn contiguous``: ``kvcache_attention`` on a ``(B, Hkv, L, D)`` cache (no append);
 * ``fastattn paged``: the same keys in pages of ``--page-size`` under a shuffled block table;
@@ -127,8 +127,12 @@ def run_point(batch: int, length: int, dtype_name: str, args, device: str, bandw
     with torch.inference_mode():
         for fn in fns.values():  # warm-up
             fn(sets[0])
+        names = list(fns)
         for r in range(args.rounds):
-            for name, fn in fns.items():
+            # each round starts with the next contender: a call measured up to 3% faster late in a round than first (the
+            # same kernel timed four times in a row), which a fixed order would credit to whoever comes last
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                fn = fns[name]
                 s = sets[r % n_sets]
                 sync(device)
                 t = time.perf_counter()
