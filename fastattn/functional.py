@@ -22,15 +22,16 @@ def _distinct(*tensors):
     """The same tensors, a tensor passed twice (self-attention's ``q = k = v``) as a view of itself the second time.
 
     ``torch.compile`` cannot trace an ``autograd.Function`` given one tensor for two inputs; a view is free, and
-    gradients reach the original through it.
+    gradients reach the original through it. Compared with ``is``, not ``id()``: torch 2.11's dynamo cannot take
+    ``id()`` of a tensor computed inside the graph (``q = k = v = x @ w``) and raises under ``fullgraph=True``.
     """
-    seen: set[int] = set()
-    out = []
+    out: list = []
     for t in tensors:
-        if t is not None and id(t) in seen:
-            t = t.view(t.shape)
-        elif t is not None:
-            seen.add(id(t))
+        if t is not None:
+            for u in out:
+                if u is t:
+                    t = t.view(t.shape)
+                    break
         out.append(t)
     return out
 
