@@ -8,13 +8,13 @@ see shared/NOTES.md). Importing this module is cheap: triton and the kernels
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..backends.triton import _TRITON_INSTALLED, _interpreting
 from ._backends import GraphBackend, by_edge_id, register
 from ._ops import bwd_fake, fwd_fake, register_autograd
 
@@ -22,10 +22,6 @@ __all__ = ["TritonGraphBackend"]
 
 BLOCK_E = 8  # edges per block: one running-max update per block
 NUM_WARPS = 8
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _pow2(n: int) -> int:
@@ -209,7 +205,7 @@ class TritonGraphBackend(GraphBackend):
     )
 
     def unavailable_reason(self) -> Optional[str]:
-        if importlib.util.find_spec("triton") is None:
+        if not _TRITON_INSTALLED:
             return "triton is not installed (pip install 'triton>=3.6')"
         if not torch.cuda.is_available() and not _interpreting():
             return "no CUDA GPU, and TRITON_INTERPRET=1 is not set (the interpreter runs it on CPU tensors, slowly)"
