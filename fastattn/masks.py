@@ -115,8 +115,10 @@ def tensor_tile_summary(mask4: Tensor, seqlen_q: int, seqlen_k: int, block_q: in
     tq, nq_here = (block_q, n_q) if mq == seqlen_q and seqlen_q > 1 else (1, 1)
     tk, nk_here = (block_k, n_k) if mk == seqlen_k and seqlen_k > 1 else (1, 1)
     pad = (0, nk_here * tk - mk, 0, nq_here * tq - mq)
-    # uint8 with max/min reductions: several times faster than bool any/all over strided dims.
-    attend = (mask4 if mask4.dtype == torch.bool else mask4 != float("-inf")).view(torch.uint8)
+    # uint8 with max/min reductions: several times faster than bool any/all over strided dims. A free view in eager;
+    # a conversion under torch.compile, whose inductor in torch 2.11 cannot lower a bool tensor viewed as uint8.
+    attend = mask4 if mask4.dtype == torch.bool else mask4 != float("-inf")
+    attend = attend.to(torch.uint8) if torch.compiler.is_compiling() else attend.view(torch.uint8)
 
     def reduce(fill: int, op) -> Tensor:
         x = torch.nn.functional.pad(attend, pad, value=fill) if any(pad) else attend
