@@ -145,6 +145,49 @@ struct BufferRows {
   inline DVec load(int64_t j, int64_t d) const { return DVec::loadu(base + j * ld + d); }
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The lane sums of 16 vectors at once: lane 4 * b + c of the result is the sum of v[4 * c + b]'s lanes. Two rounds
+// of 128-bit block shuffles, then two of in-block shuffles, each halving the number of vectors: 45 shuffles and adds
+// for the 16 sums, where hsum4 takes 13 for 4 and then stores its sums one by one.
+inline __m512 hsum16(const __m512* v) {
+  __m512 s[8], t[4];
+  for (int i = 0; i < 8; ++i)  // blocks [v2i.q0 + v2i.q2, v2i.q1 + v2i.q3, v2i+1.q0 + v2i+1.q2, v2i+1.q1 + v2i+1.q3]
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // block b: four partial sums of v[4i + b]
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
+  // block b: two partial sums of v[b], two of v[4 + b] (u0); of v[8 + b] and v[12 + b] (u1)
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], 0x44), _mm512_shuffle_ps(t[0], t[1], 0xEE));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_ps(t[2], t[3], 0x44), _mm512_shuffle_ps(t[2], t[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x88), _mm512_shuffle_ps(u0, u1, 0xDD));
+}
+
+// Scores of 4 rows of q (fp32, stride ld, zero-padded to `padded`) against keys j..j+3, read in place:
+// out[r * ostride + j + c]. The 16 sums are independent FMA chains reduced together by hsum16, rather than each key's
+// four by hsum4: fp32 caches that fit L3 +16-30% at one and two threads (two: 47-54 against 61-63 GB/s), long ones
+// +4-6%.
+template <class Src>
+inline void dot_rows4(const float* qf, int64_t ld, const Src& k, int64_t j, int64_t padded, float* out,
+                      int64_t ostride) {
+  __m512 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < padded; d += DVec::size()) {
+    __m512 kv[4];
+    for (int c = 0; c < 4; ++c) kv[c] = k.load(j + c, d);
+    for (int r = 0; r < 4; ++r) {
+      const __m512 x = _mm512_loadu_ps(qf + r * ld + d);
+      for (int c = 0; c < 4; ++c) a[4 * c + r] = _mm512_fmadd_ps(x, kv[c], a[4 * c + r]);
+    }
+  }
+  const __m512 w = hsum16(a);
+  _mm_storeu_ps(out + j, _mm512_extractf32x4_ps(w, 0));
+  _mm_storeu_ps(out + ostride + j, _mm512_extractf32x4_ps(w, 1));
+  _mm_storeu_ps(out + 2 * ostride + j, _mm512_extractf32x4_ps(w, 2));
+  _mm_storeu_ps(out + 3 * ostride + j, _mm512_extractf32x4_ps(w, 3));
+}
+#endif
+
 // Scores of `rows` query rows (fp32, stride ld, zero-padded to `padded`) against key j: out[r * ostride].
 template <class Src>
 inline void dot_rows(const float* qf, int64_t rows, int64_t ld, const Src& k, int64_t j, int64_t padded, float* out,
@@ -224,23 +267,6 @@ inline void accumulate(float* acc, int64_t ld, const float* p, int64_t pld, cons
 // These functions take their own target (the AVX512 build's list plus avx512bf16) so that the build still runs
 // on AVX512 CPUs without it; they are called once per block of keys, so they are not inlined into the task.
 #define FASTATTN_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")))
-
-// The lane sums of 16 vectors at once: lane 4 * b + c of the result is the sum of v[4 * c + b]'s lanes. Two rounds
-// of 128-bit block shuffles, then two of in-block shuffles, each halving the number of vectors: 45 shuffles and adds
-// for the 16 sums, where hsum4 takes 13 for 4 and then stores its sums one by one.
-FASTATTN_BF16_TARGET inline __m512 hsum16(const __m512* v) {
-  __m512 s[8], t[4];
-  for (int i = 0; i < 8; ++i)  // blocks [v2i.q0 + v2i.q2, v2i.q1 + v2i.q3, v2i+1.q0 + v2i+1.q2, v2i+1.q1 + v2i+1.q3]
-    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)  // block b: four partial sums of v[4i + b]
-    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
-  // block b: two partial sums of v[b], two of v[4 + b] (u0); of v[8 + b] and v[12 + b] (u1)
-  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], 0x44), _mm512_shuffle_ps(t[0], t[1], 0xEE));
-  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_ps(t[2], t[3], 0x44), _mm512_shuffle_ps(t[2], t[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x88), _mm512_shuffle_ps(u0, u1, 0xDD));
-}
 
 // Scores of 4 rows of q (bf16, row stride qld, D = 32 * nc) against keys rows[0, n): out[r * ostride + j]. Four
 // keys per step: their 16 sums (key c, row b: a[4c + b]) are independent accumulation chains, reduced together by
@@ -468,7 +494,18 @@ struct HeadBlock {
         dot_block_bf16<0>(qb, R, Dp, p.D / 32, rows, n, raw, kBlock, pf);
     }
 #endif
-    for (int64_t jj = 0; jj < (dp ? 0 : n); ++jj) {
+    int64_t jj = dp ? n : 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    if (direct && R >= 4)  // four keys at a time against each group of 4 rows, then the rows left over key by key
+      for (; jj + 4 <= n; jj += 4) {
+        for (int c = 0; c < 4; ++c) kpf.at(jj + c);
+        int64_t r = 0;
+        for (; r + 4 <= R; r += 4) dot_rows4(qf + r * Dp, Dp, DirectRows<T>{krow}, jj, Dp, raw + r * kBlock, kBlock);
+        for (int c = 0; c < 4 && r < R; ++c)
+          dot_rows(qf + r * Dp, R - r, Dp, DirectRows<T>{krow}, jj + c, Dp, raw + r * kBlock + jj + c, kBlock);
+      }
+#endif
+    for (; jj < n; ++jj) {
       kpf.at(jj);
       if (direct) {
         dot_rows(qf, R, Dp, DirectRows<T>{krow}, jj, Dp, raw + jj, kBlock);
