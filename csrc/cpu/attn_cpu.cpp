@@ -30,13 +30,7 @@
 namespace fastattn_cpu {
 namespace {
 
-const Kernels* kernels_for(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return kernels_avx512();
-    case Isa::kAvx2: return kernels_avx2();
-    default: return kernels_default();
-  }
-}
+const Kernels* kernels_for(Isa isa) { return build_for(isa, kernels_avx512, kernels_avx2, kernels_default); }
 
 bool compiled(Isa isa) { return kernels_for(isa) != nullptr; }
 

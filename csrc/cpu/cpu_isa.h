@@ -34,6 +34,17 @@ namespace fastattn_cpu {
 enum class Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr int kNumIsa = 3;
 
+// One kernel family's table for `isa`: its AVX512, AVX2 or default build's (nullptr for a build this compiler left
+// out). The attention, decode and graph selectors all map an Isa through this.
+template <typename Table>
+const Table* build_for(Isa isa, const Table* (*avx512)(), const Table* (*avx2)(), const Table* (*fallback)()) {
+  switch (isa) {
+    case Isa::kAvx512: return avx512();
+    case Isa::kAvx2: return avx2();
+    default: return fallback();
+  }
+}
+
 inline const char* isa_name(Isa isa) {
   static const char* const names[kNumIsa] = {"default", "avx2", "avx512"};
   return names[static_cast<int>(isa)];

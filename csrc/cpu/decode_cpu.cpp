@@ -21,11 +21,7 @@ namespace fastattn_cpu {
 namespace {
 
 const DecodeKernels* decode_kernels_for(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return decode_kernels_avx512();
-    case Isa::kAvx2: return decode_kernels_avx2();
-    default: return decode_kernels_default();
-  }
+  return build_for(isa, decode_kernels_avx512, decode_kernels_avx2, decode_kernels_default);
 }
 
 bool decode_compiled(Isa isa) { return decode_kernels_for(isa) != nullptr; }

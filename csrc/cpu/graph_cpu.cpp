@@ -28,11 +28,7 @@ namespace graph {
 namespace {
 
 const GraphKernels* kernels_for(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return graph_kernels_avx512();
-    case Isa::kAvx2: return graph_kernels_avx2();
-    default: return graph_kernels_default();
-  }
+  return build_for(isa, graph_kernels_avx512, graph_kernels_avx2, graph_kernels_default);
 }
 
 bool compiled(Isa isa) { return kernels_for(isa) != nullptr; }
