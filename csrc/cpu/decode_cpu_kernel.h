@@ -163,10 +163,19 @@ inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x88), _mm512_shuffle_ps(u0, u1, 0xDD));
 }
 
+// The scores of 4 keys by 4 rows from their 16 sums a[4 * c + r] (key c, row r): out[r * ostride + c].
+inline void store_scores16(const __m512* a, float* out, int64_t ostride) {
+  const __m512 w = hsum16(a);  // 128-bit block r: row r's four scores
+  _mm_storeu_ps(out, _mm512_extractf32x4_ps(w, 0));  // the block index is an immediate
+  _mm_storeu_ps(out + ostride, _mm512_extractf32x4_ps(w, 1));
+  _mm_storeu_ps(out + 2 * ostride, _mm512_extractf32x4_ps(w, 2));
+  _mm_storeu_ps(out + 3 * ostride, _mm512_extractf32x4_ps(w, 3));
+}
+
 // Scores of 4 rows of q (fp32, stride ld, zero-padded to `padded`) against keys j..j+3, read in place:
-// out[r * ostride + j + c]. The 16 sums are independent FMA chains reduced together by hsum16, rather than each key's
-// four by hsum4: fp32 caches that fit L3 +16-30% at one and two threads (two: 47-54 against 61-63 GB/s), long ones
-// +4-6%.
+// out[r * ostride + j + c]. The 16 sums are independent FMA chains reduced together (store_scores16), rather than
+// each key's four by hsum4: fp32 caches that fit L3 +16-30% at one and two threads (two: 47-54 against 61-63 GB/s),
+// long ones +4-6%.
 template <class Src>
 inline void dot_rows4(const float* qf, int64_t ld, const Src& k, int64_t j, int64_t padded, float* out,
                       int64_t ostride) {
@@ -180,11 +189,7 @@ inline void dot_rows4(const float* qf, int64_t ld, const Src& k, int64_t j, int6
       for (int c = 0; c < 4; ++c) a[4 * c + r] = _mm512_fmadd_ps(x, kv[c], a[4 * c + r]);
     }
   }
-  const __m512 w = hsum16(a);
-  _mm_storeu_ps(out + j, _mm512_extractf32x4_ps(w, 0));
-  _mm_storeu_ps(out + ostride + j, _mm512_extractf32x4_ps(w, 1));
-  _mm_storeu_ps(out + 2 * ostride + j, _mm512_extractf32x4_ps(w, 2));
-  _mm_storeu_ps(out + 3 * ostride + j, _mm512_extractf32x4_ps(w, 3));
+  store_scores16(a, out + j, ostride);
 }
 #endif
 
@@ -269,13 +274,12 @@ inline void accumulate(float* acc, int64_t ld, const float* p, int64_t pld, cons
 #define FASTATTN_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")))
 
 // Scores of 4 rows of q (bf16, row stride qld, D = 32 * nc) against keys rows[0, n): out[r * ostride + j]. Four
-// keys per step: their 16 sums (key c, row b: a[4c + b]) are independent accumulation chains, reduced together by
-// hsum16 into one vector whose 128-bit block r holds row r's four scores. q is read from L1 as it is used, so that
-// the 16 sums and the 4 keys' chunks fit the registers. pf: the next unit's K rows, prefetched one key per key
-// scored, so that the lines in flight are spread over the pass: the whole block's at once measured 12 against
-// 17 GB/s on one thread from memory. Against two keys per step with each row's sums reduced by hsum4: +7-13% on
-// caches that fit L3 (two threads: 39-43 against 44-47 GB/s), equal within noise on long caches, which the memory
-// bounds.
+// keys per step: their 16 sums (key c, row b: a[4c + b]) are independent accumulation chains, reduced together
+// (store_scores16). q is read from L1 as it is used, so that the 16 sums and the 4 keys' chunks fit the registers.
+// pf: the next unit's K rows, prefetched one key per key scored, so that the lines in flight are spread over the
+// pass: the whole block's at once measured 12 against 17 GB/s on one thread from memory. Against two keys per step
+// with each row's sums reduced by hsum4: +7-13% on caches that fit L3 (two threads: 39-43 against 44-47 GB/s),
+// equal within noise on long caches, which the memory bounds.
 template <int NC>
 FASTATTN_BF16_TARGET void dot_rows4_bf16(const uint16_t* q, int64_t qld, int64_t nc_rt, const uint16_t* const* rows,
                                          int64_t n, float* out, int64_t ostride, const Prefetch<uint16_t>& pf) {
@@ -293,11 +297,7 @@ FASTATTN_BF16_TARGET void dot_rows4_bf16(const uint16_t* q, int64_t qld, int64_t
         for (int kk = 0; kk < 4; ++kk) a[4 * kk + r] = _mm512_dpbf16_ps(a[4 * kk + r], x, k[kk]);
       }
     }
-    const __m512 w = hsum16(a);
-    _mm_storeu_ps(out + j, _mm512_extractf32x4_ps(w, 0));
-    _mm_storeu_ps(out + ostride + j, _mm512_extractf32x4_ps(w, 1));
-    _mm_storeu_ps(out + 2 * ostride + j, _mm512_extractf32x4_ps(w, 2));
-    _mm_storeu_ps(out + 3 * ostride + j, _mm512_extractf32x4_ps(w, 3));
+    store_scores16(a, out + j, ostride);
   }
   for (; j < n; ++j) {
     pf.at(j);
