@@ -380,6 +380,8 @@ def _bad_cases():
         ("negative page", lambda a: a["block_table"].__setitem__((1, 2), -1), "block_table"),
         ("append past capacity", lambda a: a["cache_seqlens"].__setitem__(1, 6 * 16 - 1), "capacity"),
         ("negative seqlen", lambda a: a["cache_seqlens"].__setitem__(0, -1), "cache_seqlens"),
+        # int32 cache_seqlens + Lnew wraps around to a negative total unless the check widens first
+        ("seqlen wraps int32", lambda a: a["cache_seqlens"].__setitem__(1, 2**31 - 2), "capacity"),
         ("seqlens int64", lambda a: a.__setitem__("cache_seqlens", a["cache_seqlens"].long()), "cache_seqlens"),
         ("seqlens shape", lambda a: a.__setitem__("cache_seqlens", a["cache_seqlens"][:1]), "cache_seqlens"),
         ("table int64", lambda a: a.__setitem__("block_table", a["block_table"].long()), "block_table"),
@@ -393,11 +395,17 @@ def _bad_cases():
         ("gqa not enabled", lambda a: a.__setitem__("enable_gqa", False), "enable_gqa"),
         ("num_splits 0", lambda a: a.__setitem__("num_splits", 0), "num_splits"),
         ("window", lambda a: a.__setitem__("window", (-2, 0)), "window"),
+        ("check_values not bool", lambda a: a.__setitem__("check_values", "no"), "check_values"),
     ]
 
 
+@pytest.mark.parametrize("check", ["walk", "screen"])
 @pytest.mark.parametrize("name,change,text", _bad_cases(), ids=[c[0] for c in _bad_cases()])
-def test_kvcache_bad_input_leaves_cache_unchanged(name, change, text):
+def test_kvcache_bad_input_leaves_cache_unchanged(name, change, text, check, monkeypatch):
+    """Every bad input raises naming it and leaves both caches bit-identical, whether the values are walked in
+    Python (small tables on the CPU) or screened in tensor ops first (large ones, and every GPU call)."""
+    if check == "screen":
+        monkeypatch.setattr(fastattn.kvcache, "_WALK_ENTRIES", -1)
     case = Case(batch=2, lengths=(10, 40), new=3, heads_q=4, heads_kv=2, page_size=16)
     query, kc, vc, seqlens, key, value, block_table, kw = build(case)
     args = dict(query=query, key_cache=kc, value_cache=vc, cache_seqlens=seqlens, key=key, value=value,
@@ -409,6 +417,61 @@ def test_kvcache_bad_input_leaves_cache_unchanged(name, change, text):
                                    args.pop("cache_seqlens"), backend="reference", **args)  # fmt: skip
     assert text in str(err.value)
     assert torch.equal(kc, k0) and torch.equal(vc, v0), f"{name}: the cache changed although the call raised"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_kvcache_table_past_used_pages_is_never_read(backend, monkeypatch):
+    """Entries of a block table past the pages a sequence uses may hold anything (vLLM pads rows with -1): the
+    check passes them, and the output and caches are those of the call with a well-formed table."""
+    _runnable(backend, monkeypatch)
+    case = Case(batch=3, lengths=(3, 40, 0), new=2, heads_q=4, heads_kv=2, page_size=16)
+    query, kc, vc, seqlens, key, value, block_table, kw = build(case)
+    padded = block_table.clone()
+    for b, n in enumerate(case.lengths):
+        used = -(-(n + case.new) // case.page_size)
+        padded[b, used:] = torch.tensor([-1, 10**9, kc.shape[0]], dtype=torch.int32)[: padded.shape[1] - used]
+    assert not torch.equal(padded, block_table), "the case leaves no entry past a sequence's pages"
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = fastattn.kvcache_attention(query, kc, vc, seqlens, key=key, value=value, block_table=block_table,
+                                     backend=backend, **kw)  # fmt: skip
+    out2 = fastattn.kvcache_attention(query, kc2, vc2, seqlens, key=key, value=value, block_table=padded,
+                                      backend=backend, **kw)  # fmt: skip
+    assert torch.equal(out, out2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+def test_kvcache_check_values_false_skips_only_the_value_check(monkeypatch):
+    """``check_values=False`` gives the same output and caches without reading the values on the host; the
+    default reads them (and raises on a bad one)."""
+    import fastattn.kvcache as kvmod
+
+    case = Case(batch=2, lengths=(10, 40), new=3, heads_q=4, heads_kv=2, page_size=16)
+    query, kc, vc, seqlens, key, value, block_table, kw = build(case)
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = fastattn.kvcache_attention(query, kc, vc, seqlens, key=key, value=value, block_table=block_table,
+                                      backend="cpu", **kw)  # fmt: skip
+
+    def refuse(*args):
+        raise RuntimeError("the values were read on the host")
+
+    monkeypatch.setattr(kvmod, "_check_values", refuse)  # the walk and the screen both start there
+    got = fastattn.kvcache_attention(query, kc2, vc2, seqlens, key=key, value=value, block_table=block_table,
+                                     backend="cpu", check_values=False, **kw)  # fmt: skip
+    assert torch.equal(got, want) and torch.equal(kc2, kc) and torch.equal(vc2, vc)
+    with pytest.raises(RuntimeError, match="read on the host"):
+        fastattn.kvcache_attention(query, kc2.clone(), vc2.clone(), seqlens, block_table=block_table, **kw)
+
+
+def test_kvcache_values_unread_during_cuda_graph_capture(monkeypatch):
+    """While a CUDA stream is captured the host cannot read the values (a sync there is an error, and the replays
+    bring other values): the check is skipped for CUDA tensors then, and only for them."""
+    from fastattn.kvcache import _host_can_read
+
+    assert _host_can_read(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not _host_can_read(torch.device("cuda"))
+    assert _host_can_read(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert _host_can_read(torch.device("cuda"))
 
 
 def test_kvcache_forward_only():
