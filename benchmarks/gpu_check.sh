@@ -6,6 +6,8 @@
 # machine, so every file goes there (default benchmarks/results), at most 8 files:
 #   build.log           the CUDA extension's build (ptxas registers and spills)
 #   gpu-tests.jsonl     where each GPU-suite case ran (checked: every case on cuda, no interpreter/emulator)
+#   bench-decode.md     kvcache_attention (triton, cuda; contiguous, paged) as bandwidth against the measured
+#                       HBM bandwidth and SDPA's kernels (benchmarks/decode.py; issue #21's GPU bar)
 #   bench-main.json     fastattn triton and cuda against SDPA's flash, cudnn and efficient kernels
 #   bench-flex.json     FlexAttention at the head-dim-128 points
 #   bench-softcap.json  Gemma-2-shaped softcap attention (D=256, GQA, window): fastattn against Flex's score_mod
@@ -18,6 +20,7 @@
 #   build      the CUDA extension, in the background while the Triton half of the GPU suite runs
 #   tests      tests/test_gpu.py on cuda tensors (Triton, then CUDA once built), then the record check
 #   sanitizer  compute-sanitizer memcheck on a small CUDA-backend forward and backward
+#   decode     decoding over a key/value cache as bandwidth (benchmarks/decode.py's covering set of points)
 #   bench      the main points; then FlexAttention at head dim 128; then the softcap points against Flex
 #   tune       benchmarks/tune.py with the time left (minus what rebench needs)
 #   rebench    the Triton backend at the main head-dim-128 points with the tuned table
@@ -30,7 +33,7 @@ PY=${GPU_PY:-python3}
 MINUTES=${GPU_CHECK_MINUTES:-9}
 RESULTS=${GPU_RESULTS:-benchmarks/results}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-STEPS=" ${GPU_CHECK_STEPS:-build tests sanitizer bench tune rebench} "
+STEPS=" ${GPU_CHECK_STEPS:-build tests sanitizer decode bench tune rebench} "
 WORKERS=${GPU_TEST_WORKERS:-8}
 # The dry run's interpreter and emulator are slower than a GPU: its steps get longer caps.
 CAP_SCALE=${GPU_CHECK_CAP_SCALE:-$([ "$DEVICE" = cuda ] && echo 1 || echo 4)}
@@ -40,12 +43,15 @@ if [ "$DEVICE" = cuda ]; then
     FLEX_ARGS=${GPU_FLEX_ARGS:---seqlens 4096,16384 --head-dims 128 $POINTS}
     REBENCH_ARGS=${GPU_REBENCH_ARGS:---seqlens 4096,16384 --head-dims 128 $POINTS}
     SOFTCAP_ARGS=${GPU_SOFTCAP_ARGS:---backends cuda,triton,flex}
+    DECODE_ARGS=${GPU_DECODE_ARGS:---rounds 15}
 else  # the dry run: the same steps at sizes the interpreter and the emulator finish quickly
     POINTS="--dtypes float16 --modes fwd,bwd --causal false,true --tokens 128 --hidden 128 --rep-seconds 0.01"
     BENCH_ARGS=${GPU_BENCH_ARGS:---seqlens 64 --head-dims 64 $POINTS}
     FLEX_ARGS=${GPU_FLEX_ARGS:---seqlens 64 --head-dims 64 $POINTS}
     REBENCH_ARGS=${GPU_REBENCH_ARGS:---seqlens 64 --head-dims 64 $POINTS}
     SOFTCAP_ARGS=${GPU_SOFTCAP_ARGS:---dry-run --backends cuda,triton,flex}
+    DECODE_ARGS=${GPU_DECODE_ARGS:---points 1:80:fp16 --heads-kv 2 --head-dim 32 --page-size 16 --rounds 2
+        --backends triton,cuda --sdpa-kernels flash,efficient,cudnn}
 fi
 BENCH_BACKENDS=${GPU_BENCH_BACKENDS:-triton,cuda,flash,cudnn,efficient}
 mkdir -p "$RESULTS"
@@ -136,7 +142,15 @@ elif wants sanitizer; then
     step "sanitizer case (dry run, emulator)" 120 env FASTATTN_CUDA_EMULATE=1 "$PY" benchmarks/sanitize_case.py --device cpu
 fi
 
-# 4. The benchmark's main points, then FlexAttention (it compiles per shape: fewer points).
+# 4. Decoding over a key/value cache: issue #21's GPU bar (>= 80% of the measured HBM bandwidth for long caches,
+#    faster than SDPA's kernels), the one measurement that issue still lacks.
+if wants decode; then
+    # shellcheck disable=SC2086
+    step "benchmark: decode over a key/value cache" 120 "${BENCH_ENV[@]}" "$PY" benchmarks/decode.py \
+        --device "$BENCH_DEVICE" $DECODE_ARGS --out "$RESULTS/bench-decode.md"
+fi
+
+# 5. The benchmark's main points, then FlexAttention (it compiles per shape: fewer points).
 if wants bench; then
     # shellcheck disable=SC2086
     step "benchmark: main points" 240 "${BENCH_ENV[@]}" "$PY" benchmarks/run.py --device "$BENCH_DEVICE" $BENCH_ARGS \
@@ -150,7 +164,7 @@ if wants bench; then
         --device "$BENCH_DEVICE" $SOFTCAP_ARGS --max-minutes 2 --strict --json "$RESULTS/bench-softcap.json"
 fi
 
-# 5. Tuning with the time left, keeping 60 s for the rebench.
+# 6. Tuning with the time left, keeping 60 s for the rebench.
 if wants tune; then
     budget=$(($(left) - 75))
     if ((budget > 30)); then
@@ -163,7 +177,7 @@ if wants tune; then
     fi
 fi
 
-# 6. The Triton backend again with the tuned table (copied where the launchers look for it).
+# 7. The Triton backend again with the tuned table (copied where the launchers look for it).
 if wants rebench; then
     table=$(ls "$RESULTS"/sm*-triton*.json 2>/dev/null | head -n 1)
     if [ -n "$table" ] && [ "$DEVICE" = cuda ]; then
@@ -180,6 +194,7 @@ echo
 echo "gpu-check summary ($(($(date +%s) - START)) s of ${MINUTES} min):"
 printf '  %s\n' "${SUMMARY[@]}"
 "$PY" benchmarks/gpu_summary.py "$RESULTS" || true
+[ -f "$RESULTS/bench-decode.md" ] && grep -E '^\| ([0-9]|B )' "$RESULTS/bench-decode.md"
 [ -f "$RESULTS/bench-softcap.json" ] && { "$PY" benchmarks/softcap_flex.py --from-json "$RESULTS/bench-softcap.json" || true; }
 ls -1 "$RESULTS" | sed 's/^/  wrote /'
 exit $FAILED

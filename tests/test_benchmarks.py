@@ -371,3 +371,22 @@ def test_varlen_benchmark_end_to_end(tmp_path, padded):
     names = ["unpad_varlen", "compact_mask", "sdpa_padded"] if padded else ["fastattn", "sdpa_padded"]
     assert [r.split(" | ")[2] for r in rows][: len(names)] == names
     assert "x**" in rows[0]  # the subject's ratio against its best peer
+
+
+def test_decode_benchmark_end_to_end(tmp_path):
+    """benchmarks/decode.py at toy size with two backends and SDPA's kernels forced: every contender agrees with
+    SDPA before it is timed, a kernel that refuses the call is left out and named, and both tables come out."""
+    spec = importlib.util.spec_from_file_location("fastattn_bench_decode", os.path.join(BENCH, "decode.py"))
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    out = tmp_path / "decode.md"
+    args = ["--points", "1:80:fp32,2:33:bf16", "--heads-kv", "2", "--head-dim", "32", "--page-size", "16"]
+    args += ["--rounds", "2", "--backends", "cpu,reference", "--sdpa-kernels", "flash,efficient", "--out", str(out)]
+    assert decode.main(args) == 0
+    text = out.read_text()
+    main_rows = [line for line in text.splitlines() if line.startswith("| 1 | 80 |") or line.startswith("| 2 | 33 |")]
+    assert len(main_rows) == 4  # each point in the main table and in the every-contender table
+    header = next(line for line in text.splitlines() if line.startswith("| B | cache | dtype | cpu contiguous"))
+    assert "reference paged" in header and "read" in header
+    # SDPA's efficient kernel has no CPU implementation: left out, and said so
+    assert "`sdpa efficient` refused the call" in text
