@@ -373,12 +373,17 @@ def test_varlen_benchmark_end_to_end(tmp_path, padded):
     assert "x**" in rows[0]  # the subject's ratio against its best peer
 
 
-def test_decode_benchmark_end_to_end(tmp_path):
-    """benchmarks/decode.py at toy size with two backends and SDPA's kernels forced: every contender agrees with
-    SDPA before it is timed, a kernel that refuses the call is left out and named, and both tables come out."""
+def _load_decode():
     spec = importlib.util.spec_from_file_location("fastattn_bench_decode", os.path.join(BENCH, "decode.py"))
     decode = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(decode)
+    return decode
+
+
+def test_decode_benchmark_end_to_end(tmp_path):
+    """benchmarks/decode.py at toy size with two backends and SDPA's kernels forced: every contender agrees with
+    SDPA before it is timed, a kernel that refuses the call is left out and named, and both tables come out."""
+    decode = _load_decode()
     out = tmp_path / "decode.md"
     args = ["--points", "1:80:fp32,2:33:bf16", "--heads-kv", "2", "--head-dim", "32", "--page-size", "16"]
     args += ["--rounds", "2", "--backends", "cpu,reference", "--sdpa-kernels", "flash,efficient", "--out", str(out)]
@@ -390,3 +395,67 @@ def test_decode_benchmark_end_to_end(tmp_path):
     assert "reference paged" in header and "read" in header
     # SDPA's efficient kernel has no CPU implementation: left out, and said so
     assert "`sdpa efficient` refused the call" in text
+
+
+def test_decode_benchmark_graph_bookkeeping(monkeypatch):
+    """The GPU-only half of benchmarks/decode.py, with torch.cuda's streams and graphs stood in for by objects
+    that run the calls on the CPU: which contenders get a ``graph`` twin, which are refused and why (a call that
+    raises, a replay whose output differs from the eager call's), and which names the main table then takes."""
+    decode = _load_decode()
+
+    class Context:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", Context)
+    monkeypatch.setattr(torch.cuda, "graph", Context)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(decode, "timed", lambda fn, args, device: 1e-4)  # one replay: 0.1 ms
+
+    def refuses(s):
+        raise RuntimeError("No available kernel.\nmore")
+
+    x = torch.arange(3.0)
+    fns = {
+        "triton contiguous": lambda s: x * s,
+        "triton paged": lambda s: x + s,
+        "triton unchecked": lambda s: x * s,
+        "sdpa": lambda s: x - s,
+        "sdpa cudnn": refuses,
+        "sdpa flash": lambda s: torch.rand(3),  # a different output each call: its replay cannot match
+        "read": lambda i: x.sum() + i,
+    }
+    per_call = {name: [0, 1] for name in fns}
+    reps = {name: 3 for name in fns}
+    refused = {}
+    decode.graphs(fns, per_call, reps, 2, refused)
+    added = sorted(n for n in fns if n.endswith(" graph"))
+    assert added == ["read graph", "sdpa graph", "triton contiguous graph", "triton paged graph"]
+    assert refused["sdpa cudnn graph"] == "RuntimeError: No available kernel."
+    assert "differs from the eager call" in refused["sdpa flash graph"]
+    assert reps["triton contiguous graph"] == 20 and len(per_call["read graph"]) == 1
+    med = {name: 1.0 for name in fns}
+    assert decode.main_names(med, "triton") == (
+        "triton contiguous graph", "triton paged graph", "read graph", ["sdpa graph"], "graph"
+    )  # fmt: skip
+    eager = {name: 1.0 for name in fns if not name.endswith(" graph") and name != "sdpa cudnn"}
+    assert decode.main_names(eager, "triton") == (
+        "triton contiguous", "triton paged", "read", ["sdpa", "sdpa flash"], "eager"
+    )  # fmt: skip
