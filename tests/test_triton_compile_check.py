@@ -89,7 +89,7 @@ def test_parser_and_variant_sets():
     default = cc.variants([75, 80, 86, 90], all_masks=False)
     full = cc.variants([75, 80, 86, 90], all_masks=True)
     fwd_default = [v for v in default if v.kernel == "_attn_fwd_kernel"]
-    attention_full = [v for v in full if v.kernel != cc.DECODE_KERNEL]
+    attention_full = [v for v in full if v.kernel not in (cc.DECODE_KERNEL, cc.MERGE_KERNEL)]
     assert {v.mask for v in fwd_default} == set(cc.DEFAULT_MASKS + cc.PACKED_MASKS)
     assert {v.mask for v in attention_full} == set(cc.ALL_MASKS + cc.PACKED_MASKS)
     # The decode kernel: its plainest and heaviest builds on every arch, dtype and head dim.
@@ -100,6 +100,10 @@ def test_parser_and_variant_sets():
     assert {(v.arch, v.dtype, v.head_dim) for v in decode_default} == {
         (v.arch, v.dtype, v.head_dim) for v in fwd_default
     }
+    # ... and its merge of the splits, without and with the sinks.
+    merge_default = {(v.arch, v.dtype, v.head_dim, v.mask) for v in default if v.kernel == cc.MERGE_KERNEL}
+    arch_dtype_dim = {(v.arch, v.dtype, v.head_dim) for v in fwd_default}
+    assert merge_default == {(*x, m) for x in arch_dtype_dim for m in decode.MERGE_MASKS}
     assert {v.head_dim for v in default} == set(cc.HEAD_DIMS)
     assert not any(v.dtype == "bf16" and v.arch == 75 for v in full)
     # Every (arch, dtype, head dim, mask) also compiles both backward kernels, in bwd_config's config.

@@ -167,11 +167,15 @@ def variants(
                         out.append(Variant(name, arch, dtype, d, mask, bm, bn, w, s))
                 for mask, br, bn, w, s in () if masks is not None else decode.compile_variants(tdt, d, arch):
                     out.append(Variant(DECODE_KERNEL, arch, dtype, d, mask, br, bn, w, s))
+                merge = decode.merge_config(d)
+                for mask in () if masks is not None else decode.MERGE_MASKS:
+                    out.append(Variant(MERGE_KERNEL, arch, dtype, d, mask, 1, merge["BLOCK_DV"], merge["num_warps"], 1))
     return out
 
 
 BWD_KERNELS = ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 DECODE_KERNEL = "_decode_kernel"  # kvcache_attention's split-KV kernel (decode.py), block_m = its row tile
+MERGE_KERNEL = "_merge_kernel"  # its merge of the splits (decode.py), block_n = BLOCK_DV; no matmul
 
 
 def _default(masks: tuple[str, ...], arch: int, head_dim: int, packed: bool) -> tuple[str, ...]:
@@ -308,6 +312,10 @@ def _signature(v: Variant):
         from .decode import compile_signature
 
         return compile_signature(v.mask, v.dtype, v.head_dim, v.block_m, v.block_n)
+    if v.kernel == MERGE_KERNEL:
+        from .decode import merge_compile_signature
+
+        return merge_compile_signature(v.mask, v.dtype, v.head_dim)
     from . import fwd
     from ._common import SCORE_TYPES
 
@@ -430,7 +438,7 @@ def assess(res: Result) -> Result:
             res.problems.append(f"spills {res.spill_bytes} bytes")
         if res.shared_bytes > SMEM_LIMIT[v.arch]:
             res.problems.append(f"shared memory {res.shared_bytes} > sm_{v.arch} limit {SMEM_LIMIT[v.arch]}")
-        if v.dtype in ("fp16", "bf16") and v.arch >= 80:
+        if v.dtype in ("fp16", "bf16") and v.arch >= 80 and v.kernel != MERGE_KERNEL:
             # wgmma needs 64 rows per warpgroup: the matmuls' row dim is the dK/dV pass's resident key
             # tile (BLOCK_N), every other kernel's query tile (BLOCK_M); below 64 Triton uses mma.sync.
             rows = v.block_n if v.kernel == "_attn_bwd_dkdv_kernel" else v.block_m

@@ -10,8 +10,8 @@ step, e.g. a group of 8 verifying 16 drafted tokens) do the rows take several ti
 A program walks the ``s``-th of ``splits`` equal parts (multiples of ``BLOCK_N``) of the
 keys its rows attend, loading K and V tiles through the block table (``page = block_table[b, j // page_size]``,
 ``slot = j % page_size``; a contiguous cache is page ``b`` with ``page_size = Lmax``), with an online softmax in
-fp32, and writes its normalised partial output and lse; ``merge_splits`` (torch ops) combines the splits exactly
-through their lse and adds the sink.
+fp32, and writes its normalised partial output and lse; ``_merge_kernel`` combines the splits exactly through
+their lse, adds the sink and writes the output in the input dtype, in one launch (``merge_splits``' formula).
 
 Cost: ``4 * B * Hq * Lq * total * D`` FLOPs against minimum bytes of K and V of every attended key once (plus q
 and out): about 8 FLOPs per byte read at ``group * Lq = 4``, far below a GPU's ratio, so it is bound by memory
@@ -28,13 +28,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...kvcache import merge_splits
 from ...params import VariantScalars
 from .._kvcache import gpu_workers, splits_for
 from ._common import SCORE_ALIBI, SCORE_ALL, SCORE_TYPES, score_args, score_mod
 from .fwd import _arch
 
-__all__ = ["kvcache_decode", "decode_config", "_decode_kernel"]
+__all__ = ["kvcache_decode", "decode_config", "_decode_kernel", "_merge_kernel"]
 
 
 @triton.jit
@@ -192,11 +191,76 @@ def kvcache_decode(
         qk_scale, score, left, right,
         PAGED=block_table is not None, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, SCORE=score_flags, **cfg,
     )  # fmt: skip
-    out, lse = merge_splits(part_out, part_lse, sinks)
-    return out.to(query.dtype), lse
+    return merge(part_out, part_lse, sinks, query.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- compile-check
+
+
+@triton.jit
+def _merge_kernel(
+    PART_OUT, PART_LSE, SINKS, OUT, LSE,
+    rows, heads_q, seqlen_q, head_dim_v, num_splits,
+    BLOCK_DV: tl.constexpr, HAS_SINK: tl.constexpr,
+):  # fmt: skip
+    """One row ``r`` of ``(B, Hq, Lq)``: ``OUT[r] = sum_s exp(lse_s - lse) PART_OUT[s, r]`` in OUT's dtype and
+    ``LSE[r] = log(sum_s exp(lse_s) + exp(sink))`` (-inf and zeros for a row that attended nothing), from the
+    splits' normalised partials ``PART_OUT (S, rows, Dv)`` and ``PART_LSE (S, rows)`` fp32 (-inf: no keys).
+
+    Cost per row: ``2 * S * Dv`` FLOPs against ``S * (Dv + 1) * 4`` bytes read and ``Dv`` elements written, a
+    few percent of what the decode kernel reads of the cache: bound by its launch, which is why it is one kernel
+    rather than the nine torch ops of ``merge_splits`` and the cast (each a launch of a few microseconds, when a
+    B = 1 cache of 32k tokens takes about 30 us of an H200's bandwidth).
+    """
+    r = tl.program_id(0).to(tl.int64)
+    split_rows = r * 0 + rows  # int64: the stride of a split in PART_LSE; times Dv in PART_OUT
+    lse_ptr = PART_LSE + r
+    top = tl.load(lse_ptr)  # split 0 (num_splits >= 1)
+    for _ in range(1, num_splits):
+        lse_ptr += split_rows
+        top = tl.maximum(top, tl.load(lse_ptr))
+    if HAS_SINK:
+        sink = tl.load(SINKS + (r // seqlen_q) % heads_q).to(tl.float32)
+        top = tl.maximum(top, sink)
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    d = tl.arange(0, BLOCK_DV)
+    d_ok = d < head_dim_v
+    lse_ptr = PART_LSE + r
+    out_ptr = PART_OUT + r * head_dim_v + d
+    total = tl.exp(tl.load(lse_ptr) - safe)  # 0 for a split without keys
+    acc = total * tl.load(out_ptr, mask=d_ok, other=0.0)
+    for _ in range(1, num_splits):
+        lse_ptr += split_rows
+        out_ptr += split_rows * head_dim_v
+        w = tl.exp(tl.load(lse_ptr) - safe)
+        acc += w * tl.load(out_ptr, mask=d_ok, other=0.0)
+        total += w
+    if HAS_SINK:
+        total += tl.exp(sink - safe)
+    out = acc / tl.where(total > 0.0, total, 1.0)
+    tl.store(OUT + r * head_dim_v + d, out.to(OUT.dtype.element_ty), mask=d_ok)
+    tl.store(LSE + r, tl.where(total > 0.0, safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf")))
+
+
+def merge(part_out: Tensor, part_lse: Tensor, sinks: Optional[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``merge_splits`` in one launch of ``_merge_kernel``: ``(out (B, Hq, Lq, Dv) in dtype, lse fp32)``."""
+    splits, batch, heads_q, seqlen_q, head_dim_v = part_out.shape
+    out = torch.empty(batch, heads_q, seqlen_q, head_dim_v, device=part_out.device, dtype=dtype)
+    lse = torch.empty(batch, heads_q, seqlen_q, device=part_out.device, dtype=torch.float32)
+    rows = batch * heads_q * seqlen_q
+    if rows:
+        _merge_kernel[(rows,)](
+            part_out, part_lse, sinks if sinks is not None else part_lse, out, lse,
+            rows, heads_q, seqlen_q, head_dim_v, splits, **merge_config(head_dim_v), HAS_SINK=sinks is not None,
+        )  # fmt: skip
+    return out, lse
+
+
+def merge_config(head_dim_v: int) -> dict:
+    """``_merge_kernel``'s tile: a row of the output per program, a warp per 128 values."""
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    return dict(BLOCK_DV=block_dv, num_warps=max(1, block_dv // 128), num_stages=1)
+
 
 # The builds ``fastattn compile-check`` audits per arch, dtype and head dim: the plainest launch (contiguous cache,
 # no band) and the heaviest (paged, both band bounds, every score rule), each at the smallest row tile (a GQA group
@@ -246,3 +310,24 @@ def compile_signature(mask: str, dtype: str, head_dim: int, block_r: int, block_
             if name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return _decode_kernel, sig, constexprs, attrs
+
+
+# The merge's builds compile-check audits per arch, dtype and head dim: without and with the sinks.
+MERGE_MASKS = {"merge": dict(HAS_SINK=False), "merge+sinks": dict(HAS_SINK=True)}
+
+
+def merge_compile_signature(mask: str, dtype: str, head_dim: int):
+    """``(fn, signature, constexprs, attrs)`` of ``_merge_kernel`` as ``merge`` launches it for this head dim."""
+    pointers = {"PART_OUT": "*fp32", "PART_LSE": "*fp32", "SINKS": "*fp32", "OUT": "*" + dtype, "LSE": "*fp32"}
+    consts = {"BLOCK_DV": merge_config(head_dim)["BLOCK_DV"], **MERGE_MASKS[mask]}
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(_merge_kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            constexprs[name] = consts[name]
+        elif name in pointers:
+            sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+    return _merge_kernel, sig, constexprs, attrs
