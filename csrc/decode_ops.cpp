@@ -2,10 +2,10 @@
 // kernel on the CUDA backend, with the schema of the CPU one (fastattn::cpu_kvcache_fwd).
 //
 // Checks every argument (naming it, what was expected and what was received), launches the split kernel into fp32
-// partials and merges them exactly through their lse, with the sinks' logits added to the denominator once (ATen
-// ops, the same formula as fastattn.kvcache.merge_splits). The append into the caches and the choice of splits
-// happen in Python (fastattn/backends/cuda.py), in the op that wraps this one. Built like attn_ops.cpp: for CUDA
-// tensors with nvcc, or, with FASTATTN_EMULATE, for CPU tensors run by the emulator.
+// partials and merges them exactly through their lse, with the sinks' logits added to the denominator once
+// (decode::merge, one launch: the formula of fastattn.kvcache.merge_splits). The append into the caches and the
+// choice of splits happen in Python (fastattn/backends/cuda.py), in the op that wraps this one. Built like
+// attn_ops.cpp: for CUDA tensors with nvcc, or, with FASTATTN_EMULATE, for CPU tensors run by the emulator.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -23,27 +23,6 @@
 
 namespace fastattn {
 namespace {
-
-// out (S, B, Hq, Lq, Dv) and lse (S, B, Hq, Lq), each split's softmax over its own keys (-inf: none), merged:
-// lse = logsumexp_s(lse_s) (with the sink's logit as one more term), out = sum_s exp(lse_s - lse) out_s.
-std::tuple<at::Tensor, at::Tensor> merge_splits(at::Tensor out, at::Tensor lse,
-                                                const std::optional<at::Tensor>& sinks) {
-    if (sinks.has_value()) {
-        const int64_t heads_q = lse.size(2);
-        lse = at::cat({lse, sinks->view({1, 1, heads_q, 1}).expand({1, lse.size(1), heads_q, lse.size(3)})}, 0);
-        out = at::cat({out, at::zeros_like(out.narrow(0, 0, 1))}, 0);
-    }
-    const at::Tensor top = std::get<0>(lse.max(0));
-    const at::Tensor safe = at::where(at::isneginf(top), at::zeros_like(top), top);
-    const at::Tensor weight = at::exp(lse - safe);  // (S, B, Hq, Lq); 0 for an empty split
-    const at::Tensor total = weight.sum(0);
-    const at::Tensor positive = total > 0;
-    const at::Tensor merged =
-        (out * weight.unsqueeze(-1)).sum(0) / at::where(positive, total, at::ones_like(total)).unsqueeze(-1);
-    const at::Tensor merged_lse =
-        at::where(positive, safe + at::log(total), at::full_like(total, -std::numeric_limits<float>::infinity()));
-    return {merged, merged_lse};
-}
 
 std::tuple<at::Tensor, at::Tensor> cuda_kvcache_fwd(const at::Tensor& query, const at::Tensor& key_cache,
                                                     const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
@@ -153,9 +132,25 @@ std::tuple<at::Tensor, at::Tensor> cuda_kvcache_fwd(const at::Tensor& query, con
     const char* err = decode::launch(p, launch_stream());
     TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
 
-    if (num_splits == 1 && !sink.has_value()) return {part_out[0].to(query.scalar_type()), part_lse[0]};
-    auto [out, lse] = merge_splits(part_out, part_lse, sink);
-    return {out.to(query.scalar_type()), lse};
+    at::Tensor out = poison_outputs() ? at::full({batch, heads_q, seqlen_q, head_dim_v},
+                                                 std::numeric_limits<float>::quiet_NaN(), query.options())
+                                      : at::empty({batch, heads_q, seqlen_q, head_dim_v}, query.options());
+    at::Tensor lse = alloc({batch, heads_q, seqlen_q});
+    MergeParams m{};
+    m.part_out = part_out.data_ptr<float>();
+    m.part_lse = part_lse.data_ptr<float>();
+    m.sinks = sink.has_value() ? sink->data_ptr<float>() : nullptr;
+    m.out = out.data_ptr();
+    m.lse = lse.data_ptr<float>();
+    m.rows = batch * heads_q * seqlen_q;
+    m.heads_q = int(heads_q);
+    m.seqlen_q = int(seqlen_q);
+    m.head_dim_v = int(head_dim_v);
+    m.splits = int(num_splits);
+    m.dtype = p.dtype;
+    err = decode::merge(m, launch_stream());
+    TORCH_CHECK(err == nullptr, op, ": merge launch failed: ", err);
+    return {out, lse};
 }
 
 }  // namespace

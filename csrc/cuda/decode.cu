@@ -1,6 +1,7 @@
 // Split-KV decoding over a contiguous or paged key/value cache (fastattn.kvcache_attention on the CUDA backend):
 // kernel decode_kernel, launcher decode::launch, op fastattn::cuda_kvcache_fwd (csrc/decode_ops.cpp), which merges
-// the splits' partial results. The append into the cache happens before, in Python (backends/cuda.py).
+// the splits' partial results with merge_kernel (decode::merge). The append into the cache happens before, in Python
+// (backends/cuda.py).
 //
 // Grid (B * Hkv, splits, row tiles), 128 threads. A block serves one (sequence b, kv head h, split s) and kRows = 16
 // of the R = group * Lq query rows of h's GQA group (query head h * group + g, query i: row g * Lq + i), so each
@@ -192,6 +193,35 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     }
 }
 
+// Row r = blockIdx.x of (B, Hq, Lq): out[r] = sum_s exp(lse_s - lse) part_out[s, r] in T and lse[r] =
+// log(sum_s exp(lse_s) + exp(sink)), zeros and -inf for a row that attended nothing (a split without keys has
+// lse_s = -inf: weight 0), the formula of fastattn.kvcache.merge_splits. Every thread forms the row's max and
+// total from the S lse values (the same few cached words), then its columns dv = tid + kMergeThreads * c.
+// Cost per row: 2 * S * Dv FLOPs against S * (Dv + 1) * 4 bytes read and Dv elements written, a few percent of
+// the cache the decode kernel read: bound by its launch, which is why it is one kernel rather than the ten ATen
+// ops it replaces (a few microseconds each on a GPU, when a B = 1 cache of 32k tokens takes about 30 us).
+template <class T>
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const MergeParams p) {
+    const int64_t r = blockIdx.x;
+    float top = -INFINITY;
+    for (int s = 0; s < p.splits; ++s) top = fmaxf(top, p.part_lse[s * p.rows + r]);
+    const float sink = p.sinks != nullptr ? p.sinks[(r / p.seqlen_q) % p.heads_q] : -INFINITY;
+    top = fmaxf(top, sink);
+    const float safe = top == -INFINITY ? 0.f : top;
+    float total = p.sinks != nullptr ? expf(sink - safe) : 0.f;
+    for (int s = 0; s < p.splits; ++s) total += expf(p.part_lse[s * p.rows + r] - safe);
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    for (int dv = threadIdx.x; dv < p.head_dim_v; dv += kMergeThreads) {
+        float acc = 0.f;
+        for (int s = 0; s < p.splits; ++s) {
+            const int64_t part = s * p.rows + r;
+            acc += expf(p.part_lse[part] - safe) * p.part_out[part * p.head_dim_v + dv];
+        }
+        static_cast<uint16_t*>(p.out)[r * p.head_dim_v + dv] = uint16_t(fa::pack2<T>(acc * inv, 0.f));
+    }
+    if (threadIdx.x == 0) p.lse[r] = total > 0.f ? safe + logf(total) : -INFINITY;
+}
+
 template <class T, int kChunks>
 const char* launch_typed(const DecodeParams& p, void* stream) {
     const dim3 grid(unsigned(p.batch * p.heads_kv), unsigned(p.splits),
@@ -210,6 +240,14 @@ const char* launch_dtype(const DecodeParams& p, void* stream) {
 }
 
 }  // namespace
+
+const char* merge(const MergeParams& p, void* stream) {
+    if (p.rows == 0) return nullptr;
+    if (p.rows > 0x7fffffff) return "decode: more than 2^31 output rows to merge";
+    auto* kernel = p.dtype == DType::f16 ? &merge_kernel<fa::half_t> : &merge_kernel<fa::bf16_t>;
+    FA_LAUNCH_KERNEL(kernel, dim3(unsigned(p.rows)), dim3(kMergeThreads), 0, stream, p);
+    return fa_launch_status();
+}
 
 const char* launch(const DecodeParams& p, void* stream) {
     if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return nullptr;

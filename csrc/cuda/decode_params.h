@@ -32,13 +32,28 @@ struct DecodeParams {
     float* part_lse;
 };
 
+// The merge of the splits' partials (decode::merge): row r of (B, Hq, Lq) from part_out (S, rows, Dv) and
+// part_lse (S, rows), fp32 contiguous, into out (rows, Dv) in dtype and lse (rows,) fp32.
+struct MergeParams {
+    const float* part_out;
+    const float* part_lse;
+    const float* sinks;  // (Hq,) fp32 logits added to every row's denominator, or null
+    void* out;
+    float* lse;
+    int64_t rows;
+    int heads_q, seqlen_q, head_dim_v, splits;
+    DType dtype;
+};
+
 namespace decode {
 constexpr int kWarps = 4;
 constexpr int kRowsPerWarp = 4;
 constexpr int kRows = kWarps * kRowsPerWarp;  // query rows of a GQA group per block
 constexpr int kBlockN = 32;                   // keys per tile: one per lane
 constexpr int kMaxHeadDim = 256;              // head_dim and head_dim_v
+constexpr int kMergeThreads = 128;           // threads per merged row, over its head_dim_v values
 const char* launch(const DecodeParams& p, void* stream);
+const char* merge(const MergeParams& p, void* stream);
 }  // namespace decode
 
 }  // namespace fastattn
