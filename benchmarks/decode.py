@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastattn  # noqa: E402
+from fastattn.backends.registry import UnsupportedError  # noqa: E402
 
 # (batch, cache length, dtype): B = 1-8, 4k-32k tokens, bf16 and fp32, a covering set rather than the product.
 POINTS = [
@@ -119,8 +120,7 @@ def make_point(batch: int, length: int, dtype: torch.dtype, args, device: str, n
 
 
 def contenders(args, seqlens, device: str) -> dict:
-    """Every contender's call on one set; the first backend's contiguous and paged calls are ``contiguous`` and
-    ``paged`` as well (the main table's columns)."""
+    """Every contender's call on one set, by name."""
     fns = {}
     for backend in args.backends:
 
@@ -169,8 +169,8 @@ def run_point(batch: int, length: int, dtype_name: str, args, device: str, bandw
     for name, fn in list(fns.items()):  # every contender computes the same thing, or is left out saying why not
         try:
             err = (fn(sets[0]).float() - ref).abs().max().item()
-        except RuntimeError as e:
-            if not name.startswith("sdpa "):
+        except RuntimeError as e:  # an SDPA kernel that refuses, or a backend without this dtype (cuda: fp32)
+            if not (name.startswith("sdpa ") or isinstance(e, UnsupportedError)):
                 raise
             refused[name] = str(e).strip().splitlines()[0][:160]
             del fns[name]
@@ -202,7 +202,7 @@ def run_point(batch: int, length: int, dtype_name: str, args, device: str, bandw
     row = {"batch": batch, "length": length, "dtype": dtype_name, "kv_mib": kv_bytes / 2**20, "refused": refused}
     for name, t in med.items():
         row[name] = (t, kv_bytes / t)
-    contiguous, paged, read, sdpas, row["timing"] = main_names(med, args.backends[0])
+    row["backend"], contiguous, paged, read, sdpas, row["timing"] = main_names(med, args.backends)
     row["contiguous"], row["paged"] = row[contiguous], row[paged]
     row["best sdpa"] = min(sdpas, key=lambda name: med[name])
     row["of_bw"] = kv_bytes / med[contiguous] / bandwidth
@@ -212,15 +212,25 @@ def run_point(batch: int, length: int, dtype_name: str, args, device: str, bandw
     return row
 
 
-def main_names(med: dict, main: str) -> tuple[str, str, str, list[str], str]:
-    """The main table's contenders among ``med``'s: ``(contiguous, paged, read, SDPA's, timing)``. On a GPU the
-    graph replays, when the main backend's contiguous and paged calls were both captured (the kernels' own
-    bandwidth, as a decoding loop replaying a graph gets it), against SDPA's replays and the read's; else the
-    eager calls against SDPA's eager calls."""
-    tag = " graph" if f"{main} contiguous graph" in med and f"{main} paged graph" in med else ""
-    read = f"read{tag}" if f"read{tag}" in med else "read"
-    sdpas = [name for name in med if name.startswith("sdpa") and name.endswith(" graph") == bool(tag)]
-    return f"{main} contiguous{tag}", f"{main} paged{tag}", read, sdpas, tag.strip() or "eager"
+def main_names(med: dict, backends: list[str]) -> tuple[str, str, str, str, list[str], str]:
+    """The main table's contenders among ``med``'s: ``(backend, contiguous, paged, read, SDPA's, timing)``: the
+    first of ``backends`` whose contiguous and paged calls both ran at this point (one may refuse a dtype), by their
+    graph replays when both were captured (the kernels' own bandwidth, as a decoding loop replaying a graph gets
+    it) against SDPA's replays and the read's, else by its eager calls against SDPA's eager calls."""
+    for tag in (" graph", ""):
+        for backend in backends:
+            if f"{backend} contiguous{tag}" in med and f"{backend} paged{tag}" in med:
+                read = f"read{tag}" if f"read{tag}" in med else "read"
+                sdpas = [name for name in med if name.startswith("sdpa") and name.endswith(" graph") == bool(tag)]
+                return (
+                    backend,
+                    f"{backend} contiguous{tag}",
+                    f"{backend} paged{tag}",
+                    read,
+                    sdpas,
+                    tag.strip() or "eager",
+                )
+    raise RuntimeError(f"none of the backends {', '.join(backends)} ran this point (see the refusals)")
 
 
 def graphs(fns: dict, per_call: dict, reps: dict, n_sets: int, refused: dict) -> None:
@@ -266,7 +276,6 @@ def _commit() -> str:
 
 
 def markdown(rows: list[dict], args, device: str, bandwidth: float) -> str:
-    main = args.backends[0]
     lines = [
         f"# Decode over a key/value cache ({device}, {time.strftime('%Y-%m-%d')})",
         "",
@@ -277,25 +286,31 @@ def markdown(rows: list[dict], args, device: str, bandwidth: float) -> str:
         f"Measured read bandwidth ({BANDWIDTH_HOW[device == 'cuda']}, best of 7 before and 7 after the points): "
         f"**{bandwidth / 1e9:.1f} GB/s**.",
         "",
-        f"GB/s = bytes of K and V read per call / median time. The main table is backend `{main}`, "
-        f"{' and '.join(sorted({TIMINGS[r['timing']] for r in rows}))}. Targets: {TARGETS[device == 'cuda']}",
+        "GB/s = bytes of K and V read per call / median time. The main table: per point the first of the backends "
+        f"that ran it, {' and '.join(sorted({TIMINGS[r['timing']] for r in rows}))}. Targets: "
+        f"{TARGETS[device == 'cuda']}",
         "",
         "`% of read bw`: against the bandwidth above; `% of read (same rounds)`: against `torch.sum` over "
         "as many fp32 bytes as K+V, timed interleaved with the contenders (the fair figure on a shared machine). "
         "`best SDPA`: the fastest of the SDPA contenders at that point.",
         "",
-        "| B | cache | dtype | K+V MiB | contiguous ms | GB/s | % of read bw | % of read (same rounds) | paged ms "
-        "| paged/contig | best SDPA | SDPA ms | SDPA GB/s | speedup vs SDPA |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| B | cache | dtype | K+V MiB | backend | contiguous ms | GB/s | % of read bw | % of read (same rounds) "
+        "| paged ms | paged/contig | best SDPA | SDPA ms | SDPA GB/s | speedup vs SDPA |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         c, p, s = r["contiguous"], r["paged"], r[r["best sdpa"]]
         lines.append(
-            f"| {r['batch']} | {r['length']} | {r['dtype']} | {r['kv_mib']:.0f} | {c[0] * 1e3:.3f} | {c[1] / 1e9:.1f} "
+            f"| {r['batch']} | {r['length']} | {r['dtype']} | {r['kv_mib']:.0f} | {r['backend']} | {c[0] * 1e3:.3f} "
+            f"| {c[1] / 1e9:.1f} "
             f"| {100 * r['of_bw']:.0f}% | {100 * r['of_read']:.0f}% | {p[0] * 1e3:.3f} | {r['paged_vs_contig']:.2f} "
             f"| {r['best sdpa']} | {s[0] * 1e3:.3f} | {s[1] / 1e9:.1f} | {r['vs_sdpa']:.2f}x |"
         )
-    names = [n for n in rows[0] if isinstance(rows[0][n], tuple) and n not in ("contiguous", "paged")] if rows else []
+    # contenders in the order of the command line: backends (each: contiguous, paged, unchecked), SDPA, the read;
+    # each followed by its graph replays
+    order = [f"{b} {kind}" for b in args.backends for kind in ("contiguous", "paged", "unchecked")]
+    order += ["sdpa", *(f"sdpa {k}" for k in args.sdpa_kernels), "read"]
+    names = [n for name in order for n in (name, f"{name} graph") if any(n in r for r in rows)]
     if len(names) > 4:  # more than the main table's contiguous, paged, sdpa and read: every contender's GB/s
         lines += ["", "Every contender, GB/s:", "", "| B | cache | dtype | " + " | ".join(names) + " |"]
         lines.append("| --- | --- | --- | " + " | ".join("---" for _ in names) + " |")
@@ -330,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--backends", "--backend", default=None,
-        help="fastattn backends to time, comma-separated; the first is the main table's (default: cpu on the "
-        "CPU, triton,cuda on a GPU)",
+        help="fastattn backends to time, comma-separated; the main table takes the first that runs a point "
+        "(default: cpu on the CPU, triton,cuda on a GPU)",
     )  # fmt: skip
     ap.add_argument(
         "--sdpa-kernels", default=None,

@@ -380,19 +380,24 @@ def _load_decode():
     return decode
 
 
-def test_decode_benchmark_end_to_end(tmp_path):
+def test_decode_benchmark_end_to_end(tmp_path, monkeypatch):
     """benchmarks/decode.py at toy size with two backends and SDPA's kernels forced: every contender agrees with
-    SDPA before it is timed, a kernel that refuses the call is left out and named, and both tables come out."""
+    SDPA before it is timed, one that refuses the call (an SDPA kernel, a backend without the dtype) is left out
+    and named, the main table takes the first backend that ran each point, and both tables come out."""
+    monkeypatch.setenv("FASTATTN_CUDA_EMULATE", "1")  # the CUDA backend's kernels on CPU tensors: fp16/bf16 only
     decode = _load_decode()
     out = tmp_path / "decode.md"
     args = ["--points", "1:80:fp32,2:33:bf16", "--heads-kv", "2", "--head-dim", "32", "--page-size", "16"]
-    args += ["--rounds", "2", "--backends", "cpu,reference", "--sdpa-kernels", "flash,efficient", "--out", str(out)]
+    args += ["--rounds", "2", "--backends", "cuda,cpu", "--sdpa-kernels", "flash,efficient", "--out", str(out)]
     assert decode.main(args) == 0
     text = out.read_text()
-    main_rows = [line for line in text.splitlines() if line.startswith("| 1 | 80 |") or line.startswith("| 2 | 33 |")]
-    assert len(main_rows) == 4  # each point in the main table and in the every-contender table
-    header = next(line for line in text.splitlines() if line.startswith("| B | cache | dtype | cpu contiguous"))
-    assert "reference paged" in header and "read" in header
+    fp32 = [line.split(" | ") for line in text.splitlines() if line.startswith("| 1 | 80 | fp32 |")]
+    bf16 = [line.split(" | ") for line in text.splitlines() if line.startswith("| 2 | 33 | bf16 |")]
+    assert len(fp32) == len(bf16) == 2  # each point in the main table and in the every-contender table
+    assert fp32[0][4] == "cpu" and bf16[0][4] == "cuda"  # the CUDA backend has no fp32: cpu is the main figure
+    header = next(line for line in text.splitlines() if line.startswith("| B | cache | dtype | cuda contiguous"))
+    assert "cpu paged" in header and "read" in header
+    assert "`cuda contiguous` refused the call" in text and "float32 is not supported" in text
     # SDPA's efficient kernel has no CPU implementation: left out, and said so
     assert "`sdpa efficient` refused the call" in text
 
@@ -452,10 +457,12 @@ def test_decode_benchmark_graph_bookkeeping(monkeypatch):
     assert "differs from the eager call" in refused["sdpa flash graph"]
     assert reps["triton contiguous graph"] == 20 and len(per_call["read graph"]) == 1
     med = {name: 1.0 for name in fns}
-    assert decode.main_names(med, "triton") == (
-        "triton contiguous graph", "triton paged graph", "read graph", ["sdpa graph"], "graph"
+    assert decode.main_names(med, ["cuda", "triton"]) == (
+        "triton", "triton contiguous graph", "triton paged graph", "read graph", ["sdpa graph"], "graph"
     )  # fmt: skip
     eager = {name: 1.0 for name in fns if not name.endswith(" graph") and name != "sdpa cudnn"}
-    assert decode.main_names(eager, "triton") == (
-        "triton contiguous", "triton paged", "read", ["sdpa", "sdpa flash"], "eager"
+    assert decode.main_names(eager, ["triton"]) == (
+        "triton", "triton contiguous", "triton paged", "read", ["sdpa", "sdpa flash"], "eager"
     )  # fmt: skip
+    with pytest.raises(RuntimeError, match="none of the backends cuda ran"):
+        decode.main_names(eager, ["cuda"])
