@@ -4,7 +4,8 @@ A decode step reads the cache once, so its figure of merit is bytes of K and V r
 compared with the read bandwidth of the same machine measured in the same run (``torch.sum`` over a buffer far
 larger than the last-level cache, best of several; on a GPU also a device-to-device copy, counting bytes read and
 written, and the better of the two). Contenders, timed interleaved (one call of each per round, each round
-starting with the next contender, median over rounds, so that a busy machine slows all alike):
+starting with the next contender, median over rounds, so that a busy machine slows all alike; SDPA's in rounds
+of their own after fastattn's and the read's, which its temporaries would disturb):
 
 * ``<backend> contiguous``: ``kvcache_attention`` on a ``(B, Hkv, L, D)`` cache (no append), for each of
   ``--backends`` (default ``cpu`` on the CPU, ``triton,cuda`` on a GPU);
@@ -15,8 +16,9 @@ starting with the next contender, median over rounds, so that a busy machine slo
   contiguous cache (the call a user would write without fastattn), and on a GPU each of SDPA's kernels forced
   (``sdpa flash``, ``sdpa efficient``, ``sdpa cudnn``; one that refuses the call is left out and named).
 
-Each contender rotates over enough independent caches to exceed the last-level cache (64 MiB; 128 MiB on a
-GPU, whose L2 is 50-60 MB), so no call reads another's cached lines. On a GPU a contender's time is that of a
+The calls rotate over enough independent caches to exceed the last-level cache (64 MiB; 128 MiB on a GPU,
+whose L2 is 50-60 MB), each call on the CPU taking the set after the previous call's, whichever contender made
+it, so that no call finds its cache left in the LLC by the one before. On a GPU a contender's time is that of a
 burst of calls over the rotating caches between two CUDA events, over the burst's length (at least about 2 ms),
 so that the host's launch work overlaps the kernels as in a decoding loop. Usage::
 
@@ -188,16 +190,19 @@ def run_point(batch: int, length: int, dtype_name: str, args, device: str, bandw
         if device == "cuda":
             graphs(fns, per_call, reps, n_sets, refused)
         times = {name: [] for name in fns}
-        names = list(fns)
-        for r in range(args.rounds):
-            # each round starts with the next contender: a call measured up to 3% faster late in a round than first (the
-            # same kernel timed four times in a row), which a fixed order would credit to whoever comes last
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                if device == "cuda":
-                    args_ = per_call[name] * reps[name]
-                else:
-                    args_ = [per_call[name][r % n_sets]]
-                times[name].append(timed(fns[name], args_, device) / (n_sets if name.endswith(" graph") else 1))
+        # fastattn's contenders and the read first, SDPA's in rounds of their own: on the CPU SDPA's calls allocate
+        # and free gigabytes of temporaries, and the calls after them measured up to 25% slower (B = 1, 4096 keys)
+        fastattn_and_read = [name for name in fns if not name.startswith("sdpa")]
+        for names in (fastattn_and_read, [name for name in fns if name.startswith("sdpa")]):
+            for r in range(args.rounds):
+                # each round starts with the next contender: a call measured up to 3% faster late in a round than
+                # first (the same kernel timed four times in a row), which a fixed order would credit to the last
+                for i, name in enumerate(names[r % len(names) :] + names[: r % len(names)]):
+                    if device == "cuda":
+                        args_ = per_call[name] * reps[name]
+                    else:  # each call the next set: the one before it read other caches, not this one into the LLC
+                        args_ = [per_call[name][(r * len(names) + i) % n_sets]]
+                    times[name].append(timed(fns[name], args_, device) / (n_sets if name.endswith(" graph") else 1))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     row = {"batch": batch, "length": length, "dtype": dtype_name, "kv_mib": kv_bytes / 2**20, "refused": refused}
     for name, t in med.items():
