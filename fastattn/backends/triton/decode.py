@@ -194,9 +194,6 @@ def kvcache_decode(
     return merge(part_out, part_lse, sinks, query.dtype)
 
 
-# ---------------------------------------------------------------------------------------------- compile-check
-
-
 @triton.jit
 def _merge_kernel(
     PART_OUT, PART_LSE, SINKS, OUT, LSE,
@@ -261,6 +258,8 @@ def merge_config(head_dim_v: int) -> dict:
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
     return dict(BLOCK_DV=block_dv, num_warps=max(1, block_dv // 128), num_stages=1)
 
+
+# ---------------------------------------------------------------------------------------------- compile-check
 
 # The builds ``fastattn compile-check`` audits per arch, dtype and head dim: the plainest launch (contiguous cache,
 # no band) and the heaviest (paged, both band bounds, every score rule), each at the smallest row tile (a GQA group
