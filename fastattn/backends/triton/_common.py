@@ -46,6 +46,28 @@ SCORE_GRAD: tl.constexpr = tl.constexpr(2)  # a rule whose derivative is not 1: 
 SCORE_ALL = (True, True, True)
 SCORE_TYPES = ("fp32",)  # the types of ``score``'s scalars
 
+
+def aot_signature(fn, consts: dict, pointers: dict, floats=(), aligned=()) -> tuple:
+    """``(fn, signature, constexprs, attrs)`` for compiling ``fn`` ahead of time as a real launch specialises it
+    (``fastattn compile-check``): ``consts`` as constexprs, ``pointers`` (name: type) 16-byte aligned, ``score`` as
+    ``SCORE_TYPES``, ``floats`` fp32 and every other argument i32, those named in ``aligned`` divisible by 16."""
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            constexprs[name] = consts[name]
+        elif name in pointers:
+            sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "score":
+            sig[name] = SCORE_TYPES
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+            if name in aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return fn, sig, constexprs, attrs
+
+
 __all__ = [
     "MASK_NONE",
     "MASK_BOOL",
@@ -66,6 +88,7 @@ __all__ = [
     "load_tensor_mask",
     "apply_tensor_mask",
     "summary_tile",
+    "aot_signature",
 ]
 
 

@@ -250,7 +250,7 @@ def _bwd_signature(v: Variant):
     """The backward kernels as a real launch specialises them: unit last-dim and mask-key strides
     (constexpr 1, what the JIT makes of a stride equal to 1), 16-aligned pointers and row strides."""
     from . import bwd
-    from ._common import SCORE_TYPES
+    from ._common import aot_signature
 
     fn = getattr(bwd, v.kernel)
     mask_kind, has_left, has_right, dropout = MASK_VARIANTS[v.mask]
@@ -288,21 +288,8 @@ def _bwd_signature(v: Variant):
     aligned = {"stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh",
                "stride_vn", "stride_dob", "stride_doh", "stride_dom", "stride_dkb", "stride_dkh", "stride_dkn",
                "stride_dvb", "stride_dvh", "stride_dvn", "stride_dqb", "stride_dqh", "stride_dqm"}  # fmt: skip
-    sig, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-            constexprs[name] = consts[name]
-        elif name in pointers:
-            sig[name] = pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "score":
-            sig[name] = SCORE_TYPES
-        else:
-            sig[name] = "fp32" if name in ("scale", "qk_scale2", "dropout_p", "dropout_scale") else "i32"
-            if name in aligned:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return fn, sig, constexprs, attrs
+    floats = ("scale", "qk_scale2", "dropout_p", "dropout_scale")
+    return aot_signature(fn, consts, pointers, floats=floats, aligned=aligned)
 
 
 def _signature(v: Variant):
@@ -317,13 +304,12 @@ def _signature(v: Variant):
 
         return merge_compile_signature(v.mask, v.dtype, v.head_dim)
     from . import fwd
-    from ._common import SCORE_TYPES
+    from ._common import aot_signature
 
     fn = fwd._attn_fwd_kernel
     mask_kind, has_left, has_right, dropout = MASK_VARIANTS[v.mask]
     variants = _has_variants(v.mask)
     elt = "*" + v.dtype
-    sig, constexprs = {}, {}
     pointers = {
         "Q": elt,
         "K": elt,
@@ -361,23 +347,8 @@ def _signature(v: Variant):
         "PACKED": v.mask.endswith(PACKED),
     }
     # What the JIT specialises on a real launch: 16-aligned pointers and row strides of q/k/v/out.
-    aligned = set(pointers) | {f"stride_{t}{s}" for t in "qkvo" for s in "bhmn"}
-    attrs = {}
-    for i, name in enumerate(fn.arg_names):
-        if name in pointers:
-            sig[name] = pointers[name]
-        elif name in consts:
-            sig[name] = "constexpr"
-            constexprs[name] = consts[name]
-        elif name == "score":
-            sig[name] = SCORE_TYPES
-        elif name in ("qk_scale", "dropout_p"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-        if name in aligned:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    return fn, sig, constexprs, attrs
+    aligned = {f"stride_{t}{s}" for t in "qkvo" for s in "bhmn"}
+    return aot_signature(fn, consts, pointers, floats=("qk_scale", "dropout_p"), aligned=aligned)
 
 
 def _cuobjdump() -> str:

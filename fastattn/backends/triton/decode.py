@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ...params import VariantScalars
 from .._kvcache import gpu_workers, splits_for
-from ._common import SCORE_ALIBI, SCORE_ALL, SCORE_TYPES, score_args, score_mod
+from ._common import SCORE_ALIBI, SCORE_ALL, aot_signature, score_args, score_mod
 from .fwd import _arch
 
 __all__ = ["kvcache_decode", "decode_config", "_decode_kernel", "_merge_kernel"]
@@ -294,21 +294,7 @@ def compile_signature(mask: str, dtype: str, head_dim: int, block_r: int, block_
     consts = {"BLOCK_R": block_r, "BLOCK_N": block_n, "BLOCK_D": block_d, "BLOCK_DV": block_d, "sq_d": 1,
               "sk_d": 1, "sv_d": 1, **COMPILE_MASKS[mask]}  # fmt: skip
     aligned = {"sq_b", "sq_h", "sk_p", "sk_h", "sk_s", "sv_p", "sv_h", "sv_s"}
-    sig, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(_decode_kernel.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-            constexprs[name] = consts[name]
-        elif name in pointers:
-            sig[name] = pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "score":
-            sig[name] = SCORE_TYPES
-        else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
-            if name in aligned:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return _decode_kernel, sig, constexprs, attrs
+    return aot_signature(_decode_kernel, consts, pointers, floats=("qk_scale",), aligned=aligned)
 
 
 # The merge's builds compile-check audits per arch, dtype and head dim: without and with the sinks.
@@ -319,14 +305,4 @@ def merge_compile_signature(mask: str, dtype: str, head_dim: int):
     """``(fn, signature, constexprs, attrs)`` of ``_merge_kernel`` as ``merge`` launches it for this head dim."""
     pointers = {"PART_OUT": "*fp32", "PART_LSE": "*fp32", "SINKS": "*fp32", "OUT": "*" + dtype, "LSE": "*fp32"}
     consts = {"BLOCK_DV": merge_config(head_dim)["BLOCK_DV"], **MERGE_MASKS[mask]}
-    sig, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(_merge_kernel.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-            constexprs[name] = consts[name]
-        elif name in pointers:
-            sig[name] = pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-    return _merge_kernel, sig, constexprs, attrs
+    return aot_signature(_merge_kernel, consts, pointers)
