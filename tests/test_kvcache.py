@@ -474,6 +474,30 @@ def test_kvcache_values_unread_during_cuda_graph_capture(monkeypatch):
     assert _host_can_read(torch.device("cuda"))
 
 
+@pytest.mark.parametrize("splits,sinks", [(1, False), (5, False), (5, True)])
+def test_triton_merge_kernel_is_merge_splits(splits, sinks, monkeypatch):
+    """The Triton decode's one-launch merge against ``fastattn.kvcache.merge_splits``, the formula in torch ops,
+    on partials with an empty split (lse -inf), a row no split attended, a head dim short of its power of two,
+    and sinks; the output comes back in the input dtype."""
+    _runnable("triton", monkeypatch)
+    from fastattn.backends.triton.decode import merge
+    from fastattn.kvcache import merge_splits
+
+    g = torch.Generator().manual_seed(0)
+    part_out = torch.randn(splits, 2, 3, 2, 40, generator=g)  # (S, B, Hq, Lq, Dv)
+    part_lse = torch.randn(splits, 2, 3, 2, generator=g) * 3
+    if splits > 1:
+        part_lse[1] = float("-inf")  # a split without keys
+    part_lse[:, 1, 2, 0] = float("-inf")  # a row no split attended
+    sink = torch.randn(3, generator=g) if sinks else None
+    want_out, want_lse = merge_splits(part_out, part_lse, sink)
+    got_out, got_lse = merge(part_out, part_lse, sink, torch.bfloat16)
+    assert got_out.dtype == torch.bfloat16 and got_lse.dtype == torch.float32
+    torch.testing.assert_close(got_out.float(), want_out.to(torch.bfloat16).float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-5, rtol=1e-5)
+    assert bool(torch.isneginf(got_lse[1, 2, 0])) == (not sinks)  # only a sink gives that row a denominator
+
+
 def test_kvcache_forward_only():
     case = Case()
     query, kc, vc, seqlens, key, value, block_table, kw = build(case)
