@@ -355,6 +355,34 @@ def test_kernels_ran_on_the_gpu(backend: str, kernels: tuple[str, ...]):
         assert any(kernel in n for n in own), f"{backend}: no CUDA kernel named like {kernel!r} in {sorted(names)}"
 
 
+def _kvcache_cases() -> dict:
+    """``fastattn.kvcache_attention`` on the device: a contiguous cache with GQA, an append and sinks, and a paged
+    one (shuffled pages of 16) with several queries, a window and every score rule; odd lengths, 0 included."""
+    from test_kvcache import Case as KvCase
+
+    long_ = 40 if DRY_RUN else 1000
+    return {
+        "contiguous-gqa-sinks-bf16-d128": KvCase(batch=2, lengths=(long_, 17), new=1, heads_q=8, heads_kv=2,
+                                                 head_dim=128, dtype=torch.bfloat16, variant="sinks"),
+        "paged-window-all-fp16-d64": KvCase(batch=3, lengths=(long_ + 29, 0, 65), new=2, seqlen_q=3, heads_q=4,
+                                            heads_kv=4, head_dim=64, page_size=16, dtype=torch.float16,
+                                            window=(40, 0), variant="all"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_splits", [None, 4])
+@pytest.mark.parametrize("name", list(_kvcache_cases()))
+def test_kvcache_against_oracle(name: str, num_splits: Optional[int], backend: str):
+    """Decoding over a key/value cache (``tests/test_kvcache.check``: the caches slot by slot after the append,
+    out and lse against the float64 oracle), with the splits chosen and forced to 4, so that the split kernel and
+    its one-launch merge run on the device."""
+    from test_kvcache import check
+
+    out = check(_kvcache_cases()[name], backend, num_splits=num_splits, seed=5, device=DEVICE)
+    _record(f"kvcache-{name}-splits{num_splits}", backend, out)
+
+
 @pytest.mark.parametrize("kind, dtype", [("dot", torch.float32), ("gat", torch.float32), ("gatv2", torch.float32),
                                          ("gatv2", torch.bfloat16)])  # fmt: skip
 def test_graph_attention_triton_against_oracle(kind: str, dtype: torch.dtype):

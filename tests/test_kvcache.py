@@ -128,17 +128,24 @@ def oracle(case: Case, query, ek, ev, block_table, kw, dtype=torch.float64):
     return torch.cat(outs), torch.cat(lses)
 
 
-def check(case: Case, backend: str, num_splits=None, seed: int = 0) -> None:
+def check(case: Case, backend: str, num_splits=None, seed: int = 0, device: str = "cpu") -> Tensor:
+    """The call on ``device`` (the GPU suite passes ``cuda``) against the float64 oracle on the CPU: the caches
+    after the append slot by slot, ``cache_seqlens`` unchanged, out and lse. Returns the output (on ``device``)."""
     query, kc, vc, seqlens, key, value, block_table, kw = build(case, seed)
     ek, ev = expected_caches(case, kc, vc, key, value, block_table)
-    seqlens_before = seqlens.clone()
-    out, lse = fastattn.kvcache_attention(
-        query, kc, vc, seqlens, key=key, value=value, block_table=block_table, return_lse=True,
-        num_splits=num_splits, backend=backend, **kw,
+
+    def on(t):
+        return t.to(device) if isinstance(t, Tensor) else t
+
+    kc_d, vc_d, seqlens_d = on(kc), on(vc), on(seqlens.clone())
+    out_d, lse_d = fastattn.kvcache_attention(
+        on(query), kc_d, vc_d, seqlens_d, key=on(key), value=on(value), block_table=on(block_table),
+        return_lse=True, num_splits=num_splits, backend=backend, **{k: on(v) for k, v in kw.items()},
     )  # fmt: skip
-    assert torch.equal(kc, ek), "key_cache: slots differ from the expected cache after the append"
-    assert torch.equal(vc, ev), "value_cache: slots differ from the expected cache after the append"
-    assert torch.equal(seqlens, seqlens_before), "cache_seqlens changed"
+    assert torch.equal(kc_d.cpu(), ek), "key_cache: slots differ from the expected cache after the append"
+    assert torch.equal(vc_d.cpu(), ev), "value_cache: slots differ from the expected cache after the append"
+    assert torch.equal(seqlens_d.cpu(), seqlens), "cache_seqlens changed"
+    out, lse = out_d.cpu(), lse_d.cpu()
     want_out, want_lse = oracle(case, query, ek, ev, block_table, kw)
     baseline = None
     if case.dtype in (torch.float16, torch.bfloat16):
@@ -152,6 +159,7 @@ def check(case: Case, backend: str, num_splits=None, seed: int = 0) -> None:
         atol=1e-3
         * max(1.0, want_lse[torch.isfinite(want_lse)].abs().max().item() if torch.isfinite(want_lse).any() else 1.0),
     )
+    return out_d
 
 
 def _runnable(backend: str, monkeypatch) -> None:
