@@ -562,7 +562,14 @@ def test_greedy_generate_gives_the_same_tokens(kind, monkeypatch):
 @pytest.mark.parametrize("kind", ["llama", "mistral", "gpt_oss", "gemma2"])
 def test_decoding_steps_of_an_unpadded_batch_go_to_kvcache_attention(kind, monkeypatch):
     """No padding: every step after the prefill is kvcache_attention over transformers' own DynamicCache
-    (GQA, sliding windows, sinks, softcap), and greedy decoding gives eager's tokens and logits."""
+    (GQA, sliding windows, sinks, softcap), and greedy decoding gives eager's tokens and logits. The lengths the
+    integration passes are the cache's own, so no step reads them on the host (a device sync per layer)."""
+    import fastattn.kvcache as kvmod
+
+    def refuse(*args):
+        raise RuntimeError("a decoding step read cache_seqlens on the host")
+
+    monkeypatch.setattr(kvmod, "_check_values", refuse)
     fast, eager = _pair(kind)
     ids = _batch(kind)[0][:, -5:]  # the last 5 tokens of every row: no padding in any
     new = 7  # 5 + 7 > WINDOW + 1: the sliding layers' caches drop keys

@@ -114,8 +114,12 @@ def test_kv_cache_greedy_decoding_equals_no_cache(norm_first, monkeypatch):
         kv_calls.append((q.shape[2], cache_seqlens.tolist(), key.shape[2], kwargs.get("is_causal", True)))
         return real_kv(q, key_cache, value_cache, cache_seqlens, key=key, value=value, **kwargs)
 
+    def refuse(*args):
+        raise RuntimeError("a decoding step read cache_seqlens on the host")
+
     monkeypatch.setattr(mh_module, "scaled_dot_product_attention", spy)
     monkeypatch.setattr(mh_module, "kvcache_attention", kv_spy)
+    monkeypatch.setattr(fastattn.kvcache, "_check_values", refuse)  # decode() checks the capacity on the host
     cached = model.generate(src, src_len, bos_id=BOS, max_new_tokens=8, use_cache=True)
     cached_offsets, offsets[:] = list(offsets), []
     plain = model.generate(src, src_len, bos_id=BOS, max_new_tokens=8, use_cache=False)
@@ -136,6 +140,27 @@ def test_kv_cache_greedy_decoding_equals_no_cache(norm_first, monkeypatch):
         with torch.no_grad():  # kvcache_attention is forward only
             steps = torch.cat([model.decode(seq[:, t : t + 1], memory, memory_mask, cache=cache) for t in range(8)], 1)
         torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
+
+
+def test_decoding_past_a_preallocated_cache_raises_and_changes_nothing():
+    """Every step checks the capacity on the host (the layers' kvcache_attention calls do not read the lengths):
+    a step past it raises, naming the cache, before any layer writes; the cache is as it was."""
+    model = _model(seed=2)
+    src, src_len = _tokens(2, 5, 3), torch.tensor([5, 3])
+    memory, memory_mask = model.encode(src, src_len)
+    cache = DecoderCache(capacity=4)
+    with torch.no_grad():
+        model.decode(_tokens(2, 3, 4), memory, memory_mask, cache=cache)
+        # the bits: the unfilled slots of new_empty buffers may hold NaN patterns
+        before = [(c.self_k.view(torch.int32).clone(), c.self_v.view(torch.int32).clone()) for c in cache.layers]
+        for new in (2, 5):
+            with pytest.raises(ValueError, match=rf"cache: capacity 4 is below the {3 + new} positions asked"):
+                model.decode(_tokens(2, new, 5), memory, memory_mask, cache=cache)
+            assert cache.length == 3 and cache.seqlens.tolist() == [3, 3]
+            for c, (k, v) in zip(cache.layers, before):
+                assert torch.equal(c.self_k.view(torch.int32), k) and torch.equal(c.self_v.view(torch.int32), v)
+        model.decode(_tokens(2, 1, 6), memory, memory_mask, cache=cache)  # the last position still fits
+    assert cache.length == 4 and cache.seqlens.tolist() == [4, 4]
 
 
 def test_generate_stops_at_eos_and_pads_after():

@@ -358,7 +358,9 @@ def _decode_step(
 
     The steps that stay on ``scaled_dot_product_attention``: batches with padding (the mask has no place in
     the decode kernels), static caches (transformers then asks for a dense mask), Llama 4's chunked layers,
-    training, and anything under ``torch.compile`` (``kvcache_attention`` reads ``cache_seqlens`` on the host).
+    training, and anything under ``torch.compile`` or ``torch.jit`` tracing (this route is not tested there;
+    transformers compiles decoding over a static cache, which stays on ``scaled_dot_product_attention`` anyway).
+    The lengths passed are the cache's own, valid by construction: the call does not read them on the host.
     """
     lq, lk = query.shape[2], key.shape[2]
     if not 0 < lq <= _DECODE_MAX_QUERIES or lk <= lq or mask is not None or dropout_p or chunk or _tracing():
@@ -489,6 +491,8 @@ def attention_forward(
             scale=scaling,
             enable_gqa=query.shape[1] != key.shape[1],
             backend=backend,
+            # every length is lk, key's own: valid by construction, so no device read (a sync on a GPU) per layer
+            check_values=False,
         )
         # (B, Hq, Lq, Dv) → (B, Lq, Hq, Dv)
         return out.transpose(1, 2).contiguous(), None

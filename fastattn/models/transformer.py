@@ -188,7 +188,9 @@ class DecoderLayer(nn.Module):
                 # (B, H, capacity, D) buffers; kvcache_attention writes k, v at seqlens and attends bottom-right.
                 cache.self_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
                 cache.self_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
-            return self.dropout1(self.self_attn.attend_kvcache(q, cache.self_k, cache.self_v, cache.seqlens, k, v))
+            # decode() has checked the capacity on the host (cache.length), so the values need no device read.
+            out = self.self_attn.attend_kvcache(q, cache.self_k, cache.self_v, cache.seqlens, k, v, check_values=False)
+            return self.dropout1(out)
         if cache is not None:
             if cache.self_k is not None:
                 k, v = torch.cat([cache.self_k, k], dim=2), torch.cat([cache.self_v, v], dim=2)
@@ -363,11 +365,14 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("tgt_lengths: not supported with a key/value cache (decoding pads nothing)")
             tgt_mask = self._padding_mask(tgt_lengths, self._positions(tgt, causal_layout=True), tgt.shape[0])
+        if cache is not None and cache.capacity is not None and cache.length + tgt.shape[1] > cache.capacity:
+            raise ValueError(
+                f"cache: capacity {cache.capacity} is below the {cache.length + tgt.shape[1]} positions asked "
+                f"({cache.length} decoded, {tgt.shape[1]} new)"
+            )
         if cache is not None and not cache.layers:
             cache.layers = [LayerCache() for _ in self.decoder_layers]
             if cache.capacity is not None:
-                if cache.length + tgt.shape[1] > cache.capacity:
-                    raise ValueError(f"cache: capacity {cache.capacity} is below the {tgt.shape[1]} positions asked")
                 cache.seqlens = torch.full((tgt.shape[0],), cache.length, dtype=torch.int32, device=tgt.device)
                 for layer_cache in cache.layers:
                     layer_cache.seqlens, layer_cache.capacity = cache.seqlens, cache.capacity

@@ -253,10 +253,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         k: Optional[Tensor] = None,
         v: Optional[Tensor] = None,
         is_causal: bool = True,
+        check_values: bool = True,
     ) -> Tensor:
         """Attention over a key/value cache (``fastattn.kvcache_attention``, forward only), then the out-projection.
 
         ``k``/``v`` (the new positions' heads) are appended into the caches in place at ``cache_seqlens``.
+        ``check_values=False``: the caller has checked ``cache_seqlens`` against the capacity itself, and the call
+        does not read it on the host (``kvcache_attention``'s ``check_values``).
         """
         variants = self.variant_kwargs()
         if variants.pop("chunk") is not None:
@@ -270,6 +273,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             value=v,
             is_causal=is_causal,
             backend=self.backend,
+            check_values=check_values,
             **variants,
         )
         # (B, H, Lq, D) → (B, Lq, H, D) → (B, Lq, E)
