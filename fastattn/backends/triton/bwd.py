@@ -206,34 +206,50 @@ _BWD_VARIANT_CONFIGS: dict = {
 # a clean config near the dense one (fewer stages, then a shorter streamed tile, then a shorter resident one; a
 # later one where the first clean one sat at 252-255 registers); the comments say what the dense choice spilled
 # (Triton 3.8; "3.6:" where only Triton 3.6 spilled it) and, in brackets, a nearer candidate that spilled under
-# 3.6.
+# 3.6. The d16/d32 "3.6:" entries are from ``compile-check --packed --head-dims 16,32`` under Triton 3.6 (the GPU
+# image's), which spilled 8-56 B in 21 of its 36 builds at sm_80/86/90 with the dense choices; the default run
+# compiles packed builds at head dim 128 only, so ``make gpu-preflight`` had not seen them.
 # fmt: off
 _BWD_PACKED_CONFIGS: dict = {
+    (80, False,  16, False): ((64, 128, 8, 1), (128, 64, 8, 2)),  # 3.6: dense 2 stages: 16 B
+    (80, False,  16, True ): ((16, 128, 8, 2), (128, 64, 8, 2)),  # 3.6: dense 32x128: 16 B (1 stage: 168 B)
+    (80, False,  32, False): ((32, 128, 8, 1), (128, 64, 8, 2)),  # 3.6: dense 2 stages: 8 B
     (80, False,  32, True ): ((16, 128, 8, 1), (128, 32, 8, 2)),  # dense 32x128: 392 B
     (80, False,  64, False): ((16, 128, 8, 1), (128, 64, 8, 2)),  # dense 32x128: 24 B
     (80, False,  64, True ): ((16, 32, 8, 1), (128, 32, 8, 2)),   # dense 16x128: 136 B, 16x64: 32 B
     (80, False, 256, False): ((16, 32, 8, 2), (64, 64, 8, 2)),    # dense 16x64: 40 B
     (80, False, 256, True ): ((16, 16, 8, 1), (32, 32, 4, 2)),    # dense 4 warps: 48 B
+    (80, True ,  16, False): ((32, 128, 8, 1), (128, 64, 8, 2)),  # 3.6: dense 2 stages: 16 B
     (80, True ,  16, True ): ((16, 128, 8, 1), (128, 64, 8, 1)),  # dense 32x128: 336 B
+    (80, True ,  32, False): ((32, 128, 8, 1), (128, 32, 8, 2)),  # 3.6: dense 2 stages: 32 B
+    (80, True ,  32, True ): ((16, 64, 8, 1), (128, 32, 8, 2)),   # 3.6: dense 16x128: 16 B (16x64 x2: 24 B)
     (80, True ,  64, False): ((16, 128, 8, 1), (128, 32, 8, 2)),  # dense 2 stages: 8 B (16x64 x2: 40 B, 3.6)
     (80, True , 128, False): ((32, 32, 8, 1), (64, 32, 8, 1)),    # dense 32x64: 56-64 B, dQ 4 warps: 8 B
     (80, True , 128, True ): ((16, 32, 8, 2), (32, 32, 8, 2)),    # dense dQ 64x32: 8 B (64x16 x2: 16 B, 3.6)
     (80, True , 256, False): ((16, 16, 8, 1), (32, 32, 8, 2)),    # dense 4 warps: 16 B
+    (86, False,  16, False): ((64, 128, 8, 1), (128, 64, 8, 2)),  # 3.6: dense 2 stages: 24 B
+    (86, False,  32, False): ((32, 128, 8, 1), (128, 64, 8, 2)),  # 3.6: dense 2 stages: 16 B
     (86, False,  32, True ): ((16, 128, 8, 1), (128, 32, 8, 2)),  # dense 32x128: 288 B
     (86, False,  64, False): ((16, 128, 8, 1), (128, 64, 8, 2)),  # dense 32x128: 8 B
-    (86, False, 256, False): ((16, 32, 8, 2), (32, 32, 4, 2)),    # dense 16x64: 32 B
     (86, False,  64, True ): ((16, 32, 8, 1), (128, 32, 8, 2)),   # variants' 16x128: 56 B (16x64: 8 B; 3.6: x2: 16 B)
+    (86, False, 256, False): ((16, 32, 8, 2), (32, 32, 4, 2)),    # dense 16x64: 32 B
+    (86, True ,  16, False): ((32, 128, 8, 1), (128, 64, 8, 2)),  # 3.6: dense 2 stages: 32 B
     (86, True ,  16, True ): ((16, 128, 8, 1), (128, 64, 8, 2)),  # dense 32x128: 256 B
+    (86, True ,  32, False): ((32, 128, 8, 1), (128, 32, 8, 2)),  # 3.6: dense 2 stages: 40 B
     (86, True ,  32, True ): ((16, 32, 8, 1), (128, 32, 8, 2)),   # dense 16x128: 8 B (16x64: 16 B, 3.6)
     (86, True ,  64, False): ((16, 64, 8, 1), (128, 32, 8, 2)),   # dense 16x128: 16 B (16x64 x2: 40 B, 3.6)
     (86, True ,  64, True ): ((16, 32, 8, 1), (32, 64, 4, 1)),    # dense 16x64: 8 B
     (86, True , 128, True ): ((16, 32, 8, 1), (32, 32, 4, 2)),    # dense 16x64: 64-72 B
+    (90, False,  16, False): ((64, 128, 8, 1), (128, 64, 8, 2)),  # 3.6: dense 2 stages: 24 B
+    (90, False,  32, False): ((64, 128, 8, 1), (128, 64, 8, 2)),  # 3.6: dense 2 stages: 56 B
     (90, False,  32, True ): ((16, 128, 8, 2), (128, 64, 8, 2)),  # 3.6: dense 32x128: 16 B (1 stage: 152 B)
     (90, False,  64, False): ((32, 128, 8, 1), (128, 64, 8, 2)),  # dense 64x128: 32 B (2 stages: 8 B, 3.6)
-    (90, False, 128, True ): ((16, 32, 8, 2), (128, 32, 8, 2)),   # 3.6: dense 16x64: 32 B (1 stage: 160 B)
     (90, False, 128, False): ((16, 128, 8, 2), (128, 64, 8, 2)),  # dense 32x128: 32 B
+    (90, False, 128, True ): ((16, 32, 8, 2), (128, 32, 8, 2)),   # 3.6: dense 16x64: 32 B (1 stage: 160 B)
     (90, False, 256, False): ((16, 32, 8, 2), (128, 16, 8, 2)),   # dense 16x64: 112 B, dQ 128x32: 8 B
     (90, False, 256, True ): ((16, 16, 8, 1), (64, 16, 8, 2)),    # 3.6: dense 32x32: 56 B (16x32: 8 B)
+    (90, True ,  16, False): ((32, 128, 8, 2), (128, 64, 8, 2)),  # 3.6: dense 64x128: 32 B (1 stage: 255 registers)
+    (90, True ,  16, True ): ((16, 128, 8, 2), (128, 32, 8, 2)),  # 3.6: dense 32x128: 24 B (1 stage: 240 B)
     (90, True ,  32, False): ((32, 128, 8, 1), (128, 64, 8, 2)),  # dense 64x128: 80 B
     (90, True ,  64, False): ((16, 128, 8, 2), (128, 64, 8, 2)),  # dense 32x128: 8 B
     (90, True ,  64, True ): ((16, 32, 8, 1), (64, 32, 8, 2)),    # dense 16x128: 112 B (16x64: 72 B, 3.6)
