@@ -138,12 +138,16 @@ def fwd_tiles(
             return (128, 32) if heavy else (128, 128)
         if d <= 128:
             return (64, 32) if heavy else (128, 64)
+        # Head dim 256: the light tiles also serve causal and windowed launches, whose band costs registers.
+        # 32x32 (fp32) spilled 8 bytes with a window, and 128x64 8-40 bytes with either (Triton 3.8 and 3.6).
         if wide:
-            return (16, 32) if heavy else (32, 32)
-        return (64, 32) if heavy else (128, 64)
+            return (16, 32)
+        return (64, 32) if heavy else (128, 32)
     if arch >= 80:
         if d <= 64:
             return (64, 64) if wide or heavy else (128, 64)
+        if d <= 128 and 80 < arch and not (wide or heavy):
+            return (128, 32)  # sm_86/89: 128x64 spilled 8-16 bytes with causal at head dims 80-128 (3.8 and 3.6)
         if d <= 128:
             return (64, 32) if wide or heavy else (128, 64)
         if wide:
@@ -212,11 +216,9 @@ def fwd_configs(
     if variants and (_arch_key(arch), dtype == torch.float32, d) in _FWD_VARIANT_STAGES:
         return [(warps, _FWD_VARIANT_STAGES[(_arch_key(arch), dtype == torch.float32, d)])]
     if arch >= 90 and block_m >= 128 and dtype != torch.float32 and not heavy:
-        # Measured: 2 stages crash ptxas (-11) at head dim 16; 3 stages spill 8 bytes at 80..128 (fp16); at 256,
-        # 2 stages sit at 255 registers and spilled 24 bytes once the kernel took packed sequences: 1 stage.
-        return {16: [(warps, 3)], 32: [(warps, 3)], 64: [(warps, 3), (warps, 2)], 256: [(warps, 1)]}.get(
-            d, [(warps, 2)]
-        )
+        # Measured: 2 stages crash ptxas (-11) at head dim 16; 3 stages spill 8 bytes at 80..128 (fp16); at 256
+        # the 128x32 tile takes 2 at 234-247 registers with causal or a window (128x64 needed 1 and still spilled).
+        return {16: [(warps, 3)], 32: [(warps, 3)], 64: [(warps, 3), (warps, 2)]}.get(d, [(warps, 2)])
     if 80 < arch < 90:
         stages = _STAGES_SM86.get((d, dtype == torch.float32, heavy), stages)
     return [(warps, stages)]
@@ -238,7 +240,9 @@ _FWD_PACKED_TILES = {
     (86, True, 32, True): (64, 32),  # 64x64: 152 bytes under Triton 3.6
     (86, True, 64, True): (64, 32),  # 64x64: 424 bytes under Triton 3.6
     (86, True, 128, True): (32, 32),  # 64x32: 8 bytes under Triton 3.6 (1 stage: 72)
+    (86, False, 128, False): (128, 64),  # the dense 128x32 at 2 stages: 8 bytes at head dims 80-128
     (90, False, 256, False): (128, 32),  # 128x64: 80-120 bytes
+    (90, True, 256, False): (32, 32),  # the dense 16x32: 8 bytes with a window under Triton 3.6
 }
 _FWD_PACKED_STAGES = {
     (80, True, 16, False): 2,  # 3 stages: 8 bytes
