@@ -1,8 +1,8 @@
 # The GPU preflight (included by the top-level Makefile).
 #
 #   make gpu-preflight   the exact flow of a GPU run, here on the CPU, with the GPU machine's versions
-#                        (mk/device-versions.txt, in .venv-device): Triton's compile-checks for sm_90 (attention, its
-#                        packed builds at every head dim, and graph; 0 spills),
+#                        (mk/device-versions.txt, in .venv-device): Triton's compile-checks for sm_90 (attention: --all,
+#                        every mask kind and packed build at every head dim; graph; 0 spills),
 #                        the tuning candidates present for that Triton, the CUDA extension built against that
 #                        torch for sm_90 (tensor-core SASS, no spills but those mk/known-spills.json lists, each
 #                        with its bytes and reason: a new or grown spill fails), then `make gpu-check` as a dry run
@@ -29,7 +29,7 @@ $(DEVICE_STAMP): mk/device-versions.txt
 
 gpu-preflight: $(DEVICE_STAMP)
 	@rm -rf $(PREFLIGHT_OUT) && mkdir -p $(PREFLIGHT_OUT)
-	PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m fastattn.cli compile-check --arch sm_$(DEVICE_ARCH) --packed
+	PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m fastattn.cli compile-check --arch sm_$(DEVICE_ARCH) --all
 	PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m fastattn.graph.compile_check --arch $(DEVICE_ARCH) --all
 	PYTHONPATH=$(CURDIR) $(DEVICE_PY) -c "import sys, triton; from fastattn.backends.triton import tuning as t; \
 		p = t.TABLE_DIR / f'candidates-sm$(DEVICE_ARCH)-triton{t.TRITON_VERSION[0]}.{t.TRITON_VERSION[1]}.json'; \

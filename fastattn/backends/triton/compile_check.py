@@ -15,6 +15,13 @@ packed builds (``PACKED_MASKS``) of the forward and both backward kernels at ``P
 The backward is compiled as a real launch specialises it: unit last-dim and mask-key strides, 16-aligned
 pointers and row strides. ``--packed``: the packed builds at every head dim. ``--all``: the full product of
 mask kind × causal (plus dropout) per config, and the packed builds at every head dim.
+
+The default set is not a cover of ``--all``: ptxas allocates each mask kind's build on its own, and a tile at
+the 255-register cap can spill with causal while "none" and "window" do not. ``make gpu-preflight`` runs
+``--all`` for sm_90 under the GPU image's Triton; after a change of the tiles, run ``--all`` for every arch
+under both Tritons (on 2026-12-05 that found sm_75/80/86 builds spilling 8-72 bytes with causal, a mask or
+dropout that the default set passes; sm_90 is clean under both).
+
 Variants compile in worker processes (``--jobs``) that run
 without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
 """
