@@ -99,13 +99,14 @@ std::tuple<at::Tensor, at::Tensor> cuda_kvcache_fwd(const at::Tensor& query, con
 #ifndef FASTATTN_EMULATE
     const c10::cuda::OptionalCUDAGuard guard(query.device());
 #endif
-    // Poisoned partials (emulation, FASTATTN_POISON=1): an element the kernel fails to write reads NaN.
+    // Poisoned partials and outputs (emulation, FASTATTN_POISON=1): an element a kernel fails to write reads NaN.
     const auto f32 = query.options().dtype(at::kFloat);
-    const auto alloc = [&](at::IntArrayRef shape) {
-        return poison_outputs() ? at::full(shape, std::numeric_limits<float>::quiet_NaN(), f32) : at::empty(shape, f32);
+    const auto alloc = [&](at::IntArrayRef shape, const at::TensorOptions& options) {
+        return poison_outputs() ? at::full(shape, std::numeric_limits<float>::quiet_NaN(), options)
+                                : at::empty(shape, options);
     };
-    at::Tensor part_out = alloc({num_splits, batch, heads_q, seqlen_q, head_dim_v});
-    at::Tensor part_lse = alloc({num_splits, batch, heads_q, seqlen_q});
+    at::Tensor part_out = alloc({num_splits, batch, heads_q, seqlen_q, head_dim_v}, f32);
+    at::Tensor part_lse = alloc({num_splits, batch, heads_q, seqlen_q}, f32);
     p.q = query.data_ptr();
     p.k = key_cache.data_ptr();
     p.v = value_cache.data_ptr();
@@ -132,10 +133,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_kvcache_fwd(const at::Tensor& query, con
     const char* err = decode::launch(p, launch_stream());
     TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
 
-    at::Tensor out = poison_outputs() ? at::full({batch, heads_q, seqlen_q, head_dim_v},
-                                                 std::numeric_limits<float>::quiet_NaN(), query.options())
-                                      : at::empty({batch, heads_q, seqlen_q, head_dim_v}, query.options());
-    at::Tensor lse = alloc({batch, heads_q, seqlen_q});
+    at::Tensor out = alloc({batch, heads_q, seqlen_q, head_dim_v}, query.options());
+    at::Tensor lse = alloc({batch, heads_q, seqlen_q}, f32);
     MergeParams m{};
     m.part_out = part_out.data_ptr<float>();
     m.part_lse = part_lse.data_ptr<float>();
