@@ -146,10 +146,11 @@ def fwd_tiles(
     if arch >= 80:
         if d <= 64:
             return (64, 64) if wide or heavy else (128, 64)
-        if d <= 128 and 80 < arch and not (wide or heavy):
-            return (128, 32)  # sm_86/89: 128x64 spilled 8-16 bytes with causal at head dims 80-128 (3.8 and 3.6)
         if d <= 128:
-            return (64, 32) if wide or heavy else (128, 64)
+            if wide or heavy:
+                return (64, 32)
+            # sm_86/89: 128x64 spilled 8-16 bytes with causal at head dims 80-128 (Triton 3.8 and 3.6)
+            return (128, 32) if arch > 80 else (128, 64)
         if wide:
             return (16, 32) if heavy else (32, 32)
         return (64, 32) if heavy else (64, 64)
