@@ -361,6 +361,8 @@ def build(
             else:
                 line = f"fastattn: the cached {kind} extension in {spec.build_dir} is damaged ({damage}); rebuilding it"
             print(line, file=sys.stderr, flush=True)
+            if force:  # ninja would find its objects up to date and only relink: no compiler output in build.log
+                shutil.rmtree(spec.staging, ignore_errors=True)
             _run_build(spec, verbose)
         elif verbose and (spec.build_dir / "build.log").is_file():
             sys.stdout.write((spec.build_dir / "build.log").read_text())
